@@ -1,0 +1,15 @@
+"""jaxdnn: cuDNN's operations for JAX, after Theano's `theano.gpuarray.dnn`.
+
+Every op runs through cuDNN on CUDA devices and through an XLA reference path with the
+same numerics everywhere else; all work under jit, grad, vjp and vmap.
+"""
+from jaxdnn import config
+from jaxdnn._extension import is_available, unavailable_reason, version
+from jaxdnn.pooling import dnn_pool
+from jaxdnn.softmax import dnn_log_softmax, dnn_softmax
+from jaxdnn import primitives
+
+__version__ = "0.1.0"
+
+__all__ = ["config", "version", "is_available", "unavailable_reason", "primitives",
+           "dnn_softmax", "dnn_log_softmax", "dnn_pool"]

@@ -1,0 +1,160 @@
+"""Load cuDNN and the compiled extension, and register its FFI targets with XLA.
+
+Importing this never fails: without the extension, cuDNN or a GPU, jaxdnn runs every op
+through its XLA reference path and `is_available()` / `unavailable_reason()` say why.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import jax
+
+__all__ = ["version", "is_available", "unavailable_reason", "extension", "cudnn_library_path"]
+
+# When CMake skips the extension (no CUDA or cuDNN headers), it installs the reason as
+# _build_info.txt beside this file (see CMakeLists.txt).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cudnn_candidates() -> list[str]:
+    """Where JAX's CUDA plugin finds libcudnn.so.9, in the order it looks: the nvidia-cudnn
+    wheel first, then the system's loader path."""
+    paths = []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "cudnn", "lib", "libcudnn.so.9")
+        if os.path.exists(path):
+            paths.append(path)
+    paths.append("libcudnn.so.9")
+    return paths
+
+
+def _load_cudnn() -> tuple[Any, str | None, str | None]:
+    """Load the same libcudnn.so.9 JAX uses, globally, so one cuDNN lives in the process
+    and the extension's dependency on it resolves to that copy."""
+    errors = []
+    for path in _cudnn_candidates():
+        try:
+            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), path, None
+        except OSError as e:
+            errors.append(f"{path}: {e}")
+    return None, None, "libcudnn.so.9 could not be loaded (" + "; ".join(errors) + ")"
+
+
+def _build_reason() -> str:
+    info = os.path.join(_HERE, "_build_info.txt")
+    if os.path.exists(info):
+        with open(info) as f:
+            return f.read().strip()
+    return "the jaxdnn CUDA extension was not built"
+
+
+_cudnn_lib, _cudnn_path, _cudnn_error = _load_cudnn()
+
+_ext = None
+if importlib.util.find_spec("jaxdnn._jaxdnn_cuda") is None:
+    _ext_error = _build_reason()
+else:
+    try:
+        from jaxdnn import _jaxdnn_cuda as _ext  # type: ignore[attr-defined]
+        _ext_error = None
+    except ImportError as e:
+        _ext_error = f"the jaxdnn CUDA extension failed to import: {e}"
+
+
+def _register() -> str | None:
+    """Register every state type, then every target, for CUDA. Types first: XLA resolves a
+    target's State type when the target is registered."""
+    if _ext is None:
+        return None
+    try:
+        for name, type_id, type_info in _ext.state_types():
+            jax.ffi.register_ffi_type(name, {"type_id": type_id, "type_info": type_info},
+                                      platform="CUDA")
+        for name, handler in _ext.registrations().items():
+            jax.ffi.register_ffi_target(name, handler, platform="CUDA", api_version=1)
+    except Exception as e:  # a jaxlib too old for typed FFI stages, say
+        return f"registering the jaxdnn FFI targets with XLA failed: {e}"
+    return None
+
+
+_register_error = _register()
+
+
+def extension():
+    """The loaded extension module, or None."""
+    return _ext if _register_error is None else None
+
+
+def cudnn_library_path() -> str | None:
+    return _cudnn_path
+
+
+def _runtime_version() -> int | None:
+    if _ext is not None:
+        return int(_ext.cudnn_runtime_version())
+    if _cudnn_lib is not None:
+        fn = _cudnn_lib.cudnnGetVersion
+        fn.restype = ctypes.c_size_t
+        return int(fn())
+    return None
+
+
+def compiled_version() -> int | None:
+    """The cuDNN header version the extension was built against, or None."""
+    return int(_ext.cudnn_compiled_version()) if _ext is not None else None
+
+
+def version(raises: bool = True) -> int:
+    """The cuDNN version linked at run time, as cuDNN numbers it (9.19.0 -> 91900).
+
+    Raises RuntimeError when cuDNN is missing (with raises=False: returns -1), and always
+    when the extension was built against another major version than the one loaded.
+    """
+    runtime = _runtime_version()
+    if runtime is None:
+        if raises:
+            raise RuntimeError(f"cuDNN is not available: {_cudnn_error}")
+        return -1
+    compiled = compiled_version()
+    if compiled is not None and compiled // 10000 != runtime // 10000:
+        raise RuntimeError(
+            f"jaxdnn was built against cuDNN {compiled} but cuDNN {runtime} is loaded "
+            f"({_cudnn_path}); rebuild jaxdnn against cuDNN {runtime // 10000}")
+    return runtime
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason() -> str | None:
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        gpus = []
+    return None if gpus else "no CUDA device is visible to JAX"
+
+
+def unavailable_reason() -> str | None:
+    """Why the cuDNN path cannot run in this process, or None when it can."""
+    if _ext is None:
+        return _ext_error
+    if _register_error is not None:
+        return _register_error
+    if _cudnn_error is not None:
+        return _cudnn_error
+    try:
+        version()
+    except RuntimeError as e:
+        return str(e)
+    return _device_reason()
+
+
+def is_available() -> bool:
+    """True when the extension loaded, cuDNN loaded and a CUDA device is visible.
+
+    `unavailable_reason()` says why not.
+    """
+    return unavailable_reason() is None

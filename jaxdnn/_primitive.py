@@ -1,0 +1,154 @@
+"""The one helper every jaxdnn op uses to define its primitives.
+
+A jaxdnn primitive has
+  * an abstract evaluation (pure-Python shape rules: no GPU at trace time),
+  * a CUDA lowering to the op's XLA FFI handler through `jax.ffi.ffi_lowering`, with the
+    workspace, where the op needs one, as an explicit trailing `u8` result sized by a
+    Python policy (DESIGN.md rule 4) and dropped here,
+  * a reference lowering (the op's pure-JAX implementation in `jaxdnn.reference`) for
+    every other platform, and for CUDA when the call was traced with impl='xla',
+  * an optional batching rule (`fold_into_batch` serves every op whose operands and
+    results share their leading N axis).
+
+Every primitive takes the static parameter `impl` ('cudnn' or 'xla'), chosen at trace
+time by `choose_impl` from the `dnn.enabled` flag; the remaining parameters become the
+FFI attributes, converted by the op's `attributes` function.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxdnn import _extension, config
+from jaxdnn._compat import Primitive, ShapedArray, apply_primitive, batching, mlir
+
+__all__ = ["define_primitive", "fold_into_batch", "choose_impl", "reference_differentiable",
+           "all_primitives"]
+
+_REGISTRY: dict[str, Primitive] = {}
+
+
+def all_primitives() -> dict[str, Primitive]:
+    """Name -> primitive, for every primitive jaxdnn defines."""
+    return dict(_REGISTRY)
+
+
+def define_primitive(
+    name: str,
+    *,
+    abstract_eval: Callable[..., ShapedArray | Sequence[ShapedArray]],
+    reference: Callable,
+    ffi_target: str,
+    attributes: Callable[..., dict] | None = None,
+    workspace_bytes: Callable[..., int] | None = None,
+    batch_rule: Callable | None = None,
+    multiple_results: bool = False,
+) -> Primitive:
+    """Define primitive `name`.
+
+    abstract_eval(*avals, **params) -> aval(s) of the results (no workspace).
+    reference(*arrays, **params) -> the same results in pure JAX (params without impl).
+    attributes(**params) -> FFI attributes (default: params unchanged).
+    workspace_bytes(*avals_in, **params) -> size of the workspace result, if any.
+    batch_rule(primitive, args, dims, **params) -> (outs, out_dims).
+    """
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(functools.partial(apply_primitive, prim))
+
+    def _abstract(*avals, impl, **params):
+        del impl
+        return abstract_eval(*avals, **params)
+
+    prim.def_abstract_eval(_abstract)
+
+    def _reference(*args, impl, **params):
+        del impl
+        return reference(*args, **params)
+
+    reference_lowering = mlir.lower_fun(_reference, multiple_results=multiple_results)
+    ffi_rule = jax.ffi.ffi_lowering(ffi_target)
+
+    def _cuda_lowering(ctx, *args, impl, **params):
+        if impl != "cudnn":
+            return reference_lowering(ctx, *args, impl=impl, **params)
+        attrs = attributes(**params) if attributes is not None else params
+        if workspace_bytes is None:
+            return ffi_rule(ctx, *args, **attrs)
+        size = int(workspace_bytes(*ctx.avals_in, **params))
+        ctx = ctx.replace(avals_out=[*ctx.avals_out, ShapedArray((size,), np.uint8)])
+        return ffi_rule(ctx, *args, **attrs)[:-1]
+
+    mlir.register_lowering(prim, reference_lowering)
+    mlir.register_lowering(prim, _cuda_lowering, platform="cuda")
+    if batch_rule is not None:
+        batching.primitive_batchers[prim] = functools.partial(batch_rule, prim)
+    _REGISTRY[name] = prim
+    return prim
+
+
+def fold_into_batch(prim: Primitive, args, dims, **params):
+    """Batching rule for ops whose operands and results all lead with the batch axis N:
+    move each vmapped axis to the front (broadcasting unmapped operands), merge it into
+    N, run the op once, and split N again. Exact for every op that treats the images
+    of a batch independently (softmax, pooling, the sampler)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    folded = []
+    for a, d in zip(args, dims):
+        a = batching.bdim_at_front(a, d, size)
+        folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
+    out = prim.bind(*folded, **params)
+
+    def unfold(o):
+        return o.reshape((size, o.shape[0] // size) + o.shape[1:])
+
+    if prim.multiple_results:
+        return [unfold(o) for o in out], [0] * len(out)
+    return unfold(out), 0
+
+
+def choose_impl(op: str) -> str:
+    """'cudnn' or 'xla' for an op traced now, from the `dnn.enabled` flag.
+
+    'auto' takes cuDNN whenever the extension is loaded (on a machine without a GPU the
+    CUDA lowering is simply never used); True demands the cuDNN path and raises here, at
+    trace time, when it cannot run; False always takes XLA.
+    """
+    enabled = config.read("dnn.enabled")
+    if enabled is False:
+        return "xla"
+    if enabled is True:
+        reason = _extension.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"jaxdnn {op}: dnn.enabled=True requires cuDNN, but it cannot run here: {reason}")
+        return "cudnn"
+    return "cudnn" if _extension.extension() is not None else "xla"
+
+
+def reference_differentiable(prim: Primitive, reference: Callable) -> Callable:
+    """A function binding `prim` whose own VJP is that of `reference` (the same math in
+    pure JAX). The cuDNN backward passes are wrapped in this, so a gradient computed by
+    cuDNN can be differentiated again (second order goes through XLA)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def call(params, *args):
+        return prim.bind(*args, **dict(params))
+
+    def call_fwd(params, *args):
+        return call(params, *args), args
+
+    def call_bwd(params, args, cotangent):
+        kwargs = {k: v for k, v in params if k != "impl"}
+        _, vjp = jax.vjp(lambda *a: reference(*a, **kwargs), *args)
+        return vjp(cotangent)
+
+    call.defvjp(call_fwd, call_bwd)
+
+    def bind(*args, **params):
+        return call(tuple(sorted(params.items())), *args)
+
+    return bind

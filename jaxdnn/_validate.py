@@ -1,0 +1,43 @@
+"""Argument checks shared by the ops: each raises at trace time, naming the argument."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def check_floating(op: str, arg: str, x) -> None:
+    dtype = jnp.result_type(x)
+    if not any(dtype == jnp.dtype(d) for d in FLOAT_DTYPES):
+        raise TypeError(f"{op}: {arg} must be float16, bfloat16, float32 or float64; got {dtype}")
+
+
+def check_rank(op: str, arg: str, x, ranks: Iterable[int], what: str = "") -> None:
+    ranks = tuple(ranks)
+    if np.ndim(x) not in ranks:
+        expected = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{op}: {arg} must be {expected}-D{what}; got shape {np.shape(x)}")
+
+
+def check_choice(op: str, arg: str, value, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{op}: {arg}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def int_tuple(op: str, arg: str, value, length: int) -> tuple[int, ...]:
+    """`value` as a tuple of `length` Python ints (an int is repeated)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),) * length
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{op}: {arg} must be an int or a sequence of {length} ints; got {value!r}") from None
+    if len(items) != length:
+        raise ValueError(f"{op}: {arg}={value!r} must have {length} entries, one per spatial axis")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: {arg} must hold ints; got {value!r}")
+    return tuple(int(v) for v in items)

@@ -1,0 +1,172 @@
+"""Pooling: `dnn_pool` over 2 or 3 spatial axes (cudnnPoolingForward/Backward).
+
+Max modes are differentiated with a custom VJP whose backward is the cuDNN pooling
+backward (residuals x and y). The linear modes (average_inc_pad, average_exc_pad, sum)
+are linear primitives with JVP and transpose rules, so jvp, jacfwd and gradients of any
+order work and stay on cuDNN: the transpose of pooling is `pool_bwd_linear`, whose
+transpose is pooling again. 'sum' is cuDNN's average_inc_pad scaled by the window size
+(alpha of the cuDNN call), as Theano did it.
+"""
+from __future__ import annotations
+
+import functools
+
+import warnings
+
+import jax
+import numpy as np
+
+from jaxdnn import _validate, config
+from jaxdnn._compat import ShapedArray, ad
+from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn.layout import normalize_data_format, spatial_axes
+from jaxdnn.reference import pooling as reference
+
+__all__ = ["dnn_pool", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p", "pooled_shape"]
+
+MODES = ("max", "max_deterministic", "average_inc_pad", "average_exc_pad", "sum", "average")
+MAX_MODES = reference.MAX_MODES
+
+
+def pooled_shape(shape, *, ws, stride, pad, layout):
+    out = list(shape)
+    for axis, w, s, p in zip(spatial_axes(layout, len(shape)), ws, stride, pad):
+        out[axis] = (shape[axis] + 2 * p - w) // s + 1
+    return tuple(out)
+
+
+def _fwd_abstract(x, *, mode, ws, stride, pad, layout):
+    return ShapedArray(pooled_shape(x.shape, ws=ws, stride=stride, pad=pad, layout=layout), x.dtype)
+
+
+def _bwd_abstract(x, y, dy, **params):
+    return ShapedArray(x.shape, x.dtype)
+
+
+def _bwd_linear_abstract(dy, *, input_shape, **params):
+    return ShapedArray(tuple(input_shape), dy.dtype)
+
+
+def _attributes(*, mode, ws, stride, pad, layout, input_shape=None):
+    return dict(mode=mode, layout=layout, window=np.asarray(ws, np.int64),
+                stride=np.asarray(stride, np.int64), pad=np.asarray(pad, np.int64))
+
+
+def _batch_bwd_linear(prim, args, dims, *, input_shape, **params):
+    (dy,), (d,) = args, dims
+    size = dy.shape[d]
+    folded = (size * input_shape[0],) + tuple(input_shape[1:])
+    return fold_into_batch(prim, args, dims, input_shape=folded, **params)
+
+
+pool_fwd_p = define_primitive(
+    "jaxdnn_pool_fwd", abstract_eval=_fwd_abstract, reference=reference.pool_forward,
+    ffi_target="jaxdnn_pool_fwd", attributes=_attributes, batch_rule=fold_into_batch)
+
+pool_bwd_p = define_primitive(
+    "jaxdnn_pool_bwd", abstract_eval=_bwd_abstract, reference=reference.pool_backward,
+    ffi_target="jaxdnn_pool_bwd", attributes=_attributes, batch_rule=fold_into_batch)
+
+pool_bwd_linear_p = define_primitive(
+    "jaxdnn_pool_bwd_linear", abstract_eval=_bwd_linear_abstract,
+    reference=reference.pool_backward_linear, ffi_target="jaxdnn_pool_bwd_linear",
+    attributes=_attributes, batch_rule=_batch_bwd_linear)
+
+
+# Linear modes: JVP and transpose rules on the primitives themselves.
+def _linear_jvp(prim, primals, tangents, **params):
+    if params["mode"] in MAX_MODES:
+        raise NotImplementedError(
+            "jaxdnn max pooling has no forward-mode derivative (it is differentiated in "
+            "reverse mode only); the linear modes average_* and sum support jvp")
+    (x,), (t,) = primals, tangents
+    return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
+
+
+def _fwd_transpose(ct, x, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(x.aval)]
+    return [pool_bwd_linear_p.bind(ct, input_shape=tuple(x.aval.shape), **params)]
+
+
+def _bwd_linear_transpose(ct, dy, *, input_shape, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(dy.aval)]
+    return [pool_fwd_p.bind(ct, **params)]
+
+
+ad.primitive_jvps[pool_fwd_p] = functools.partial(_linear_jvp, pool_fwd_p)
+ad.primitive_jvps[pool_bwd_linear_p] = functools.partial(_linear_jvp, pool_bwd_linear_p)
+ad.primitive_transposes[pool_fwd_p] = _fwd_transpose
+ad.primitive_transposes[pool_bwd_linear_p] = _bwd_linear_transpose
+
+
+# Max modes: a custom VJP through the cuDNN pooling backward.
+_max_pool_backward = reference_differentiable(pool_bwd_p, reference.pool_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, params):
+    return pool_fwd_p.bind(x, **dict(params))
+
+
+def _max_pool_fwd(x, params):
+    y = _max_pool(x, params)
+    return y, (x, y)
+
+
+def _max_pool_bwd(params, residuals, dy):
+    x, y = residuals
+    return (_max_pool_backward(x, y, dy, **dict(params)),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str | None = None):
+    """Pool a batch of 2-D or 3-D images (which, by `len(ws)`).
+
+    img: (N, C, H, W) or (N, C, D, H, W); channels-last with data_format='NHWC'/'NDHWC'.
+    ws: the window; stride: defaults to 1 on every axis; pad: zeros by default, each
+    smaller than the window. mode: 'max', 'max_deterministic', 'average_inc_pad',
+    'average_exc_pad', 'sum', or the deprecated 'average' (= 'average_inc_pad').
+    Output size per spatial axis: (in + 2*pad - ws) // stride + 1.
+    Under `dnn.deterministic=True`, 'max' runs as 'max_deterministic'.
+    """
+    op = "dnn_pool"
+    try:
+        nd = len(ws)
+    except TypeError:
+        raise TypeError(f"{op}: ws must be a sequence of 2 or 3 ints; got {ws!r}") from None
+    if nd not in (2, 3):
+        raise ValueError(f"{op}: ws={ws!r} must have 2 (2-D pooling) or 3 (3-D pooling) entries")
+    ws = _validate.int_tuple(op, "ws", ws, nd)
+    stride = _validate.int_tuple(op, "stride", (1,) * nd if stride is None else stride, nd)
+    pad = _validate.int_tuple(op, "pad", (0,) * nd if pad is None else pad, nd)
+    _validate.check_choice(op, "mode", mode, MODES)
+    _validate.check_rank(op, "img", img, (nd + 2,), f" for {nd}-D pooling (len(ws) == {nd})")
+    _validate.check_floating(op, "img", img)
+    layout = normalize_data_format(data_format or ("NCHW" if nd == 2 else "NCDHW"), nd + 2)
+    if any(w <= 0 for w in ws):
+        raise ValueError(f"{op}: ws={ws} must be positive")
+    if any(s <= 0 for s in stride):
+        raise ValueError(f"{op}: stride={stride} must be positive")
+    if any(p < 0 or p >= w for p, w in zip(pad, ws)):
+        raise ValueError(f"{op}: pad={pad} must be >= 0 and smaller than the window ws={ws}")
+    spatial = [img.shape[a] for a in spatial_axes(layout, nd + 2)]
+    if any(n + 2 * p < w for n, p, w in zip(spatial, pad, ws)):
+        raise ValueError(
+            f"{op}: img of spatial shape {tuple(spatial)} padded by {pad} is smaller than the "
+            f"window ws={ws}")
+    if mode == "average":
+        warnings.warn("dnn_pool mode='average' is deprecated; use 'average_inc_pad'",
+                      DeprecationWarning, stacklevel=2)
+        mode = "average_inc_pad"
+    if mode == "max" and config.read("dnn.deterministic"):
+        mode = "max_deterministic"
+    params = dict(mode=mode, ws=ws, stride=stride, pad=pad, layout=layout, impl=choose_impl(op))
+    if mode in MAX_MODES:
+        return _max_pool(img, tuple(sorted(params.items())))
+    return pool_fwd_p.bind(img, **params)
+
+

@@ -1,0 +1,59 @@
+"""Max, average and sum pooling over 2 or 3 spatial axes, in pure JAX (lax.reduce_window)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxdnn.layout import spatial_axes
+
+MAX_MODES = ("max", "max_deterministic")
+
+
+def _window(values, layout: str, ndim: int, fill: int):
+    """Spread per-spatial-axis `values` over all `ndim` axes, `fill` on N and C."""
+    full = [fill] * ndim
+    for axis, v in zip(spatial_axes(layout, ndim), values):
+        full[axis] = v
+    return tuple(full)
+
+
+def pool_forward(x, *, mode: str, ws, stride, pad, layout: str):
+    """Output size per spatial axis: (in + 2*pad - ws) // stride + 1. Padding never wins a
+    max; 'average_inc_pad' divides by the window size, 'average_exc_pad' by the number of
+    elements of the window inside the image, 'sum' does not divide."""
+    nd = x.ndim
+    window = _window(ws, layout, nd, 1)
+    strides = _window(stride, layout, nd, 1)
+    padding = tuple(zip(_window(pad, layout, nd, 0), _window(pad, layout, nd, 0)))
+    if mode in MAX_MODES:
+        return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding).astype(x.dtype)
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    sums = lax.reduce_window(x.astype(acc), 0.0, lax.add, window, strides, padding)
+    if mode == "sum":
+        out = sums
+    elif mode == "average_inc_pad":
+        out = sums / math.prod(ws)
+    else:  # average_exc_pad: count the in-image elements of each window
+        ones = jnp.ones(tuple(x.shape[a] for a in spatial_axes(layout, nd)), acc)
+        shape = _window(ones.shape, layout, nd, 1)
+        counts = lax.reduce_window(ones.reshape(shape), 0.0, lax.add, window, strides, padding)
+        out = sums / counts
+    return out.astype(x.dtype)
+
+
+def pool_backward(x, y, dy, *, mode: str, ws, stride, pad, layout: str):
+    """Gradient with respect to x of pool_forward, given its output y and cotangent dy."""
+    del y
+    _, vjp = jax.vjp(lambda t: pool_forward(t, mode=mode, ws=ws, stride=stride, pad=pad,
+                                            layout=layout), x)
+    return vjp(dy)[0]
+
+
+def pool_backward_linear(dy, *, mode: str, ws, stride, pad, layout: str, input_shape):
+    """Transpose of the linear modes (average_*, sum): needs no x or y, only its shape."""
+    forward = lambda t: pool_forward(t, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout)
+    (dx,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct(tuple(input_shape), dy.dtype))(dy)
+    return dx

@@ -1,0 +1,44 @@
+"""Softmax and log-softmax over the channel axis or over each whole image, in pure JAX."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxdnn.layout import channel_axis
+
+
+def reduction_axes(mode: str, layout: str, ndim: int = 4) -> tuple[int, ...]:
+    """'channel' normalizes over C at each pixel; 'instance' over all of C, H, W."""
+    if mode == "channel":
+        return (channel_axis(layout, ndim),)
+    return tuple(range(1, ndim))
+
+
+def _compute_dtype(dtype):
+    # cuDNN accumulates half-precision softmax in float32; so does the reference.
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def softmax_forward(x, *, algo: str, mode: str, layout: str):
+    """algo 'fast' and 'accurate' differ in cuDNN only in whether the maximum is subtracted
+    first; the reference always subtracts it (the safe choice, equal where 'fast' is finite)."""
+    axes = reduction_axes(mode, layout, x.ndim)
+    xc = x.astype(_compute_dtype(x.dtype))
+    shifted = xc - jnp.max(xc, axis=axes, keepdims=True)
+    if algo == "log":
+        y = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
+    else:
+        e = jnp.exp(shifted)
+        y = e / jnp.sum(e, axis=axes, keepdims=True)
+    return y.astype(x.dtype)
+
+
+def softmax_backward(y, dy, *, algo: str, mode: str, layout: str):
+    """Gradient with respect to x, given the output y and its cotangent dy."""
+    axes = reduction_axes(mode, layout, y.ndim)
+    ct = _compute_dtype(y.dtype)
+    yc, dyc = y.astype(ct), dy.astype(ct)
+    if algo == "log":
+        dx = dyc - jnp.exp(yc) * jnp.sum(dyc, axis=axes, keepdims=True)
+    else:
+        dx = yc * (dyc - jnp.sum(dyc * yc, axis=axes, keepdims=True))
+    return dx.astype(y.dtype)

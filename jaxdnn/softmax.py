@@ -1,0 +1,78 @@
+"""Softmax and log-softmax: `dnn_softmax`, `dnn_log_softmax` (cudnnSoftmaxForward/Backward).
+
+The primitives always see 4-D images (a 2-D (N, C) input is taken as (N, C, 1, 1)); their
+gradient is a primitive of its own (`softmax_bwd`, cudnnSoftmaxBackward) that needs only
+the output y as residual.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxdnn import _validate
+from jaxdnn._compat import ShapedArray
+from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn.layout import normalize_data_format
+from jaxdnn.reference import softmax as reference
+
+__all__ = ["dnn_softmax", "dnn_log_softmax", "softmax_fwd_p", "softmax_bwd_p"]
+
+ALGOS = ("fast", "accurate", "log")
+MODES = ("channel", "instance")
+
+
+def _same_as_first(x, *rest, **params):
+    return ShapedArray(x.shape, x.dtype)
+
+
+softmax_fwd_p = define_primitive(
+    "jaxdnn_softmax_fwd", abstract_eval=_same_as_first, reference=reference.softmax_forward,
+    ffi_target="jaxdnn_softmax_fwd", batch_rule=fold_into_batch)
+
+softmax_bwd_p = define_primitive(
+    "jaxdnn_softmax_bwd", abstract_eval=_same_as_first, reference=reference.softmax_backward,
+    ffi_target="jaxdnn_softmax_bwd", batch_rule=fold_into_batch)
+
+_softmax_backward = reference_differentiable(softmax_bwd_p, reference.softmax_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _softmax(x, algo, mode, layout, impl):
+    return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
+
+
+def _softmax_fwd(x, algo, mode, layout, impl):
+    y = _softmax(x, algo, mode, layout, impl)
+    return y, y
+
+
+def _softmax_bwd(algo, mode, layout, impl, y, dy):
+    return (_softmax_backward(y, dy, algo=algo, mode=mode, layout=layout, impl=impl),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: str = "NCHW"):
+    """Softmax of a 4-D image batch (or of a 2-D (N, C) matrix, taken as (N, C, 1, 1)).
+
+    algo: 'accurate' (subtract the maximum first), 'fast' (do not), or 'log' (log-softmax).
+    mode: 'channel' normalizes over C at each (n, h, w); 'instance' over all of C, H, W of
+    each image. data_format: 'NCHW' or 'NHWC' (for 2-D input, 'NCHW' means (N, C)).
+    The output has the input's shape and dtype.
+    """
+    op = "dnn_softmax"
+    _validate.check_choice(op, "algo", algo, ALGOS)
+    _validate.check_choice(op, "mode", mode, MODES)
+    _validate.check_rank(op, "x", x, (2, 4), " ((N, C) or an image batch)")
+    _validate.check_floating(op, "x", x)
+    layout = normalize_data_format(data_format, 4)
+    if x.ndim == 2:  # (N, C) is the same whatever the layout
+        return _softmax(x[:, :, None, None], algo, mode, "NCHW", choose_impl(op))[:, :, 0, 0]
+    return _softmax(x, algo, mode, layout, choose_impl(op))
+
+
+def dnn_log_softmax(x, mode: str = "channel", data_format: str = "NCHW"):
+    """Log-softmax: `dnn_softmax(x, algo='log', ...)`."""
+    return dnn_softmax(x, algo="log", mode=mode, data_format=data_format)
