@@ -1,0 +1,33 @@
+// What each op file contributes to the extension module: its FFI handler bundles and the
+// State types they use. module.cc turns these into the capsules Python registers.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/c_api.h"
+
+namespace jaxdnn {
+
+struct HandlerBundle {
+  std::string name;                  // FFI target name, e.g. "jaxdnn_softmax_fwd"
+  XLA_FFI_Handler* instantiate;      // attributes -> per-instance State
+  XLA_FFI_Handler* initialize;       // outside graph capture: handles, descriptors, plans
+  XLA_FFI_Handler* execute;          // launches only
+};
+
+struct StateType {
+  std::string name;
+  XLA_FFI_TypeId* type_id;
+  const XLA_FFI_TypeInfo* type_info;
+};
+
+struct Registry {
+  std::vector<HandlerBundle> handlers;
+  std::vector<StateType> state_types;
+};
+
+void AddSoftmaxHandlers(Registry& registry);
+void AddPoolingHandlers(Registry& registry);
+
+}  // namespace jaxdnn

@@ -1,0 +1,80 @@
+// CUDA and cuDNN status codes -> xla::ffi::Error, and the guard that keeps C++ exceptions
+// from crossing the FFI boundary (a C ABI: an exception there aborts the process).
+#pragma once
+
+#include <cudnn.h>
+#include <cuda_runtime_api.h>
+
+#include <exception>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxdnn {
+
+namespace ffi = xla::ffi;
+
+// "CUDNN_STATUS_BAD_PARAM: <cuDNN's own explanation of the last failure>".
+std::string CudnnStatusMessage(cudnnStatus_t status);
+
+inline ffi::Error CudnnError(const char* op, const char* call, cudnnStatus_t status) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + call +
+                                                   " failed: " + CudnnStatusMessage(status));
+}
+
+inline ffi::Error CudaError(const char* op, const char* call, cudaError_t status) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + call +
+                                                   " failed: " + cudaGetErrorName(status) + ": " +
+                                                   cudaGetErrorString(status));
+}
+
+inline ffi::Error InvalidArgument(const char* op, const std::string& message) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("jaxdnn ") + op + ": " + message);
+}
+
+// Runs `body` (returning ffi::Error or ffi::ErrorOr<T>) and turns any exception it throws
+// (std::bad_alloc from a cache insertion, say) into an error naming the op.
+template <typename Body>
+auto Guarded(const char* op, Body&& body) noexcept -> decltype(body()) {
+  using Result = decltype(body());
+  auto failure = [op](const char* what) -> Result {
+    ffi::Error error = ffi::Error::Internal(std::string("jaxdnn ") + op + ": " + what);
+    if constexpr (std::is_same_v<Result, ffi::Error>) {
+      return error;
+    } else {
+      return ffi::Unexpected(std::move(error));
+    }
+  };
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return failure(e.what());
+  } catch (...) {
+    return failure("unknown C++ exception");
+  }
+}
+
+}  // namespace jaxdnn
+
+// Early-return the error of a failed cuDNN / CUDA call, naming the op and the call.
+#define JAXDNN_RETURN_IF_CUDNN_ERROR(op, expr)                                 \
+  do {                                                                          \
+    cudnnStatus_t jaxdnn_status_ = (expr);                                      \
+    if (jaxdnn_status_ != CUDNN_STATUS_SUCCESS)                                 \
+      return ::jaxdnn::CudnnError((op), #expr, jaxdnn_status_);                 \
+  } while (0)
+
+#define JAXDNN_RETURN_IF_CUDA_ERROR(op, expr)                                  \
+  do {                                                                          \
+    cudaError_t jaxdnn_status_ = (expr);                                        \
+    if (jaxdnn_status_ != cudaSuccess)                                          \
+      return ::jaxdnn::CudaError((op), #expr, jaxdnn_status_);                  \
+  } while (0)
+
+#define JAXDNN_RETURN_IF_ERROR(expr)                                            \
+  do {                                                                          \
+    ::xla::ffi::Error jaxdnn_error_ = (expr);                                   \
+    if (jaxdnn_error_.failure()) return jaxdnn_error_;                          \
+  } while (0)

@@ -1,0 +1,62 @@
+// The Python extension module `jaxdnn._jaxdnn_cuda`: the FFI handler bundles and State
+// types to register with XLA, and the version queries jaxdnn.version() needs.
+#include <cudnn.h>
+#include <cuda_runtime_api.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "common/registry.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+const jaxdnn::Registry& AllOps() {
+  static const jaxdnn::Registry* registry = [] {
+    auto* r = new jaxdnn::Registry();
+    jaxdnn::AddSoftmaxHandlers(*r);
+    jaxdnn::AddPoolingHandlers(*r);
+    return r;
+  }();
+  return *registry;
+}
+
+nb::capsule Capsule(const void* pointer) { return nb::capsule(const_cast<void*>(pointer)); }
+
+}  // namespace
+
+NB_MODULE(_jaxdnn_cuda, m) {
+  m.doc() = "jaxdnn's cuDNN FFI handlers";
+
+  m.def("registrations", [] {
+    nb::dict targets;
+    for (const auto& h : AllOps().handlers) {
+      nb::dict stages;
+      stages["instantiate"] = Capsule(reinterpret_cast<const void*>(h.instantiate));
+      stages["initialize"] = Capsule(reinterpret_cast<const void*>(h.initialize));
+      stages["execute"] = Capsule(reinterpret_cast<const void*>(h.execute));
+      targets[h.name.c_str()] = stages;
+    }
+    return targets;
+  }, "FFI target name -> {stage: handler capsule}, for jax.ffi.register_ffi_target.");
+
+  m.def("state_types", [] {
+    nb::list types;
+    for (const auto& t : AllOps().state_types)
+      types.append(nb::make_tuple(t.name, Capsule(t.type_id), Capsule(t.type_info)));
+    return types;
+  }, "(name, type_id capsule, type_info capsule) for jax.ffi.register_ffi_type.");
+
+  m.def("cudnn_runtime_version", [] { return static_cast<int64_t>(cudnnGetVersion()); },
+        "cudnnGetVersion() of the loaded library (9.19.0 -> 91900).");
+  m.def("cudnn_compiled_version", [] { return static_cast<int64_t>(CUDNN_VERSION); },
+        "CUDNN_VERSION of the headers jaxdnn was built against.");
+  m.def("cuda_runtime_version", [] {
+    int version = 0;
+    cudaRuntimeGetVersion(&version);
+    return version;
+  }, "The CUDA runtime version linked into jaxdnn (13000 = 13.0).");
+}
