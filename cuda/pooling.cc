@@ -98,13 +98,12 @@ ffi::ErrorOr<std::unique_ptr<PoolingState>> Instantiate(std::string_view mode,
   });
 }
 
-// Borrows the handle and fetches the descriptors for an input of `input` dims pooled to
+// Reserves a cuDNN handle and fetches the descriptors for an input of `input` dims pooled to
 // `output` dims.
-ffi::Error Initialize(const char* op, cudaStream_t stream, int device, PoolingState* state,
+ffi::Error Initialize(const char* op, int device, PoolingState* state,
                       const ffi::AnyBuffer& input, Ints output_dims) {
   return Guarded(op, [&]() -> ffi::Error {
-    cudnnHandle_t handle;
-    JAXDNN_RETURN_IF_ERROR(AcquireCudnnHandle(op, device, stream, &handle));
+    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
     if (!state->descriptors.empty() || HasZeroSize(input.dimensions()) || HasZeroSize(output_dims))
       return ffi::Error::Success();
     if (input.dimensions().size() != state->window.size() + 2)
@@ -143,19 +142,20 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, PoolingSt
 ffi::Error InitializeFwd(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer x,
                          ffi::Result<ffi::AnyBuffer> y, std::string_view, std::string_view, Ints,
                          Ints, Ints) {
-  return Initialize(kFwd, stream, device, state, x, y->dimensions());
+  return Initialize(kFwd, device, state, x, y->dimensions());
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer x,
                       ffi::Result<ffi::AnyBuffer> y, std::string_view, std::string_view, Ints,
                       Ints, Ints) {
   if (HasZeroSize(x.dimensions()) || HasZeroSize(y->dimensions())) return ffi::Error::Success();
-  cudnnHandle_t handle;
+  BorrowedCudnnHandle handle(kFwd, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
   const PoolingDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(ExecutionContext(kFwd, device, stream, state->descriptors, &handle, &d));
+  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(kFwd, state->descriptors, &d));
   Scaling scaling(state->alpha);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      kFwd, cudnnPoolingForward(handle, d->pooling.get(), scaling.alpha(d->type), d->input.get(),
+      kFwd, cudnnPoolingForward(handle.get(), d->pooling.get(), scaling.alpha(d->type), d->input.get(),
                                 x.untyped_data(), scaling.beta(d->type), d->output.get(),
                                 y->untyped_data()));
   return ffi::Error::Success();
@@ -165,12 +165,13 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, PoolingState* state, ffi:
 // pool_bwd_linear passes dy and dx in their places.
 ffi::Error LaunchBackward(const char* op, cudaStream_t stream, int device, PoolingState* state,
                           const void* x, const void* y, const void* dy, void* dx) {
-  cudnnHandle_t handle;
+  BorrowedCudnnHandle handle(op, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
   const PoolingDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(ExecutionContext(op, device, stream, state->descriptors, &handle, &d));
+  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
   Scaling scaling(state->alpha);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnPoolingBackward(handle, d->pooling.get(), scaling.alpha(d->type), d->output.get(), y,
+      op, cudnnPoolingBackward(handle.get(), d->pooling.get(), scaling.alpha(d->type), d->output.get(), y,
                                d->output.get(), dy, d->input.get(), x, scaling.beta(d->type),
                                d->input.get(), dx));
   return ffi::Error::Success();
@@ -181,7 +182,7 @@ ffi::Error LaunchBackward(const char* op, cudaStream_t stream, int device, Pooli
 ffi::Error InitializeBwd(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer x,
                          ffi::AnyBuffer y, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>,
                          std::string_view, std::string_view, Ints, Ints, Ints) {
-  return Initialize(kBwd, stream, device, state, x, y.dimensions());
+  return Initialize(kBwd, device, state, x, y.dimensions());
 }
 
 ffi::Error ExecuteBwd(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer x,
@@ -198,7 +199,7 @@ ffi::Error InitializeBwdLinear(cudaStream_t stream, int device, PoolingState* st
                                ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
                                std::string_view, std::string_view, Ints, Ints, Ints) {
   ffi::AnyBuffer input = *dx;
-  return Initialize(kBwdLinear, stream, device, state, input, dy.dimensions());
+  return Initialize(kBwdLinear, device, state, input, dy.dimensions());
 }
 
 ffi::Error ExecuteBwdLinear(cudaStream_t stream, int device, PoolingState* state,

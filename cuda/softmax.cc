@@ -64,12 +64,11 @@ ffi::ErrorOr<std::unique_ptr<SoftmaxState>> Instantiate(std::string_view algo, s
   });
 }
 
-// Borrows the handle and fetches the tensor descriptor for `x` (any of the op's buffers).
-ffi::Error Initialize(const char* op, cudaStream_t stream, int device, SoftmaxState* state,
+// Reserves a cuDNN handle and fetches the tensor descriptor for `x` (any of the op's buffers).
+ffi::Error Initialize(const char* op, int device, SoftmaxState* state,
                       ffi::AnyBuffer x) {
   return Guarded(op, [&]() -> ffi::Error {
-    cudnnHandle_t handle;
-    JAXDNN_RETURN_IF_ERROR(AcquireCudnnHandle(op, device, stream, &handle));
+    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
     if (!state->descriptors.empty() || HasZeroSize(x.dimensions())) return ffi::Error::Success();
     if (x.dimensions().size() != 4) return InvalidArgument(op, "expected a 4-D buffer");
     cudnnDataType_t type;
@@ -93,25 +92,26 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, SoftmaxSt
 ffi::Error InitializeFwd(cudaStream_t stream, int device, SoftmaxState* state, ffi::AnyBuffer x,
                          ffi::Result<ffi::AnyBuffer>, std::string_view, std::string_view,
                          std::string_view) {
-  return Initialize(kFwd, stream, device, state, x);
+  return Initialize(kFwd, device, state, x);
 }
 
 ffi::Error InitializeBwd(cudaStream_t stream, int device, SoftmaxState* state, ffi::AnyBuffer y,
                          ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>, std::string_view,
                          std::string_view, std::string_view) {
-  return Initialize(kBwd, stream, device, state, y);
+  return Initialize(kBwd, device, state, y);
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, SoftmaxState* state, ffi::AnyBuffer x,
                       ffi::Result<ffi::AnyBuffer> y, std::string_view, std::string_view,
                       std::string_view) {
   if (HasZeroSize(x.dimensions())) return ffi::Error::Success();
-  cudnnHandle_t handle;
+  BorrowedCudnnHandle handle(kFwd, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
   const SoftmaxDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(ExecutionContext(kFwd, device, stream, state->descriptors, &handle, &d));
+  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(kFwd, state->descriptors, &d));
   Scaling scaling;
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      kFwd, cudnnSoftmaxForward(handle, state->algo, state->mode, scaling.alpha(d->type),
+      kFwd, cudnnSoftmaxForward(handle.get(), state->algo, state->mode, scaling.alpha(d->type),
                                 d->tensor.get(), x.untyped_data(), scaling.beta(d->type),
                                 d->tensor.get(), y->untyped_data()));
   return ffi::Error::Success();
@@ -121,12 +121,13 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, SoftmaxState* state, ffi:
                       ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx, std::string_view,
                       std::string_view, std::string_view) {
   if (HasZeroSize(y.dimensions())) return ffi::Error::Success();
-  cudnnHandle_t handle;
+  BorrowedCudnnHandle handle(kBwd, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
   const SoftmaxDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(ExecutionContext(kBwd, device, stream, state->descriptors, &handle, &d));
+  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(kBwd, state->descriptors, &d));
   Scaling scaling;
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      kBwd, cudnnSoftmaxBackward(handle, state->algo, state->mode, scaling.alpha(d->type),
+      kBwd, cudnnSoftmaxBackward(handle.get(), state->algo, state->mode, scaling.alpha(d->type),
                                  d->tensor.get(), y.untyped_data(), d->tensor.get(),
                                  dy.untyped_data(), scaling.beta(d->type), d->tensor.get(),
                                  dx->untyped_data()));

@@ -6,8 +6,9 @@
 
 The environment variable ``JAXDNN_FLAGS="name=value,name=value"`` is read once, at
 import; a bad value there makes ``import jaxdnn`` raise the same ``ValueError`` that
-``update`` would. Flags are read at trace time, like JAX's own trace-time flags: a
-function already traced and cached by ``jax.jit`` keeps the choices it was traced with.
+``update`` would. Flags are read at trace time and, like JAX's own trace-time flags, are part of
+``jax.jit``'s cache key: after a change, a jitted function traces again with the new
+values. ``override`` is thread-local, as JAX's flag contexts are.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+from jaxdnn._compat import define_trace_state
 
 __all__ = ["update", "read", "override", "flags", "describe"]
 
@@ -107,7 +110,19 @@ _FLAGS = {f.name: f for f in (
 _ALIASES = {"dnn.conv.algo_bwd": ("dnn.conv.algo_bwd_data", "dnn.conv.algo_bwd_filter")}
 
 _lock = threading.Lock()
-_values: dict[str, Any] = {name: flag.default for name, flag in _FLAGS.items()}
+# The flags live in one JAX config state holding a sorted tuple of (name, value) pairs:
+# hashable, so jit can key its cache on it.
+_state = define_trace_state(
+    "jaxdnn_flags", tuple(sorted((name, flag.default) for name, flag in _FLAGS.items())),
+    "jaxdnn's flags (set them through jaxdnn.config)")
+
+
+def _current() -> dict[str, Any]:
+    return dict(_state.value)
+
+
+def _snapshot(values: dict[str, Any]) -> tuple:
+    return tuple(sorted(values.items()))
 
 
 def flags() -> tuple[str, ...]:
@@ -140,7 +155,7 @@ def update(name: str, value: Any) -> None:
     """Set flag `name` to `value` for the rest of the process."""
     changes = _validated(name, value)
     with _lock:
-        _values.update(changes)
+        _state._set(_snapshot({**_current(), **changes}))
 
 
 def read(name: str) -> Any:
@@ -150,13 +165,12 @@ def read(name: str) -> Any:
         return data if data == filt else None
     if name not in _FLAGS:
         raise _unknown(name)
-    return _values[name]
+    return _current()[name]
 
 
 def values() -> dict[str, Any]:
     """A snapshot of every stored flag."""
-    with _lock:
-        return dict(_values)
+    return _current()
 
 
 @contextlib.contextmanager
@@ -169,14 +183,8 @@ def override(**settings: Any) -> Iterator[None]:
     changes: dict[str, Any] = {}
     for key, value in settings.items():
         changes.update(_validated(key.replace("__", "."), value))
-    with _lock:
-        saved = {name: _values[name] for name in changes}
-        _values.update(changes)
-    try:
+    with _state(_snapshot({**_current(), **changes})):
         yield
-    finally:
-        with _lock:
-            _values.update(saved)
 
 
 def parse_flags(text: str) -> list[tuple[str, str]]:

@@ -2,12 +2,14 @@
 
 #include <map>
 #include <mutex>
-#include <utility>
+#include <vector>
 
 namespace jaxdnn {
 namespace {
 
-using Key = std::pair<int, cudaStream_t>;
+struct DeviceHandles {
+  std::vector<cudnnHandle_t> free;
+};
 
 std::mutex& PoolMutex() {
   static std::mutex mutex;
@@ -15,8 +17,8 @@ std::mutex& PoolMutex() {
 }
 
 // Never destroyed (see handles.h): a leaked heap map outlives static destruction.
-std::map<Key, cudnnHandle_t>& Pool() {
-  static auto* pool = new std::map<Key, cudnnHandle_t>();
+std::map<int, DeviceHandles>& Pool() {
+  static auto* pool = new std::map<int, DeviceHandles>();
   return *pool;
 }
 
@@ -40,38 +42,40 @@ class ScopedDevice {
 
 }  // namespace
 
-ffi::Error AcquireCudnnHandle(const char* op, int device, cudaStream_t stream,
-                              cudnnHandle_t* handle) {
+ffi::Error ReserveCudnnHandle(const char* op, int device) {
   std::lock_guard<std::mutex> lock(PoolMutex());
-  auto it = Pool().find({device, stream});
-  if (it != Pool().end()) {
-    *handle = it->second;
-    return ffi::Error::Success();
-  }
+  DeviceHandles& handles = Pool()[device];
+  if (!handles.free.empty()) return ffi::Error::Success();
   ScopedDevice scoped(device);
   cudnnHandle_t created = nullptr;
   JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
-  cudnnStatus_t status = cudnnSetStream(created, stream);
-  if (status != CUDNN_STATUS_SUCCESS) {
-    cudnnDestroy(created);
-    return CudnnError(op, "cudnnSetStream", status);
-  }
-  Pool().emplace(Key{device, stream}, created);
-  *handle = created;
+  handles.free.push_back(created);
   return ffi::Error::Success();
 }
 
-ffi::Error LookupCudnnHandle(const char* op, int device, cudaStream_t stream,
-                             cudnnHandle_t* handle) {
-  std::lock_guard<std::mutex> lock(PoolMutex());
-  auto it = Pool().find({device, stream});
-  if (it == Pool().end()) {
-    return ffi::Error::Internal(std::string("jaxdnn ") + op +
-                                ": no cuDNN handle for this device and stream; the "
-                                "initialize stage did not run before execute");
+BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream)
+    : device_(device) {
+  {
+    std::lock_guard<std::mutex> lock(PoolMutex());
+    auto it = Pool().find(device);
+    if (it == Pool().end() || it->second.free.empty()) {
+      error_ = ffi::Error::Internal(
+          std::string("jaxdnn ") + op +
+          ": no free cuDNN handle for this device; the initialize stage did not run before "
+          "execute, or more executions run at once than were initialized");
+      return;
+    }
+    handle_ = it->second.free.back();
+    it->second.free.pop_back();
   }
-  *handle = it->second;
-  return ffi::Error::Success();
+  cudnnStatus_t status = cudnnSetStream(handle_, stream);
+  if (status != CUDNN_STATUS_SUCCESS) error_ = CudnnError(op, "cudnnSetStream", status);
+}
+
+BorrowedCudnnHandle::~BorrowedCudnnHandle() {
+  if (handle_ == nullptr) return;
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  Pool()[device_].free.push_back(handle_);
 }
 
 }  // namespace jaxdnn

@@ -34,12 +34,10 @@ class DescriptorSlot {
   std::shared_ptr<const Descriptors> descriptors_;
 };
 
-// The handle and descriptors execute needs, or an error saying which is missing.
+// The descriptors initialize stored, or an error if it did not run.
 template <typename Descriptors>
-ffi::Error ExecutionContext(const char* op, int device, cudaStream_t stream,
-                            DescriptorSlot<Descriptors>& slot, cudnnHandle_t* handle,
-                            const Descriptors** descriptors) {
-  JAXDNN_RETURN_IF_ERROR(LookupCudnnHandle(op, device, stream, handle));
+ffi::Error InitializedDescriptors(const char* op, DescriptorSlot<Descriptors>& slot,
+                                  const Descriptors** descriptors) {
   *descriptors = slot.get();
   if (*descriptors == nullptr) {
     return ffi::Error::Internal(std::string("jaxdnn ") + op +
