@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build jaxdnn in place against what is installed there (no
+# network), run the GPU tests (plain and inside CUDA graphs) and the benchmarks, and write
+# every log to a folder.
+#
+#   scripts/gpu_check.sh [LOG_DIR]      LOG_DIR defaults to $OUT, else ./gpu-logs
+#
+# Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
+# they are installed from there without network. STAGES (default "build info tests
+# graphs bench") picks which stages run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:-${OUT:-gpu-logs}}
+mkdir -p "$LOG_DIR"
+STAGES=${STAGES:-"build info tests graphs bench"}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+
+run_stage() {  # name, command...: run, log to $LOG_DIR/name.log, remember failures
+  local name=$1; shift
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  echo "=== $name: $*"
+  local start=$SECONDS
+  "$@" >"$LOG_DIR/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  tail -n 25 "$LOG_DIR/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+build() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir .whl/*.whl || return 1
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
+    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON || return 1
+}
+
+run_stage build build
+run_stage info "$PYTHON" -m jaxdnn info
+run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider tests
+# The same GPU tests with XLA running the custom calls inside CUDA graphs.
+run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
+  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR"
+exit $status

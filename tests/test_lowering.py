@@ -1,0 +1,111 @@
+"""CUDA lowering without a GPU: the jaxdnn custom calls and their attributes, as XLA will
+see them on a CUDA device. Runs everywhere the extension is built (CI builds it)."""
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdnn
+from jaxdnn import _extension
+
+# CI and `make test` build the extension, so there these tests must run, not skip.
+pytestmark = pytest.mark.skipif(
+    _extension.extension() is None and not os.environ.get("JAXDNN_REQUIRE_EXTENSION"),
+    reason=f"jaxdnn CUDA extension not built: {_extension.unavailable_reason()}")
+
+
+def cuda_hlo(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(text):
+    """[(target, attribute text)] of every custom call in the StableHLO `text`."""
+    return re.findall(r"stablehlo\.custom_call @(\w+)\(.*?mhlo\.backend_config = \{(.*?)\}", text)
+
+
+def test_extension_is_loaded_and_registers_every_target():
+    assert _extension.extension() is not None, _extension.unavailable_reason()
+    names = set(_extension.extension().registrations())
+    assert names == {"jaxdnn_softmax_fwd", "jaxdnn_softmax_bwd", "jaxdnn_pool_fwd",
+                     "jaxdnn_pool_bwd", "jaxdnn_pool_bwd_linear"}
+    stages = _extension.extension().registrations()["jaxdnn_pool_fwd"]
+    assert set(stages) == {"instantiate", "initialize", "execute"}
+    assert _extension.compiled_version() // 10000 == 9
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_softmax_forward_and_backward_custom_calls(layout):
+    x = jnp.ones((2, 3, 4, 5), jnp.float32)
+    text = cuda_hlo(jax.grad(lambda x: jaxdnn.dnn_softmax(x, "log", "instance", layout).sum()), x)
+    calls = custom_calls(text)
+    assert [c[0] for c in calls] == ["jaxdnn_softmax_fwd", "jaxdnn_softmax_bwd"]
+    for _, attrs in calls:
+        assert f'layout = "{layout}"' in attrs
+        assert 'algo = "log"' in attrs and 'mode = "instance"' in attrs
+    assert "tensor<2x3x4x5xf32>" in text
+
+
+def test_softmax_2d_input_lowers_as_4d():
+    text = cuda_hlo(lambda x: jaxdnn.dnn_softmax(x), jnp.ones((8, 16), jnp.bfloat16))
+    assert "stablehlo.custom_call @jaxdnn_softmax_fwd" in text
+    assert "(tensor<8x16x1x1xbf16>) -> tensor<8x16x1x1xbf16>" in text
+
+
+def test_max_pool_custom_calls_and_attributes():
+    x = jnp.ones((2, 3, 9, 9), jnp.float16)
+    text = cuda_hlo(jax.grad(lambda x: jaxdnn.dnn_pool(x, (3, 3), (2, 2), "max", (1, 1)).astype(
+        jnp.float32).sum()), x)
+    calls = custom_calls(text)
+    assert [c[0] for c in calls] == ["jaxdnn_pool_fwd", "jaxdnn_pool_bwd"]
+    attrs = calls[0][1]
+    assert 'mode = "max"' in attrs and 'layout = "NCHW"' in attrs
+    assert "window = dense<3> : tensor<2xi64>" in attrs
+    assert "stride = dense<2> : tensor<2xi64>" in attrs
+    assert "pad = dense<1> : tensor<2xi64>" in attrs
+    assert "(tensor<2x3x9x9xf16>) -> tensor<2x3x5x5xf16>" in text
+
+
+def test_linear_pool_gradient_is_the_linear_backward():
+    x = jnp.ones((1, 4, 4, 2, 3), jnp.float32)  # NDHWC
+    f = lambda x: jaxdnn.dnn_pool(x, (2, 2, 1), (2, 1, 1), "sum", (1, 0, 0), data_format="NDHWC")
+    # The gradient of a linear op needs no forward pass: only the transpose remains.
+    calls = custom_calls(cuda_hlo(jax.grad(lambda x: f(x).sum()), x))
+    assert [c[0] for c in calls] == ["jaxdnn_pool_bwd_linear"]
+    assert 'mode = "sum"' in calls[0][1] and 'layout = "NDHWC"' in calls[0][1]
+    assert "window = dense<[2, 2, 1]> : tensor<3xi64>" in calls[0][1]
+    calls = custom_calls(cuda_hlo(lambda x: jax.jvp(f, (x,), (x,)), x))
+    assert [c[0] for c in calls] == ["jaxdnn_pool_fwd", "jaxdnn_pool_fwd"]
+
+
+def test_deterministic_flag_selects_max_deterministic():
+    x = jnp.ones((1, 1, 4, 4), jnp.float32)
+    with jaxdnn.config.override(**{"dnn.deterministic": True}):
+        text = cuda_hlo(lambda x: jaxdnn.dnn_pool(x, (2, 2)), x)
+    assert 'mode = "max_deterministic"' in text
+
+
+def test_vmap_folds_into_the_batch_axis():
+    x = jnp.ones((5, 2, 3, 4, 4), jnp.float32)
+    text = cuda_hlo(jax.vmap(lambda x: jaxdnn.dnn_pool(x, (2, 2))), x)
+    assert "(tensor<10x3x4x4xf32>) -> tensor<10x3x3x3xf32>" in text
+    text = cuda_hlo(jax.vmap(jaxdnn.dnn_softmax, in_axes=2), x)  # 3 images of (5, 2, 4, 4)
+    assert "(tensor<15x2x4x4xf32>) -> tensor<15x2x4x4xf32>" in text
+
+
+def test_disabled_flag_lowers_to_xla_only():
+    x = jnp.ones((2, 3, 4, 4), jnp.float32)
+    with jaxdnn.config.override(**{"dnn.enabled": False}):
+        text = cuda_hlo(lambda x: jaxdnn.dnn_pool(jaxdnn.dnn_softmax(x), (2, 2)), x)
+    assert "jaxdnn_" not in text and "reduce_window" in text
+
+
+def test_flag_change_retraces_a_jitted_function():
+    x = jnp.ones((2, 3, 4, 4), jnp.float32)
+    f = jax.jit(lambda x: jaxdnn.dnn_softmax(x))
+    assert "jaxdnn_softmax_fwd" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    with jaxdnn.config.override(**{"dnn.enabled": False}):
+        assert "jaxdnn_" not in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        np.testing.assert_allclose(f(x), np.full(x.shape, 1 / 3), rtol=1e-6)
