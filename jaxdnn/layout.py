@@ -6,6 +6,8 @@ CHANNELS_LAST = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
 
 
 def is_channels_last(layout: str) -> bool:
+    """True for NHWC-style layouts; the 2-D row layout 'NC' counts as channels-last (C is
+    its last axis)."""
     return layout.endswith("C")
 
 

@@ -1,0 +1,200 @@
+"""The `jaxdnn` command (also `python -m jaxdnn`).
+
+    jaxdnn info [--json]          versions, cuDNN, devices, extension status, flags
+    jaxdnn bench [ops...]         jaxdnn beside XLA (see jaxdnn.bench)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+from typing import Sequence, TextIO
+
+import jax
+import jaxlib
+import numpy as np
+
+import jaxdnn
+from jaxdnn import _extension, bench, config
+
+__all__ = ["main"]
+
+
+def _cudnn_version_text(number: int | None) -> str:
+    if number is None or number < 0:
+        return "none"
+    # cuDNN 9 numbers its versions MAJOR*10000 + MINOR*100 + PATCH.
+    return f"{number // 10000}.{number % 10000 // 100}.{number % 100} ({number})"
+
+
+def collect_info() -> dict:
+    """Everything `jaxdnn info` reports, as plain data."""
+    try:
+        loaded = jaxdnn.version(raises=False)
+        mismatch = None
+    except RuntimeError as e:  # the compiled and loaded majors differ
+        loaded, mismatch = None, str(e)
+    docs = config.describe()
+    return {
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+                     "jaxdnn": jaxdnn.__version__},
+        "cudnn": {"compiled": _extension.compiled_version(), "loaded": loaded,
+                  "library": _extension.cudnn_library_path(), "error": mismatch},
+        "devices": [{"id": d.id, "platform": d.platform, "kind": d.device_kind}
+                    for d in jax.devices()],
+        "extension": {"available": jaxdnn.is_available(),
+                      "reason": jaxdnn.unavailable_reason()},
+        "flags": {name: {"value": config.read(name), "doc": docs.get(name, "")}
+                  for name in config.flags()},
+        "JAXDNN_FLAGS": os.environ.get("JAXDNN_FLAGS", ""),
+    }
+
+
+def _print_info(info: dict, out: TextIO) -> None:
+    versions = info["versions"]
+    print("versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()), file=out)
+    cudnn = info["cudnn"]
+    print(f"cuDNN:     compiled {_cudnn_version_text(cudnn['compiled'])}, "
+          f"loaded {_cudnn_version_text(cudnn['loaded'])}", file=out)
+    print(f"           library {cudnn['library'] or 'not loaded'}", file=out)
+    if cudnn["error"]:
+        print(f"           error: {cudnn['error']}", file=out)
+    devices = ", ".join(f"{d['platform']}:{d['id']} ({d['kind']})" for d in info["devices"])
+    print(f"devices:   {devices}", file=out)
+    ext = info["extension"]
+    status = "yes" if ext["available"] else f"no: {ext['reason']}"
+    print(f"cuDNN path available: {status}", file=out)
+    print(f"flags (JAXDNN_FLAGS={info['JAXDNN_FLAGS']!r}):", file=out)
+    width = max(len(name) for name in info["flags"])
+    for name, flag in info["flags"].items():
+        print(f"  {name:<{width}} = {flag['value']!r}", file=out)
+        print(f"  {'':<{width}}   {flag['doc']}", file=out)
+
+
+class ProgressBar:
+    """A one-line text progress bar on a terminal; one line per step elsewhere (logs)."""
+
+    def __init__(self, stream: TextIO, width: int = 24):
+        self.stream, self.width = stream, width
+        self.redraw = stream.isatty()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        filled = self.width * done // max(total, 1)
+        bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {what}"
+        if self.redraw:
+            end = "\n" if done == total else ""
+            self.stream.write(f"\r\033[K{bar}{end}")
+        else:
+            self.stream.write(bar + "\n")
+        self.stream.flush()
+
+
+def _bench_header(size: str, repeats: int, bandwidth_gbs: float | None) -> str:
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [f"jaxdnn {jaxdnn.__version__} bench on {jax.devices()[0].device_kind} "
+             f"({jax.default_backend()}), {now}; size {size}, median of {repeats} repeats"]
+    reason = jaxdnn.unavailable_reason()
+    if reason:
+        lines.append(f"cuDNN path unavailable: {reason}.")
+        lines.append("jaxdnn runs its XLA reference path here, so both columns time XLA.")
+    elif config.read("dnn.enabled") is False:
+        lines.append("dnn.enabled=False: jaxdnn takes its XLA reference path.")
+    if bandwidth_gbs:
+        lines.append(f"memory bandwidth (1 GiB x+1): {bandwidth_gbs:.0f} GB/s")
+    lines.append("speedup = XLA ms / jaxdnn ms (above 1: jaxdnn is faster)")
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(bench.FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    ops = args.ops or list(bench.OPS)
+    unknown = [op for op in ops if op not in bench.OPS]
+    if unknown:  # checked here: argparse's `choices` rejects an empty nargs='*' list
+        args.bench_parser.error(f"unknown op {', '.join(map(repr, unknown))} "
+                                f"(choose from {', '.join(bench.OPS)})")
+    if args.repeats < 1:
+        args.bench_parser.error(f"--repeats {args.repeats}: expected at least 1")
+    size = args.size or bench.default_size()
+    machine_readable = args.json or args.csv
+    # With machine-readable rows on stdout, the human-readable part goes to stderr.
+    human = sys.stderr if machine_readable and not args.out else sys.stdout
+    bandwidth = bench.measure_bandwidth() if bench.on_gpu() else None
+    print(_bench_header(size, args.repeats, bandwidth), file=human, flush=True)
+    rows = bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
+                     progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth)
+    print(bench.format_table(rows), file=human)
+    if args.json:
+        text = json.dumps(rows, indent=1) + "\n"
+    elif args.csv:
+        text = rows_to_csv(rows)
+    else:  # --out alone keeps a Markdown table
+        text = bench.format_table(rows, markdown=True) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}", file=human)
+    elif machine_readable:
+        sys.stdout.write(text)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxdnn", description="jaxdnn: cuDNN operations for JAX.")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+
+    info = commands.add_parser("info", help="versions, cuDNN, devices, extension status, flags")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+
+    b = commands.add_parser(
+        "bench", help="time jaxdnn ops against XLA",
+        description="Time each jaxdnn op (forward, and forward+backward) beside the XLA "
+                    "code it replaces, in this process, on the default device.")
+    b.add_argument("ops", nargs="*", metavar="op",
+                   help=f"ops to time, among {', '.join(bench.OPS)} (default: all)")
+    b.add_argument("--size", choices=bench.SIZES,
+                   help="shapes: 'full' (ANCHORS.md shapes; default where cuDNN can serve) "
+                        "or 'small' (tiny, for a CPU; default elsewhere)")
+    b.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is kept")
+    b.add_argument("--calls", type=int, default=None,
+                   help="back-to-back calls per repeat (default: 20 full, 5 small)")
+    b.set_defaults(bench_parser=b)
+    fmt = b.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="write the rows as JSON")
+    fmt.add_argument("--csv", action="store_true", help="write the rows as CSV")
+    b.add_argument("--out", metavar="FILE",
+                   help="write the JSON/CSV rows (or a Markdown table) to FILE, not stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info = collect_info()
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            _print_info(info, sys.stdout)
+        return 0
+    if args.command == "bench":
+        return _bench(args)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
