@@ -110,12 +110,13 @@ def fold_into_batch(prim: Primitive, args, dims, **params):
     return unfold(out), 0
 
 
-def choose_impl(op: str) -> str:
+def choose_impl(op: str, xla_is_faster: bool = False) -> str:
     """'cudnn' or 'xla' for an op traced now, from the `dnn.enabled` flag.
 
     'auto' takes cuDNN whenever the extension is loaded (on a machine without a GPU the
-    CUDA lowering is simply never used); True demands the cuDNN path and raises here, at
-    trace time, when it cannot run; False always takes XLA.
+    CUDA lowering is simply never used), except where the op's measurements show XLA's
+    own lowering faster for the case at hand (`xla_is_faster`); True demands the cuDNN
+    path and raises here, at trace time, when it cannot run; False always takes XLA.
     """
     enabled = config.read("dnn.enabled")
     if enabled is False:
@@ -126,7 +127,9 @@ def choose_impl(op: str) -> str:
             raise RuntimeError(
                 f"jaxdnn {op}: dnn.enabled=True requires cuDNN, but it cannot run here: {reason}")
         return "cudnn"
-    return "cudnn" if _extension.extension() is not None else "xla"
+    if _extension.extension() is None or xla_is_faster:
+        return "xla"
+    return "cudnn"
 
 
 def reference_differentiable(prim: Primitive, reference: Callable) -> Callable:

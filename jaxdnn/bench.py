@@ -36,8 +36,11 @@ OPS = ("softmax", "pool")
 SIZES = ("small", "full")
 PASSES = ("fwd", "fwd+bwd")
 # The fields of a result row, in order; hbm_* are None off GPU.
-FIELDS = ("op", "case", "pass", "dtype", "layout", "jaxdnn_ms", "xla_ms", "ratio", "path",
-          "hbm_floor_ms", "hbm_fraction", "hbm_gbs", "device", "date")
+# jaxdnn_ms is jaxdnn on its default flags (dnn.enabled='auto', which may pick XLA where
+# that measured faster); cudnn_ms forces the cuDNN path (dnn.enabled=True), None where
+# cuDNN cannot run.
+FIELDS = ("op", "case", "pass", "dtype", "layout", "jaxdnn_ms", "cudnn_ms", "xla_ms", "ratio",
+          "path", "hbm_floor_ms", "hbm_fraction", "hbm_gbs", "device", "date")
 
 # Calls per timed repeat: enough to hide launch gaps on a GPU, few enough that the small
 # preset stays quick on a CPU.
@@ -54,8 +57,12 @@ class Case:
     params: dict[str, Any] = field(default_factory=dict)  # dnn_pool's ws, stride, pad, mode
 
 
-def _softmax_case(n, c):
-    return Case("softmax", f"softmax {n}x{c}", (n, c), "float32", "NC")
+def _softmax_case(n, c, spatial=None, layout="NC", mode="channel"):
+    if spatial is None:
+        return Case("softmax", f"softmax {n}x{c}", (n, c), "float32", "NC")
+    shape = (n, *spatial, c) if layout == "NHWC" else (n, c, *spatial)
+    label = f"softmax {mode} N{n} C{c} {'x'.join(map(str, spatial))}"
+    return Case("softmax", label, shape, "float32", layout, dict(mode=mode))
 
 
 def _pool_case(mode, ws, stride, pad, n, c, spatial, dtype="float32", layout=None):
@@ -84,9 +91,13 @@ def cases(size: str = "small", ops=None) -> list[Case]:
     pool2d = dict(ws=(3, 3), stride=2, pad=1, n=n, c=c, spatial=(hw, hw))
     every = [
         _softmax_case(*((8192, 4096) if full else (256, 512))),
+        _softmax_case(n, c, (hw // 2, hw // 2), "NCHW"),
+        _softmax_case(n, c, (hw // 2, hw // 2), "NHWC"),
+        _softmax_case(n, c, (hw // 2, hw // 2), "NCHW", mode="instance"),
         _pool_case("max", **pool2d),
         _pool_case("average_inc_pad", **pool2d),
         _pool_case("max", **pool2d, dtype="bfloat16"),
+        _pool_case("max", **pool2d, dtype="float16"),
         _pool_case("max", **pool2d, layout="NHWC"),
         _pool_case("max", (2, 2, 2), 2, 0, n3, c3, (d3, d3, d3)),
     ]
@@ -96,7 +107,11 @@ def cases(size: str = "small", ops=None) -> list[Case]:
 # --- the two sides of each op ------------------------------------------------------------
 
 def _softmax_functions(case: Case) -> tuple[Callable, Callable]:
-    return jaxdnn.dnn_softmax, lambda x: jax.nn.softmax(x, axis=1)
+    mode = case.params.get("mode", "channel")
+    data_format = "NHWC" if case.layout == "NHWC" else "NCHW"
+    axis = (1, 2, 3) if mode == "instance" else (-1 if data_format == "NHWC" else 1)
+    return (lambda x: jaxdnn.dnn_softmax(x, mode=mode, data_format=data_format),
+            lambda x: jax.nn.softmax(x, axis=axis))
 
 
 def _xla_pool(x, *, mode, ws, stride, pad, layout):
@@ -244,12 +259,16 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
             progress(done, len(steps), f"{case.label} {case.dtype} {case.layout} {pass_}")
         jaxdnn_fn, xla_fn, args = build(case, pass_)
         jaxdnn_ms = time_ms(jax.jit(jaxdnn_fn), args, repeats, calls)
+        cudnn_ms = None
+        if jaxdnn.is_available():
+            with jaxdnn.config.override(**{"dnn.enabled": True}):
+                cudnn_ms = time_ms(jax.jit(jaxdnn_fn), args, repeats, calls)
         xla_ms = time_ms(jax.jit(xla_fn), args, repeats, calls)
         floor_ms = (_bytes_moved(case, pass_) / (bandwidth_gbs * 1e9) * 1e3
                     if bandwidth_gbs else None)
         rows.append({
             "op": case.op, "case": case.label, "pass": pass_, "dtype": case.dtype,
-            "layout": case.layout, "jaxdnn_ms": jaxdnn_ms, "xla_ms": xla_ms,
+            "layout": case.layout, "jaxdnn_ms": jaxdnn_ms, "cudnn_ms": cudnn_ms, "xla_ms": xla_ms,
             "ratio": xla_ms / jaxdnn_ms, "path": lowered_path(jaxdnn_fn, args),
             "hbm_floor_ms": floor_ms,
             "hbm_fraction": floor_ms / jaxdnn_ms if floor_ms else None,
@@ -271,7 +290,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     the rows carry one, the HBM columns when the floor was measured."""
     columns = [("case", "case", str), ("pass", "pass", str), ("dtype", "dtype", str),
                ("layout", "layout", str), ("jaxdnn ms", "jaxdnn_ms", _ms),
-               ("XLA ms", "xla_ms", _ms)]
+               ("cuDNN-forced ms", "cudnn_ms", _ms), ("XLA ms", "xla_ms", _ms)]
     if any(row.get("torch_ms") is not None for row in rows):
         columns.append(("torch ms", "torch_ms", _ms))
     columns.append(("speedup", "ratio", lambda r: f"{r:.2f}x"))

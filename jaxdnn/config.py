@@ -110,15 +110,20 @@ _FLAGS = {f.name: f for f in (
 _ALIASES = {"dnn.conv.algo_bwd": ("dnn.conv.algo_bwd_data", "dnn.conv.algo_bwd_filter")}
 
 _lock = threading.Lock()
-# The flags live in one JAX config state holding a sorted tuple of (name, value) pairs:
-# hashable, so jit can key its cache on it.
-_state = define_trace_state(
-    "jaxdnn_flags", tuple(sorted((name, flag.default) for name, flag in _FLAGS.items())),
+# Two JAX config states, each a sorted tuple of (name, value) pairs (hashable, so jit keys
+# its cache on them): every flag's process-wide value, set by `update`, and the flags a
+# thread's `override` blocks set, layered on top. JAX takes a state's initial value from
+# the environment variable of its upper-cased name, so neither may be called
+# "jaxdnn_flags" (JAXDNN_FLAGS is ours, parsed below).
+_global_state = define_trace_state(
+    "jaxdnn_flag_values", tuple(sorted((name, flag.default) for name, flag in _FLAGS.items())),
     "jaxdnn's flags (set them through jaxdnn.config)")
+_override_state = define_trace_state(
+    "jaxdnn_flag_overrides", (), "jaxdnn's flags set by jaxdnn.config.override blocks")
 
 
 def _current() -> dict[str, Any]:
-    return dict(_state.value)
+    return {**dict(_global_state.value), **dict(_override_state.value)}
 
 
 def _snapshot(values: dict[str, Any]) -> tuple:
@@ -155,7 +160,7 @@ def update(name: str, value: Any) -> None:
     """Set flag `name` to `value` for the rest of the process."""
     changes = _validated(name, value)
     with _lock:
-        _state._set(_snapshot({**_current(), **changes}))
+        _global_state._set(_snapshot({**dict(_global_state.get_global()), **changes}))
 
 
 def read(name: str) -> Any:
@@ -175,7 +180,8 @@ def values() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def override(**settings: Any) -> Iterator[None]:
-    """Set flags inside a `with` block and restore them after it.
+    """Set flags inside a `with` block (for the current thread) and restore them after it.
+    Flags the block does not name keep following `update`.
 
     Flag names hold dots, so pass them unpacked: ``override(**{"dnn.enabled": False})``;
     underscores stand for dots as well: ``override(dnn__enabled=False)``.
@@ -183,7 +189,7 @@ def override(**settings: Any) -> Iterator[None]:
     changes: dict[str, Any] = {}
     for key, value in settings.items():
         changes.update(_validated(key.replace("__", "."), value))
-    with _state(_snapshot({**_current(), **changes})):
+    with _override_state(_snapshot({**dict(_override_state.value), **changes})):
         yield
 
 

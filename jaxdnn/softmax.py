@@ -68,9 +68,25 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     _validate.check_rank(op, "x", x, (2, 4), " ((N, C) or an image batch)")
     _validate.check_floating(op, "x", x)
     layout = normalize_data_format(data_format, 4)
-    if x.ndim == 2:  # (N, C) is the same whatever the layout
-        return _softmax(x[:, :, None, None], algo, mode, "NCHW", choose_impl(op))[:, :, 0, 0]
-    return _softmax(x, algo, mode, layout, choose_impl(op))
+    if x.ndim == 2:  # (N, C) is the same whatever the layout: a batch of 1x1 images
+        return dnn_softmax(x[:, :, None, None], algo, mode, "NCHW")[:, :, 0, 0]
+    spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
+    if spatial == (1, 1):
+        # On 1x1 images both modes normalize over C; cuDNN's instance mode runs at XLA's
+        # speed there while its channel mode is 1.7x slower forward and ~200x slower
+        # backward (8192x4096 float32 on an H100, BENCHMARKS.md).
+        mode = "instance"
+    return _softmax(x, algo, mode, layout, choose_impl(op, _xla_is_faster(mode, layout, spatial)))
+
+
+def _xla_is_faster(mode: str, layout: str, spatial) -> bool:
+    """Where dnn.enabled='auto' takes XLA, from measurements (H100, BENCHMARKS.md): cuDNN's
+    softmax wins on channels-last images in channel mode (1.35x forward, 1.2x with the
+    backward, N64 C64 56²) and ties on (N, C) rows; XLA wins on channels-first images in
+    channel mode (1.4x) and by 6x on whole images in instance mode."""
+    if spatial == (1, 1):
+        return False
+    return not (mode == "channel" and layout == "NHWC")
 
 
 def dnn_log_softmax(x, mode: str = "channel", data_format: str = "NCHW"):

@@ -7,7 +7,8 @@
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
-# graphs bench") picks which stages run.
+# graphs bench") picks which stages run; "alltests" runs the whole suite on the GPU too
+# (the CPU tests then exercise jaxdnn's default path there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
@@ -44,5 +45,6 @@ run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider tests
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider tests
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR"
 exit $status

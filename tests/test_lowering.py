@@ -17,6 +17,15 @@ pytestmark = pytest.mark.skipif(
     reason=f"jaxdnn CUDA extension not built: {_extension.unavailable_reason()}")
 
 
+@pytest.fixture
+def cudnn_forced(monkeypatch):
+    """dnn.enabled=True as on a GPU machine: every op takes its cuDNN path, including
+    where 'auto' would pick XLA as faster. (Without a GPU, True would raise; the lowering
+    itself needs no GPU, so the availability check is stubbed out here.)"""
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    jaxdnn.config.update("dnn.enabled", True)
+
+
 def cuda_hlo(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -37,7 +46,7 @@ def test_extension_is_loaded_and_registers_every_target():
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_softmax_forward_and_backward_custom_calls(layout):
+def test_softmax_forward_and_backward_custom_calls(layout, cudnn_forced):
     x = jnp.ones((2, 3, 4, 5), jnp.float32)
     text = cuda_hlo(jax.grad(lambda x: jaxdnn.dnn_softmax(x, "log", "instance", layout).sum()), x)
     calls = custom_calls(text)
@@ -48,13 +57,14 @@ def test_softmax_forward_and_backward_custom_calls(layout):
     assert "tensor<2x3x4x5xf32>" in text
 
 
-def test_softmax_2d_input_lowers_as_4d():
+def test_softmax_2d_input_lowers_as_4d_instance_mode(cudnn_forced):
     text = cuda_hlo(lambda x: jaxdnn.dnn_softmax(x), jnp.ones((8, 16), jnp.bfloat16))
-    assert "stablehlo.custom_call @jaxdnn_softmax_fwd" in text
+    (call,) = custom_calls(text)
+    assert call[0] == "jaxdnn_softmax_fwd" and 'mode = "instance"' in call[1]
     assert "(tensor<8x16x1x1xbf16>) -> tensor<8x16x1x1xbf16>" in text
 
 
-def test_max_pool_custom_calls_and_attributes():
+def test_max_pool_custom_calls_and_attributes(cudnn_forced):
     x = jnp.ones((2, 3, 9, 9), jnp.float16)
     text = cuda_hlo(jax.grad(lambda x: jaxdnn.dnn_pool(x, (3, 3), (2, 2), "max", (1, 1)).astype(
         jnp.float32).sum()), x)
@@ -68,7 +78,7 @@ def test_max_pool_custom_calls_and_attributes():
     assert "(tensor<2x3x9x9xf16>) -> tensor<2x3x5x5xf16>" in text
 
 
-def test_linear_pool_gradient_is_the_linear_backward():
+def test_linear_pool_gradient_is_the_linear_backward(cudnn_forced):
     x = jnp.ones((1, 4, 4, 2, 3), jnp.float32)  # NDHWC
     f = lambda x: jaxdnn.dnn_pool(x, (2, 2, 1), (2, 1, 1), "sum", (1, 0, 0), data_format="NDHWC")
     # The gradient of a linear op needs no forward pass: only the transpose remains.
@@ -80,19 +90,44 @@ def test_linear_pool_gradient_is_the_linear_backward():
     assert [c[0] for c in calls] == ["jaxdnn_pool_fwd", "jaxdnn_pool_fwd"]
 
 
-def test_deterministic_flag_selects_max_deterministic():
+def test_deterministic_flag_selects_max_deterministic(cudnn_forced):
     x = jnp.ones((1, 1, 4, 4), jnp.float32)
     with jaxdnn.config.override(**{"dnn.deterministic": True}):
         text = cuda_hlo(lambda x: jaxdnn.dnn_pool(x, (2, 2)), x)
     assert 'mode = "max_deterministic"' in text
 
 
-def test_vmap_folds_into_the_batch_axis():
+def test_vmap_folds_into_the_batch_axis(cudnn_forced):
     x = jnp.ones((5, 2, 3, 4, 4), jnp.float32)
     text = cuda_hlo(jax.vmap(lambda x: jaxdnn.dnn_pool(x, (2, 2))), x)
     assert "(tensor<10x3x4x4xf32>) -> tensor<10x3x3x3xf32>" in text
     text = cuda_hlo(jax.vmap(jaxdnn.dnn_softmax, in_axes=2), x)  # 3 images of (5, 2, 4, 4)
     assert "(tensor<15x2x4x4xf32>) -> tensor<15x2x4x4xf32>" in text
+
+
+def test_auto_takes_the_faster_implementation_of_each_pooling_half():
+    # BENCHMARKS.md: XLA's reduce_window forward and average backward beat cuDNN's legacy
+    # pooling; cuDNN's float32 max backward beats XLA's select-and-scatter.
+    x = jnp.ones((2, 3, 9, 9), jnp.float32)
+    grad = lambda mode: jax.grad(lambda x: jaxdnn.dnn_pool(x, (3, 3), (2, 2), mode, (1, 1)).sum())
+    text = cuda_hlo(lambda x: jax.vjp(lambda x: jaxdnn.dnn_pool(x, (3, 3), (2, 2)), x)[1](x[:, :, :4, :4]), x)
+    assert [c[0] for c in custom_calls(text)] == ["jaxdnn_pool_bwd"] and "reduce_window" in text
+    assert custom_calls(cuda_hlo(grad("average_inc_pad"), x)) == []
+    assert custom_calls(cuda_hlo(grad("max"), x.astype(jnp.bfloat16))) == []
+    with jaxdnn.config.override(**{"dnn.deterministic": True}):
+        calls = custom_calls(cuda_hlo(grad("max"), x))
+    assert [c[0] for c in calls] == ["jaxdnn_pool_bwd"] and 'mode = "max_deterministic"' in calls[0][1]
+
+
+def test_auto_softmax_takes_cudnn_where_it_measured_faster():
+    # BENCHMARKS.md: cuDNN wins on NHWC channel mode and ties on (N, C) rows; XLA wins on
+    # NCHW channel mode and on instance mode over whole images.
+    def targets(x, **kw):
+        return [c[0] for c in custom_calls(cuda_hlo(lambda x: jaxdnn.dnn_softmax(x, **kw), x))]
+    assert targets(jnp.ones((2, 4, 4, 3)), data_format="NHWC") == ["jaxdnn_softmax_fwd"]
+    assert targets(jnp.ones((8, 16))) == ["jaxdnn_softmax_fwd"]
+    assert targets(jnp.ones((2, 3, 4, 4))) == []
+    assert targets(jnp.ones((2, 3, 4, 4)), mode="instance") == []
 
 
 def test_disabled_flag_lowers_to_xla_only():
@@ -103,8 +138,8 @@ def test_disabled_flag_lowers_to_xla_only():
 
 
 def test_flag_change_retraces_a_jitted_function():
-    x = jnp.ones((2, 3, 4, 4), jnp.float32)
-    f = jax.jit(lambda x: jaxdnn.dnn_softmax(x))
+    x = jnp.ones((2, 4, 4, 3), jnp.float32)
+    f = jax.jit(lambda x: jaxdnn.dnn_softmax(x, data_format="NHWC"))  # cuDNN's under 'auto'
     assert "jaxdnn_softmax_fwd" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     with jaxdnn.config.override(**{"dnn.enabled": False}):
         assert "jaxdnn_" not in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()

@@ -1,6 +1,8 @@
 """Softmax and log-softmax over the channel axis or over each whole image, in pure JAX."""
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from jaxdnn.layout import channel_axis
@@ -20,7 +22,8 @@ def _over_rows(fn):
     def wrapped(*arrays, algo, mode, layout):
         x = arrays[0]
         if mode == "instance" or x.shape[1:] == (x.shape[1], 1, 1) or x.shape[1:] == (1, 1, x.shape[-1]):
-            rows = [a.reshape(a.shape[0], -1) for a in arrays]
+            # not reshape(N, -1): -1 cannot be inferred when N == 0
+            rows = [a.reshape(a.shape[0], math.prod(a.shape[1:])) for a in arrays]
             return fn(*rows, algo=algo, mode="channel", layout="NC").reshape(x.shape)
         return fn(*arrays, algo=algo, mode=mode, layout=layout)
     return wrapped
