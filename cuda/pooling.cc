@@ -216,35 +216,21 @@ ffi::Error ExecuteBwdLinear(cudaStream_t stream, int device, PoolingState* state
                         dy.untyped_data(), dx->untyped_data());
 }
 
-using Stream = ffi::PlatformStream<cudaStream_t>;
+template <ffi::ExecutionStage stage, size_t kOperands>
+auto Binding() {
+  return WithAttributes(LegacyOpBinding<PoolingState, stage, kOperands>());
+}
 
 XLA_FFI_DEFINE_HANDLER(kPoolInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));
-
-#define JAXDNN_POOL_BINDING(BIND, ...)                                                     \
-  WithAttributes(ffi::Ffi::BIND().Ctx<Stream>().Ctx<ffi::DeviceOrdinal>()                  \
-                     .Ctx<ffi::State<PoolingState>>() __VA_ARGS__.Ret<ffi::AnyBuffer>())
-
-XLA_FFI_DEFINE_HANDLER(kPoolFwdInitialize, InitializeFwd,
-                       JAXDNN_POOL_BINDING(BindInitialize, .Arg<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER(kPoolFwdExecute, ExecuteFwd,
-                       JAXDNN_POOL_BINDING(Bind, .Arg<ffi::AnyBuffer>()),
+XLA_FFI_DEFINE_HANDLER(kPoolFwdInitialize, InitializeFwd, (Binding<kInitializeStage, 1>()));
+XLA_FFI_DEFINE_HANDLER(kPoolFwdExecute, ExecuteFwd, (Binding<kExecuteStage, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kPoolBwdInitialize, InitializeBwd,
-                       JAXDNN_POOL_BINDING(BindInitialize, .Arg<ffi::AnyBuffer>()
-                                                               .Arg<ffi::AnyBuffer>()
-                                                               .Arg<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER(kPoolBwdExecute, ExecuteBwd,
-                       JAXDNN_POOL_BINDING(Bind, .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::AnyBuffer>()),
+XLA_FFI_DEFINE_HANDLER(kPoolBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 3>()));
+XLA_FFI_DEFINE_HANDLER(kPoolBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 3>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearInitialize, InitializeBwdLinear,
-                       JAXDNN_POOL_BINDING(BindInitialize, .Arg<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearExecute, ExecuteBwdLinear,
-                       JAXDNN_POOL_BINDING(Bind, .Arg<ffi::AnyBuffer>()),
+XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearInitialize, InitializeBwdLinear, (Binding<kInitializeStage, 1>()));
+XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearExecute, ExecuteBwdLinear, (Binding<kExecuteStage, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});
-
-#undef JAXDNN_POOL_BINDING
 
 }  // namespace
 

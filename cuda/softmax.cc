@@ -134,42 +134,17 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, SoftmaxState* state, ffi:
   return ffi::Error::Success();
 }
 
-using Stream = ffi::PlatformStream<cudaStream_t>;
+template <ffi::ExecutionStage stage, size_t kOperands>
+auto Binding() {
+  return WithAttributes(LegacyOpBinding<SoftmaxState, stage, kOperands>());
+}
 
 XLA_FFI_DEFINE_HANDLER(kSoftmaxInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));
-
-XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdInitialize, InitializeFwd,
-                       WithAttributes(ffi::Ffi::BindInitialize()
-                                          .Ctx<Stream>()
-                                          .Ctx<ffi::DeviceOrdinal>()
-                                          .Ctx<ffi::State<SoftmaxState>>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Ret<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdExecute, ExecuteFwd,
-                       WithAttributes(ffi::Ffi::Bind()
-                                          .Ctx<Stream>()
-                                          .Ctx<ffi::DeviceOrdinal>()
-                                          .Ctx<ffi::State<SoftmaxState>>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Ret<ffi::AnyBuffer>()),
+XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdInitialize, InitializeFwd, (Binding<kInitializeStage, 1>()));
+XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdExecute, ExecuteFwd, (Binding<kExecuteStage, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER(kSoftmaxBwdInitialize, InitializeBwd,
-                       WithAttributes(ffi::Ffi::BindInitialize()
-                                          .Ctx<Stream>()
-                                          .Ctx<ffi::DeviceOrdinal>()
-                                          .Ctx<ffi::State<SoftmaxState>>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Ret<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER(kSoftmaxBwdExecute, ExecuteBwd,
-                       WithAttributes(ffi::Ffi::Bind()
-                                          .Ctx<Stream>()
-                                          .Ctx<ffi::DeviceOrdinal>()
-                                          .Ctx<ffi::State<SoftmaxState>>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Arg<ffi::AnyBuffer>()
-                                          .Ret<ffi::AnyBuffer>()),
+XLA_FFI_DEFINE_HANDLER(kSoftmaxBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 2>()));
+XLA_FFI_DEFINE_HANDLER(kSoftmaxBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 2>()),
                        {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace

@@ -178,15 +178,16 @@ def _implementations(op, mode, dtype, nd) -> tuple[str, str]:
     * forward: XLA. Its reduce_window streams at ~95% of HBM bandwidth where cuDNN's
       legacy pooling forward reaches ~50% (0.094 vs 0.18 ms, max 3x3/2 N64 C64 112²);
       the forward of max_deterministic is an ordinary max, deterministic either way.
-    * max backward, 2-D, float16/float32: cuDNN (0.42 vs 0.63 ms for XLA's
-      select-and-scatter). bfloat16, float64 and 3-D: XLA, which was as fast or faster.
+    * max backward, 2-D, float32: cuDNN (0.43 vs 0.64 ms for XLA's select-and-scatter).
+      float16 (0.78 vs 0.64 ms), bfloat16 (0.78 vs 0.64 ms), float64 and 3-D: XLA, which
+      was as fast or faster.
     * max_deterministic backward: cuDNN always; XLA's max-pool gradient scatters with
       atomic adds and is not bitwise reproducible on a GPU.
-    * average/sum backward: XLA (0.25 vs 0.42 ms).
+    * average/sum backward: XLA (0.26 vs 0.42 ms).
     dnn.enabled=True takes cuDNN for both halves, False XLA for both.
     """
     cudnn_backward = mode == "max_deterministic" or (
-        mode == "max" and nd == 2 and dtype in (np.dtype(np.float16), np.dtype(np.float32)))
+        mode == "max" and nd == 2 and dtype == np.dtype(np.float32))
     return (choose_impl(op, xla_is_faster=True),
             choose_impl(op, xla_is_faster=not cudnn_backward))
 

@@ -114,6 +114,7 @@ def test_auto_takes_the_faster_implementation_of_each_pooling_half():
     assert [c[0] for c in custom_calls(text)] == ["jaxdnn_pool_bwd"] and "reduce_window" in text
     assert custom_calls(cuda_hlo(grad("average_inc_pad"), x)) == []
     assert custom_calls(cuda_hlo(grad("max"), x.astype(jnp.bfloat16))) == []
+    assert custom_calls(cuda_hlo(grad("max"), x.astype(jnp.float16))) == []
     with jaxdnn.config.override(**{"dnn.deterministic": True}):
         calls = custom_calls(cuda_hlo(grad("max"), x))
     assert [c[0] for c in calls] == ["jaxdnn_pool_bwd"] and 'mode = "max_deterministic"' in calls[0][1]

@@ -4,12 +4,38 @@
 // read by execute.
 #pragma once
 
+#include <cstddef>
 #include <memory>
 #include <mutex>
 
 #include "common/handles.h"
 
 namespace jaxdnn {
+
+// Adds `kOperands` buffer operands and one buffer result. (Bindings cannot be copied,
+// so each step works on the temporary the previous one returned.)
+template <size_t kOperands, typename Binding>
+auto WithBuffers(Binding&& binding) {
+  if constexpr (kOperands == 0) {
+    return std::move(binding).template Ret<ffi::AnyBuffer>();
+  } else {
+    return WithBuffers<kOperands - 1>(std::move(binding).template Arg<ffi::AnyBuffer>());
+  }
+}
+
+// The binding the initialize and execute stages of a legacy op share: stream, device
+// ordinal, the op's State, `kOperands` buffers and one result (the op's attributes
+// follow, added by the op).
+template <typename State, ffi::ExecutionStage stage, size_t kOperands>
+auto LegacyOpBinding() {
+  return WithBuffers<kOperands>(ffi::Ffi::Bind<stage>()
+                                    .template Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                    .template Ctx<ffi::DeviceOrdinal>()
+                                    .template Ctx<ffi::State<State>>());
+}
+
+constexpr auto kInitializeStage = ffi::ExecutionStage::kInitialize;
+constexpr auto kExecuteStage = ffi::ExecutionStage::kExecute;
 
 template <typename Descriptors>
 class DescriptorSlot {

@@ -19,14 +19,22 @@ namespace ffi = xla::ffi;
 // "CUDNN_STATUS_BAD_PARAM: <cuDNN's own explanation of the last failure>".
 std::string CudnnStatusMessage(cudnnStatus_t status);
 
+// The function name of a stringified call expression: "cudnnCreate(&h)" -> "cudnnCreate".
+inline std::string CallName(const char* call) {
+  std::string name(call);
+  return name.substr(0, name.find('('));
+}
+
 inline ffi::Error CudnnError(const char* op, const char* call, cudnnStatus_t status) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + call +
-                                                   " failed: " + CudnnStatusMessage(status));
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " +
+                                                   CallName(call) + " failed: " +
+                                                   CudnnStatusMessage(status));
 }
 
 inline ffi::Error CudaError(const char* op, const char* call, cudaError_t status) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + call +
-                                                   " failed: " + cudaGetErrorName(status) + ": " +
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " +
+                                                   CallName(call) + " failed: " +
+                                                   cudaGetErrorName(status) + ": " +
                                                    cudaGetErrorString(status));
 }
 
