@@ -5,6 +5,8 @@ same numerics everywhere else; all work under jit, grad, vjp and vmap.
 """
 from jaxdnn import config
 from jaxdnn._extension import is_available, unavailable_reason, version
+from jaxdnn.conv import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
+                         dnn_gradweight3d)
 from jaxdnn.pooling import dnn_pool
 from jaxdnn.softmax import dnn_log_softmax, dnn_softmax
 from jaxdnn import primitives
@@ -12,4 +14,5 @@ from jaxdnn import primitives
 __version__ = "0.1.0"
 
 __all__ = ["config", "version", "is_available", "unavailable_reason", "primitives",
-           "dnn_softmax", "dnn_log_softmax", "dnn_pool"]
+           "dnn_softmax", "dnn_log_softmax", "dnn_pool", "dnn_conv", "dnn_conv3d",
+           "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d"]

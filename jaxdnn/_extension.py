@@ -90,6 +90,18 @@ def extension():
     return _ext if _register_error is None else None
 
 
+def has_targets(*names: str) -> bool:
+    """Whether the loaded extension registered every FFI target in `names` (an op family
+    whose handlers are not built yet runs on its XLA path)."""
+    ext = extension()
+    return ext is not None and set(names) <= set(_registered_names())
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_names() -> tuple[str, ...]:
+    return tuple(_ext.registrations()) if _ext is not None else ()
+
+
 def cudnn_library_path() -> str | None:
     return _cudnn_path
 

@@ -110,24 +110,29 @@ def fold_into_batch(prim: Primitive, args, dims, **params):
     return unfold(out), 0
 
 
-def choose_impl(op: str, xla_is_faster: bool = False) -> str:
+def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str] = ()) -> str:
     """'cudnn' or 'xla' for an op traced now, from the `dnn.enabled` flag.
 
     'auto' takes cuDNN whenever the extension is loaded (on a machine without a GPU the
     CUDA lowering is simply never used), except where the op's measurements show XLA's
     own lowering faster for the case at hand (`xla_is_faster`); True demands the cuDNN
     path and raises here, at trace time, when it cannot run; False always takes XLA.
+    `ffi_targets`: the handlers the op needs; where this build lacks one, the op cannot run
+    on cuDNN.
     """
     enabled = config.read("dnn.enabled")
     if enabled is False:
         return "xla"
+    missing = [t for t in ffi_targets if not _extension.has_targets(t)]
     if enabled is True:
         reason = _extension.unavailable_reason()
+        if reason is None and missing:
+            reason = f"this build of jaxdnn has no cuDNN handler {missing[0]!r}"
         if reason is not None:
             raise RuntimeError(
                 f"jaxdnn {op}: dnn.enabled=True requires cuDNN, but it cannot run here: {reason}")
         return "cudnn"
-    if _extension.extension() is None or xla_is_faster:
+    if _extension.extension() is None or xla_is_faster or missing:
         return "xla"
     return "cudnn"
 

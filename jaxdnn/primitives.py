@@ -1,5 +1,6 @@
 """Every jaxdnn JAX primitive (forward and backward of each op), for users who build on them."""
+from jaxdnn.conv import conv_bwd_data_p, conv_bwd_filter_p, conv_fwd_p
 from jaxdnn.pooling import pool_bwd_linear_p, pool_bwd_p, pool_fwd_p
 from jaxdnn.softmax import softmax_bwd_p, softmax_fwd_p
 
-__all__ = ["softmax_fwd_p", "softmax_bwd_p", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p"]
+__all__ = ["conv_fwd_p", "conv_bwd_data_p", "conv_bwd_filter_p", "softmax_fwd_p", "softmax_bwd_p", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p"]

@@ -145,3 +145,10 @@ def test_flag_change_retraces_a_jitted_function():
     with jaxdnn.config.override(**{"dnn.enabled": False}):
         assert "jaxdnn_" not in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
         np.testing.assert_allclose(f(x), np.full(x.shape, 1 / 3), rtol=1e-6)
+
+
+def test_convolution_runs_on_xla_until_its_handlers_exist():
+    # The cuDNN convolution handlers are not built yet: 'auto' lowers to XLA's convolution.
+    x, w = jnp.ones((2, 4, 8, 8), jnp.float32), jnp.ones((6, 2, 3, 3), jnp.float32)
+    text = cuda_hlo(jax.grad(lambda x, w: jaxdnn.dnn_conv(x, w, num_groups=2).sum(), (0, 1)), x, w)
+    assert custom_calls(text) == [] and "stablehlo.convolution" in text

@@ -1,0 +1,354 @@
+"""Convolution: `dnn_conv`, `dnn_conv3d`, `dnn_gradinput`, `dnn_gradweight` and their 3-D
+forms, with Theano's parameters (border_mode, subsample, dilation, conv_mode, num_groups,
+precision, algo) and a `data_format`.
+
+Three primitives — forward, backward-data and backward-filter — each bilinear in its two
+operands, with JVP and transpose rules whose transposes are the other two (as
+`lax.conv_general_dilated` does it), so `jax.grad`, grad of grad, `jax.jvp`/`jax.jacfwd`
+and `jax.linear_transpose` all work, to any order, and `dnn_gradinput`/`dnn_gradweight`
+are differentiable themselves.
+
+The cuDNN handlers (cudnn-frontend fprop/dgrad/wgrad) are not built yet: until they are,
+`choose_impl` sends every convolution to the XLA reference path (jaxdnn/reference/conv.py)
+and `dnn.enabled=True` raises for it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdnn import _validate, config
+from jaxdnn._compat import ShapedArray, ad, batching
+from jaxdnn._primitive import choose_impl, define_primitive
+from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis, is_channels_last
+from jaxdnn.reference import conv as reference
+
+__all__ = ["dnn_conv", "dnn_conv3d", "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d",
+           "dnn_gradweight3d", "conv_fwd_p", "conv_bwd_data_p", "conv_bwd_filter_p"]
+
+FFI_TARGETS = ("jaxdnn_conv_fwd", "jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter")
+CONV_MODES = ("conv", "cross")
+BORDER_MODES = ("valid", "full", "half")
+
+
+# ---- primitives ------------------------------------------------------------------------
+
+def _fwd_abstract(img, kerns, **params):
+    return ShapedArray(reference.output_shape(img.shape, kerns.shape, **params), img.dtype)
+
+
+def _bwd_data_abstract(kerns, topgrad, *, img_shape, **params):
+    return ShapedArray(tuple(img_shape), topgrad.dtype)
+
+
+def _bwd_filter_abstract(img, topgrad, *, kerns_shape, **params):
+    return ShapedArray(tuple(kerns_shape), img.dtype)
+
+
+def _vmapped_reference(fn):
+    """Batching through the pure-JAX pass, whose lax.conv batching folds vmapped kernels
+    into feature groups (exact, no loop; it runs on XLA)."""
+    def rule(prim, args, dims, *, impl, **params):
+        out = jax.vmap(lambda *a: fn(*a, **params), in_axes=tuple(dims))(*args)
+        return out, 0
+    return rule
+
+
+def _fold_operand_into_n(prim, args, dims, operand, shape_param=None, **params):
+    """Batching where only `operand` (an image-like array, N first) is vmapped: merge the
+    vmapped axis into N, run once, split it again."""
+    size = args[operand].shape[dims[operand]]
+    args = list(args)
+    x = batching.bdim_at_front(args[operand], dims[operand], size)
+    args[operand] = x.reshape((size * x.shape[1],) + x.shape[2:])
+    if shape_param is not None:
+        shape = params[shape_param]
+        params[shape_param] = (size * shape[0],) + tuple(shape[1:])
+    out = prim.bind(*args, **params)
+    return out.reshape((size, out.shape[0] // size) + out.shape[1:]), 0
+
+
+def _batch_fwd(prim, args, dims, **params):
+    if dims[1] is None:  # kernels shared: the vmapped images join the batch
+        return _fold_operand_into_n(prim, args, dims, 0, **params)
+    return _vmapped_reference(reference.conv_forward)(prim, args, dims, **params)
+
+
+def _batch_bwd_data(prim, args, dims, **params):
+    if dims[0] is None:  # kernels shared: the vmapped topgrads join the batch
+        return _fold_operand_into_n(prim, args, dims, 1, shape_param="img_shape", **params)
+    return _vmapped_reference(reference.conv_backward_data)(prim, args, dims, **params)
+
+
+conv_fwd_p = define_primitive(
+    "jaxdnn_conv_fwd", abstract_eval=_fwd_abstract, reference=reference.conv_forward,
+    ffi_target="jaxdnn_conv_fwd", batch_rule=_batch_fwd)
+conv_bwd_data_p = define_primitive(
+    "jaxdnn_conv_bwd_data", abstract_eval=_bwd_data_abstract,
+    reference=reference.conv_backward_data, ffi_target="jaxdnn_conv_bwd_data",
+    batch_rule=_batch_bwd_data)
+# The kernel gradient sums over N, so vmapped images cannot join the batch: they would
+# need folding into groups, which the reference's lax.conv batching does.
+conv_bwd_filter_p = define_primitive(
+    "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
+    reference=reference.conv_backward_filter, ffi_target="jaxdnn_conv_bwd_filter",
+    batch_rule=_vmapped_reference(reference.conv_backward_filter))
+
+
+# Bilinear AD: each pass's transposes are the other two passes.
+def _fwd_transpose_img(ct, img, kerns, **params):
+    return conv_bwd_data_p.bind(kerns, ct, img_shape=tuple(img.aval.shape), **params)
+
+
+def _fwd_transpose_kerns(ct, img, kerns, **params):
+    return conv_bwd_filter_p.bind(img, ct, kerns_shape=tuple(kerns.aval.shape), **params)
+
+
+def _data_transpose_kerns(ct, kerns, topgrad, *, img_shape, **params):
+    return conv_bwd_filter_p.bind(ct, topgrad, kerns_shape=tuple(kerns.aval.shape), **params)
+
+
+def _data_transpose_topgrad(ct, kerns, topgrad, *, img_shape, **params):
+    return conv_fwd_p.bind(ct, kerns, **params)
+
+
+def _filter_transpose_img(ct, img, topgrad, *, kerns_shape, **params):
+    return conv_bwd_data_p.bind(ct, topgrad, img_shape=tuple(img.aval.shape), **params)
+
+
+def _filter_transpose_topgrad(ct, img, topgrad, *, kerns_shape, **params):
+    return conv_fwd_p.bind(img, ct, **params)
+
+
+ad.defbilinear(conv_fwd_p, _fwd_transpose_img, _fwd_transpose_kerns)
+ad.defbilinear(conv_bwd_data_p, _data_transpose_kerns, _data_transpose_topgrad)
+ad.defbilinear(conv_bwd_filter_p, _filter_transpose_img, _filter_transpose_topgrad)
+
+
+# ---- argument handling -------------------------------------------------------------------
+
+def _layout(op: str, data_format, rank: int) -> str:
+    """The layout of a rank-`rank` image: any channels-first name ('NCHW', 'NCDHW', 'NCW',
+    'bc01') means channels-first, any channels-last name channels-last."""
+    aliases = {"bc01": "NCHW", "bc012": "NCDHW", "channels_first": "NCHW", "channels_last": "NHWC"}
+    fmt = aliases.get(data_format, data_format)
+    if isinstance(fmt, str) and rank in CHANNELS_FIRST:
+        if fmt in CHANNELS_FIRST.values():
+            return CHANNELS_FIRST[rank]
+        if fmt in CHANNELS_LAST.values():
+            return CHANNELS_LAST[rank]
+    raise ValueError(f"{op}: data_format={data_format!r} is not an image layout for {rank}-D "
+                     f"tensors; expected {CHANNELS_FIRST.get(rank, 'NCHW')!r} or "
+                     f"{CHANNELS_LAST.get(rank, 'NHWC')!r}")
+
+
+def _per_axis(op: str, arg: str, value, nd: int) -> tuple[int, ...]:
+    """An int or one int per spatial axis; the all-ones default of another rank (the
+    seed's (1, 1) given to a 1-D or 3-D convolution) means ones."""
+    if not isinstance(value, (int, np.integer)) and value is not None:
+        try:
+            items = tuple(value)
+        except TypeError:
+            items = None
+        if items is not None and len(items) != nd and all(v == 1 for v in items):
+            value = 1
+    values = _validate.int_tuple(op, arg, value, nd)
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{op}: {arg}={value!r} must be positive")
+    return values
+
+
+def _padding(op: str, border_mode, kernel_spatial, dilation) -> tuple[tuple[int, int], ...]:
+    nd = len(kernel_spatial)
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, dilation)]
+    if isinstance(border_mode, str):
+        _validate.check_choice(op, "border_mode", border_mode, BORDER_MODES)
+        pads = {"valid": [0] * nd, "full": [k - 1 for k in dilated],
+                "half": [k // 2 for k in dilated]}[border_mode]
+    else:
+        try:
+            pads = _validate.int_tuple(op, "border_mode", border_mode, nd)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{op}: border_mode={border_mode!r} is not 'valid', 'full', 'half', an int or "
+                f"{nd} ints") from None
+        if any(p < 0 for p in pads):
+            raise ValueError(f"{op}: border_mode={border_mode!r}: padding must be >= 0")
+    return tuple((p, p) for p in pads)
+
+
+def _compute_dtype(op: str, precision, dtype) -> str:
+    precision = config.read("dnn.conv.precision") if precision is None else precision
+    _validate.check_choice(op, "precision", precision, config.PRECISIONS)
+    if precision == "as_input_f32":
+        return "float32" if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype).name
+    if precision == "as_input":
+        return jnp.dtype(dtype).name
+    return precision
+
+
+def _algorithms(op: str, pass_: str, algo, workmem) -> tuple[str, str, str]:
+    """(forward, backward-data, backward-filter) algorithm names: the flags', with this
+    call's `algo` (or its deprecated alias `workmem`) for the pass the call computes."""
+    if algo is not None and workmem is not None:
+        raise ValueError(f"{op}: pass algo or its deprecated alias workmem, not both")
+    algo = workmem if algo is None else algo
+    algos = {"fwd": config.read("dnn.conv.algo_fwd"),
+             "bwd_data": config.read("dnn.conv.algo_bwd_data"),
+             "bwd_filter": config.read("dnn.conv.algo_bwd_filter")}
+    if algo is not None:
+        choices = {"fwd": config.ALGO_FWD, "bwd_data": config.ALGO_BWD_DATA,
+                   "bwd_filter": config.ALGO_BWD_FILTER}[pass_]
+        _validate.check_choice(op, "algo", algo, choices)
+        algos[pass_] = algo
+    return (algos["fwd"], algos["bwd_data"], algos["bwd_filter"])
+
+
+def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsample, dilation,
+                 conv_mode, num_groups, data_format, precision, algo, workmem, ranks):
+    """Check every argument against the shapes (at trace time, naming the argument) and
+    return the primitives' parameters."""
+    rank = len(img_shape)
+    if rank not in ranks:
+        raise ValueError(f"{op}: the image must be {' or '.join(map(str, ranks))}-D; got shape "
+                         f"{tuple(img_shape)}")
+    if len(kerns_shape) != rank:
+        raise ValueError(f"{op}: kerns must be {rank}-D like the image, (K, C/num_groups, "
+                         f"spatial...); got shape {tuple(kerns_shape)}")
+    nd = rank - 2
+    layout = _layout(op, data_format, rank)
+    strides = _per_axis(op, "subsample", subsample, nd)
+    dilation = _per_axis(op, "dilation", dilation, nd)
+    _validate.check_choice(op, "conv_mode", conv_mode, CONV_MODES)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"{op}: num_groups={num_groups!r} must be a positive int")
+    channels = img_shape[channel_axis(layout, rank)]
+    out_channels, kernel_channels = kerns_shape[0], kerns_shape[1]
+    if channels % num_groups or out_channels % num_groups:
+        raise ValueError(f"{op}: num_groups={num_groups} must divide the image's {channels} "
+                         f"channels and the kernels' {out_channels} output channels")
+    if kernel_channels * num_groups != channels:
+        raise ValueError(f"{op}: kerns of shape {tuple(kerns_shape)} take {kernel_channels} input "
+                         f"channels per group, but the image has {channels} channels in "
+                         f"num_groups={num_groups} groups ({channels // num_groups} each)")
+    padding = _padding(op, border_mode, kerns_shape[2:], dilation)
+    params = dict(padding=padding, strides=strides, dilation=dilation, flip=conv_mode == "conv",
+                  groups=int(num_groups), layout=layout,
+                  compute_dtype=_compute_dtype(op, precision, dtype),
+                  algos=_algorithms(op, pass_, algo, workmem),
+                  deterministic=bool(config.read("dnn.deterministic")),
+                  workspace_limit=int(config.read("dnn.conv.workspace_limit")))
+    out_shape = reference.output_shape(tuple(img_shape), tuple(kerns_shape), **params)
+    spatial = out_shape[1:-1] if is_channels_last(layout) else out_shape[2:]
+    if any(n < 1 for n in spatial):
+        raise ValueError(f"{op}: kerns of spatial shape {tuple(kerns_shape[2:])} (dilation "
+                         f"{dilation}) do not fit the image of shape {tuple(img_shape)} padded by "
+                         f"{[p for p, _ in padding]}")
+    params["impl"] = choose_impl(op, ffi_targets=FFI_TARGETS)
+    return params, out_shape
+
+
+def _check_pair(op: str, first: str, a, second: str, b) -> None:
+    _validate.check_floating(op, first, a)
+    _validate.check_floating(op, second, b)
+    if jnp.result_type(a) != jnp.result_type(b):
+        raise TypeError(f"{op}: {first} and {second} must have one dtype; got "
+                        f"{jnp.result_type(a)} and {jnp.result_type(b)}")
+
+
+def _shape_arg(op: str, arg: str, shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{op}: {arg} must be a sequence of ints; got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{op}: {arg}={shape} has a negative size")
+    return shape
+
+
+# ---- public functions ------------------------------------------------------------------
+
+def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
+             conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
+             num_groups=1, data_format="NCHW", *, _ranks=(3, 4)):
+    """Convolve img (N, C, H, W) with kerns (K, C/num_groups, R, S).
+
+    border_mode: 'valid', 'full', 'half', an int or one int per axis (padding);
+    subsample: strides; dilation: kernel dilation; conv_mode: 'conv' flips the kernels
+    (true convolution), 'cross' does not. precision: the compute type ('as_input_f32',
+    'as_input', 'float16', 'float32', 'float64'; default the dnn.conv.precision flag).
+    algo (or the deprecated workmem): the forward algorithm of this call (default the
+    dnn.conv.algo_fwd flag). direction_hint is accepted for Theano compatibility and
+    ignored. data_format 'NHWC' takes channels-last images; kernels keep their layout.
+    3-D tensors (N, C, L) are 1-D convolutions ('NCW' / 'NWC').
+    """
+    op = "dnn_conv" if _ranks != (5,) else "dnn_conv3d"
+    _check_pair(op, "img", img, "kerns", kerns)
+    params, _ = _conv_params(
+        op, "fwd", jnp.shape(img), jnp.shape(kerns), jnp.result_type(img),
+        border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
+        num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
+        workmem=workmem, ranks=_ranks)
+    return conv_fwd_p.bind(img, kerns, **params)
+
+
+def dnn_conv3d(img, kerns, border_mode="valid", subsample=(1, 1, 1), dilation=(1, 1, 1),
+               conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
+               num_groups=1, data_format="NCDHW"):
+    """`dnn_conv` in 3-D: img (N, C, D, H, W) (or 'NDHWC'), kerns (K, C/num_groups, T, R, S)."""
+    return dnn_conv(img, kerns, border_mode, subsample, dilation, conv_mode, direction_hint,
+                    workmem, algo, precision, num_groups, data_format, _ranks=(5,))
+
+
+def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1),
+                  dilation=(1, 1), conv_mode="conv", precision=None, algo=None, num_groups=1,
+                  data_format="NCHW", workmem=None, *, _ranks=(3, 4)):
+    """The gradient of `dnn_conv` with respect to an image of shape img_shp (in the
+    image's own layout) for the output gradient topgrad: the transposed convolution."""
+    op = "dnn_gradinput" if _ranks != (5,) else "dnn_gradinput3d"
+    _check_pair(op, "kerns", kerns, "topgrad", topgrad)
+    img_shape = _shape_arg(op, "img_shp", img_shp)
+    params, out_shape = _conv_params(
+        op, "bwd_data", img_shape, jnp.shape(kerns), jnp.result_type(kerns),
+        border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
+        num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
+        workmem=workmem, ranks=_ranks)
+    if tuple(jnp.shape(topgrad)) != out_shape:
+        raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
+                         f"convolution of an image of shape {img_shape} gives {out_shape}")
+    return conv_bwd_data_p.bind(kerns, topgrad, img_shape=img_shape, **params)
+
+
+def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1),
+                   dilation=(1, 1), conv_mode="conv", precision=None, algo=None, num_groups=1,
+                   data_format="NCHW", workmem=None, *, _ranks=(3, 4)):
+    """The gradient of `dnn_conv` with respect to kernels of shape kerns_shp."""
+    op = "dnn_gradweight" if _ranks != (5,) else "dnn_gradweight3d"
+    _check_pair(op, "img", img, "topgrad", topgrad)
+    kerns_shape = _shape_arg(op, "kerns_shp", kerns_shp)
+    params, out_shape = _conv_params(
+        op, "bwd_filter", jnp.shape(img), kerns_shape, jnp.result_type(img),
+        border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
+        num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
+        workmem=workmem, ranks=_ranks)
+    if tuple(jnp.shape(topgrad)) != out_shape:
+        raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
+                         f"convolution gives {out_shape}")
+    return conv_bwd_filter_p.bind(img, topgrad, kerns_shape=kerns_shape, **params)
+
+
+def dnn_gradinput3d(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1, 1),
+                    dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
+                    num_groups=1, data_format="NCDHW", workmem=None):
+    """`dnn_gradinput` in 3-D."""
+    return dnn_gradinput(kerns, topgrad, img_shp, border_mode, subsample, dilation, conv_mode,
+                         precision, algo, num_groups, data_format, workmem, _ranks=(5,))
+
+
+def dnn_gradweight3d(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1, 1),
+                     dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
+                     num_groups=1, data_format="NCDHW", workmem=None):
+    """`dnn_gradweight` in 3-D."""
+    return dnn_gradweight(img, topgrad, kerns_shp, border_mode, subsample, dilation, conv_mode,
+                          precision, algo, num_groups, data_format, workmem, _ranks=(5,))
