@@ -46,13 +46,51 @@ def _bwd_filter_abstract(img, topgrad, *, kerns_shape, **params):
     return ShapedArray(tuple(kerns_shape), img.dtype)
 
 
-def _vmapped_reference(fn):
-    """Batching through the pure-JAX pass, whose lax.conv batching folds vmapped kernels
-    into feature groups (exact, no loop; it runs on XLA)."""
-    def rule(prim, args, dims, *, impl, **params):
-        out = jax.vmap(lambda *a: fn(*a, **params), in_axes=tuple(dims))(*args)
-        return out, 0
-    return rule
+def _channels_to_groups(x, layout: str):
+    """(B, N, ..C..) -> (N, ..B*C..): the vmapped axis joins the channels, B-major, so that
+    with B times the groups each vmapped instance is a block of groups of its own."""
+    channel = channel_axis(layout, x.ndim - 1) + 1
+    x = jnp.moveaxis(x, 0, channel - 1)  # B just before C
+    return x.reshape(x.shape[:channel - 1] + (x.shape[channel - 1] * x.shape[channel],) + x.shape[channel + 1:])
+
+
+def _channels_from_groups(y, size: int, layout: str):
+    """The inverse of _channels_to_groups: (N, ..B*C..) -> (B, N, ..C..)."""
+    channel = channel_axis(layout, y.ndim)
+    y = y.reshape(y.shape[:channel] + (size, y.shape[channel] // size) + y.shape[channel + 1:])
+    return jnp.moveaxis(y, channel, 0)
+
+
+def _with_channels(shape, channels: int, layout: str):
+    shape = list(shape)
+    shape[channel_axis(layout, len(shape))] = channels
+    return tuple(shape)
+
+
+def _fold_into_groups(prim, args, dims, *, groups, layout, **params):
+    """Batching that folds the vmapped axis into feature groups (as lax.conv's batching
+    does): B instances of a g-group convolution are one convolution of B*g groups over
+    B times the channels. Exact for every pass; unbatched operands are broadcast."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    front = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    params = dict(params, groups=groups * size, layout=layout)
+    if prim is conv_fwd_p:
+        img, kerns = front
+        out = prim.bind(_channels_to_groups(img, layout),
+                        kerns.reshape((-1,) + kerns.shape[2:]), **params)
+        return _channels_from_groups(out, size, layout), 0
+    if prim is conv_bwd_data_p:
+        kerns, topgrad = front
+        img_shape = params.pop("img_shape")
+        channels = img_shape[channel_axis(layout, len(img_shape))]
+        out = prim.bind(kerns.reshape((-1,) + kerns.shape[2:]), _channels_to_groups(topgrad, layout),
+                        img_shape=_with_channels(img_shape, size * channels, layout), **params)
+        return _channels_from_groups(out, size, layout), 0
+    img, topgrad = front
+    kerns_shape = params.pop("kerns_shape")
+    out = prim.bind(_channels_to_groups(img, layout), _channels_to_groups(topgrad, layout),
+                    kerns_shape=(size * kerns_shape[0],) + tuple(kerns_shape[1:]), **params)
+    return out.reshape((size, kerns_shape[0]) + out.shape[1:]), 0
 
 
 def _fold_operand_into_n(prim, args, dims, operand, shape_param=None, **params):
@@ -72,13 +110,13 @@ def _fold_operand_into_n(prim, args, dims, operand, shape_param=None, **params):
 def _batch_fwd(prim, args, dims, **params):
     if dims[1] is None:  # kernels shared: the vmapped images join the batch
         return _fold_operand_into_n(prim, args, dims, 0, **params)
-    return _vmapped_reference(reference.conv_forward)(prim, args, dims, **params)
+    return _fold_into_groups(prim, args, dims, **params)
 
 
 def _batch_bwd_data(prim, args, dims, **params):
     if dims[0] is None:  # kernels shared: the vmapped topgrads join the batch
         return _fold_operand_into_n(prim, args, dims, 1, shape_param="img_shape", **params)
-    return _vmapped_reference(reference.conv_backward_data)(prim, args, dims, **params)
+    return _fold_into_groups(prim, args, dims, **params)
 
 
 conv_fwd_p = define_primitive(
@@ -88,12 +126,12 @@ conv_bwd_data_p = define_primitive(
     "jaxdnn_conv_bwd_data", abstract_eval=_bwd_data_abstract,
     reference=reference.conv_backward_data, ffi_target="jaxdnn_conv_bwd_data",
     batch_rule=_batch_bwd_data)
-# The kernel gradient sums over N, so vmapped images cannot join the batch: they would
-# need folding into groups, which the reference's lax.conv batching does.
+# The kernel gradient sums over N, so vmapped images cannot join the batch: every
+# batched case folds into groups.
 conv_bwd_filter_p = define_primitive(
     "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
     reference=reference.conv_backward_filter, ffi_target="jaxdnn_conv_bwd_filter",
-    batch_rule=_vmapped_reference(reference.conv_backward_filter))
+    batch_rule=_fold_into_groups)
 
 
 # Bilinear AD: each pass's transposes are the other two passes.
