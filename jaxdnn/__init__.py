@@ -9,10 +9,12 @@ from jaxdnn.conv import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, d
                          dnn_gradweight3d)
 from jaxdnn.pooling import dnn_pool
 from jaxdnn.softmax import dnn_log_softmax, dnn_softmax
+from jaxdnn.spatial_transformer import dnn_affine_grid, dnn_grid_sampler, dnn_spatialtf
 from jaxdnn import primitives
 
 __version__ = "0.1.0"
 
 __all__ = ["config", "version", "is_available", "unavailable_reason", "primitives",
            "dnn_softmax", "dnn_log_softmax", "dnn_pool", "dnn_conv", "dnn_conv3d",
-           "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d"]
+           "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d",
+           "dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler"]

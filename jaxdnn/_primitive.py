@@ -142,17 +142,22 @@ def reference_differentiable(prim: Primitive, reference: Callable) -> Callable:
     pure JAX). The cuDNN backward passes are wrapped in this, so a gradient computed by
     cuDNN can be differentiated again (second order goes through XLA)."""
 
+    # Results of a multiple-result primitive travel as tuples on both sides, so that the
+    # cotangent's structure matches the reference's outputs.
+    def as_results(out):
+        return tuple(out) if prim.multiple_results else out
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def call(params, *args):
-        return prim.bind(*args, **dict(params))
+        return as_results(prim.bind(*args, **dict(params)))
 
     def call_fwd(params, *args):
         return call(params, *args), args
 
     def call_bwd(params, args, cotangent):
         kwargs = {k: v for k, v in params if k != "impl"}
-        _, vjp = jax.vjp(lambda *a: reference(*a, **kwargs), *args)
-        return vjp(cotangent)
+        _, vjp = jax.vjp(lambda *a: as_results(reference(*a, **kwargs)), *args)
+        return vjp(as_results(cotangent))
 
     call.defvjp(call_fwd, call_bwd)
 

@@ -1,0 +1,333 @@
+"""Spatial transformer: `dnn_spatialtf`, `dnn_affine_grid` (the seed's GpuDnnTransformerGrid)
+and `dnn_grid_sampler` (GpuDnnTransformerSampler), after cuDNN's
+cudnnSpatialTfGridGenerator{Forward,Backward} and cudnnSpatialTfSampler{Forward,Backward}.
+
+Four primitives, one per cuDNN call:
+
+  stn_grid_fwd     theta (N, 2, 3)                -> grid (N, H, W, 2)
+  stn_grid_bwd     dgrid (N, H, W, 2)             -> dtheta (N, 2, 3)
+  stn_sampler_fwd  img (N, C, H, W), grid         -> out (N, C, H_out, W_out)
+  stn_sampler_bwd  img, grid, dout                -> [dimg, dgrid]
+
+The grid generator is linear in theta: its primitives carry JVP and transpose rules (each
+is the other's transpose, as for linear pooling), so jvp, jacfwd and gradients of any order
+work. The sampler has a custom VJP with residuals (img, grid) whose backward is
+stn_sampler_bwd, itself differentiable through the XLA reference (second order).
+
+What the cuDNN handlers receive (the contract for cuda/spatial_transformer.cc):
+  * float16, float32 or float64, and every operand of one call in the same dtype;
+    bfloat16 never reaches a primitive (the public functions compute it in float32);
+  * stn_grid_fwd/stn_grid_bwd: attribute out_dims (int64[4], (N, C, H, W) of the
+    sampler's output, for cudnnSetSpatialTransformerNdDescriptor); the sampler
+    primitives: no attributes (the descriptor's dims are those of `out`);
+  * never an empty array (the public functions return zeros without binding);
+  * stn_sampler_bwd is never sent to cuDNN under dnn.deterministic=True (below).
+
+The cuDNN handlers are not built yet: until the extension registers FFI_TARGETS,
+`choose_impl` sends every call to the XLA reference path (jaxdnn/reference/
+spatial_transformer.py) and dnn.enabled=True raises.
+
+Determinism. dnn.deterministic=True must make the sampler backward bitwise reproducible.
+cuDNN's documentation lists cudnnSpatialTfSamplerBackward among its routines without a
+reproducibility guarantee (atomic accumulation of the image gradient), and XLA's GPU
+scatter-add is atomic too. So under the flag the backward always takes the XLA path with
+`deterministic=True`, which computes the image gradient without a scatter: a stable sort of
+the contributions by destination pixel, a segmented scan in a fixed order and a gather
+(see reference._sorted_segment_sum). dgrid and dtheta are gathers and reductions, which
+XLA computes deterministically. Without the flag, the XLA path scatter-adds (which is
+sequential, hence deterministic, on the CPU).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdnn import _validate, config
+from jaxdnn._compat import ShapedArray, ad
+from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn.reference import spatial_transformer as reference
+
+__all__ = ["dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler", "stn_grid_fwd_p",
+           "stn_grid_bwd_p", "stn_sampler_fwd_p", "stn_sampler_bwd_p", "FFI_TARGETS"]
+
+FFI_TARGETS = ("jaxdnn_stn_grid_fwd", "jaxdnn_stn_grid_bwd", "jaxdnn_stn_sampler_fwd",
+               "jaxdnn_stn_sampler_bwd")
+
+
+# ---- primitives ---------------------------------------------------------------------------
+
+def _check_same_dtype(name, *avals):
+    if any(a.dtype != avals[0].dtype for a in avals):
+        raise TypeError(f"{name}: operands must share one dtype; got "
+                        f"{', '.join(str(a.dtype) for a in avals)}")
+
+
+def _grid_fwd_abstract(theta, *, out_dims):
+    n, _, height, width = out_dims
+    if tuple(theta.shape) != (n, 2, 3):
+        raise ValueError(f"stn_grid_fwd: theta of shape {theta.shape} does not match "
+                         f"out_dims={out_dims}; expected ({n}, 2, 3)")
+    return ShapedArray((n, height, width, 2), theta.dtype)
+
+
+def _grid_bwd_abstract(dgrid, *, out_dims):
+    n, _, height, width = out_dims
+    if tuple(dgrid.shape) != (n, height, width, 2):
+        raise ValueError(f"stn_grid_bwd: dgrid of shape {dgrid.shape} does not match "
+                         f"out_dims={out_dims}; expected ({n}, {height}, {width}, 2)")
+    return ShapedArray((n, 2, 3), dgrid.dtype)
+
+
+def _sampler_fwd_abstract(img, grid):
+    _check_same_dtype("stn_sampler_fwd", img, grid)
+    return ShapedArray(tuple(img.shape[:2]) + tuple(grid.shape[1:3]), img.dtype)
+
+
+def _sampler_bwd_abstract(img, grid, dout, *, deterministic):
+    _check_same_dtype("stn_sampler_bwd", img, grid, dout)
+    return [ShapedArray(img.shape, img.dtype), ShapedArray(grid.shape, grid.dtype)]
+
+
+def _grid_attributes(*, out_dims):
+    return dict(out_dims=np.asarray(out_dims, np.int64))
+
+
+def _no_attributes(**params):
+    # deterministic=True never reaches cuDNN (see the module docstring)
+    return {}
+
+
+def _batch_grid(prim, args, dims, *, out_dims, **params):
+    """Fold the vmapped axis into N (exact: every image has its own theta), and tell the
+    descriptor's N."""
+    (x,), (d,) = args, dims
+    size = x.shape[d]
+    folded = (size * out_dims[0],) + tuple(out_dims[1:])
+    return fold_into_batch(prim, args, dims, out_dims=folded, **params)
+
+
+stn_grid_fwd_p = define_primitive(
+    "jaxdnn_stn_grid_fwd", abstract_eval=_grid_fwd_abstract, reference=reference.grid_forward,
+    ffi_target="jaxdnn_stn_grid_fwd", attributes=_grid_attributes, batch_rule=_batch_grid)
+
+stn_grid_bwd_p = define_primitive(
+    "jaxdnn_stn_grid_bwd", abstract_eval=_grid_bwd_abstract, reference=reference.grid_backward,
+    ffi_target="jaxdnn_stn_grid_bwd", attributes=_grid_attributes, batch_rule=_batch_grid)
+
+# The sampler treats the images of a batch independently: vmapped axes fold into N
+# (an unmapped operand is broadcast along them).
+stn_sampler_fwd_p = define_primitive(
+    "jaxdnn_stn_sampler_fwd", abstract_eval=_sampler_fwd_abstract,
+    reference=reference.sampler_forward, ffi_target="jaxdnn_stn_sampler_fwd",
+    attributes=_no_attributes, batch_rule=fold_into_batch)
+
+stn_sampler_bwd_p = define_primitive(
+    "jaxdnn_stn_sampler_bwd", abstract_eval=_sampler_bwd_abstract,
+    reference=reference.sampler_backward, ffi_target="jaxdnn_stn_sampler_bwd",
+    attributes=_no_attributes, batch_rule=fold_into_batch, multiple_results=True)
+
+
+# The grid generator is linear: JVP and transpose rules on the primitives themselves.
+def _linear_jvp(prim, primals, tangents, **params):
+    (x,), (t,) = primals, tangents
+    return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
+
+
+def _grid_fwd_transpose(ct, theta, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(theta.aval)]
+    return [stn_grid_bwd_p.bind(ct, **params)]
+
+
+def _grid_bwd_transpose(ct, dgrid, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(dgrid.aval)]
+    return [stn_grid_fwd_p.bind(ct, **params)]
+
+
+ad.primitive_jvps[stn_grid_fwd_p] = functools.partial(_linear_jvp, stn_grid_fwd_p)
+ad.primitive_jvps[stn_grid_bwd_p] = functools.partial(_linear_jvp, stn_grid_bwd_p)
+ad.primitive_transposes[stn_grid_fwd_p] = _grid_fwd_transpose
+ad.primitive_transposes[stn_grid_bwd_p] = _grid_bwd_transpose
+
+
+# The sampler: a custom VJP through stn_sampler_bwd (differentiable again through XLA).
+_sampler_backward = reference_differentiable(stn_sampler_bwd_p, reference.sampler_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sample(img, grid, forward_impl, backward_impl, deterministic):
+    return stn_sampler_fwd_p.bind(img, grid, impl=forward_impl)
+
+
+def _sample_fwd(img, grid, forward_impl, backward_impl, deterministic):
+    return _sample(img, grid, forward_impl, backward_impl, deterministic), (img, grid)
+
+
+def _sample_bwd(forward_impl, backward_impl, deterministic, residuals, dout):
+    img, grid = residuals
+    dimg, dgrid = _sampler_backward(img, grid, dout, deterministic=deterministic,
+                                    impl=backward_impl)
+    return dimg, dgrid
+
+
+_sample.defvjp(_sample_fwd, _sample_bwd)
+
+
+def _implementations(op: str) -> tuple[str, str, bool]:
+    """(forward impl, sampler-backward impl, deterministic). No measurements yet: 'auto'
+    takes cuDNN wherever its handlers exist. Under dnn.deterministic the sampler backward
+    runs on the deterministic XLA path whatever dnn.enabled says (cuDNN's is not
+    reproducible); the grid generator and the forward sampler stay where they are."""
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
+    deterministic = bool(config.read("dnn.deterministic"))
+    return impl, ("xla" if deterministic else impl), deterministic
+
+
+# ---- argument handling --------------------------------------------------------------------
+
+def _array(x):
+    return jnp.asarray(x)
+
+
+def _check_theta(op: str, theta) -> None:
+    _validate.check_rank(op, "theta", theta, (3,), " (N, 2, 3): one 2x3 affine matrix per image")
+    if tuple(theta.shape[1:]) != (2, 3):
+        raise ValueError(f"{op}: theta must have shape (N, 2, 3), one 2x3 affine matrix per "
+                         f"image; got shape {tuple(theta.shape)}")
+    _validate.check_floating(op, "theta", theta)
+
+
+def _check_img(op: str, img) -> None:
+    _validate.check_rank(op, "img", img, (4,), " (N, C, H, W)")
+    _validate.check_floating(op, "img", img)
+
+
+def _out_dims(op: str, out_dims) -> tuple[int, int, int, int]:
+    try:
+        items = tuple(out_dims)
+    except TypeError:
+        raise TypeError(f"{op}: out_dims must be a tuple of 4 ints (N, C, H, W); "
+                        f"got {out_dims!r}") from None
+    if len(items) != 4:
+        raise ValueError(f"{op}: out_dims={out_dims!r} must have 4 entries (N, C, H, W)")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: out_dims must hold static ints (N, C, H, W); got {out_dims!r}")
+    items = tuple(int(v) for v in items)
+    if any(v < 0 for v in items):
+        raise ValueError(f"{op}: out_dims={items} must not be negative")
+    return items
+
+
+def _scale(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise TypeError(f"{op}: {name} must be a static positive number (it sets the output "
+                        f"shape); got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name}={value!r} must be positive and finite")
+    return value
+
+
+def _working_dtype(*arrays):
+    """(the result dtype: JAX's promotion of the operands' dtypes, the dtype the primitives
+    see: float32 for bfloat16, which cuDNN's spatial transformer does not take)."""
+    dtype = jnp.dtype(jnp.result_type(*(a.dtype for a in arrays)))
+    return dtype, (jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 else dtype)
+
+
+def _affine_grid(theta, out_dims, impl):
+    n, c, height, width = out_dims
+    if n * height * width == 0:
+        return jnp.zeros((n, height, width, 2), theta.dtype)
+    # C does not shape the grid; the descriptor gets at least 1 (handlers see no empty dim)
+    return stn_grid_fwd_p.bind(theta, out_dims=(n, max(c, 1), height, width), impl=impl)
+
+
+def _grid_sampler(img, grid, impls):
+    if img.size == 0 or grid.size == 0:  # nothing to sample, or every sample outside
+        return jnp.zeros(tuple(img.shape[:2]) + tuple(grid.shape[1:3]), img.dtype)
+    return _sample(img, grid, *impls)
+
+
+# ---- public functions ---------------------------------------------------------------------
+
+def dnn_affine_grid(theta, out_dims):
+    """The sampling grid of an affine spatial transformer (the seed's GpuDnnTransformerGrid).
+
+    theta: (N, 2, 3) affine matrices in normalized coordinates. out_dims: (N, C, H, W), the
+    shape of the transformed images (static ints; C is not used by the grid).
+    Returns grid (N, H, W, 2): grid[n, i, j] = theta[n] @ [x_t[j], y_t[i], 1] with x_t on
+    linspace(-1, 1, W) and y_t on linspace(-1, 1, H); grid[..., 0] is x (width),
+    grid[..., 1] is y (height). Linear in theta (jvp and grad of any order).
+    bfloat16 is computed in float32.
+    """
+    op = "dnn_affine_grid"
+    theta = _array(theta)
+    _check_theta(op, theta)
+    out_dims = _out_dims(op, out_dims)
+    if out_dims[0] != theta.shape[0]:
+        raise ValueError(f"{op}: out_dims={out_dims} has N={out_dims[0]} but theta holds "
+                         f"{theta.shape[0]} matrices (shape {tuple(theta.shape)})")
+    dtype, work = _working_dtype(theta)
+    impl, _, _ = _implementations(op)
+    return _affine_grid(theta.astype(work), out_dims, impl).astype(dtype)
+
+
+def dnn_grid_sampler(img, grid):
+    """Bilinear sampling of img (N, C, H, W) at grid (N, H_out, W_out, 2) -> (N, C, H_out,
+    W_out) (the seed's GpuDnnTransformerSampler).
+
+    grid holds normalized coordinates, grid[..., 0] = x (width), grid[..., 1] = y (height),
+    with -1 and 1 the centres of the corner pixels: x = (gx + 1) * (W - 1) / 2. Neighbours
+    outside the image contribute 0. Differentiable in img and grid (reverse mode; the
+    gradient in grid jumps where a sample point crosses a pixel row or column).
+    The result has the promoted dtype of img and grid; bfloat16 is computed in float32.
+    """
+    op = "dnn_grid_sampler"
+    img, grid = _array(img), _array(grid)
+    _check_img(op, img)
+    _validate.check_rank(op, "grid", grid, (4,), " (N, H_out, W_out, 2)")
+    if grid.shape[-1] != 2:
+        raise ValueError(f"{op}: grid must have shape (N, H_out, W_out, 2) (x, y per sample "
+                         f"point); got shape {tuple(grid.shape)}")
+    _validate.check_floating(op, "grid", grid)
+    if grid.shape[0] != img.shape[0]:
+        raise ValueError(f"{op}: grid holds {grid.shape[0]} grids (shape {tuple(grid.shape)}) "
+                         f"but img holds {img.shape[0]} images (shape {tuple(img.shape)})")
+    dtype, work = _working_dtype(img, grid)
+    out = _grid_sampler(img.astype(work), grid.astype(work), _implementations(op))
+    return out.astype(dtype)
+
+
+def dnn_spatialtf(img, theta, scale_width=1, scale_height=1):
+    """Affine spatial transformer (the seed's dnn_spatialtf): sample img (N, C, H, W) on the
+    grid of theta (N, 2, 3) -> (N, C, ceil(H * scale_height), ceil(W * scale_width)).
+
+    = dnn_grid_sampler(img, dnn_affine_grid(theta, (N, C, H_out, W_out))): bilinear, zeros
+    outside the image, normalized coordinates in [-1, 1] with -1 and 1 the centres of the
+    corner pixels (align_corners=True). scale_width/scale_height: static positive numbers
+    (above 1 upsamples, below 1 downsamples). Differentiable in img and theta.
+    The result has the promoted dtype of img and theta; bfloat16 is computed in float32.
+    """
+    op = "dnn_spatialtf"
+    img, theta = _array(img), _array(theta)
+    _check_img(op, img)
+    _check_theta(op, theta)
+    if theta.shape[0] != img.shape[0]:
+        raise ValueError(f"{op}: theta holds {theta.shape[0]} matrices (shape "
+                         f"{tuple(theta.shape)}) but img holds {img.shape[0]} images "
+                         f"(shape {tuple(img.shape)})")
+    sw = _scale(op, "scale_width", scale_width)
+    sh = _scale(op, "scale_height", scale_height)
+    n, c, height, width = img.shape
+    out_dims = (n, c, math.ceil(height * sh), math.ceil(width * sw))
+    dtype, work = _working_dtype(img, theta)
+    impls = _implementations(op)
+    grid = _affine_grid(theta.astype(work), out_dims, impls[0])
+    return _grid_sampler(img.astype(work), grid, impls).astype(dtype)
