@@ -6,4 +6,5 @@ from jaxdnn.spatial_transformer import (stn_grid_bwd_p, stn_grid_fwd_p, stn_samp
                                         stn_sampler_fwd_p)
 
 __all__ = ["conv_fwd_p", "conv_bwd_data_p", "conv_bwd_filter_p", "softmax_fwd_p",
-           "softmax_bwd_p", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p", "stn_grid_bwd_p", "stn_sampler_fwd_p", "stn_sampler_bwd_p"]
+           "softmax_bwd_p", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p", "stn_grid_fwd_p",
+           "stn_grid_bwd_p", "stn_sampler_fwd_p", "stn_sampler_bwd_p"]
