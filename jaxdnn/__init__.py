@@ -5,6 +5,7 @@ same numerics everywhere else; all work under jit, grad, vjp and vmap.
 """
 from jaxdnn import config
 from jaxdnn._extension import is_available, unavailable_reason, version
+from jaxdnn.batchnorm import dnn_batch_normalization_test, dnn_batch_normalization_train
 from jaxdnn.conv import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
                          dnn_gradweight3d)
 from jaxdnn.pooling import dnn_pool
@@ -17,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = ["config", "version", "is_available", "unavailable_reason", "primitives",
            "dnn_softmax", "dnn_log_softmax", "dnn_pool", "dnn_conv", "dnn_conv3d",
            "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d",
-           "dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler"]
+           "dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler",
+           "dnn_batch_normalization_train", "dnn_batch_normalization_test"]

@@ -18,8 +18,11 @@ def check_floating(op: str, arg: str, x) -> None:
 def check_rank(op: str, arg: str, x, ranks: Iterable[int], what: str = "") -> None:
     ranks = tuple(ranks)
     if np.ndim(x) not in ranks:
-        expected = " or ".join(str(r) for r in ranks)
-        raise ValueError(f"{op}: {arg} must be {expected}-D{what}; got shape {np.shape(x)}")
+        if len(ranks) > 2 and ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+            expected = f"{ranks[0]}-D to {ranks[-1]}-D"
+        else:
+            expected = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{op}: {arg} must be {expected}{what}; got shape {np.shape(x)}")
 
 
 def check_choice(op: str, arg: str, value, choices: Iterable[str]) -> None:

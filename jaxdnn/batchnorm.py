@@ -1,0 +1,409 @@
+"""Batch normalization: `dnn_batch_normalization_train`, `dnn_batch_normalization_test`
+(cudnnBatchNormalizationForwardTraining/Inference/Backward, or the frontend's batchnorm,
+batchnorm_inference and dbn nodes).
+
+Three primitives:
+
+* `bn_fwd_train` (x, gamma, beta) -> (out, mean, invstd), the batch statistics of x;
+* `bn_bwd` (x, dy, gamma, mean, invstd) -> (dx, dgamma, dbeta): the VJP of `out`, from the
+  statistics the forward saved (the residuals are x, gamma, mean and invstd only);
+* `bn_fwd_infer` (x, gamma, beta, mean, var) -> out, with given statistics.
+
+What the primitives see, and the FFI handlers will get: 4-D or 5-D images (a 2-D (N, C)
+input runs as (N, C, 1, 1), a 3-D one with a unit spatial axis added), `layout` one of
+NCHW, NHWC, NCDHW, NDHWC, `mode` 'per-activation' or 'spatial', `epsilon` a float.
+Per-activation mode normalizes over N alone, so its layout does not matter and is always
+the channels-first name. gamma, beta and the statistics have the image's rank with 1 on
+every normalized axis; for half-precision images they are float32 (the type cuDNN
+derives for them, `cudnnDeriveBNTensorDescriptor`) and the statistics are computed in
+float32; otherwise they have the image's dtype. The public functions cast to and from the
+caller's dtypes. The running averages are computed here, functionally, in plain JAX
+(never cuDNN's in-place running statistics).
+
+Gradients flow from all three outputs of the training forward: a custom VJP runs `bn_bwd`
+for the cotangent of `out` and adds, in plain JAX, what the cotangents of `mean` and
+`invstd` contribute (skipped when they are symbolic zeros, the usual case). `bn_bwd` and
+`bn_fwd_infer` are differentiable again through the reference (second order on XLA).
+
+Batching: the training statistics belong to each vmapped instance, so the vmapped axis
+is folded into the channel axis (spatial mode) or the feature axes (per-activation: axis
+1), never into N: B instances of C channels are one call with B*C channels. Inference
+with only the image vmapped folds into N instead (the statistics are given).
+
+The cuDNN handlers ('jaxdnn_bn_fwd_train', 'jaxdnn_bn_fwd_infer', 'jaxdnn_bn_bwd') are not
+built yet: `choose_impl` sends every call to the XLA reference path
+(jaxdnn/reference/batchnorm.py) until the extension registers them, and `dnn.enabled=True`
+raises for it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from jaxdnn import _validate
+from jaxdnn._compat import ShapedArray, batching
+from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis
+from jaxdnn.reference import batchnorm as reference
+
+__all__ = ["dnn_batch_normalization_train", "dnn_batch_normalization_test", "bn_fwd_train_p",
+           "bn_fwd_infer_p", "bn_bwd_p"]
+
+TRAIN_FFI_TARGETS = ("jaxdnn_bn_fwd_train", "jaxdnn_bn_bwd")
+INFER_FFI_TARGETS = ("jaxdnn_bn_fwd_infer",)
+FFI_TARGETS = TRAIN_FFI_TARGETS + INFER_FFI_TARGETS
+MODES = ("per-activation", "peractivation", "spatial")
+MIN_EPSILON = 1e-5  # Theano's (and cuDNN <= 7's CUDNN_BN_MIN_EPSILON) lower bound
+
+
+# ---- primitives ------------------------------------------------------------------------
+
+def _train_abstract(x, gamma, beta, **params):
+    stat = ShapedArray(gamma.shape, gamma.dtype)
+    return [ShapedArray(x.shape, x.dtype), stat, stat]
+
+
+def _infer_abstract(x, gamma, beta, mean, var, **params):
+    return ShapedArray(x.shape, x.dtype)
+
+
+def _bwd_abstract(x, dy, gamma, mean, invstd, **params):
+    param = ShapedArray(gamma.shape, gamma.dtype)
+    return [ShapedArray(x.shape, x.dtype), param, param]
+
+
+def _attributes(*, mode, layout, epsilon):
+    return dict(mode=mode, layout=layout, epsilon=np.float64(epsilon))
+
+
+def _feature_axis(mode: str, layout: str, ndim: int) -> int:
+    """The axis a vmapped axis joins: the channels in spatial mode, axis 1 (the first
+    feature axis) in per-activation mode."""
+    return channel_axis(layout, ndim) if mode == "spatial" else 1
+
+
+def _to_features(a, axis: int):
+    """(B, ...) -> the same array with B merged into `axis`, B-major: (.., B*F, ..)."""
+    a = jnp.moveaxis(a, 0, axis)
+    return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
+
+
+def _from_features(a, size: int, features: int, axis: int):
+    """The inverse of _to_features: (.., B*F, ..) -> (B, .., F, ..)."""
+    a = a.reshape(a.shape[:axis] + (size, features) + a.shape[axis + 1:])
+    return jnp.moveaxis(a, axis, 0)
+
+
+def _fold_into_features(prim, args, dims, *, mode, layout, **params):
+    """Batching rule of every batch-norm primitive: B vmapped instances are one call over
+    B times the channels (spatial) or features (per-activation), so that each instance
+    keeps statistics of its own. Unbatched operands are broadcast."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    rank = args[0].ndim - (dims[0] is not None)
+    axis = _feature_axis(mode, layout, rank)
+    x_shape = list(args[0].shape)
+    if dims[0] is not None:
+        del x_shape[dims[0]]
+    features = x_shape[axis]
+    folded = [_to_features(batching.bdim_at_front(a, d, size), axis) for a, d in zip(args, dims)]
+    outs = prim.bind(*folded, mode=mode, layout=layout, **params)
+    if prim.multiple_results:
+        return [_from_features(o, size, features, axis) for o in outs], [0] * len(outs)
+    return _from_features(outs, size, features, axis), 0
+
+
+def _batch_infer(prim, args, dims, **params):
+    """Inference normalizes with given statistics: when only the image is vmapped, the
+    instances simply join N; otherwise fold into the features like training."""
+    if any(d is not None for d in dims[1:]):
+        return _fold_into_features(prim, args, dims, **params)
+    x, d = args[0], dims[0]
+    x = batching.bdim_at_front(x, d, x.shape[d])
+    size, n = x.shape[0], x.shape[1]
+    out = prim.bind(x.reshape((size * n,) + x.shape[2:]), *args[1:], **params)
+    return out.reshape((size, n) + out.shape[1:]), 0
+
+
+bn_fwd_train_p = define_primitive(
+    "jaxdnn_bn_fwd_train", abstract_eval=_train_abstract, reference=reference.bn_forward_train,
+    ffi_target="jaxdnn_bn_fwd_train", attributes=_attributes, batch_rule=_fold_into_features,
+    multiple_results=True)
+
+bn_fwd_infer_p = define_primitive(
+    "jaxdnn_bn_fwd_infer", abstract_eval=_infer_abstract, reference=reference.bn_forward_infer,
+    ffi_target="jaxdnn_bn_fwd_infer", attributes=_attributes, batch_rule=_batch_infer)
+
+bn_bwd_p = define_primitive(
+    "jaxdnn_bn_bwd", abstract_eval=_bwd_abstract, reference=reference.bn_backward,
+    ffi_target="jaxdnn_bn_bwd", attributes=_attributes, batch_rule=_fold_into_features,
+    multiple_results=True)
+
+_bn_backward = reference_differentiable(bn_bwd_p, reference.bn_backward)
+_bn_infer = reference_differentiable(bn_fwd_infer_p, reference.bn_forward_infer)
+
+
+# ---- training: custom VJP through bn_bwd -----------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bn_train(x, gamma, beta, params):
+    return tuple(bn_fwd_train_p.bind(x, gamma, beta, **dict(params)))
+
+
+def _bn_train_fwd(x, gamma, beta, params):
+    # symbolic_zeros: the differentiable arguments arrive as CustomVJPPrimal records.
+    x, gamma, beta = x.value, gamma.value, beta.value
+    out, mean, invstd = _bn_train(x, gamma, beta, params)  # itself: grad of grad sees it
+    return (out, mean, invstd), (x, gamma, mean, invstd)
+
+
+def _is_zero(ct) -> bool:
+    return ct is None or isinstance(ct, SymbolicZero)
+
+
+def _statistics_cotangent(x, mean, invstd, dmean, dinvstd, *, mode, layout):
+    """What the cotangents of `mean` and `invstd` contribute to dx (in the compute dtype),
+    or None when both are symbolic zeros:
+        d mean / dx_i = 1 / m,  d invstd / dx_i = -invstd**3 * (x_i - mean) / m."""
+    if _is_zero(dmean) and _is_zero(dinvstd):
+        return None
+    ct = reference.compute_dtype(x.dtype)
+    m = max(reference.count(x.shape, mode, layout), 1)
+    term = jnp.zeros(mean.shape, ct)
+    if not _is_zero(dmean):
+        term = dmean.astype(ct)
+    if not _is_zero(dinvstd):
+        inv = invstd.astype(ct)
+        term = term - (dinvstd.astype(ct) * inv * inv * inv) * (x.astype(ct) - mean.astype(ct))
+    return jnp.broadcast_to(term / m, x.shape)
+
+
+def _bn_train_bwd(params, residuals, cotangents):
+    x, gamma, mean, invstd = residuals
+    dout, dmean, dinvstd = cotangents
+    kwargs = dict(params)
+    if _is_zero(dout):
+        dx, dgamma, dbeta = None, jnp.zeros_like(gamma), jnp.zeros_like(gamma)
+    else:
+        dx, dgamma, dbeta = _bn_backward(x, dout.astype(x.dtype), gamma, mean, invstd, **kwargs)
+    extra = _statistics_cotangent(x, mean, invstd, dmean, dinvstd, mode=kwargs["mode"],
+                                  layout=kwargs["layout"])
+    if extra is not None:
+        dx = extra if dx is None else dx.astype(extra.dtype) + extra
+    if dx is None:
+        dx = jnp.zeros_like(x)
+    return dx.astype(x.dtype), dgamma, dbeta
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+
+
+# ---- argument handling -------------------------------------------------------------------
+
+def _mode(op: str, mode) -> str:
+    _validate.check_choice(op, "mode", mode, MODES)
+    return "per-activation" if mode == "peractivation" else mode
+
+
+def _channels_last(op: str, data_format, rank: int) -> bool:
+    """Whether `data_format` names a channels-last layout: any channels-first name ('NCHW',
+    'NCDHW', 'NCW', 'NC', 'bc01', 'channels_first') means channels-first whatever the rank,
+    any channels-last name channels-last (for 2-D (N, C) inputs both mean the same)."""
+    first = set(CHANNELS_FIRST.values()) | {"NC", "bc01", "bc012", "channels_first"}
+    last = set(CHANNELS_LAST.values()) | {"b01c", "b012c", "channels_last"}
+    if isinstance(data_format, str):
+        if data_format in first:
+            return False
+        if data_format in last:
+            return True
+    raise ValueError(
+        f"{op}: data_format={data_format!r} is not an image layout for {rank}-D inputs; "
+        f"expected {CHANNELS_FIRST.get(rank, 'NCHW')!r} (channels-first, the default) or "
+        f"{CHANNELS_LAST.get(rank, 'NHWC')!r} (channels-last)")
+
+
+def _check_array(op: str, arg: str, value) -> None:
+    if value is None:
+        raise TypeError(f"{op}: {arg} must be an array; got None")
+    _validate.check_floating(op, arg, value)
+
+
+def _real_scalar(op: str, arg: str, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (numbers.Real, np.ndarray, jax.Array)):
+        raise TypeError(f"{op}: {arg} must be a real number; got {value!r}")
+    if np.ndim(value) != 0 or not (isinstance(value, numbers.Real)
+                                   or jnp.issubdtype(value.dtype, jnp.floating)
+                                   or jnp.issubdtype(value.dtype, jnp.integer)):
+        raise TypeError(f"{op}: {arg} must be a real scalar; got {value!r}")
+
+
+def _epsilon(op: str, epsilon) -> float:
+    """A static (Python) float >= 1e-5: it is an attribute of the cuDNN call."""
+    _real_scalar(op, "epsilon", epsilon)
+    try:
+        eps = float(epsilon)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(f"{op}: epsilon must be a static number (a Python float), not a traced "
+                        "value") from None
+    if not eps >= MIN_EPSILON or not np.isfinite(eps):
+        raise ValueError(f"{op}: epsilon={epsilon!r} must be a finite number >= {MIN_EPSILON:g} "
+                         "(cuDNN's minimum, as in Theano)")
+    return eps
+
+
+def _average_factor(op: str, factor):
+    """A number in [0, 1], or a traced scalar (a schedule, left unchecked: the running
+    averages are computed in plain JAX)."""
+    _real_scalar(op, "running_average_factor", factor)
+    try:
+        value = float(factor)
+    except jax.errors.ConcretizationTypeError:
+        return factor
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: running_average_factor={factor!r} must be in [0, 1]")
+    return value
+
+
+def _normalized_axes(mode: str, channels_last: bool, rank: int) -> tuple[int, ...]:
+    if mode == "per-activation":
+        return (0,)
+    channel = rank - 1 if channels_last else 1
+    return tuple(a for a in range(rank) if a != channel)
+
+
+def _check_param(op: str, arg: str, value, expected: tuple[int, ...], mode: str) -> None:
+    _check_array(op, arg, value)
+    shape = tuple(np.shape(value))
+    if shape != expected:
+        what = "axis 0" if mode == "per-activation" else "every axis but the channels"
+        raise ValueError(
+            f"{op}: {arg} must have shape {expected} (the inputs' rank, with 1 on {what}, "
+            f"which mode={mode!r} normalizes over); got {shape}")
+
+
+def _canonical(mode: str, channels_last: bool, rank: int) -> tuple[str, tuple[int, ...]]:
+    """(the primitives' layout, the unit axes that take a rank-`rank` array to 4-D)."""
+    if mode == "per-activation" or rank == 2:
+        channels_last = False  # layout-free (per-activation) or (N, C) either way
+    if rank == 2:
+        return "NCHW", (2, 3)
+    if rank == 3:
+        return ("NHWC", (2,)) if channels_last else ("NCHW", (3,))
+    return (CHANNELS_LAST if channels_last else CHANNELS_FIRST)[rank], ()
+
+
+def _prepare(op, mode, inputs, data_format, epsilon, params: dict):
+    """Validate the arguments shared by both functions. Returns (mode, x, the parameter
+    shape, the normalized axes, the primitives' layout, the axes to add, epsilon)."""
+    mode = _mode(op, mode)
+    _validate.check_rank(op, "inputs", inputs, (2, 3, 4, 5),
+                         " ((N, C) or a batch of 1-D, 2-D or 3-D images)")
+    _check_array(op, "inputs", inputs)
+    rank = np.ndim(inputs)
+    channels_last = _channels_last(op, data_format, rank)
+    normalized = _normalized_axes(mode, channels_last, rank)
+    expected = tuple(1 if a in normalized else s for a, s in enumerate(np.shape(inputs)))
+    for arg, value in params.items():
+        _check_param(op, arg, value, expected, mode)
+    eps = _epsilon(op, epsilon)
+    layout, unit_axes = _canonical(mode, channels_last, rank)
+    return mode, jnp.asarray(inputs), expected, normalized, layout, unit_axes, eps
+
+
+def _to_primitive(value, unit_axes, dtype):
+    """`value` in `dtype`, with the unit axes that make it 4-D."""
+    value = jnp.asarray(value).astype(dtype)
+    return jnp.expand_dims(value, unit_axes) if unit_axes else value
+
+
+# ---- public functions ----------------------------------------------------------------------
+
+def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activation",
+                                  epsilon: float = 1e-4, running_average_factor=0.1,
+                                  running_mean=None, running_var=None,
+                                  data_format: str = "NCHW"):
+    """Batch normalization with the statistics of the batch.
+
+    inputs: 2-D to 5-D, channels-first ((N, C, ...), the default) or channels-last with
+    data_format='NHWC' (any channels-last name: 'NWC', 'NHWC', 'NDHWC', 'channels_last').
+    mode 'per-activation' (or 'peractivation') normalizes each activation over N;
+    'spatial' each channel over N and every spatial axis. gamma, beta (and running_mean,
+    running_var) have the inputs' rank with size 1 on the normalized axes.
+
+    Returns (out, mean, invstd) with
+        mean = inputs.mean(axes), var = inputs.var(axes) (biased),
+        invstd = 1 / sqrt(var + epsilon), out = (inputs - mean) * gamma * invstd + beta;
+    with both running stats given, also
+        new_running_mean = running_mean * (1 - f) + mean * f,
+        new_running_var = running_var * (1 - f) + var * m / (m - 1) * f
+    (f = running_average_factor, m = the number of elements per statistic). out has the
+    inputs' dtype; mean and invstd gamma's shape and dtype (computed in float32 for half
+    inputs); the running stats keep their own dtypes. epsilon >= 1e-5. out, mean and invstd
+    are differentiable with respect to inputs, gamma and beta; so are the running stats.
+    running_average_factor may be a traced scalar (a schedule).
+    """
+    op = "dnn_batch_normalization_train"
+    if (running_mean is None) != (running_var is None):
+        given, missing = (("running_mean", "running_var") if running_var is None
+                          else ("running_var", "running_mean"))
+        raise ValueError(f"{op}: running_mean and running_var must be given together; got "
+                         f"{given} without {missing}")
+    params = {"gamma": gamma, "beta": beta}
+    if running_mean is not None:
+        params.update(running_mean=running_mean, running_var=running_var)
+    mode, x, stat_shape, normalized, layout, unit_axes, eps = _prepare(
+        op, mode, inputs, data_format, epsilon, params)
+    factor = _average_factor(op, running_average_factor)
+    m = math.prod(x.shape[a] for a in normalized)
+    if running_mean is not None and m < 2:
+        raise ValueError(f"{op}: inputs of shape {tuple(x.shape)} give m={m} value(s) per "
+                         f"statistic in mode={mode!r}; running_var needs m >= 2 (it scales the "
+                         "variance by m / (m - 1))")
+    pdtype = reference.compute_dtype(x.dtype)
+    impl = choose_impl(op, ffi_targets=TRAIN_FFI_TARGETS)
+    prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
+    out, mean, invstd = _bn_train(_to_primitive(x, unit_axes, x.dtype),
+                                  _to_primitive(gamma, unit_axes, pdtype),
+                                  _to_primitive(beta, unit_axes, pdtype), prim_params)
+    out = out.reshape(x.shape)
+    mean, invstd = mean.reshape(stat_shape), invstd.reshape(stat_shape)
+    gdtype = jnp.result_type(gamma)
+    result = (out, mean.astype(gdtype), invstd.astype(gdtype))
+    if running_mean is None:
+        return result
+    var = 1 / jnp.square(invstd) - jnp.asarray(eps, pdtype)  # the biased batch variance
+    new_stats = []
+    for running, batch, scale in ((running_mean, mean, 1.0), (running_var, var, m / (m - 1))):
+        running = jnp.asarray(running)
+        ct = jnp.promote_types(running.dtype, pdtype)
+        new = running.astype(ct) * (1 - factor) + batch.astype(ct) * (scale * factor)
+        new_stats.append(new.astype(running.dtype))
+    return result + tuple(new_stats)
+
+
+def dnn_batch_normalization_test(inputs, gamma, beta, mean, var, mode: str = "per-activation",
+                                 epsilon: float = 1e-4, data_format: str = "NCHW"):
+    """Batch normalization with given statistics (usually running averages):
+        out = (inputs - mean) * gamma / sqrt(var + epsilon) + beta.
+
+    inputs, mode, data_format and epsilon as in `dnn_batch_normalization_train`; gamma,
+    beta, mean and var have the inputs' rank with size 1 on the normalized axes. out has
+    the inputs' dtype (computed in float32 for half inputs) and is differentiable with
+    respect to every argument.
+    """
+    op = "dnn_batch_normalization_test"
+    mode, x, _, _, layout, unit_axes, eps = _prepare(
+        op, mode, inputs, data_format, epsilon,
+        {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
+    pdtype = reference.compute_dtype(x.dtype)
+    impl = choose_impl(op, ffi_targets=INFER_FFI_TARGETS)
+    args = [_to_primitive(x, unit_axes, x.dtype)] + [
+        _to_primitive(p, unit_axes, pdtype) for p in (gamma, beta, mean, var)]
+    out = _bn_infer(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)
+    return out.reshape(x.shape)

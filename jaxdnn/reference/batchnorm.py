@@ -1,0 +1,85 @@
+"""Batch normalization in pure JAX: training forward (batch statistics), inference forward
+(given statistics) and the analytic backward of the training forward.
+
+The arrays are those the primitives see: 4-D or 5-D images (lower ranks are padded with
+unit spatial axes by jaxdnn.batchnorm), gamma-shaped parameters and statistics (the
+image's rank, 1 on every normalized axis). Half-precision images are normalized in
+float32, as cuDNN does; gamma, beta and the statistics arrive in the parameter dtype
+(float32 for half images, the image's dtype otherwise) and the statistics leave in it.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxdnn.layout import channel_axis
+
+MODES = ("per-activation", "spatial")
+
+
+def reduction_axes(mode: str, layout: str, ndim: int) -> tuple[int, ...]:
+    """'per-activation' normalizes each activation over the batch axis N only; 'spatial'
+    normalizes each channel over N and every spatial axis."""
+    if mode == "per-activation":
+        return (0,)
+    if mode == "spatial":
+        c = channel_axis(layout, ndim)
+        return tuple(a for a in range(ndim) if a != c)
+    raise ValueError(f"unknown batch normalization mode {mode!r}")
+
+
+def count(shape, mode: str, layout: str) -> int:
+    """m: the number of elements each statistic is taken over."""
+    return math.prod(shape[a] for a in reduction_axes(mode, layout, len(shape)))
+
+
+def compute_dtype(dtype):
+    """float32 for half-precision images (cuDNN's statistics type for them), else the dtype."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+def bn_forward_train(x, gamma, beta, *, mode: str, layout: str, epsilon: float):
+    """[out, mean, invstd]: mean and biased variance over the normalized axes,
+    invstd = 1 / sqrt(var + epsilon), out = (x - mean) * gamma * invstd + beta."""
+    axes = reduction_axes(mode, layout, x.ndim)
+    ct = compute_dtype(x.dtype)
+    xc = x.astype(ct)
+    mean = jnp.mean(xc, axis=axes, keepdims=True)
+    centered = xc - mean
+    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)  # two passes: no cancellation
+    invstd = lax.rsqrt(var + jnp.asarray(epsilon, ct))
+    out = centered * (gamma.astype(ct) * invstd) + beta.astype(ct)
+    return [out.astype(x.dtype), mean.astype(gamma.dtype), invstd.astype(gamma.dtype)]
+
+
+def bn_forward_infer(x, gamma, beta, mean, var, *, mode: str, layout: str, epsilon: float):
+    """(x - mean) * gamma / sqrt(var + epsilon) + beta, with the given statistics."""
+    del mode, layout  # the parameters' shapes carry the mode
+    ct = compute_dtype(x.dtype)
+    scale = gamma.astype(ct) * lax.rsqrt(var.astype(ct) + jnp.asarray(epsilon, ct))
+    out = (x.astype(ct) - mean.astype(ct)) * scale + beta.astype(ct)
+    return out.astype(x.dtype)
+
+
+def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: float):
+    """[dx, dgamma, dbeta]: the VJP of bn_forward_train's `out` with respect to x, gamma
+    and beta, given the cotangent dy and the statistics the forward saved (mean and invstd
+    are those of x: their own dependence on x is part of dx, as in cuDNN's backward).
+
+        xhat = (x - mean) * invstd
+        dbeta = sum(dy), dgamma = sum(dy * xhat)
+        dx = gamma * invstd * (dy - dbeta / m - xhat * dgamma / m)
+    """
+    del epsilon  # the saved invstd already holds it
+    axes = reduction_axes(mode, layout, x.ndim)
+    m = count(x.shape, mode, layout)
+    ct = compute_dtype(x.dtype)
+    invstd_c = invstd.astype(ct)
+    xhat = (x.astype(ct) - mean.astype(ct)) * invstd_c
+    dyc = dy.astype(ct)
+    dbeta = jnp.sum(dyc, axis=axes, keepdims=True)
+    dgamma = jnp.sum(dyc * xhat, axis=axes, keepdims=True)
+    dx = (gamma.astype(ct) * invstd_c) * (dyc - (dbeta + xhat * dgamma) / max(m, 1))
+    return [dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype)]
