@@ -167,15 +167,14 @@ ad.defbilinear(conv_bwd_filter_p, _filter_transpose_img, _filter_transpose_topgr
 # ---- argument handling -------------------------------------------------------------------
 
 def _layout(op: str, data_format, rank: int) -> str:
-    """The layout of a rank-`rank` image: any channels-first name ('NCHW', 'NCDHW', 'NCW',
-    'bc01') means channels-first, any channels-last name channels-last."""
-    aliases = {"bc01": "NCHW", "bc012": "NCDHW", "channels_first": "NCHW", "channels_last": "NHWC"}
+    """The layout of a rank-`rank` image. 3-D tensors (1-D convolutions) also take the 2-D
+    names, dnn_conv's defaults: 'NCHW' means 'NCW' there and 'NHWC' 'NWC'."""
+    aliases = {"bc01": "NCHW", "bc012": "NCDHW"}
     fmt = aliases.get(data_format, data_format)
-    if isinstance(fmt, str) and rank in CHANNELS_FIRST:
-        if fmt in CHANNELS_FIRST.values():
-            return CHANNELS_FIRST[rank]
-        if fmt in CHANNELS_LAST.values():
-            return CHANNELS_LAST[rank]
+    if rank == 3:
+        fmt = {"NCHW": "NCW", "NHWC": "NWC"}.get(fmt, fmt)
+    if fmt in (CHANNELS_FIRST.get(rank), CHANNELS_LAST.get(rank)):
+        return fmt
     raise ValueError(f"{op}: data_format={data_format!r} is not an image layout for {rank}-D "
                      f"tensors; expected {CHANNELS_FIRST.get(rank, 'NCHW')!r} or "
                      f"{CHANNELS_LAST.get(rank, 'NHWC')!r}")
@@ -244,15 +243,17 @@ def _algorithms(op: str, pass_: str, algo, workmem) -> tuple[str, str, str]:
 
 
 def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsample, dilation,
-                 conv_mode, num_groups, data_format, precision, algo, workmem, ranks):
-    """Check every argument against the shapes (at trace time, naming the argument) and
-    return the primitives' parameters."""
+                 conv_mode, num_groups, data_format, precision, algo, workmem, ranks,
+                 img_arg="img", kerns_arg="kerns"):
+    """Check every argument against the shapes (at trace time, naming the argument: the
+    image and kernels are `img_arg` and `kerns_arg`) and return the primitives' parameters
+    and the output shape."""
     rank = len(img_shape)
     if rank not in ranks:
-        raise ValueError(f"{op}: the image must be {' or '.join(map(str, ranks))}-D; got shape "
+        raise ValueError(f"{op}: {img_arg} must be {' or '.join(map(str, ranks))}-D; got shape "
                          f"{tuple(img_shape)}")
     if len(kerns_shape) != rank:
-        raise ValueError(f"{op}: kerns must be {rank}-D like the image, (K, C/num_groups, "
+        raise ValueError(f"{op}: {kerns_arg} must be {rank}-D like {img_arg}, (K, C/num_groups, "
                          f"spatial...); got shape {tuple(kerns_shape)}")
     nd = rank - 2
     layout = _layout(op, data_format, rank)
@@ -264,11 +265,11 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
     channels = img_shape[channel_axis(layout, rank)]
     out_channels, kernel_channels = kerns_shape[0], kerns_shape[1]
     if channels % num_groups or out_channels % num_groups:
-        raise ValueError(f"{op}: num_groups={num_groups} must divide the image's {channels} "
-                         f"channels and the kernels' {out_channels} output channels")
+        raise ValueError(f"{op}: num_groups={num_groups} must divide the {channels} channels of "
+                         f"{img_arg} and the {out_channels} output channels of {kerns_arg}")
     if kernel_channels * num_groups != channels:
-        raise ValueError(f"{op}: kerns of shape {tuple(kerns_shape)} take {kernel_channels} input "
-                         f"channels per group, but the image has {channels} channels in "
+        raise ValueError(f"{op}: {kerns_arg} of shape {tuple(kerns_shape)} take {kernel_channels} "
+                         f"input channels per group, but {img_arg} has {channels} channels in "
                          f"num_groups={num_groups} groups ({channels // num_groups} each)")
     padding = _padding(op, border_mode, kerns_shape[2:], dilation)
     params = dict(padding=padding, strides=strides, dilation=dilation, flip=conv_mode == "conv",
@@ -280,8 +281,8 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
     out_shape = reference.output_shape(tuple(img_shape), tuple(kerns_shape), **params)
     spatial = out_shape[1:-1] if is_channels_last(layout) else out_shape[2:]
     if any(n < 1 for n in spatial):
-        raise ValueError(f"{op}: kerns of spatial shape {tuple(kerns_shape[2:])} (dilation "
-                         f"{dilation}) do not fit the image of shape {tuple(img_shape)} padded by "
+        raise ValueError(f"{op}: {kerns_arg} of spatial shape {tuple(kerns_shape[2:])} (dilation "
+                         f"{dilation}) do not fit {img_arg} of shape {tuple(img_shape)} padded by "
                          f"{[p for p, _ in padding]}")
     params["impl"] = choose_impl(op, ffi_targets=FFI_TARGETS)
     return params, out_shape
@@ -351,10 +352,10 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
         op, "bwd_data", img_shape, jnp.shape(kerns), jnp.result_type(kerns),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
-        workmem=workmem, ranks=_ranks)
+        workmem=workmem, ranks=_ranks, img_arg="img_shp")
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
-                         f"convolution of an image of shape {img_shape} gives {out_shape}")
+                         f"convolution of an image of shape img_shp={img_shape} gives {out_shape}")
     return conv_bwd_data_p.bind(kerns, topgrad, img_shape=img_shape, **params)
 
 
@@ -369,10 +370,10 @@ def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1
         op, "bwd_filter", jnp.shape(img), kerns_shape, jnp.result_type(img),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
-        workmem=workmem, ranks=_ranks)
+        workmem=workmem, ranks=_ranks, kerns_arg="kerns_shp")
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
-                         f"convolution gives {out_shape}")
+                         f"convolution with kerns_shp={kerns_shape} gives {out_shape}")
     return conv_bwd_filter_p.bind(img, topgrad, kerns_shape=kerns_shape, **params)
 
 
