@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdnn.layout import is_channels_last
+from jaxdnn.layout import is_channels_last, spatial_axes
 
 def _dimension_numbers(layout: str) -> tuple[str, str, str]:
     spatial = layout.replace("N", "").replace("C", "")
@@ -35,12 +35,34 @@ def conv_forward(img, kerns, *, padding, strides, dilation, flip, groups, layout
     return out.astype(img.dtype)
 
 
-def conv_backward_data(kerns, topgrad, *, img_shape, **params):
+def conv_backward_data(kerns, topgrad, *, img_shape, padding, strides, dilation, flip, groups,
+                       layout, compute_dtype, **plan):
     """The image gradient: the transpose of conv_forward in its image (a transposed
-    convolution of topgrad)."""
-    forward = lambda img: conv_forward(img, kerns, **params)
-    (dimg,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct(tuple(img_shape), topgrad.dtype))(topgrad)
-    return dimg
+    convolution of topgrad), written out as a stride-1 convolution of the zero-stuffed,
+    re-padded topgrad with the spatially flipped, in/out-swapped kernels. (Not
+    jax.linear_transpose of the forward: for some strided shapes XLA:CPU's transposed
+    convolution aborts the process, in jaxlib 0.10.2.)"""
+    del plan
+    nd = topgrad.ndim - 2
+    dtype = jnp.dtype(compute_dtype)
+    w = kerns.astype(dtype)
+    if not flip:  # the forward correlates with w; its transpose correlates with flipped w
+        w = jnp.flip(w, axis=tuple(range(2, 2 + nd)))
+    k, cg = w.shape[0], w.shape[1]
+    # (K, C/g, ...) -> (C, K/g, ...): within each group, swap the in and out channels.
+    w = w.reshape((groups, k // groups, cg) + w.shape[2:]).swapaxes(1, 2)
+    w = w.reshape((groups * cg, k // groups) + w.shape[3:])
+    axes = spatial_axes(layout, topgrad.ndim)
+    config = [(0, 0, 0)] * topgrad.ndim
+    for axis, (lo, hi), kernel, d, s in zip(axes, padding, kerns.shape[2:], dilation, strides):
+        extent = (kernel - 1) * d + 1
+        leftover = img_shape[axis] + lo + hi - extent - (topgrad.shape[axis] - 1) * s
+        config[axis] = (extent - 1 - lo, extent - 1 - hi + leftover, s - 1)
+    stuffed = lax.pad(topgrad.astype(dtype), jnp.zeros((), dtype), config)
+    out = lax.conv_general_dilated(
+        stuffed, w, window_strides=(1,) * nd, padding=[(0, 0)] * nd, rhs_dilation=dilation,
+        dimension_numbers=_dimension_numbers(layout), feature_group_count=groups)
+    return out.astype(topgrad.dtype)
 
 
 def conv_backward_filter(img, topgrad, *, kerns_shape, **params):
