@@ -25,7 +25,7 @@ import numpy as np
 from jaxdnn import _extension, config
 from jaxdnn._compat import Primitive, ShapedArray, apply_primitive, batching, mlir
 
-__all__ = ["define_primitive", "fold_into_batch", "choose_impl", "reference_differentiable",
+__all__ = ["define_primitive", "fold_into_batch", "fold_into_batch_resizing", "choose_impl", "reference_differentiable",
            "all_primitives"]
 
 _REGISTRY: dict[str, Primitive] = {}
@@ -108,6 +108,18 @@ def fold_into_batch(prim: Primitive, args, dims, **params):
     if prim.multiple_results:
         return [unfold(o) for o in out], [0] * len(out)
     return unfold(out), 0
+
+
+def fold_into_batch_resizing(*shape_params: str) -> Callable:
+    """`fold_into_batch` for a primitive whose parameters `shape_params` hold shapes that
+    lead with N (an output shape, say): the fold multiplies their N too."""
+    def rule(prim: Primitive, args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        for name in shape_params:
+            shape = params[name]
+            params[name] = (size * shape[0],) + tuple(shape[1:])
+        return fold_into_batch(prim, args, dims, **params)
+    return rule
 
 
 def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str] = ()) -> str:

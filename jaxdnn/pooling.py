@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad
-from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
+                               fold_into_batch_resizing, reference_differentiable)
 from jaxdnn.layout import normalize_data_format, spatial_axes
 from jaxdnn.reference import pooling as reference
 
@@ -52,13 +53,6 @@ def _attributes(*, mode, ws, stride, pad, layout, input_shape=None):
                 stride=np.asarray(stride, np.int64), pad=np.asarray(pad, np.int64))
 
 
-def _batch_bwd_linear(prim, args, dims, *, input_shape, **params):
-    (dy,), (d,) = args, dims
-    size = dy.shape[d]
-    folded = (size * input_shape[0],) + tuple(input_shape[1:])
-    return fold_into_batch(prim, args, dims, input_shape=folded, **params)
-
-
 pool_fwd_p = define_primitive(
     "jaxdnn_pool_fwd", abstract_eval=_fwd_abstract, reference=reference.pool_forward,
     ffi_target="jaxdnn_pool_fwd", attributes=_attributes, batch_rule=fold_into_batch)
@@ -70,7 +64,7 @@ pool_bwd_p = define_primitive(
 pool_bwd_linear_p = define_primitive(
     "jaxdnn_pool_bwd_linear", abstract_eval=_bwd_linear_abstract,
     reference=reference.pool_backward_linear, ffi_target="jaxdnn_pool_bwd_linear",
-    attributes=_attributes, batch_rule=_batch_bwd_linear)
+    attributes=_attributes, batch_rule=fold_into_batch_resizing("input_shape"))
 
 
 # Linear modes: JVP and transpose rules on the primitives themselves.

@@ -49,7 +49,8 @@ import numpy as np
 
 from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad
-from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
+                               fold_into_batch_resizing, reference_differentiable)
 from jaxdnn.reference import spatial_transformer as reference
 
 __all__ = ["dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler", "stn_grid_fwd_p",
@@ -102,13 +103,9 @@ def _no_attributes(**params):
     return {}
 
 
-def _batch_grid(prim, args, dims, *, out_dims, **params):
-    """Fold the vmapped axis into N (exact: every image has its own theta), and tell the
-    descriptor's N."""
-    (x,), (d,) = args, dims
-    size = x.shape[d]
-    folded = (size * out_dims[0],) + tuple(out_dims[1:])
-    return fold_into_batch(prim, args, dims, out_dims=folded, **params)
+# The grid primitives fold the vmapped axis into N (exact: every image has its own theta),
+# and out_dims, which gives the descriptor its N, grows with it.
+_batch_grid = fold_into_batch_resizing("out_dims")
 
 
 stn_grid_fwd_p = define_primitive(
