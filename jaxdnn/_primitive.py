@@ -25,15 +25,8 @@ import numpy as np
 from jaxdnn import _extension, config
 from jaxdnn._compat import Primitive, ShapedArray, apply_primitive, batching, mlir
 
-__all__ = ["define_primitive", "fold_into_batch", "fold_into_batch_resizing", "choose_impl", "reference_differentiable",
-           "all_primitives"]
-
-_REGISTRY: dict[str, Primitive] = {}
-
-
-def all_primitives() -> dict[str, Primitive]:
-    """Name -> primitive, for every primitive jaxdnn defines."""
-    return dict(_REGISTRY)
+__all__ = ["define_primitive", "fold_into_batch", "fold_into_batch_resizing", "choose_impl",
+           "reference_differentiable"]
 
 
 def define_primitive(
@@ -86,7 +79,6 @@ def define_primitive(
     mlir.register_lowering(prim, _cuda_lowering, platform="cuda")
     if batch_rule is not None:
         batching.primitive_batchers[prim] = functools.partial(batch_rule, prim)
-    _REGISTRY[name] = prim
     return prim
 
 

@@ -152,3 +152,19 @@ def test_convolution_runs_on_xla_until_its_handlers_exist():
     x, w = jnp.ones((2, 4, 8, 8), jnp.float32), jnp.ones((6, 2, 3, 3), jnp.float32)
     text = cuda_hlo(jax.grad(lambda x, w: jaxdnn.dnn_conv(x, w, num_groups=2).sum(), (0, 1)), x, w)
     assert custom_calls(text) == [] and "stablehlo.convolution" in text
+
+
+def test_workspace_is_an_explicit_u8_result_dropped_after_the_call(monkeypatch):
+    # DESIGN.md rule 4: ops that need cuDNN workspace get it as a trailing u8 result of the
+    # custom call, sized by a Python policy, so tracing needs no GPU.
+    from jaxdnn._compat import ShapedArray
+    from jaxdnn._primitive import define_primitive
+    prim = define_primitive(
+        "jaxdnn_test_workspace", abstract_eval=lambda x, **p: ShapedArray(x.shape, x.dtype),
+        reference=lambda x, **p: x + 1, ffi_target="jaxdnn_test_workspace",
+        workspace_bytes=lambda x, *, scale, **p: scale * x.size)
+    x = jnp.ones((2, 3), jnp.float32)
+    text = cuda_hlo(lambda x: prim.bind(x, scale=4, impl="cudnn") * 2, x)
+    assert re.search(r"custom_call @jaxdnn_test_workspace\(%arg0\).*scale = 4 : i64.*"
+                     r"-> \(tensor<2x3xf32>, tensor<24xui8>\)", text)
+    np.testing.assert_allclose(jax.jit(lambda x: prim.bind(x, scale=4, impl="cudnn") * 2)(x), 4.0)
