@@ -294,6 +294,15 @@ def test_nested_vmap(rng):
                                        rtol=1e-12, atol=1e-13)
 
 
+def _stacked_data(rng, base, axis, size):
+    """Data of shape `base`, or `size` of them stacked along `axis` (None: unstacked)."""
+    if axis is None:
+        return _data(rng, base)
+    shape = list(base)
+    shape.insert(axis, size)
+    return _data(rng, tuple(shape))
+
+
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0), (3, 1)])
 @algos
 @modes
@@ -301,14 +310,7 @@ def test_vmap_of_grad(rng, in_axes, algo, mode):
     base = (2, 3, 2, 2)
     b = 3
 
-    def stacked(axis):
-        if axis is None:
-            return _data(rng, base)
-        shape = list(base)
-        shape.insert(axis, b)
-        return _data(rng, tuple(shape))
-
-    xs, ws = stacked(in_axes[0]), stacked(in_axes[1])
+    xs, ws = (_stacked_data(rng, base, axis, b) for axis in in_axes)
     loss = lambda x, w: jnp.sum(dnn_softmax(x, algo=algo, mode=mode) * w)
     gs = jax.vmap(jax.grad(loss), in_axes=in_axes)(jnp.asarray(xs), jnp.asarray(ws))
     assert gs.shape == (b,) + base
@@ -502,14 +504,7 @@ def test_gpu_vmap_of_grad(rng, in_axes, algo, mode):
     base = (3, 5, 4, 6)
     b = 4
 
-    def stacked(axis):
-        if axis is None:
-            return _data(rng, base)
-        shape = list(base)
-        shape.insert(axis, b)
-        return _data(rng, tuple(shape))
-
-    xs, ws = stacked(in_axes[0]), stacked(in_axes[1])
+    xs, ws = (_stacked_data(rng, base, axis, b) for axis in in_axes)
     loss = lambda x, w: jnp.sum(dnn_softmax(x, algo=algo, mode=mode) * w)
     gs = jax.jit(jax.vmap(jax.grad(loss), in_axes=in_axes))(jnp.asarray(xs), jnp.asarray(ws))
     for i in range(b):
