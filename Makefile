@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/comm
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Build requirements first, so that the build below needs no isolated environment.
 	$(BIN)/python -m pip install -q scikit-build-core nanobind ninja cmake jax jaxlib \
-		"$(CUDNN_WHEEL)" "nvidia-cudnn-frontend>=1.20"
+		"$(CUDNN_WHEEL)" "nvidia-cudnn-frontend>=1.16,<1.19"
 	$(BIN)/python -m pip install -q --no-build-isolation \
 		-Ccmake.define.JAXDNN_REQUIRE_CUDA=$(REQUIRE_CUDA) -e ".[$(EXTRAS)]"
 	touch $@

@@ -19,6 +19,9 @@ const jaxdnn::Registry& AllOps() {
     auto* r = new jaxdnn::Registry();
     jaxdnn::AddSoftmaxHandlers(*r);
     jaxdnn::AddPoolingHandlers(*r);
+    jaxdnn::AddConvHandlers(*r);
+    jaxdnn::AddBatchNormHandlers(*r);
+    jaxdnn::AddSpatialTransformerHandlers(*r);
     return r;
   }();
   return *registry;

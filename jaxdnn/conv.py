@@ -8,9 +8,11 @@ operands, with JVP and transpose rules whose transposes are the other two (as
 and `jax.linear_transpose` all work, to any order, and `dnn_gradinput`/`dnn_gradweight`
 are differentiable themselves.
 
-The cuDNN handlers (cudnn-frontend fprop/dgrad/wgrad) are not built yet: until they are,
-`choose_impl` sends every convolution to the XLA reference path (jaxdnn/reference/conv.py)
-and `dnn.enabled=True` raises for it.
+On CUDA the passes run through cuDNN's frontend graph API (cuda/conv.cc: conv_fprop,
+conv_dgrad, conv_wgrad), each with a trailing u8 workspace result sized here by
+`_workspace_bytes` (DESIGN.md rule 4); cuDNN considers only plans that fit it. Where cuDNN
+has no engine for the data type / compute type pair (float32 data computed in float64,
+say) the call takes the XLA path (jaxdnn/reference/conv.py), as it does elsewhere.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ __all__ = ["dnn_conv", "dnn_conv3d", "dnn_gradinput", "dnn_gradweight", "dnn_gra
            "dnn_gradweight3d", "conv_fwd_p", "conv_bwd_data_p", "conv_bwd_filter_p"]
 
 FFI_TARGETS = ("jaxdnn_conv_fwd", "jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter")
+# Workspace granted to a pass whose algo names no size (Theano's 'small', the heuristic and
+# timed choices): enough for cuDNN's implicit-GEMM engines on large layers, or twice the
+# largest operand, within dnn.conv.workspace_limit. 'large' and the FFT algorithms get the
+# whole limit, 'none' what the others get (it then picks an engine needing none, and keeps
+# the workspace for the heuristic fallback).
+SMALL_WORKSPACE = 64 << 20
+WHOLE_LIMIT_ALGOS = ("large", "fft", "fft_tiling")
 CONV_MODES = ("conv", "cross")
 BORDER_MODES = ("valid", "full", "half")
 
@@ -119,18 +128,44 @@ def _batch_bwd_data(prim, args, dims, **params):
     return _fold_into_groups(prim, args, dims, **params)
 
 
+def _attributes(pass_index: int):
+    """The FFI attributes of one pass: its own algo name, padding split in two arrays."""
+    def attributes(*, padding, strides, dilation, flip, groups, layout, compute_dtype, algos,
+                   deterministic, allow_tf32, workspace_limit, **shapes):
+        return dict(pre_padding=np.asarray([lo for lo, _ in padding], np.int64),
+                    post_padding=np.asarray([hi for _, hi in padding], np.int64),
+                    strides=np.asarray(strides, np.int64), dilation=np.asarray(dilation, np.int64),
+                    flip=np.int64(flip), layout=layout, compute_dtype=compute_dtype,
+                    algo=algos[pass_index], deterministic=np.int64(deterministic),
+                    allow_tf32=np.int64(allow_tf32))
+    return attributes
+
+
+def _workspace_bytes(pass_index: int):
+    def workspace_bytes(first, second, *, algos, workspace_limit, img_shape=None,
+                        kerns_shape=None, **params):
+        if algos[pass_index] in WHOLE_LIMIT_ALGOS:
+            return workspace_limit
+        itemsize = np.dtype(first.dtype).itemsize
+        largest = max(first.size, second.size, int(np.prod(img_shape or kerns_shape or (0,))))
+        return min(workspace_limit, max(SMALL_WORKSPACE, 2 * largest * itemsize))
+    return workspace_bytes
+
+
 conv_fwd_p = define_primitive(
     "jaxdnn_conv_fwd", abstract_eval=_fwd_abstract, reference=reference.conv_forward,
-    ffi_target="jaxdnn_conv_fwd", batch_rule=_batch_fwd)
+    ffi_target="jaxdnn_conv_fwd", attributes=_attributes(0), workspace_bytes=_workspace_bytes(0),
+    batch_rule=_batch_fwd)
 conv_bwd_data_p = define_primitive(
     "jaxdnn_conv_bwd_data", abstract_eval=_bwd_data_abstract,
     reference=reference.conv_backward_data, ffi_target="jaxdnn_conv_bwd_data",
-    batch_rule=_batch_bwd_data)
+    attributes=_attributes(1), workspace_bytes=_workspace_bytes(1), batch_rule=_batch_bwd_data)
 # The kernel gradient sums over N, so vmapped images cannot join the batch: every
 # batched case folds into groups.
 conv_bwd_filter_p = define_primitive(
     "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
     reference=reference.conv_backward_filter, ffi_target="jaxdnn_conv_bwd_filter",
+    attributes=_attributes(2), workspace_bytes=_workspace_bytes(2),
     batch_rule=_fold_into_groups)
 
 
@@ -225,6 +260,32 @@ def _compute_dtype(op: str, precision, dtype) -> str:
     return precision
 
 
+def _allows_tf32() -> bool:
+    """TF32 (for float32 data) unless jax.default_matmul_precision asks for full float32."""
+    precision = jax.config.jax_default_matmul_precision
+    return str(precision).lower() not in ("highest", "float32")
+
+
+def _xla_is_faster(layout: str) -> bool:
+    """'auto' sends channels-last convolutions to XLA: there jaxdnn hands cuDNN kernels in
+    (K, C, spatial) order beside channels-last images, and measured 0.72-0.98x XLA (H100,
+    BENCHMARKS.md), which reorders the kernels for cuDNN's fastest engines itself.
+    Channels-first convolutions measured 0.95-36x XLA (transposed convolutions most)."""
+    return is_channels_last(layout)
+
+
+def _cudnn_computes(dtype, compute_dtype: str) -> bool:
+    """Whether jaxdnn sends `dtype` data computed in `compute_dtype` to cuDNN: the data's own
+    type, or float32 for half-precision data. Not float64: on an H100 with cuDNN 9.19 the
+    frontend's float64 forward and backward-data plans wrote garbage (every element wrong,
+    in tests/test_conv.py), so float64 convolutions take XLA's path, which reaches cuDNN's
+    legacy float64 kernels itself."""
+    data = jnp.dtype(dtype).name
+    if data == "float64":
+        return False
+    return compute_dtype == data or (data in ("float16", "bfloat16") and compute_dtype == "float32")
+
+
 def _algorithms(op: str, pass_: str, algo, workmem) -> tuple[str, str, str]:
     """(forward, backward-data, backward-filter) algorithm names: the flags', with this
     call's `algo` (or its deprecated alias `workmem`) for the pass the call computes."""
@@ -277,6 +338,7 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
                   compute_dtype=_compute_dtype(op, precision, dtype),
                   algos=_algorithms(op, pass_, algo, workmem),
                   deterministic=bool(config.read("dnn.deterministic")),
+                  allow_tf32=_allows_tf32(),
                   workspace_limit=int(config.read("dnn.conv.workspace_limit")))
     out_shape = reference.output_shape(tuple(img_shape), tuple(kerns_shape), **params)
     spatial = out_shape[1:-1] if is_channels_last(layout) else out_shape[2:]
@@ -284,7 +346,8 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
         raise ValueError(f"{op}: {kerns_arg} of spatial shape {tuple(kerns_shape[2:])} (dilation "
                          f"{dilation}) do not fit {img_arg} of shape {tuple(img_shape)} padded by "
                          f"{[p for p, _ in padding]}")
-    params["impl"] = choose_impl(op, ffi_targets=FFI_TARGETS)
+    impl = choose_impl(op, _xla_is_faster(layout), ffi_targets=FFI_TARGETS)
+    params["impl"] = impl if _cudnn_computes(dtype, params["compute_dtype"]) else "xla"
     return params, out_shape
 
 

@@ -1104,7 +1104,9 @@ def test_gpu_forward_cudnn_vs_xla_vs_reference(rng, dtype, config, conv_mode, la
     f = case.conv(conv_mode)
     with _ctx_for(dtype), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bfloat16 may fall back, with a warning
-        assert "custom_call @jaxdnn_conv_fwd" in jax.jit(f).lower(xj, wj).as_text()
+        # float64 takes XLA's path on purpose (jaxdnn/conv.py, _cudnn_computes)
+        on_cudnn = "custom_call @jaxdnn_conv_fwd" in jax.jit(f).lower(xj, wj).as_text()
+        assert on_cudnn == (dtype != "float64")
         y_cudnn = _jit_run(f, xj, wj)
         y_xla = _jit_run(f, xj, wj, xla=True)
     _gpu_compare(y_cudnn, y_xla, case.ref_conv(x, w, conv_mode), dtype, "forward")
@@ -1128,8 +1130,8 @@ def test_gpu_gradients_cudnn_vs_xla_vs_reference(rng, dtype, config, conv_mode, 
     with _ctx_for(dtype), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         text = jax.jit(vjp).lower(xj, wj, dyj).as_text()
-        assert "custom_call @jaxdnn_conv_bwd_data" in text
-        assert "custom_call @jaxdnn_conv_bwd_filter" in text
+        assert ("custom_call @jaxdnn_conv_bwd_data" in text) == (dtype != "float64")
+        assert ("custom_call @jaxdnn_conv_bwd_filter" in text) == (dtype != "float64")
         _gpu_compare(_jit_run(gi, wj, dyj), _jit_run(gi, wj, dyj, xla=True), gi_ref, dtype,
                      "dnn_gradinput")
         _gpu_compare(_jit_run(gw, xj, dyj), _jit_run(gw, xj, dyj, xla=True), gw_ref, dtype,
@@ -1157,8 +1159,14 @@ def test_gpu_transposed_convolution(rng, border, layout):
 @pytest.mark.parametrize("config", ["2d-int-s21-depthwise", "3d-half-s2-g2"])
 def test_gpu_check_grads(rng, config):
     case = Case(config, "channels_first", GPU_CONFIGS[config])
-    (xj, wj, _), _ = case.data(rng)
-    check_grads(case.conv("conv"), (xj, wj), order=2, modes=["fwd", "rev"])
+    # float32: float64 convolutions take XLA's path (jaxdnn/conv.py, _cudnn_computes). The
+    # convolution is bilinear, so central differences are exact but for rounding; full
+    # float32 products (no TF32) keep that rounding small.
+    (xj, wj, _), _ = case.data(rng, "float32")
+    with jax.default_matmul_precision("highest"):
+        assert "custom_call @jaxdnn_conv_fwd" in jax.jit(case.conv("conv")).lower(xj, wj).as_text()
+        check_grads(case.conv("conv"), (xj, wj), order=2, modes=["fwd", "rev"], eps=1e-2,
+                    atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu
@@ -1212,3 +1220,50 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible():
     for got, want in ((results[0][0], ex), (results[0][1], ew), (results[0][2], ex),
                       (results[0][3], ew)):
         assert_close(got, np.asarray(want), "float32", factor=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pass_, algo", [("fwd", a) for a in ALGO_FWD] +
+                         [("bwd_data", a) for a in ALGO_BWD_DATA] +
+                         [("bwd_filter", a) for a in ALGO_BWD_FILTER])
+def test_gpu_every_algo_name_computes_the_convolution(rng, pass_, algo):
+    """Each name selects engines by its rule (README) or falls back to the heuristic choice
+    with a warning; either way the result is the convolution's."""
+    case = Case("algo", "channels_first", GPU_CONFIGS["2d-valid"])
+    (xj, wj, dyj), (x, w, dy) = case.data(rng, "float32")
+    with jax.default_matmul_precision("highest"):
+        if pass_ == "fwd":
+            got, want = jax.jit(case.conv(algo=algo))(xj, wj), case.ref_conv(x, w)
+        elif pass_ == "bwd_data":
+            got, want = jax.jit(case.gradinput(algo=algo))(wj, dyj), case.ref_gradinput(w, dy)
+        else:
+            got, want = jax.jit(case.gradweight(algo=algo))(xj, dyj), case.ref_gradweight(x, dy)
+    assert_close(got, want, "float32", factor=10)
+
+
+_TIMED_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp, jaxdnn
+jaxdnn.config.update("dnn.enabled", True)
+x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, 13, 13)), jnp.float32)
+w = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8, 3, 3)), jnp.float32)
+f = jax.jit(lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half", algo="time_once"))
+with jax.default_matmul_precision("highest"):
+    got = np.asarray(f(x, w))
+with jaxdnn.config.override(**{"dnn.enabled": False}), jax.default_matmul_precision("highest"):
+    want = np.asarray(jax.jit(lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half"))(x, w))
+np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_time_once_persists_its_choice_under_jaxdnn_cache_dir(tmp_path):
+    """The first process times the candidates and writes the winner; the next one finds it
+    (the file is not rewritten: a search would rewrite it) and computes the same result."""
+    env = dict(os.environ, JAXDNN_CACHE_DIR=str(tmp_path), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    subprocess.run([sys.executable, "-c", _TIMED_SCRIPT], env=env, check=True, timeout=300)
+    (plan_file,) = tmp_path.glob("conv-*.plan")
+    key, name = plan_file.read_text().splitlines()
+    assert key.startswith("conv_fwd|") and "time_once" in key and name
+    written = plan_file.stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", _TIMED_SCRIPT], env=env, check=True, timeout=300)
+    assert plan_file.stat().st_mtime_ns == written

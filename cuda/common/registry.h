@@ -29,5 +29,8 @@ struct Registry {
 
 void AddSoftmaxHandlers(Registry& registry);
 void AddPoolingHandlers(Registry& registry);
+void AddConvHandlers(Registry& registry);
+void AddBatchNormHandlers(Registry& registry);
+void AddSpatialTransformerHandlers(Registry& registry);
 
 }  // namespace jaxdnn

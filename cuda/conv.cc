@@ -1,0 +1,623 @@
+// Convolution forward, backward-data and backward-filter (2-D, 3-D, and 1-D as 2-D with a
+// unit axis) through the cuDNN frontend graph API: conv_fprop, conv_dgrad, conv_wgrad.
+//
+// FFI targets (each with a trailing u8 workspace result, sized in Python by the
+// dnn.conv.workspace_limit policy; only plans that fit it are considered):
+//   jaxdnn_conv_fwd         img, kerns      -> out
+//   jaxdnn_conv_bwd_data    kerns, topgrad  -> img gradient
+//   jaxdnn_conv_bwd_filter  img, topgrad    -> kernel gradient
+// Images are (N, C, spatial...) or channels-last per `layout`; kernels are always
+// (K, C/groups, spatial...). Attributes: pre_padding, post_padding, strides, dilation
+// (int64 per spatial axis), flip (1: convolution, 0: cross-correlation), layout,
+// compute_dtype, algo (the seed's name for this pass), deterministic, allow_tf32.
+//
+// How an algo name becomes a plan (the README's table says the same):
+//   none, small, large  heuristic order, no FFT or Winograd engines; they differ in the
+//               workspace Python grants (none and small a capped amount, large the whole
+//               limit). 'none' does not mean "no workspace": cuDNN 9's engines that need
+//               none measured 100x slower than the heuristic's choice for backward passes
+//               on an H100 (BENCHMARKS.md), and 'none' is the backward flags' default.
+//   fft, fft_tiling  engines with cuDNN's FFT numerical note
+//   winograd    engines with the Winograd note
+//   deterministic / guess_*  heuristic order (deterministic already excludes atomics)
+//   time_*      every heuristic candidate built and timed once at initialize; the
+//               winner is kept for the process and, under JAXDNN_CACHE_DIR, on disk.
+// deterministic=1 removes engines with the NONDETERMINISTIC note; allow_tf32=0 removes
+// tensor-core engines for float32 data (they compute in TF32). A name that leaves no
+// engine for a convolution falls back to the heuristic choice with a warning (once: the
+// plan is cached).
+#include "common/registry.h"
+
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
+
+#include <cudnn_frontend.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "common/cache.h"
+#include "common/descriptors.h"
+#include "common/handles.h"
+#include "common/legacy_op.h"
+#include "common/status.h"
+
+namespace jaxdnn {
+namespace {
+
+namespace fe = cudnn_frontend;
+
+enum class Pass { kFwd, kBwdData, kBwdFilter };
+
+const char* PassName(Pass pass) {
+  switch (pass) {
+    case Pass::kFwd: return "conv_fwd";
+    case Pass::kBwdData: return "conv_bwd_data";
+    default: return "conv_bwd_filter";
+  }
+}
+
+// Tensor uids in every graph: the variant pack maps them to buffers.
+constexpr int64_t kImageUid = 1, kKernelUid = 2, kOutputUid = 3;
+
+struct ConvConfig {
+  Pass pass;
+  std::vector<int64_t> pre_padding, post_padding, strides, dilation;
+  bool flip;
+  Layout layout;
+  std::string compute_dtype, algo;
+  bool deterministic, allow_tf32;
+};
+
+struct ConvPlan {
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t plan_index = 0;  // among the graph's heuristic candidates
+  int64_t workspace_size = 0;
+  // The frontend prepares its variant-pack template lazily on first execute; one
+  // instance may run on several streams at once.
+  mutable std::mutex execute_mutex;
+};
+
+KeyedCache<ConvPlan>& PlanCache() {
+  static auto* cache = new KeyedCache<ConvPlan>();
+  return *cache;
+}
+
+struct ConvState {
+  static ffi::TypeId id;
+  ConvConfig config;
+  DescriptorSlot<ConvPlan> plan;
+};
+ffi::TypeId ConvState::id = {};
+const XLA_FFI_TypeInfo kConvStateInfo = ffi::MakeTypeInfo<ConvState>();
+
+ffi::Error FrontendError(const char* op, const char* call, fe::error_t error) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("jaxdnn ") + op + ": " + call + " failed: " + error.get_message());
+}
+
+#define JAXDNN_RETURN_IF_FE_ERROR(op, expr)                                        \
+  do {                                                                            \
+    auto jaxdnn_fe_status_ = (expr);                                              \
+    if (jaxdnn_fe_status_.is_bad()) return FrontendError((op), #expr, jaxdnn_fe_status_); \
+  } while (0)
+
+ffi::Error FrontendType(const char* op, std::string_view name, fe::DataType_t* out) {
+  if (name == "float16") *out = fe::DataType_t::HALF;
+  else if (name == "bfloat16") *out = fe::DataType_t::BFLOAT16;
+  else if (name == "float32") *out = fe::DataType_t::FLOAT;
+  else if (name == "float64") *out = fe::DataType_t::DOUBLE;
+  else return InvalidArgument(op, "unsupported dtype " + std::string(name));
+  return ffi::Error::Success();
+}
+
+std::string_view DtypeName(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    default: return "unsupported";
+  }
+}
+
+// A buffer as a cuDNN tensor: logical dims (N or K, C, spatial...) and packed strides of
+// its memory layout. 1-D convolutions gain a unit spatial axis in front of their one.
+struct TensorShape {
+  std::vector<int64_t> dims, strides;
+};
+
+TensorShape ShapeOf(ffi::Span<const int64_t> buffer_dims, Layout layout) {
+  std::vector<int64_t> memory(buffer_dims.begin(), buffer_dims.end());
+  if (memory.size() == 3) memory.insert(memory.begin() + (layout == Layout::kChannelsLast ? 1 : 2), 1);
+  const size_t rank = memory.size();
+  // Memory order as logical axis indices: N C S... or N S... C.
+  std::vector<size_t> order(rank);
+  for (size_t i = 0; i < rank; ++i) order[i] = i;
+  if (layout == Layout::kChannelsLast) {
+    order[rank - 1] = 1;
+    for (size_t i = 1; i + 1 < rank; ++i) order[i] = i + 1;
+  }
+  TensorShape shape{std::vector<int64_t>(rank), std::vector<int64_t>(rank)};
+  for (size_t i = 0; i < rank; ++i) shape.dims[order[i]] = memory[i];
+  int64_t stride = 1;
+  for (size_t i = rank; i-- > 0;) {
+    shape.strides[order[i]] = stride;
+    stride *= memory[i];
+  }
+  return shape;
+}
+
+// Per-spatial-axis parameters of a 1-D convolution gain the unit axis's (value `unit`).
+std::vector<int64_t> Spatial(const std::vector<int64_t>& values, int64_t unit) {
+  std::vector<int64_t> out = values;
+  if (out.size() == 1) out.insert(out.begin(), unit);
+  return out;
+}
+
+template <typename Attributes>
+Attributes ConvAttributes(const ConvConfig& c) {
+  return Attributes()
+      .set_pre_padding(Spatial(c.pre_padding, 0))
+      .set_post_padding(Spatial(c.post_padding, 0))
+      .set_stride(Spatial(c.strides, 1))
+      .set_dilation(Spatial(c.dilation, 1))
+      .set_convolution_mode(c.flip ? fe::ConvolutionMode_t::CONVOLUTION
+                                   : fe::ConvolutionMode_t::CROSS_CORRELATION);
+}
+
+// Every tensor states its data type: left unset, the frontend would give the result the
+// graph's intermediate type (float32), which is wrong for float64 convolutions.
+std::shared_ptr<fe::graph::Tensor_attributes> Tensor(fe::graph::Graph& graph, const char* name,
+                                                     int64_t uid, const TensorShape& shape,
+                                                     fe::DataType_t type) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_name(name)
+                          .set_uid(uid)
+                          .set_dim(shape.dims)
+                          .set_stride(shape.strides)
+                          .set_data_type(type));
+}
+
+// The buffers of one call in cuDNN's terms.
+struct ConvBuffers {
+  TensorShape image, kernel, output;  // output: the forward's output (topgrad's shape)
+  fe::DataType_t io_type;
+};
+
+std::shared_ptr<fe::graph::Graph> MakeGraph(const ConvConfig& c, const ConvBuffers& b,
+                                            fe::DataType_t compute_type) {
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(b.io_type)
+      .set_compute_data_type(compute_type)
+      .set_intermediate_data_type(compute_type == fe::DataType_t::DOUBLE ? compute_type
+                                                                         : fe::DataType_t::FLOAT);
+  std::shared_ptr<fe::graph::Tensor_attributes> result;
+  TensorShape result_shape;
+  if (c.pass == Pass::kFwd) {
+    auto x = Tensor(*graph, "image", kImageUid, b.image, b.io_type);
+    auto w = Tensor(*graph, "kernel", kKernelUid, b.kernel, b.io_type);
+    result = graph->conv_fprop(x, w, ConvAttributes<fe::graph::Conv_fprop_attributes>(c));
+    result_shape = b.output;
+  } else if (c.pass == Pass::kBwdData) {
+    auto w = Tensor(*graph, "kernel", kKernelUid, b.kernel, b.io_type);
+    auto dy = Tensor(*graph, "topgrad", kOutputUid, b.output, b.io_type);
+    result = graph->conv_dgrad(dy, w, ConvAttributes<fe::graph::Conv_dgrad_attributes>(c));
+    result_shape = b.image;
+  } else {
+    auto x = Tensor(*graph, "image", kImageUid, b.image, b.io_type);
+    auto dy = Tensor(*graph, "topgrad", kOutputUid, b.output, b.io_type);
+    result = graph->conv_wgrad(dy, x, ConvAttributes<fe::graph::Conv_wgrad_attributes>(c));
+    result_shape = b.kernel;
+  }
+  int64_t result_uid = c.pass == Pass::kFwd ? kOutputUid
+                       : c.pass == Pass::kBwdData ? kImageUid : kKernelUid;
+  result->set_output(true)
+      .set_uid(result_uid)
+      .set_dim(result_shape.dims)
+      .set_stride(result_shape.strides)
+      .set_data_type(b.io_type);
+  return graph;
+}
+
+// Engine filters: those that carry the call's semantics (determinism, TF32, workspace),
+// and, when `with_algo`, those that express the algo name.
+void ApplyFilters(fe::graph::Graph& graph, const ConvConfig& c, fe::DataType_t io_type,
+                  int64_t workspace_bytes, bool with_algo) {
+  graph.deselect_workspace_greater_than(workspace_bytes);
+  if (c.deterministic) graph.deselect_numeric_notes({fe::NumericalNote_t::NONDETERMINISTIC});
+  if (!c.allow_tf32 && io_type == fe::DataType_t::FLOAT)
+    graph.deselect_numeric_notes({fe::NumericalNote_t::TENSOR_CORE});
+  if (!with_algo) return;
+  const std::string& a = c.algo;
+  if (a == "none" || a == "small" || a == "large") {
+    graph.deselect_numeric_notes({fe::NumericalNote_t::FFT, fe::NumericalNote_t::WINOGRAD,
+                                  fe::NumericalNote_t::WINOGRAD_TILE_4x4,
+                                  fe::NumericalNote_t::WINOGRAD_TILE_6x6,
+                                  fe::NumericalNote_t::WINOGRAD_TILE_13x13});
+  } else if (a == "fft" || a == "fft_tiling") {
+    graph.select_numeric_notes({fe::NumericalNote_t::FFT});
+  } else if (a == "winograd") {
+    graph.select_numeric_notes({fe::NumericalNote_t::WINOGRAD});
+  } else if (a == "deterministic") {
+    graph.deselect_numeric_notes({fe::NumericalNote_t::NONDETERMINISTIC});
+  }
+}
+
+bool Timed(const ConvConfig& c) { return c.algo.rfind("time_", 0) == 0; }
+
+// ---- time_* persistence under JAXDNN_CACHE_DIR -------------------------------------------
+
+std::string PersistedPath(const std::string& key) {
+  const char* dir = std::getenv("JAXDNN_CACHE_DIR");
+  if (dir == nullptr || *dir == '\0') return "";
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a: stable across processes, unlike std::hash
+  for (unsigned char ch : key) hash = (hash ^ ch) * 1099511628211ull;
+  char name[64];
+  std::snprintf(name, sizeof(name), "/conv-%016llx.plan", static_cast<unsigned long long>(hash));
+  return std::string(dir) + name;
+}
+
+// File format: the full key on the first line (checked on load: a hash collision or a
+// stale file is ignored), then the winning engine configuration's name.
+std::string LoadPersisted(const std::string& key) {
+  std::string path = PersistedPath(key);
+  if (path.empty()) return "";
+  std::ifstream in(path);
+  std::string stored_key, name;
+  if (!std::getline(in, stored_key) || stored_key != key || !std::getline(in, name)) return "";
+  return name;
+}
+
+void SavePersisted(const std::string& key, const std::string& name) {
+  std::string path = PersistedPath(key);
+  if (path.empty()) return;
+  // Write then rename, so that a concurrent reader never sees half a file.
+  std::string temporary = path + ".tmp" + std::to_string(reinterpret_cast<uintptr_t>(&name));
+  {
+    std::ofstream out(temporary);
+    out << key << "\n" << name << "\n";
+    if (!out) return;
+  }
+  std::rename(temporary.c_str(), path.c_str());
+}
+
+// Device scratch for the timed search: the search must not touch XLA's buffers (the output
+// may alias a donated input that has not been read yet).
+class Scratch {
+ public:
+  ~Scratch() {
+    for (void* p : pointers_) cudaFree(p);
+  }
+  ffi::Error Allocate(const char* op, int64_t bytes, void** out) {
+    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMalloc(out, bytes > 0 ? bytes : 1));
+    pointers_.push_back(*out);
+    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMemset(*out, 0, bytes));
+    return ffi::Error::Success();
+  }
+
+ private:
+  std::vector<void*> pointers_;
+};
+
+int64_t Bytes(const TensorShape& shape, int64_t element_size) {
+  int64_t n = element_size;
+  for (int64_t d : shape.dims) n *= d;
+  return n;
+}
+
+// Runs every built candidate (one warm-up, then the best of a few timed runs) and returns
+// the fastest one's index.
+ffi::Error FastestCandidate(const char* op, cudnnHandle_t handle, fe::graph::Graph& graph,
+                            const std::vector<int64_t>& built, const ConvBuffers& b,
+                            int64_t element_size, int64_t* fastest) {
+  constexpr int kTimedRuns = 3;
+  Scratch scratch;
+  std::unordered_map<int64_t, void*> pack;
+  JAXDNN_RETURN_IF_ERROR(scratch.Allocate(op, Bytes(b.image, element_size), &pack[kImageUid]));
+  JAXDNN_RETURN_IF_ERROR(scratch.Allocate(op, Bytes(b.kernel, element_size), &pack[kKernelUid]));
+  JAXDNN_RETURN_IF_ERROR(scratch.Allocate(op, Bytes(b.output, element_size), &pack[kOutputUid]));
+  int64_t workspace_bytes = 0;
+  for (int64_t index : built)
+    workspace_bytes = std::max(workspace_bytes, graph.get_workspace_size_plan_at_index(index));
+  void* workspace = nullptr;
+  JAXDNN_RETURN_IF_ERROR(scratch.Allocate(op, workspace_bytes, &workspace));
+  cudaStream_t stream = nullptr;
+  JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnGetStream(handle, &stream));
+  cudaEvent_t start, stop;
+  JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaEventCreate(&start));
+  JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaEventCreate(&stop));
+  float best = std::numeric_limits<float>::infinity();
+  for (int64_t index : built) {
+    if (graph.execute_plan_at_index(handle, pack, workspace, index).is_bad()) continue;
+    float fastest_run = std::numeric_limits<float>::infinity();
+    for (int run = 0; run < kTimedRuns; ++run) {
+      cudaEventRecord(start, stream);
+      (void)graph.execute_plan_at_index(handle, pack, workspace, index);
+      cudaEventRecord(stop, stream);
+      float ms = 0;
+      if (cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess)
+        fastest_run = std::min(fastest_run, ms);
+    }
+    if (fastest_run < best) {
+      best = fastest_run;
+      *fastest = index;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (best == std::numeric_limits<float>::infinity())
+    return ffi::Error::Internal(std::string("jaxdnn ") + op + ": no candidate plan ran in the timed search");
+  return ffi::Error::Success();
+}
+
+// Builds the plan from cuDNN's heuristic candidates: with the algo's filters, falling back
+// to the semantic filters alone; for time_*, the persisted winner if there is one, else
+// the fastest candidate, timed now.
+ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
+                     const ConvBuffers& b, fe::DataType_t compute_type, int64_t workspace_bytes,
+                     int64_t element_size, const std::string& key, ConvPlan* plan) {
+  std::shared_ptr<fe::graph::Graph> graph;
+  auto candidates = [&](bool with_algo) -> fe::error_t {
+    graph = MakeGraph(c, b, compute_type);
+    fe::error_t status = graph->validate();
+    if (status.is_good()) status = graph->build_operation_graph(handle);
+    if (status.is_good()) status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+    if (status.is_bad()) return status;
+    ApplyFilters(*graph, c, b.io_type, workspace_bytes, with_algo);
+    return graph->check_support();
+  };
+  fe::error_t support = candidates(true);
+  if (support.is_bad()) {
+    std::fprintf(stderr,
+                 "jaxdnn %s: no cuDNN engine implements algo '%s' for this convolution (%s); "
+                 "using cuDNN's heuristic choice\n",
+                 op, c.algo.c_str(), support.get_message().c_str());
+    support = candidates(false);
+    if (support.is_bad())
+      return FrontendError(op, "check_support (no engine runs this convolution within the "
+                               "workspace limit and the determinism/TF32 settings)", support);
+  }
+  if (!Timed(c)) {
+    JAXDNN_RETURN_IF_FE_ERROR(op, graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE));
+    plan->plan_index = -1;
+  } else {
+    // The engine configurations' names identify them across processes.
+    std::string persisted = LoadPersisted(key), name;
+    int64_t count = graph->get_execution_plan_count();
+    plan->plan_index = -1;
+    for (int64_t i = 0; i < count && !persisted.empty(); ++i) {
+      if (graph->get_plan_name_at_index(i, name).is_good() && name == persisted &&
+          graph->build_plan_at_index(i).is_good()) {
+        plan->plan_index = i;
+        break;
+      }
+    }
+    if (plan->plan_index < 0) {
+      (void)graph->build_plans(fe::BuildPlanPolicy_t::ALL);  // candidates that fail to build are skipped
+      std::vector<int64_t> built;
+      for (int64_t i = 0; i < count; ++i)
+        if (graph->get_workspace_size_plan_at_index(i, plan->workspace_size).is_good()) built.push_back(i);
+      JAXDNN_RETURN_IF_ERROR(FastestCandidate(op, handle, *graph, built, b, element_size, &plan->plan_index));
+      if (graph->get_plan_name_at_index(plan->plan_index, name).is_good()) SavePersisted(key, name);
+    }
+  }
+  if (plan->plan_index < 0) {
+    JAXDNN_RETURN_IF_FE_ERROR(op, graph->get_workspace_size(plan->workspace_size));
+  } else {
+    JAXDNN_RETURN_IF_FE_ERROR(op, graph->get_workspace_size_plan_at_index(plan->plan_index, plan->workspace_size));
+  }
+  plan->graph = std::move(graph);
+  return ffi::Error::Success();
+}
+
+// ---- stages -------------------------------------------------------------------------------
+
+ffi::Error ParseConfig(Pass pass, ffi::Span<const int64_t> pre_padding,
+                       ffi::Span<const int64_t> post_padding, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> dilation, int64_t flip, std::string_view layout,
+                       std::string_view compute_dtype, std::string_view algo,
+                       int64_t deterministic, int64_t allow_tf32, ConvConfig* c) {
+  const char* op = PassName(pass);
+  auto vec = [](ffi::Span<const int64_t> s) { return std::vector<int64_t>(s.begin(), s.end()); };
+  c->pass = pass;
+  c->pre_padding = vec(pre_padding);
+  c->post_padding = vec(post_padding);
+  c->strides = vec(strides);
+  c->dilation = vec(dilation);
+  size_t nd = c->strides.size();
+  if (nd < 1 || nd > 3 || c->pre_padding.size() != nd || c->post_padding.size() != nd ||
+      c->dilation.size() != nd)
+    return InvalidArgument(op, "padding, strides and dilation need one value per spatial axis (1 to 3)");
+  c->flip = flip != 0;
+  c->compute_dtype = std::string(compute_dtype);
+  c->algo = std::string(algo);
+  c->deterministic = deterministic != 0;
+  c->allow_tf32 = allow_tf32 != 0;
+  return ParseLayout(op, layout, &c->layout);
+}
+
+template <Pass pass>
+ffi::ErrorOr<std::unique_ptr<ConvState>> Instantiate(
+    ffi::Span<const int64_t> pre_padding, ffi::Span<const int64_t> post_padding,
+    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation, int64_t flip,
+    std::string_view layout, std::string_view compute_dtype, std::string_view algo,
+    int64_t deterministic, int64_t allow_tf32) {
+  return Guarded(PassName(pass), [&]() -> ffi::ErrorOr<std::unique_ptr<ConvState>> {
+    auto state = std::make_unique<ConvState>();
+    ffi::Error error = ParseConfig(pass, pre_padding, post_padding, strides, dilation, flip, layout,
+                                   compute_dtype, algo, deterministic, allow_tf32, &state->config);
+    if (error.failure()) return ffi::Unexpected(std::move(error));
+    return state;
+  });
+}
+
+// The image, kernel and forward-output buffers of a call, whichever pass it is.
+struct CallBuffers {
+  ffi::AnyBuffer image, kernel, output;
+};
+
+CallBuffers Arrange(Pass pass, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::AnyBuffer result) {
+  switch (pass) {
+    case Pass::kFwd: return {first, second, result};
+    case Pass::kBwdData: return {result, first, second};
+    default: return {first, result, second};
+  }
+}
+
+bool AnyEmpty(const CallBuffers& c) {
+  return HasZeroSize(c.image.dimensions()) || HasZeroSize(c.kernel.dimensions()) ||
+         HasZeroSize(c.output.dimensions());
+}
+
+ffi::Error Initialize(cudaStream_t stream, int device, ConvState* state, ffi::AnyBuffer first,
+                      ffi::AnyBuffer second, ffi::AnyBuffer result, ffi::AnyBuffer workspace) {
+  const ConvConfig& c = state->config;
+  const char* op = PassName(c.pass);
+  return Guarded(op, [&]() -> ffi::Error {
+    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
+    CallBuffers call = Arrange(c.pass, first, second, result);
+    if (!state->plan.empty() || AnyEmpty(call)) return ffi::Error::Success();
+    size_t rank = call.image.dimensions().size();
+    if (rank != c.strides.size() + 2 || call.kernel.dimensions().size() != rank ||
+        call.output.dimensions().size() != rank)
+      return InvalidArgument(op, "buffers of ranks that do not match the spatial parameters");
+    for (const auto& buffer : {call.kernel, call.output})
+      if (buffer.element_type() != call.image.element_type())
+        return InvalidArgument(op, "image, kernels and output must share one dtype");
+    ConvBuffers b{ShapeOf(call.image.dimensions(), c.layout),
+                  ShapeOf(call.kernel.dimensions(), Layout::kChannelsFirst),
+                  ShapeOf(call.output.dimensions(), c.layout), fe::DataType_t::NOT_SET};
+    JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(call.image.element_type()), &b.io_type));
+    fe::DataType_t compute_type;
+    JAXDNN_RETURN_IF_ERROR(FrontendType(op, c.compute_dtype, &compute_type));
+    int64_t workspace_bytes = static_cast<int64_t>(workspace.size_bytes());
+    int64_t element_size = static_cast<int64_t>(ffi::ByteWidth(call.image.element_type()));
+
+    int cc_major = 0, cc_minor = 0;
+    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+    // Everything that shapes the plan. The persisted (on-disk) key leaves out the device
+    // ordinal, so that every device of one model shares a timed result.
+    CacheKey persisted_key;
+    persisted_key.Add(op).Add(static_cast<int64_t>(cudnnGetVersion())).Add(cc_major * 10 + cc_minor)
+        .Add(DtypeName(call.image.element_type())).Add(c.compute_dtype)
+        .AddAll(b.image.dims).AddAll(b.image.strides).AddAll(b.kernel.dims)
+        .AddAll(b.output.dims).AddAll(b.output.strides).AddAll(c.pre_padding)
+        .AddAll(c.post_padding).AddAll(c.strides).AddAll(c.dilation)
+        .Add(static_cast<int64_t>(c.flip)).Add(c.algo).Add(static_cast<int64_t>(c.deterministic))
+        .Add(static_cast<int64_t>(c.allow_tf32)).Add(workspace_bytes);
+    CacheKey key = persisted_key;
+    key.Add(device);
+
+    BorrowedCudnnHandle handle(op, device, stream);
+    JAXDNN_RETURN_IF_ERROR(handle.error());
+    std::shared_ptr<const ConvPlan> plan;
+    JAXDNN_RETURN_IF_ERROR(PlanCache().GetOrBuild(
+        key,
+        [&](ConvPlan* p) {
+          return BuildPlan(op, handle.get(), c, b, compute_type, workspace_bytes, element_size,
+                           persisted_key.str(), p);
+        },
+        &plan));
+    state->plan.Set(std::move(plan));
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBuffer first,
+                   ffi::AnyBuffer second, ffi::AnyBuffer result, ffi::AnyBuffer workspace) {
+  const char* op = PassName(state->config.pass);
+  CallBuffers call = Arrange(state->config.pass, first, second, result);
+  if (AnyEmpty(call)) {
+    // An empty reduction (no images, no channels, no output pixels) gives zeros.
+    if (result.size_bytes() > 0)
+      JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMemsetAsync(result.untyped_data(), 0, result.size_bytes(), stream));
+    return ffi::Error::Success();
+  }
+  BorrowedCudnnHandle handle(op, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
+  const ConvPlan* plan;
+  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->plan, &plan));
+  std::unordered_map<int64_t, void*> pack = {{kImageUid, call.image.untyped_data()},
+                                             {kKernelUid, call.kernel.untyped_data()},
+                                             {kOutputUid, call.output.untyped_data()}};
+  std::lock_guard<std::mutex> lock(plan->execute_mutex);
+  auto status = plan->plan_index < 0
+                    ? plan->graph->execute(handle.get(), pack, workspace.untyped_data())
+                    : plan->graph->execute_plan_at_index(handle.get(), pack, workspace.untyped_data(),
+                                                         plan->plan_index);
+  if (status.is_bad()) return FrontendError(op, "execute", status);
+  return ffi::Error::Success();
+}
+
+// Stream, device, State, two operands, the result and the workspace, then the attributes.
+template <typename Binding>
+auto WithAttributes(Binding binding) {
+  return std::move(binding).template Attr<ffi::Span<const int64_t>>("pre_padding")
+      .template Attr<ffi::Span<const int64_t>>("post_padding")
+      .template Attr<ffi::Span<const int64_t>>("strides")
+      .template Attr<ffi::Span<const int64_t>>("dilation")
+      .template Attr<int64_t>("flip")
+      .template Attr<std::string_view>("layout")
+      .template Attr<std::string_view>("compute_dtype")
+      .template Attr<std::string_view>("algo")
+      .template Attr<int64_t>("deterministic")
+      .template Attr<int64_t>("allow_tf32");
+}
+
+template <ffi::ExecutionStage stage>
+auto Binding() {
+  return WithAttributes(LegacyOpBinding<ConvState, stage, 2>().template Ret<ffi::AnyBuffer>());
+}
+
+// The attributes only shape the State (instantiate); the stages read them from there.
+#define JAXDNN_CONV_STAGE_PARAMETERS                                                       \
+  cudaStream_t stream, int device, ConvState *state, ffi::AnyBuffer first,                 \
+      ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,                           \
+      ffi::Result<ffi::AnyBuffer> workspace, ffi::Span<const int64_t>,                     \
+      ffi::Span<const int64_t>, ffi::Span<const int64_t>, ffi::Span<const int64_t>, int64_t, \
+      std::string_view, std::string_view, std::string_view, int64_t, int64_t
+
+ffi::Error InitializeStage(JAXDNN_CONV_STAGE_PARAMETERS) {
+  return Initialize(stream, device, state, first, second, *result, *workspace);
+}
+
+ffi::Error ExecuteStage(JAXDNN_CONV_STAGE_PARAMETERS) {
+  return Execute(stream, device, state, first, second, *result, *workspace);
+}
+
+XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, Instantiate<Pass::kFwd>, WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, Instantiate<Pass::kBwdData>, WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdFilterInstantiate, Instantiate<Pass::kBwdFilter>, WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kConvInitialize, InitializeStage, (Binding<kInitializeStage>()));
+XLA_FFI_DEFINE_HANDLER(kConvExecute, ExecuteStage, (Binding<kExecuteStage>()),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace
+
+void AddConvHandlers(Registry& registry) {
+  registry.state_types.push_back({"jaxdnn_conv_state", &ConvState::id, &kConvStateInfo});
+  registry.handlers.push_back({"jaxdnn_conv_fwd", kFwdInstantiate, kConvInitialize, kConvExecute});
+  registry.handlers.push_back({"jaxdnn_conv_bwd_data", kBwdDataInstantiate, kConvInitialize, kConvExecute});
+  registry.handlers.push_back({"jaxdnn_conv_bwd_filter", kBwdFilterInstantiate, kConvInitialize, kConvExecute});
+}
+
+}  // namespace jaxdnn
+
+#else  // no cudnn-frontend headers at build time: convolution runs on the XLA path
+
+namespace jaxdnn {
+void AddConvHandlers(Registry&) {}
+}  // namespace jaxdnn
+
+#endif
