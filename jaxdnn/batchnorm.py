@@ -30,10 +30,9 @@ is folded into the channel axis (spatial mode) or the feature axes (per-activati
 1), never into N: B instances of C channels are one call with B*C channels. Inference
 with only the image vmapped folds into N instead (the statistics are given).
 
-The cuDNN handlers ('jaxdnn_bn_fwd_train', 'jaxdnn_bn_fwd_infer', 'jaxdnn_bn_bwd') are not
-built yet: `choose_impl` sends every call to the XLA reference path
-(jaxdnn/reference/batchnorm.py) until the extension registers them, and `dnn.enabled=True`
-raises for it.
+On CUDA the primitives run cuDNN's legacy batch-norm calls (cuda/batchnorm.cc) where that
+measured at least as fast as XLA's fusion of the reference (jaxdnn/reference/batchnorm.py),
+and the reference elsewhere; see `_xla_is_faster`. dnn.enabled=True forces cuDNN.
 """
 from __future__ import annotations
 
@@ -80,6 +79,14 @@ def _bwd_abstract(x, dy, gamma, mean, invstd, **params):
 
 def _attributes(*, mode, layout, epsilon):
     return dict(mode=mode, layout=layout, epsilon=np.float64(epsilon))
+
+
+def _xla_is_faster(layout: str, dtype) -> bool:
+    """'auto' keeps cuDNN only where it measured at least as fast as XLA's fusion (H100,
+    N64 C256 28², BENCHMARKS.md): channels-first float32 (fwd+bwd 1.02x) and float64
+    (unmeasured, kept on cuDNN). Channels-last ran 15-30x slower (cuDNN's legacy spatial
+    kernels read NHWC with strides) and channels-first bfloat16 0.79x."""
+    return layout in CHANNELS_LAST.values() or jnp.dtype(dtype).itemsize < 4
 
 
 def _feature_axis(mode: str, layout: str, ndim: int) -> int:
@@ -366,7 +373,7 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
                          f"statistic in mode={mode!r}; running_var needs m >= 2 (it scales the "
                          "variance by m / (m - 1))")
     pdtype = reference.compute_dtype(x.dtype)
-    impl = choose_impl(op, ffi_targets=TRAIN_FFI_TARGETS)
+    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS)
     prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
     out, mean, invstd = _bn_train(_to_primitive(x, unit_axes, x.dtype),
                                   _to_primitive(gamma, unit_axes, pdtype),
@@ -402,7 +409,7 @@ def dnn_batch_normalization_test(inputs, gamma, beta, mean, var, mode: str = "pe
         op, mode, inputs, data_format, epsilon,
         {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
     pdtype = reference.compute_dtype(x.dtype)
-    impl = choose_impl(op, ffi_targets=INFER_FFI_TARGETS)
+    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS)
     args = [_to_primitive(x, unit_axes, x.dtype)] + [
         _to_primitive(p, unit_axes, pdtype) for p in (gamma, beta, mean, var)]
     out = _bn_infer(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)

@@ -177,10 +177,11 @@ _sample.defvjp(_sample_fwd, _sample_bwd)
 
 
 def _implementations(op: str) -> tuple[str, str, bool]:
-    """(forward impl, sampler-backward impl, deterministic). No measurements yet: 'auto'
-    takes cuDNN wherever its handlers exist. Under dnn.deterministic the sampler backward
-    runs on the deterministic XLA path whatever dnn.enabled says (cuDNN's is not
-    reproducible); the grid generator and the forward sampler stay where they are."""
+    """(sampler-forward impl, impl of the reductions, deterministic). 'auto' takes cuDNN
+    wherever its handlers exist. Under dnn.deterministic the sampler backward and the grid
+    generator (whose backward is a reduction over the grid, for which cuDNN documents no
+    reproducibility guarantee either) run on the deterministic XLA path whatever
+    dnn.enabled says; the forward sampler stays where it is."""
     impl = choose_impl(op, ffi_targets=FFI_TARGETS)
     deterministic = bool(config.read("dnn.deterministic"))
     return impl, ("xla" if deterministic else impl), deterministic
@@ -272,8 +273,8 @@ def dnn_affine_grid(theta, out_dims):
         raise ValueError(f"{op}: out_dims={out_dims} has N={out_dims[0]} but theta holds "
                          f"{theta.shape[0]} matrices (shape {tuple(theta.shape)})")
     dtype, work = _working_dtype(theta)
-    impl, _, _ = _implementations(op)
-    return _affine_grid(theta.astype(work), out_dims, impl).astype(dtype)
+    _, grid_impl, _ = _implementations(op)
+    return _affine_grid(theta.astype(work), out_dims, grid_impl).astype(dtype)
 
 
 def dnn_grid_sampler(img, grid):
@@ -326,5 +327,5 @@ def dnn_spatialtf(img, theta, scale_width=1, scale_height=1):
     out_dims = (n, c, math.ceil(height * sh), math.ceil(width * sw))
     dtype, work = _working_dtype(img, theta)
     impls = _implementations(op)
-    grid = _affine_grid(theta.astype(work), out_dims, impls[0])
+    grid = _affine_grid(theta.astype(work), out_dims, impls[1])
     return _grid_sampler(img.astype(work), grid, impls).astype(dtype)

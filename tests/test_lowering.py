@@ -39,7 +39,10 @@ def test_extension_is_loaded_and_registers_every_target():
     assert _extension.extension() is not None, _extension.unavailable_reason()
     names = set(_extension.extension().registrations())
     assert names == {"jaxdnn_softmax_fwd", "jaxdnn_softmax_bwd", "jaxdnn_pool_fwd",
-                     "jaxdnn_pool_bwd", "jaxdnn_pool_bwd_linear"}
+                     "jaxdnn_pool_bwd", "jaxdnn_pool_bwd_linear", "jaxdnn_conv_fwd",
+                     "jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter", "jaxdnn_bn_fwd_train",
+                     "jaxdnn_bn_fwd_infer", "jaxdnn_bn_bwd", "jaxdnn_stn_grid_fwd",
+                     "jaxdnn_stn_grid_bwd", "jaxdnn_stn_sampler_fwd", "jaxdnn_stn_sampler_bwd"}
     stages = _extension.extension().registrations()["jaxdnn_pool_fwd"]
     assert set(stages) == {"instantiate", "initialize", "execute"}
     assert _extension.compiled_version() // 10000 == 9
@@ -147,11 +150,116 @@ def test_flag_change_retraces_a_jitted_function():
         np.testing.assert_allclose(f(x), np.full(x.shape, 1 / 3), rtol=1e-6)
 
 
-def test_convolution_runs_on_xla_until_its_handlers_exist():
-    # The cuDNN convolution handlers are not built yet: 'auto' lowers to XLA's convolution.
+def test_convolution_passes_attributes_and_workspace(cudnn_forced):
     x, w = jnp.ones((2, 4, 8, 8), jnp.float32), jnp.ones((6, 2, 3, 3), jnp.float32)
-    text = cuda_hlo(jax.grad(lambda x, w: jaxdnn.dnn_conv(x, w, num_groups=2).sum(), (0, 1)), x, w)
+    f = lambda x, w: jaxdnn.dnn_conv(x, w, border_mode=(1, 2), subsample=(2, 1), num_groups=2,
+                                     conv_mode="cross").sum()
+    text = cuda_hlo(f, x, w)
+    ((target, attrs),) = custom_calls(text)
+    assert target == "jaxdnn_conv_fwd"
+    for expected in ["pre_padding = dense<[1, 2]> : tensor<2xi64>",
+                     "post_padding = dense<[1, 2]> : tensor<2xi64>",
+                     "strides = dense<[2, 1]> : tensor<2xi64>", "dilation = dense<1> : tensor<2xi64>",
+                     "flip = 0 : i64", 'layout = "NCHW"', 'compute_dtype = "float32"',
+                     'algo = "small"', "deterministic = 0 : i64", "allow_tf32 = 1 : i64"]:
+        assert expected in attrs, expected
+    # The workspace: the 64 MiB granted to 'small', as a trailing u8 result.
+    assert f"tensor<{64 << 20}xui8>" in text
+    # A linear op's gradient needs only the transposes: backward data and backward filter.
+    calls = custom_calls(cuda_hlo(jax.grad(f, (0, 1)), x, w))
+    assert sorted(c[0] for c in calls) == ["jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter"]
+    assert all('algo = "none"' in c[1] for c in calls)  # the backward flags' defaults
+
+
+def test_convolution_algo_tf32_and_workspace_policy(cudnn_forced):
+    x, w = jnp.ones((1, 2, 6, 6), jnp.float32), jnp.ones((3, 2, 3, 3), jnp.float32)
+    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, algo="large"), x, w)
+    assert 'algo = "large"' in text and f"tensor<{1 << 30}xui8>" in text
+    with jaxdnn.config.override(**{"dnn.conv.workspace_limit": 1 << 20}):
+        text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, algo="time_once"), x, w)
+    assert 'algo = "time_once"' in text and f"tensor<{1 << 20}xui8>" in text
+    with jax.default_matmul_precision("highest"):
+        text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w), x, w)
+    assert "allow_tf32 = 0 : i64" in text
+    with jaxdnn.config.override(**{"dnn.deterministic": True}):
+        text = cuda_hlo(jax.grad(lambda x: jaxdnn.dnn_conv(x, w).sum()), x)
+    assert "deterministic = 1 : i64" in text
+
+
+def test_convolution_1d_and_3d_channels_last_lower_to_cudnn(cudnn_forced):
+    x, w = jnp.ones((2, 9, 4), jnp.float16), jnp.ones((5, 4, 3), jnp.float16)
+    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, data_format="NHWC"), x, w)
+    assert 'layout = "NWC"' in text and 'compute_dtype = "float32"' in text
+    assert "tensor<2x7x5xf16>" in text
+    x, w = jnp.ones((1, 4, 4, 4, 2), jnp.float32), jnp.ones((3, 2, 2, 2, 2), jnp.float32)
+    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv3d(x, w, data_format="NDHWC"), x, w)
+    assert 'layout = "NDHWC"' in text and "tensor<1x3x3x3x3xf32>" in text
+
+
+def test_auto_convolution_takes_cudnn_for_channels_first_layouts():
+    # BENCHMARKS.md: channels-first cuDNN convolutions tie or beat XLA (transposed ones by
+    # far); channels-last ones lost to XLA, which reorders the kernels.
+    x, w = jnp.ones((1, 2, 6, 6), jnp.float32), jnp.ones((3, 2, 3, 3), jnp.float32)
+    calls = custom_calls(cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w), x, w))
+    assert [c[0] for c in calls] == ["jaxdnn_conv_fwd"]
+    x = jnp.ones((1, 6, 6, 2), jnp.float32)
+    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, data_format="NHWC"), x, w)
     assert custom_calls(text) == [] and "stablehlo.convolution" in text
+
+
+def test_convolution_without_cudnn_engines_for_its_precision_takes_xla(cudnn_forced):
+    # cuDNN computes float32 data in float32 only: precision='float64' goes to XLA.
+    x, w = jnp.ones((1, 2, 6, 6), jnp.float32), jnp.ones((3, 2, 3, 3), jnp.float32)
+    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, precision="float64"), x, w)
+    assert custom_calls(text) == [] and "stablehlo.convolution" in text
+
+
+def test_batch_norm_custom_calls_and_attributes(cudnn_forced):
+    x = jnp.ones((4, 3, 5, 5), jnp.float16)
+    gamma = beta = jnp.ones((1, 3, 1, 1), jnp.float32)
+    def loss(x, gamma, beta):
+        out, mean, invstd = jaxdnn.dnn_batch_normalization_train(x, gamma, beta, "spatial", 1e-4)
+        return out.astype(jnp.float32).sum()
+    text = cuda_hlo(jax.grad(loss, (0, 1, 2)), x, gamma, beta)
+    calls = custom_calls(text)
+    assert [c[0] for c in calls] == ["jaxdnn_bn_fwd_train", "jaxdnn_bn_bwd"]
+    assert 'mode = "spatial"' in calls[0][1] and 'layout = "NCHW"' in calls[0][1]
+    assert "epsilon = 1.000000e-04 : f64" in calls[0][1]
+    # half-precision images: float32 parameters and statistics
+    assert "-> (tensor<4x3x5x5xf16>, tensor<1x3x1x1xf32>, tensor<1x3x1x1xf32>)" in text
+    text = cuda_hlo(lambda x, g, b: jaxdnn.dnn_batch_normalization_test(x, g, b, g, b, "spatial"), x, gamma, beta)
+    assert [c[0] for c in custom_calls(text)] == ["jaxdnn_bn_fwd_infer"]
+
+
+def test_auto_batch_norm_takes_cudnn_for_channels_first_float32():
+    # BENCHMARKS.md: cuDNN's legacy batch norm ties XLA's fusion on NCHW float32 and loses
+    # on channels-last and on bfloat16.
+    def targets(x, layout):
+        c = x.shape[1] if layout == "NCHW" else x.shape[-1]
+        shape = (1, c, 1, 1) if layout == "NCHW" else (1, 1, 1, c)
+        g = jnp.ones(shape, jnp.float32)
+        f = lambda x: jaxdnn.dnn_batch_normalization_train(x, g, g, "spatial",
+                                                           data_format=layout)[0]
+        return [c[0] for c in custom_calls(cuda_hlo(f, x))]
+    assert targets(jnp.ones((2, 3, 4, 4), jnp.float32), "NCHW") == ["jaxdnn_bn_fwd_train"]
+    assert targets(jnp.ones((2, 4, 4, 3), jnp.float32), "NHWC") == []
+    assert targets(jnp.ones((2, 3, 4, 4), jnp.bfloat16), "NCHW") == []
+
+
+def test_spatial_transformer_custom_calls(cudnn_forced):
+    img = jnp.ones((2, 3, 8, 8), jnp.float32)
+    theta = jnp.tile(jnp.asarray([[1.0, 0, 0], [0, 1, 0]]), (2, 1, 1))
+    f = lambda img, theta: jaxdnn.dnn_spatialtf(img, theta, 0.5, 0.5).sum()
+    calls = custom_calls(cuda_hlo(jax.value_and_grad(f, (0, 1)), img, theta))
+    assert sorted(c[0] for c in calls) == ["jaxdnn_stn_grid_bwd", "jaxdnn_stn_grid_fwd",
+                                           "jaxdnn_stn_sampler_bwd", "jaxdnn_stn_sampler_fwd"]
+    grid_call = next(c for c in calls if c[0] == "jaxdnn_stn_grid_fwd")
+    assert "out_dims = dense<[2, 3, 4, 4]> : tensor<4xi64>" in grid_call[1]
+    # dnn.deterministic: cuDNN's atomic reductions (sampler and grid backward) are replaced
+    # by the XLA path; the forward sampler stays on cuDNN.
+    with jaxdnn.config.override(**{"dnn.deterministic": True}):
+        calls = custom_calls(cuda_hlo(jax.value_and_grad(f, (0, 1)), img, theta))
+    assert [c[0] for c in calls] == ["jaxdnn_stn_sampler_fwd"]
 
 
 def test_workspace_is_an_explicit_u8_result_dropped_after_the_call(monkeypatch):

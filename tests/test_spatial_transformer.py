@@ -639,11 +639,11 @@ def test_cuda_lowering_once_the_handlers_exist(handlers_present):
     # bfloat16 reaches the handlers as float32
     text = _cuda_hlo(loss, img.astype(jnp.bfloat16), theta.astype(jnp.bfloat16))
     assert "(tensor<2x2x3xf32>) -> tensor<2x2x8x2xf32>" in text
-    # under dnn.deterministic the sampler backward stays on XLA, without a scatter
+    # under dnn.deterministic the reductions (sampler backward, grid generator) stay on
+    # XLA, without a scatter
     with _deterministic():
         text = _cuda_hlo(jax.value_and_grad(loss, argnums=(0, 1)), img, theta)
-    assert _stn_calls(text) == ["jaxdnn_stn_grid_fwd", "jaxdnn_stn_sampler_fwd",
-                                "jaxdnn_stn_grid_bwd"]
+    assert _stn_calls(text) == ["jaxdnn_stn_sampler_fwd"]
     assert "scatter" not in text
 
 
@@ -756,19 +756,25 @@ def test_gpu_vmap_and_vmap_of_grad(rng, in_axes):
 @pytest.mark.gpu
 def test_gpu_deterministic_sampler_backward_is_bitwise_reproducible():
     """Runs with or without the handlers: under dnn.deterministic the sampler backward is
-    the scatter-free XLA path on the GPU, where a scatter-add would use atomics."""
+    the scatter-free XLA path on the GPU, where a scatter-add would use atomics, and so is
+    the grid generator. One compiled function, run three times: separate compilations may
+    legitimately differ in the last bits (XLA autotunes the grid's matrix product anew
+    each time and may pick another split), atomics would differ from run to run."""
     if not _extension.has_targets(*FFI_TARGETS):
         jaxdnn.config.update("dnn.enabled", False)
     img, theta, dout = _determinism_inputs(shape=(16, 32, 64, 64), scale=2)
-    results = []
-    for _ in range(3):
-        with _deterministic():
-            grad = _grad_fn(scale=2)
-            assert "scatter" not in grad.lower(img, theta, dout).as_text()
-            results.append([np.asarray(g) for g in grad(img, theta, dout)])
+    with _deterministic():
+        grad = _grad_fn(scale=2)
+        text = grad.lower(img, theta, dout).as_text()
+        assert "scatter" not in text and "jaxdnn_stn_sampler_bwd" not in text
+        results = [[np.asarray(g) for g in grad(img, theta, dout)] for _ in range(3)]
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert np.array_equal(a, b)
-    default = _grad_fn(scale=2)(img, theta, dout)
-    for a, b in zip(results[0], default):
-        assert_close(a, b, "float32", factor=10)
+    default_img, default_theta = _grad_fn(scale=2)(img, theta, dout)
+    assert_close(results[0][0], default_img, "float32", factor=10)
+    # dtheta sums over every sample point: where the two paths' grids differ by rounding
+    # a point may cross a pixel edge (a kink of bilinear sampling), so compare the sums as
+    # a whole rather than elementwise
+    difference = np.linalg.norm(results[0][1] - np.asarray(default_theta))
+    assert difference <= 1e-2 * np.linalg.norm(np.asarray(default_theta))
