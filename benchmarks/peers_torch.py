@@ -1,9 +1,11 @@
-"""PyTorch peer timings for the cases of `jaxdnn.bench`: torch.softmax and
-torch.nn.functional max/avg pooling on the same shapes, dtypes and layouts, forward and
-forward+backward (autograd.grad of the output with a fixed random cotangent), with
-torch.backends.cudnn.benchmark on, timed with CUDA events (median of repeats).
+"""PyTorch peer timings for the cases of `jaxdnn.bench`: torch.softmax, F.max/avg pooling,
+F.conv{1,2,3}d and F.conv_transpose{1,2,3}d, F.batch_norm (training) and F.affine_grid +
+F.grid_sample, on the same inputs (`bench.inputs`), shapes, dtypes and layouts, forward and
+forward+backward (autograd.grad of the output with respect to every input, for a fixed
+random cotangent), with torch.backends.cudnn.benchmark on, timed with CUDA events (median
+of repeats).
 
-    python benchmarks/peers_torch.py [--size full|small] [--repeats N]
+    python benchmarks/peers_torch.py [ops...] [--size full|small] [--repeats N]
 
 Prints one JSON row per (case, pass) with a torch_ms field. Without PyTorch or CUDA it
 says so and exits with status 0. benchmarks/run.py imports it to put PyTorch beside
@@ -16,6 +18,8 @@ import json
 import os
 import statistics
 import sys
+
+import numpy as np
 
 # JAX (imported for the case list) must not grab most of the GPU memory before PyTorch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -60,24 +64,40 @@ def time_torch_ms(fn, repeats: int, calls: int) -> float:
     return statistics.median(samples)
 
 
-def _input(case: bench.Case):
-    """The case's input as PyTorch sees it: always logically channels-first; a
-    channels-last layout becomes PyTorch's channels_last memory format."""
+def _memory_format(layout: str):
+    """PyTorch's memory format for a channels-last image layout; None for channels-first
+    ones and for 2-D (N, C) rows."""
     import torch
-    dtype = getattr(torch, case.dtype)
-    if case.layout in ("NC", "NCHW", "NCDHW"):
-        return torch.randn(case.shape, device="cuda", dtype=dtype)
-    n, *spatial, c = case.shape
-    x = torch.randn((n, c, *spatial), device="cuda", dtype=dtype)
-    fmt = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
-    return x.to(memory_format=fmt)
+    return {"NHWC": torch.channels_last, "NDHWC": torch.channels_last_3d}.get(layout)
 
 
-def _forward(case: bench.Case):
+def _inputs(case: bench.Case) -> list:
+    """The case's inputs (`bench.inputs`, the values JAX gets) as CUDA tensors in PyTorch's
+    conventions: the image logically channels-first, held in channels_last memory where the
+    case's layout is channels-last, and then a convolution's kernels channels_last too (as
+    `model.to(memory_format=torch.channels_last)` leaves them)."""
     import torch
+    image, *operands = (
+        # from_numpy takes no bfloat16 (ml_dtypes) array: through float32, which holds the
+        # values exactly.
+        torch.from_numpy(np.asarray(array, np.float32)).to("cuda", getattr(torch, dtype))
+        for array, (_, dtype) in zip(bench.inputs(case), case.inputs))
+    memory_format = _memory_format(case.layout)
+    if memory_format is None:
+        return [image, *operands]
+    image = image.movedim(-1, 1)  # (N, ..., C) as (N, C, ...): channels_last strides already
+    if case.op == "conv":
+        operands = [w.contiguous(memory_format=memory_format) for w in operands]
+    return [image, *operands]
+
+
+def _softmax(case: bench.Case):
+    import torch
+    return lambda x: torch.softmax(x, dim=1)
+
+
+def _pool(case: bench.Case):
     import torch.nn.functional as F
-    if case.op == "softmax":
-        return lambda x: torch.softmax(x, dim=1)
     p = case.params
     nd = len(p["ws"])
     args = (p["ws"], p["stride"], p["pad"])
@@ -90,21 +110,61 @@ def _forward(case: bench.Case):
     raise ValueError(f"no PyTorch peer for pooling mode {p['mode']!r}")
 
 
+def _conv(case: bench.Case):
+    """F.conv{1,2,3}d of (image, kernels); for a transposed convolution,
+    F.conv_transpose{1,2,3}d of (dy, kernels): PyTorch's transposed-convolution weights
+    are (in_channels, out_channels, k...), the forward convolution's (K, C, k...)."""
+    import torch.nn.functional as F
+    p = case.params
+    nd = len(p["stride"])
+    if p.get("transposed"):
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    else:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return lambda x, w: conv(x, w, stride=p["stride"], padding=p["pad"])
+
+
+def _batchnorm(case: bench.Case):
+    """Training batch norm with no running statistics; gamma and beta (the cases' (1, C, 1, 1)
+    or (1, 1, 1, C)) as the (C,) vectors PyTorch takes."""
+    import torch.nn.functional as F
+    epsilon = case.params["epsilon"]
+    return lambda x, gamma, beta: F.batch_norm(x, None, None, gamma.reshape(-1),
+                                               beta.reshape(-1), training=True, eps=epsilon)
+
+
+def _stn(case: bench.Case):
+    import torch.nn.functional as F
+
+    def transform(img, theta):
+        grid = F.affine_grid(theta, img.shape, align_corners=True)
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)
+
+    return transform
+
+
+# Each op's forward, a function of the case's inputs in `_inputs`' conventions.
+_FORWARDS = {"softmax": _softmax, "pool": _pool, "conv": _conv, "batchnorm": _batchnorm,
+             "stn": _stn}
+
+
 def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
     import torch
-    forward = _forward(case)
-    x = _input(case)
-    if pass_ == "fwd":  # x needs no gradient, so autograd records nothing
+    forward = _FORWARDS[case.op](case)
+    inputs = _inputs(case)
+    if pass_ == "fwd":  # no input needs a gradient, so autograd records nothing
         def step():
-            return forward(x)
+            return forward(*inputs)
     else:
-        x.requires_grad_(True)
+        for tensor in inputs:
+            tensor.requires_grad_(True)
         with torch.no_grad():
-            cotangent = torch.randn_like(forward(x))  # keeps the output's memory format
+            cotangent = torch.randn_like(forward(*inputs))  # keeps the output's memory format
 
         def step():
-            y = forward(x)
-            return y, torch.autograd.grad(y, x, cotangent)[0]
+            y = forward(*inputs)
+            return y, torch.autograd.grad(y, inputs, cotangent)
     return time_torch_ms(step, repeats, calls)
 
 
@@ -112,6 +172,12 @@ def run(cases, repeats: int = 5, calls: int = bench.CALLS["full"], progress=None
     """One row per (case, pass): the case's identifying fields and torch_ms."""
     import torch
     torch.backends.cudnn.benchmark = True
+    # TF32 for float32 convolutions and matmuls, as each framework computes them by default:
+    # XLA and jaxdnn convolve float32 on TF32 tensor cores (jax_default_matmul_precision
+    # unset), and so do PyTorch's cuDNN convolutions (cudnn.allow_tf32 is on by default);
+    # its matmuls take TF32 only when asked, which this asks for the same footing.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     steps = [(case, pass_) for case in cases for pass_ in bench.PASSES]
     rows = []
     for done, (case, pass_) in enumerate(steps):

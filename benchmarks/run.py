@@ -1,7 +1,7 @@
 """The full benchmark for the GPU script: jaxdnn, XLA and (where it runs) PyTorch side by
 side, in one process on one card.
 
-    python benchmarks/run.py [OUT_DIR] [--size full|small] [--repeats N]
+    python benchmarks/run.py [OUT_DIR] [--size full|small] [--repeats N] [--ops OP ...]
 
 Writes OUT_DIR/bench.json (environment + rows) and OUT_DIR/bench.md (a Markdown table);
 OUT_DIR defaults to bench-logs. Rows are those of `jaxdnn bench` plus torch_ms (None
@@ -29,20 +29,22 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", nargs="?", default="bench-logs")
     parser.add_argument("--size", choices=bench.SIZES, default="full")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ops", nargs="+", choices=bench.OPS, default=None,
+                        help="the ops to time (default: all)")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     progress = ProgressBar(sys.stderr)
 
     info = collect_info()
     bandwidth = bench.measure_bandwidth() if bench.on_gpu() else None
-    rows = bench.run(size=args.size, repeats=args.repeats, progress=progress,
+    rows = bench.run(ops=args.ops, size=args.size, repeats=args.repeats, progress=progress,
                      bandwidth_gbs=bandwidth)
 
     torch_reason = peers_torch.unavailable_reason()
     torch_ms = {}
     if torch_reason is None:
         info["torch"] = peers_torch.torch_versions()
-        torch_rows = peers_torch.run(bench.cases(args.size), args.repeats,
+        torch_rows = peers_torch.run(bench.cases(args.size, args.ops), args.repeats,
                                      bench.CALLS[args.size], progress)
         torch_ms = {peers_torch.row_key(r): r["torch_ms"] for r in torch_rows}
     else:

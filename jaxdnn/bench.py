@@ -2,11 +2,12 @@
 
     rows = jaxdnn.bench.run(["softmax"], size="small")
 
-A case is one op on one shape, dtype and layout, timed for two passes: 'fwd' (the op)
-and 'fwd+bwd' (`jax.vjp` of the op applied to a fixed random cotangent, returning the
-output and the input gradient, as a training step needs both). Both sides are jitted,
-warmed up (compile + 3 calls) and timed as the median over `repeats` repeats of `calls`
-back-to-back calls, each repeat ending in `jax.block_until_ready`.
+A case is one op on one set of input shapes, dtypes and a layout, timed for two passes:
+'fwd' (the op) and 'fwd+bwd' (`jax.vjp` of the op over all its inputs applied to a fixed
+random cotangent, returning the output and the gradient of every input, as a training
+step needs them all). Both sides are jitted, warmed up (compile + 3 calls) and timed as
+the median over `repeats` repeats of `calls` back-to-back calls, each repeat ending in
+`jax.block_until_ready`.
 
 `jaxdnn bench` (jaxdnn/cli.py) prints these rows; benchmarks/run.py adds PyTorch.
 """
@@ -26,13 +27,13 @@ import numpy as np
 from jax import lax
 
 import jaxdnn
-from jaxdnn.layout import spatial_axes
+from jaxdnn.layout import channel_axis, is_channels_last, spatial_axes
 
-__all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "build", "run",
-           "time_ms", "measure_bandwidth", "lowered_path", "default_size", "on_gpu",
+__all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
+           "run", "time_ms", "measure_bandwidth", "lowered_path", "default_size", "on_gpu",
            "format_table"]
 
-OPS = ("softmax", "pool")
+OPS = ("softmax", "pool", "conv", "batchnorm", "stn")
 SIZES = ("small", "full")
 PASSES = ("fwd", "fwd+bwd")
 # The fields of a result row, in order; hbm_* are None off GPU.
@@ -46,34 +47,97 @@ FIELDS = ("op", "case", "pass", "dtype", "layout", "jaxdnn_ms", "cudnn_ms", "xla
 # preset stays quick on a CPU.
 CALLS = {"small": 5, "full": 20}
 
+# Batch normalization's epsilon: cuDNN's smallest, as the anchors used.
+BN_EPSILON = 1e-5
+
 
 @dataclass(frozen=True)
 class Case:
-    op: str                  # 'softmax' or 'pool'
+    op: str                  # one of OPS
     label: str
-    shape: tuple[int, ...]   # of the input, in `layout`
-    dtype: str
-    layout: str              # 'NC' (2-D softmax input), 'NCHW', 'NHWC', 'NCDHW', ...
-    params: dict[str, Any] = field(default_factory=dict)  # dnn_pool's ws, stride, pad, mode
+    shape: tuple[int, ...]   # of the first input, in `layout`: the image (a transposed
+                             # convolution's dy)
+    dtype: str               # of the first input and of the output
+    layout: str              # 'NC' (2-D softmax input), 'NCHW', 'NHWC', 'NCDHW', 'NCW', ...
+    params: dict[str, Any] = field(default_factory=dict)  # the op's own: window, strides, ...
+    # (shape, dtype) of each further differentiable input: convolution kernels, batch
+    # norm's gamma and beta, the spatial transformer's theta.
+    operands: tuple[tuple[tuple[int, ...], str], ...] = ()
+
+    @property
+    def inputs(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """(shape, dtype) of every input, in the order the op's functions take them."""
+        return ((self.shape, self.dtype), *self.operands)
+
+
+def _image_shape(n, c, spatial, layout) -> tuple[int, ...]:
+    return (n, *spatial, c) if is_channels_last(layout) else (n, c, *spatial)
+
+
+def _extent(spatial) -> str:
+    """'56^2' for a square image, '16^3' for a cube, 'L1024' for a sequence, '16x8' else."""
+    if len(spatial) == 1:
+        return f"L{spatial[0]}"
+    if len(set(spatial)) == 1:
+        return f"{spatial[0]}^{len(spatial)}"
+    return "x".join(map(str, spatial))
 
 
 def _softmax_case(n, c, spatial=None, layout="NC", mode="channel"):
     if spatial is None:
         return Case("softmax", f"softmax {n}x{c}", (n, c), "float32", "NC")
-    shape = (n, *spatial, c) if layout == "NHWC" else (n, c, *spatial)
     label = f"softmax {mode} N{n} C{c} {'x'.join(map(str, spatial))}"
-    return Case("softmax", label, shape, "float32", layout, dict(mode=mode))
+    return Case("softmax", label, _image_shape(n, c, spatial, layout), "float32", layout,
+                dict(mode=mode))
 
 
 def _pool_case(mode, ws, stride, pad, n, c, spatial, dtype="float32", layout=None):
     nd = len(spatial)
     layout = layout or ("NCHW" if nd == 2 else "NCDHW")
-    shape = (n, *spatial, c) if layout.endswith("C") else (n, c, *spatial)
     dims = "x".join(map(str, ws))
     label = (f"{mode} {dims}/{stride} pad {pad} N{n} C{c} "
              f"{'x'.join(map(str, spatial))}")
-    return Case("pool", label, shape, dtype, layout,
+    return Case("pool", label, _image_shape(n, c, spatial, layout), dtype, layout,
                 dict(mode=mode, ws=ws, stride=(stride,) * nd, pad=(pad,) * nd))
+
+
+def _conv_case(name, n, c, k, size, kernel, stride, pad, dtype, layout):
+    """A 2-D convolution of c channels into k: image (N, C, H, W) (or channels last),
+    kernels (K, C, kh, kw) in every layout."""
+    stride_text = f"/{stride}" if stride > 1 else ""
+    label = f"{name} {kernel}x{kernel}{stride_text} {c}->{k} {size}^2 N{n}".lstrip()
+    kerns = (k, c, kernel, kernel)
+    return Case("conv", label, _image_shape(n, c, (size, size), layout), dtype, layout,
+                dict(stride=(stride,) * 2, pad=(pad,) * 2), operands=((kerns, dtype),))
+
+
+def _transposed_conv_case(n, c_in, c_out, size, nd, kernel, stride, pad, dtype, layout):
+    """A transposed convolution of c_in channels into c_out: the input gradient of a
+    convolution of c_out channels into c_in (kernels (c_in, c_out, k...)) for its output
+    gradient dy, of `size` on every spatial axis. The case's input is dy."""
+    small = (size,) * nd
+    # The image the forward convolution would take: out = (in - 1) * stride - 2 pad + kernel.
+    big = tuple((s - 1) * stride - 2 * pad + kernel for s in small)
+    label = f"tconv{nd}d {c_in}->{c_out} k{kernel} s{stride} {_extent(small)} N{n}"
+    kerns = (c_in, c_out, *(kernel,) * nd)
+    return Case("conv", label, _image_shape(n, c_in, small, layout), dtype, layout,
+                dict(stride=(stride,) * nd, pad=(pad,) * nd, transposed=True,
+                     image_shape=_image_shape(n, c_out, big, layout)),
+                operands=((kerns, dtype),))
+
+
+def _batchnorm_case(n, c, size, dtype, layout):
+    """Spatial-mode training batch norm. gamma and beta stay float32 for half-precision
+    images, as mixed-precision training keeps its parameters (and cuDNN wants them)."""
+    shape = _image_shape(n, c, (size, size), layout)
+    param = _image_shape(1, c, (1, 1), layout)
+    return Case("batchnorm", f"batchnorm spatial N{n} C{c} {size}^2", shape, dtype, layout,
+                dict(epsilon=BN_EPSILON), operands=((param, "float32"),) * 2)
+
+
+def _stn_case(n, c, size):
+    return Case("stn", f"affine grid + bilinear N{n} C{c} {size}^2", (n, c, size, size),
+                "float32", "NCHW", operands=(((n, 2, 3), "float32"),))
 
 
 def cases(size: str = "small", ops=None) -> list[Case]:
@@ -86,11 +150,17 @@ def cases(size: str = "small", ops=None) -> list[Case]:
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)}; expected among {', '.join(OPS)}")
     full = size == "full"
-    n, c, hw = (64, 64, 112) if full else (4, 8, 32)
-    n3, c3, d3 = (8, 32, 32) if full else (2, 4, 8)
+
+    def pick(full_value, small_value):
+        return full_value if full else small_value
+
+    n, c, hw = pick((64, 64, 112), (4, 8, 32))
+    n3, c3, d3 = pick((8, 32, 32), (2, 4, 8))
     pool2d = dict(ws=(3, 3), stride=2, pad=1, n=n, c=c, spatial=(hw, hw))
+    conv_n = pick(64, 2)
+    bn = dict(n=pick(64, 2), c=pick(256, 8), size=pick(28, 4))
     every = [
-        _softmax_case(*((8192, 4096) if full else (256, 512))),
+        _softmax_case(*pick((8192, 4096), (256, 512))),
         _softmax_case(n, c, (hw // 2, hw // 2), "NCHW"),
         _softmax_case(n, c, (hw // 2, hw // 2), "NHWC"),
         _softmax_case(n, c, (hw // 2, hw // 2), "NCHW", mode="instance"),
@@ -100,6 +170,21 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         _pool_case("max", **pool2d, dtype="float16"),
         _pool_case("max", **pool2d, layout="NHWC"),
         _pool_case("max", (2, 2, 2), 2, 0, n3, c3, (d3, d3, d3)),
+        # name, N, C -> K, size, then kernel, stride, pad
+        _conv_case("res2", conv_n, *pick((64, 64, 56), (4, 4, 8)), 3, 1, 1, "float32", "NHWC"),
+        _conv_case("res4", conv_n, *pick((256, 256, 14), (8, 8, 4)), 3, 1, 1, "bfloat16", "NHWC"),
+        _conv_case("stem", conv_n, *pick((3, 64, 224), (3, 4, 16)), 7, 2, 3, "bfloat16", "NHWC"),
+        _conv_case("", conv_n, *pick((256, 64, 56), (8, 4, 8)), 1, 1, 0, "bfloat16", "NCHW"),
+        # N, C_in -> C_out, size of dy, then spatial dims, kernel, stride, pad
+        _transposed_conv_case(conv_n, *pick((256, 128, 16), (8, 4, 4)), 2, 4, 2, 1,
+                              "float32", "NCHW"),
+        _transposed_conv_case(pick(4, 1), *pick((64, 32, 16), (4, 2, 4)), 3, 4, 2, 1,
+                              "bfloat16", "NCDHW"),
+        _transposed_conv_case(pick(16, 2), *pick((512, 256, 1024), (8, 4, 16)), 1, 16, 8, 4,
+                              "bfloat16", "NCW"),
+        *(_batchnorm_case(**bn, dtype=dtype, layout=layout)
+          for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC")),
+        _stn_case(*pick((64, 32, 128), (2, 4, 8))),
     ]
     return [case for case in every if case.op in ops]
 
@@ -149,44 +234,179 @@ def _pool_functions(case: Case) -> tuple[Callable, Callable]:
     return jaxdnn_pool, xla_pool
 
 
-_FUNCTIONS = {"softmax": _softmax_functions, "pool": _pool_functions}
+def _conv_functions(case: Case) -> tuple[Callable, Callable]:
+    """dnn_conv against lax.conv_general_dilated; for a transposed convolution (inputs dy
+    and w) dnn_gradinput against lax.conv_transpose."""
+    p = case.params
+    nd = len(p["stride"])
+    options = dict(border_mode=p["pad"], subsample=p["stride"], conv_mode="cross",
+                   data_format=case.layout)
+    spatial = case.layout.replace("N", "").replace("C", "")
+    # The kernels are (K, C, spatial...) whatever the images' layout: 'OIHW' and its kin.
+    dimension_numbers = (case.layout, "OI" + spatial, case.layout)
+    if p.get("transposed"):
+        gradinput = jaxdnn.dnn_gradinput3d if nd == 3 else jaxdnn.dnn_gradinput
+        # conv_transpose pads the stride-dilated dy: by kernel - 1 - pad for a forward
+        # convolution padded by `pad` (PyTorch's ConvTranspose padding, as in the anchors).
+        kernel_spatial = case.operands[0][0][2:]
+        dilated_padding = [(k - 1 - pad, k - 1 - pad) for k, pad in zip(kernel_spatial, p["pad"])]
+
+        def jaxdnn_transposed(dy, w):
+            return gradinput(w, dy, p["image_shape"], **options)
+
+        def xla_transposed(dy, w):
+            # transpose_kernel: w holds the forward convolution's kernels, (channels of dy,
+            # channels of the result, k...); XLA flips them and swaps their channel axes.
+            return lax.conv_transpose(dy, w, p["stride"], dilated_padding,
+                                      dimension_numbers=dimension_numbers,
+                                      transpose_kernel=True)
+
+        return jaxdnn_transposed, xla_transposed
+    conv = jaxdnn.dnn_conv3d if nd == 3 else jaxdnn.dnn_conv
+    padding = [(pad, pad) for pad in p["pad"]]
+
+    def jaxdnn_conv(x, w):
+        return conv(x, w, **options)
+
+    def xla_conv(x, w):
+        return lax.conv_general_dilated(x, w, p["stride"], padding,
+                                        dimension_numbers=dimension_numbers)
+
+    return jaxdnn_conv, xla_conv
+
+
+def _xla_batchnorm(x, gamma, beta, *, axes, epsilon):
+    """The plain-JAX training batch norm that XLA fuses (ANCHORS.md's 'XLA fusion'), with
+    the statistics in float32 as cuDNN computes them for half-precision images."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    var = x32.var(axes, keepdims=True)
+    return ((x32 - mean) * gamma * lax.rsqrt(var + epsilon) + beta).astype(x.dtype)
+
+
+def _batchnorm_functions(case: Case) -> tuple[Callable, Callable]:
+    epsilon = case.params["epsilon"]
+    ndim = len(case.shape)
+    axes = tuple(a for a in range(ndim) if a != channel_axis(case.layout, ndim))
+
+    def jaxdnn_batchnorm(x, gamma, beta):
+        out, _mean, _invstd = jaxdnn.dnn_batch_normalization_train(
+            x, gamma, beta, mode="spatial", epsilon=epsilon, data_format=case.layout)
+        return out
+
+    def xla_batchnorm(x, gamma, beta):
+        return _xla_batchnorm(x, gamma, beta, axes=axes, epsilon=epsilon)
+
+    return jaxdnn_batchnorm, xla_batchnorm
+
+
+def _xla_affine_grid(theta, height, width):
+    """(N, H, W, 2) sampling points (x, y) of theta (N, 2, 3) on an output of height x width,
+    with -1 and 1 the centres of the corner pixels (align_corners=True)."""
+    gx, gy = jnp.meshgrid(jnp.linspace(-1, 1, width, dtype=theta.dtype),
+                          jnp.linspace(-1, 1, height, dtype=theta.dtype))
+    base = jnp.stack([gx, gy, jnp.ones_like(gx)], -1).reshape(-1, 3)
+    return jnp.einsum("nij,pj->npi", theta, base).reshape(theta.shape[0], height, width, 2)
+
+
+def _xla_grid_sample(img, grid):
+    """Bilinear sampling of img (N, C, H, W) at grid (N, H_out, W_out, 2), zero outside the
+    image, written with gathers: the anchors' pure-JAX peer (ANCHORS.md)."""
+    _, _, height, width = img.shape
+    x = (grid[..., 0] + 1) * (width - 1) / 2
+    y = (grid[..., 1] + 1) * (height - 1) / 2
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    x1, y1 = x0 + 1, y0 + 1
+
+    def corner(yy, xx, weight):
+        inside = (xx >= 0) & (xx <= width - 1) & (yy >= 0) & (yy <= height - 1)
+        xi = jnp.clip(xx, 0, width - 1).astype(jnp.int32)
+        yi = jnp.clip(yy, 0, height - 1).astype(jnp.int32)
+        values = jax.vmap(lambda im, rows, cols: im[:, rows, cols])(img, yi, xi)
+        return values * (weight * inside)[:, None]
+
+    return (corner(y0, x0, (x1 - x) * (y1 - y)) + corner(y1, x0, (x1 - x) * (y - y0))
+            + corner(y0, x1, (x - x0) * (y1 - y)) + corner(y1, x1, (x - x0) * (y - y0)))
+
+
+def _stn_functions(case: Case) -> tuple[Callable, Callable]:
+    def jaxdnn_stn(img, theta):
+        return jaxdnn.dnn_spatialtf(img, theta, 1, 1)
+
+    def xla_stn(img, theta):
+        return _xla_grid_sample(img, _xla_affine_grid(theta, *img.shape[2:]))
+
+    return jaxdnn_stn, xla_stn
+
+
+_FUNCTIONS = {"softmax": _softmax_functions, "pool": _pool_functions,
+              "conv": _conv_functions, "batchnorm": _batchnorm_functions,
+              "stn": _stn_functions}
 
 
 def _forward_backward(forward: Callable) -> Callable:
-    """One training step's worth of the op: output and input gradient for a cotangent."""
-    def step(x, cotangent):
-        y, vjp = jax.vjp(forward, x)
-        return y, vjp(cotangent)[0]
+    """One training step's worth of the op: the output and the gradients of all its inputs
+    for a cotangent (the last argument)."""
+    def step(*args):
+        *primals, cotangent = args
+        y, vjp = jax.vjp(forward, *primals)
+        return y, vjp(cotangent)
     return step
 
 
-def _random(seed: int, shape, dtype: str):
+def _random(seed: int, shape, dtype: str) -> np.ndarray:
     # Drawn by NumPy: jax.random would compile a sampler for every new shape, seconds each
     # on a small CPU.
     values = np.random.default_rng(seed).standard_normal(shape, np.float32)
-    return jnp.asarray(values.astype(jnp.dtype(dtype)))
+    return values.astype(jnp.dtype(dtype))
+
+
+def _standard_normal_inputs(case: Case) -> list[np.ndarray]:
+    return [_random(seed, shape, dtype) for seed, (shape, dtype) in enumerate(case.inputs)]
+
+
+def _stn_inputs(case: Case) -> list[np.ndarray]:
+    """theta near the identity (plus 0.1 x standard normal), as a trained transformer's:
+    most sampling points then fall inside the image, neighbours near neighbours."""
+    img, noise = _standard_normal_inputs(case)
+    identity = np.eye(2, 3, dtype=np.float32)
+    return [img, (identity + 0.1 * noise.astype(np.float32)).astype(noise.dtype)]
+
+
+# Ops whose inputs are not all standard normal.
+_INPUTS = {"stn": _stn_inputs}
+
+
+def inputs(case: Case) -> tuple[np.ndarray, ...]:
+    """The case's inputs as NumPy arrays (each in its dtype and shape, images in the
+    case's layout): the values both sides take, and the PyTorch peer too."""
+    return tuple(_INPUTS.get(case.op, _standard_normal_inputs)(case))
 
 
 def build(case: Case, pass_: str) -> tuple[Callable, Callable, tuple]:
-    """(jaxdnn_fn, xla_fn, args) for one pass of `case`, neither jitted yet."""
+    """(jaxdnn_fn, xla_fn, args) for one pass of `case`, neither jitted yet. 'fwd': args
+    are the inputs; 'fwd+bwd': the inputs and a cotangent, and both functions return
+    (output, (gradient of each input))."""
     if pass_ not in PASSES:
         raise ValueError(f"pass={pass_!r}; expected one of {', '.join(PASSES)}")
     jaxdnn_fn, xla_fn = _FUNCTIONS[case.op](case)
-    x = _random(0, case.shape, case.dtype)
+    primals = tuple(jnp.asarray(a) for a in inputs(case))
     if pass_ == "fwd":
-        return jaxdnn_fn, xla_fn, (x,)
-    out = jax.eval_shape(jaxdnn_fn, x)
-    cotangent = _random(1, out.shape, case.dtype)
-    return _forward_backward(jaxdnn_fn), _forward_backward(xla_fn), (x, cotangent)
+        return jaxdnn_fn, xla_fn, primals
+    out = jax.eval_shape(jaxdnn_fn, *primals)
+    cotangent = jnp.asarray(_random(len(primals), out.shape, out.dtype))
+    return (_forward_backward(jaxdnn_fn), _forward_backward(xla_fn),
+            (*primals, cotangent))
 
 
 def _bytes_moved(case: Case, pass_: str) -> int:
-    """The least HBM traffic a pass can get by with: read x and write y; the backward adds
-    reading the cotangent (y's size) and writing dx (x's size)."""
-    itemsize = np.dtype(jnp.dtype(case.dtype)).itemsize
+    """The least HBM traffic a pass can get by with: read the inputs and write the output;
+    the backward adds reading the cotangent (the output's size) and writing a gradient of
+    every input (its size)."""
     jaxdnn_fn, _ = _FUNCTIONS[case.op](case)
-    out = jax.eval_shape(jaxdnn_fn, jax.ShapeDtypeStruct(case.shape, case.dtype))
-    once = (math.prod(case.shape) + math.prod(out.shape)) * itemsize
+    primals = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in case.inputs]
+    out = jax.eval_shape(jaxdnn_fn, *primals)
+    once = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in (*primals, out))
     return once if pass_ == "fwd" else 2 * once
 
 
@@ -226,6 +446,23 @@ def lowered_path(fn: Callable, args: tuple) -> str:
     return "cudnn" if _CUSTOM_CALL.search(text) else "xla"
 
 
+def _cudnn_forced_ms(fn: Callable, args: tuple, repeats: int, calls: int) -> float | None:
+    """time_ms of `fn` on the cuDNN path (dnn.enabled=True), or None where it cannot take
+    it: no extension, or this build lacks one of the op's handlers (dnn.enabled=True then
+    raises while tracing, which lowering alone reveals without running anything)."""
+    if not jaxdnn.is_available():
+        return None
+    with jaxdnn.config.override(**{"dnn.enabled": True}):
+        jitted = jax.jit(fn)
+        try:
+            jitted.lower(*args)
+        except RuntimeError as error:
+            if "dnn.enabled=True" not in str(error):  # not choose_impl's refusal
+                raise
+            return None
+        return time_ms(jitted, args, repeats, calls)
+
+
 def default_size() -> str:
     return "full" if jaxdnn.is_available() else "small"
 
@@ -259,10 +496,7 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
             progress(done, len(steps), f"{case.label} {case.dtype} {case.layout} {pass_}")
         jaxdnn_fn, xla_fn, args = build(case, pass_)
         jaxdnn_ms = time_ms(jax.jit(jaxdnn_fn), args, repeats, calls)
-        cudnn_ms = None
-        if jaxdnn.is_available():
-            with jaxdnn.config.override(**{"dnn.enabled": True}):
-                cudnn_ms = time_ms(jax.jit(jaxdnn_fn), args, repeats, calls)
+        cudnn_ms = _cudnn_forced_ms(jaxdnn_fn, args, repeats, calls)
         xla_ms = time_ms(jax.jit(xla_fn), args, repeats, calls)
         floor_ms = (_bytes_moved(case, pass_) / (bandwidth_gbs * 1e9) * 1e3
                     if bandwidth_gbs else None)

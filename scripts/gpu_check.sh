@@ -8,13 +8,15 @@
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
 # graphs bench") picks which stages run; "alltests" runs the whole suite on the GPU too
-# (the CPU tests then exercise jaxdnn's default path there).
+# (the CPU tests then exercise jaxdnn's default path there). TESTS (default "tests") names
+# the test files or folders the test stages run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
 mkdir -p "$LOG_DIR"
 STAGES=${STAGES:-"build info tests graphs bench"}
 PYTHON=${PYTHON:-python3}
+read -r -a TESTS <<<"${TESTS:-tests}"
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -41,10 +43,10 @@ build() {
 
 run_stage build build
 run_stage info "$PYTHON" -m jaxdnn info
-run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider tests
+run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@]}"
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests
-run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider tests
+  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR"
 exit $status
