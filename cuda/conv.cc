@@ -6,8 +6,9 @@
 //   jaxdnn_conv_fwd         img, kerns      -> out
 //   jaxdnn_conv_bwd_data    kerns, topgrad  -> img gradient
 //   jaxdnn_conv_bwd_filter  img, topgrad    -> kernel gradient
-// Images are (N, C, spatial...) or channels-last per `layout`; kernels are always
-// (K, C/groups, spatial...). Attributes: pre_padding, post_padding, strides, dilation
+// Images are (N, C, spatial...) or channels-last per `layout`; kernels follow the same
+// layout: (K, C/groups, spatial...) or (K, spatial..., C/groups), the order cuDNN's fast
+// NHWC engines read (jaxdnn/conv.py reorders the user's kernels). Attributes: pre_padding, post_padding, strides, dilation
 // (int64 per spatial axis), flip (1: convolution, 0: cross-correlation), layout,
 // compute_dtype, algo (the seed's name for this pass), deterministic, allow_tf32.
 //
@@ -495,7 +496,7 @@ ffi::Error Initialize(cudaStream_t stream, int device, ConvState* state, ffi::An
       if (buffer.element_type() != call.image.element_type())
         return InvalidArgument(op, "image, kernels and output must share one dtype");
     ConvBuffers b{ShapeOf(call.image.dimensions(), c.layout),
-                  ShapeOf(call.kernel.dimensions(), Layout::kChannelsFirst),
+                  ShapeOf(call.kernel.dimensions(), c.layout),
                   ShapeOf(call.output.dimensions(), c.layout), fe::DataType_t::NOT_SET};
     JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(call.image.element_type()), &b.io_type));
     fe::DataType_t compute_type;

@@ -266,14 +266,6 @@ def _allows_tf32() -> bool:
     return str(precision).lower() not in ("highest", "float32")
 
 
-def _xla_is_faster(layout: str) -> bool:
-    """'auto' sends channels-last convolutions to XLA: there jaxdnn hands cuDNN kernels in
-    (K, C, spatial) order beside channels-last images, and measured 0.72-0.98x XLA (H100,
-    BENCHMARKS.md), which reorders the kernels for cuDNN's fastest engines itself.
-    Channels-first convolutions measured 0.95-36x XLA (transposed convolutions most)."""
-    return is_channels_last(layout)
-
-
 def _cudnn_computes(dtype, compute_dtype: str) -> bool:
     """Whether jaxdnn sends `dtype` data computed in `compute_dtype` to cuDNN: the data's own
     type, or float32 for half-precision data. Not float64: on an H100 with cuDNN 9.19 the
@@ -340,15 +332,30 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
                   deterministic=bool(config.read("dnn.deterministic")),
                   allow_tf32=_allows_tf32(),
                   workspace_limit=int(config.read("dnn.conv.workspace_limit")))
-    out_shape = reference.output_shape(tuple(img_shape), tuple(kerns_shape), **params)
+    out_shape = reference.output_shape(tuple(img_shape),
+                                       reference.kernel_shape_for(kerns_shape, layout), **params)
     spatial = out_shape[1:-1] if is_channels_last(layout) else out_shape[2:]
     if any(n < 1 for n in spatial):
         raise ValueError(f"{op}: {kerns_arg} of spatial shape {tuple(kerns_shape[2:])} (dilation "
                          f"{dilation}) do not fit {img_arg} of shape {tuple(img_shape)} padded by "
                          f"{[p for p, _ in padding]}")
-    impl = choose_impl(op, _xla_is_faster(layout), ffi_targets=FFI_TARGETS)
+    # 'auto' takes cuDNN for every layout (H100, BENCHMARKS.md): forward+backward measured
+    # 1.01-36x XLA's; forward alone 0.89-2.8x (channels-last forward the weakest).
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
     params["impl"] = impl if _cudnn_computes(dtype, params["compute_dtype"]) else "xla"
     return params, out_shape
+
+
+def _kernels_for(kerns, layout: str):
+    """The primitives take kernels in the image's layout: channels-last images get
+    (K, spatial..., C/groups) kernels, the order cuDNN's fastest NHWC engines read (given
+    (K, C, spatial...) beside NHWC images cuDNN's forward+backward measured 0.75x XLA's on
+    an H100, with them 1.01-1.03x)."""
+    return jnp.moveaxis(kerns, 1, -1) if is_channels_last(layout) else kerns
+
+
+def _kernels_from(kerns, layout: str):
+    return jnp.moveaxis(kerns, -1, 1) if is_channels_last(layout) else kerns
 
 
 def _check_pair(op: str, first: str, a, second: str, b) -> None:
@@ -392,7 +399,7 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
         workmem=workmem, ranks=_ranks)
-    return conv_fwd_p.bind(img, kerns, **params)
+    return conv_fwd_p.bind(img, _kernels_for(kerns, params["layout"]), **params)
 
 
 def dnn_conv3d(img, kerns, border_mode="valid", subsample=(1, 1, 1), dilation=(1, 1, 1),
@@ -419,7 +426,8 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution of an image of shape img_shp={img_shape} gives {out_shape}")
-    return conv_bwd_data_p.bind(kerns, topgrad, img_shape=img_shape, **params)
+    return conv_bwd_data_p.bind(_kernels_for(kerns, params["layout"]), topgrad,
+                                img_shape=img_shape, **params)
 
 
 def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1),
@@ -437,7 +445,11 @@ def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution with kerns_shp={kerns_shape} gives {out_shape}")
-    return conv_bwd_filter_p.bind(img, topgrad, kerns_shape=kerns_shape, **params)
+    layout = params["layout"]
+    dkerns = conv_bwd_filter_p.bind(img, topgrad,
+                                    kerns_shape=reference.kernel_shape_for(kerns_shape, layout),
+                                    **params)
+    return _kernels_from(dkerns, layout)
 
 
 def dnn_gradinput3d(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1, 1),

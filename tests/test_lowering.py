@@ -190,21 +190,20 @@ def test_convolution_1d_and_3d_channels_last_lower_to_cudnn(cudnn_forced):
     x, w = jnp.ones((2, 9, 4), jnp.float16), jnp.ones((5, 4, 3), jnp.float16)
     text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, data_format="NHWC"), x, w)
     assert 'layout = "NWC"' in text and 'compute_dtype = "float32"' in text
-    assert "tensor<2x7x5xf16>" in text
+    # kernels reach cuDNN in the image's layout: (K, L, C) beside NWC images
+    assert "(tensor<2x9x4xf16>, tensor<5x3x4xf16>) -> (tensor<2x7x5xf16>" in text
     x, w = jnp.ones((1, 4, 4, 4, 2), jnp.float32), jnp.ones((3, 2, 2, 2, 2), jnp.float32)
     text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv3d(x, w, data_format="NDHWC"), x, w)
     assert 'layout = "NDHWC"' in text and "tensor<1x3x3x3x3xf32>" in text
 
 
-def test_auto_convolution_takes_cudnn_for_channels_first_layouts():
-    # BENCHMARKS.md: channels-first cuDNN convolutions tie or beat XLA (transposed ones by
-    # far); channels-last ones lost to XLA, which reorders the kernels.
-    x, w = jnp.ones((1, 2, 6, 6), jnp.float32), jnp.ones((3, 2, 3, 3), jnp.float32)
-    calls = custom_calls(cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w), x, w))
-    assert [c[0] for c in calls] == ["jaxdnn_conv_fwd"]
-    x = jnp.ones((1, 6, 6, 2), jnp.float32)
-    text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, data_format="NHWC"), x, w)
-    assert custom_calls(text) == [] and "stablehlo.convolution" in text
+def test_auto_convolution_takes_cudnn_in_both_layouts():
+    # BENCHMARKS.md: forward+backward on cuDNN ties or beats XLA in both layouts.
+    w = jnp.ones((3, 2, 3, 3), jnp.float32)
+    for x, layout in ((jnp.ones((1, 2, 6, 6), jnp.float32), "NCHW"),
+                      (jnp.ones((1, 6, 6, 2), jnp.float32), "NHWC")):
+        calls = custom_calls(cuda_hlo(lambda x, w: jaxdnn.dnn_conv(x, w, data_format=layout), x, w))
+        assert [c[0] for c in calls] == ["jaxdnn_conv_fwd"]
 
 
 def test_convolution_without_cudnn_engines_for_its_precision_takes_xla(cudnn_forced):

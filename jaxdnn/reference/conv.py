@@ -6,7 +6,9 @@ Parameters shared by the three passes (the primitives' static parameters):
   flip      True for conv_mode='conv' (kernels flipped spatially), False for 'cross'
   groups    feature groups                        layout: 'NCW', 'NCHW', 'NCDHW', 'NWC', ...
   compute_dtype  the dtype the products and sums are computed in (the precision setting)
-Kernels are (K, C/groups, spatial...) whatever the image layout.
+Kernels follow the image layout: (K, C/groups, spatial...) beside channels-first images,
+(K, spatial..., C/groups) beside channels-last ones (what cuDNN's fastest NHWC engines
+read; the public functions in jaxdnn/conv.py take and return the former and reorder).
 """
 from __future__ import annotations
 
@@ -21,10 +23,31 @@ def _dimension_numbers(layout: str) -> tuple[str, str, str]:
     return (layout, "OI" + spatial, layout)
 
 
+def _kernels_first(kerns, layout: str):
+    """(K, C/g, spatial...) kernels from the primitives' layout. XLA then sees the kernels
+    as a JAX user passes them (the public functions' reordering cancels out); given
+    (K, spatial..., C) kernels XLA's channels-last backward ran 2-3x slower on an H100."""
+    return jnp.moveaxis(kerns, -1, 1) if is_channels_last(layout) else kerns
+
+
+def kernel_spatial(kerns_shape, layout: str) -> tuple[int, ...]:
+    """The spatial extents of kernels laid out for `layout`."""
+    return tuple(kerns_shape[1:-1] if is_channels_last(layout) else kerns_shape[2:])
+
+
+def kernel_shape_for(kerns_shape, layout: str) -> tuple[int, ...]:
+    """(K, C/groups, spatial...) -> the kernel shape the primitives take for `layout`."""
+    kerns_shape = tuple(kerns_shape)
+    if is_channels_last(layout):
+        return (kerns_shape[0], *kerns_shape[2:], kerns_shape[1])
+    return kerns_shape
+
+
 def conv_forward(img, kerns, *, padding, strides, dilation, flip, groups, layout,
                  compute_dtype, **plan):
     del plan
     nd = img.ndim - 2
+    kerns = _kernels_first(kerns, layout)
     if flip:
         kerns = jnp.flip(kerns, axis=tuple(range(2, 2 + nd)))
     dtype = jnp.dtype(compute_dtype)
@@ -45,7 +68,7 @@ def conv_backward_data(kerns, topgrad, *, img_shape, padding, strides, dilation,
     del plan
     nd = topgrad.ndim - 2
     dtype = jnp.dtype(compute_dtype)
-    w = kerns.astype(dtype)
+    w = _kernels_first(kerns, layout).astype(dtype)
     if not flip:  # the forward correlates with w; its transpose correlates with flipped w
         w = jnp.flip(w, axis=tuple(range(2, 2 + nd)))
     k, cg = w.shape[0], w.shape[1]
@@ -54,7 +77,7 @@ def conv_backward_data(kerns, topgrad, *, img_shape, padding, strides, dilation,
     w = w.reshape((groups * cg, k // groups) + w.shape[3:])
     axes = spatial_axes(layout, topgrad.ndim)
     config = [(0, 0, 0)] * topgrad.ndim
-    for axis, (lo, hi), kernel, d, s in zip(axes, padding, kerns.shape[2:], dilation, strides):
+    for axis, (lo, hi), kernel, d, s in zip(axes, padding, w.shape[2:], dilation, strides):
         extent = (kernel - 1) * d + 1
         leftover = img_shape[axis] + lo + hi - extent - (topgrad.shape[axis] - 1) * s
         config[axis] = (extent - 1 - lo, extent - 1 - hi + leftover, s - 1)
@@ -78,6 +101,8 @@ def output_shape(img_shape, kerns_shape, *, padding, strides, dilation, layout, 
     last = is_channels_last(layout)
     spatial_in = img_shape[1:1 + nd] if last else img_shape[2:]
     spatial = tuple((n + lo + hi - (k - 1) * d - 1) // s + 1
-                    for n, (lo, hi), k, d, s in zip(spatial_in, padding, kerns_shape[2:], dilation, strides))
+                    for n, (lo, hi), k, d, s in zip(spatial_in, padding,
+                                                    kernel_spatial(kerns_shape, layout), dilation,
+                                                    strides))
     channels = kerns_shape[0]
     return (img_shape[0], *spatial, channels) if last else (img_shape[0], channels, *spatial)
