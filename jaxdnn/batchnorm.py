@@ -85,7 +85,7 @@ def _xla_is_faster(layout: str, dtype) -> bool:
     """'auto' keeps cuDNN only where it measured at least as fast as XLA's fusion (H100,
     N64 C256 28², BENCHMARKS.md): channels-first float32 (fwd+bwd 1.02x) and float64
     (unmeasured, kept on cuDNN). Channels-last ran 15-30x slower (cuDNN's legacy spatial
-    kernels read NHWC with strides) and channels-first bfloat16 0.79x."""
+    kernels read NHWC with strides) and channels-first bfloat16 0.79-0.83x."""
     return layout in CHANNELS_LAST.values() or jnp.dtype(dtype).itemsize < 4
 
 
