@@ -276,25 +276,9 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Bu
   });
 }
 
-// LegacyOpBinding adds one result; the training forward and the backward have three.
-// Adds `kMore` (>= 1) more. (A binding cannot be moved out as is, so every step adds one.)
-template <size_t kMore, typename Binding>
-auto WithMoreResults(Binding&& binding) {
-  if constexpr (kMore == 1) {
-    return std::move(binding).template Ret<ffi::AnyBuffer>();
-  } else {
-    return WithMoreResults<kMore - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
-  }
-}
-
 template <ffi::ExecutionStage stage, size_t kOperands, size_t kResults>
 auto Binding() {
-  if constexpr (kResults == 1) {
-    return WithAttributes(LegacyOpBinding<BatchNormState, stage, kOperands>());
-  } else {
-    return WithAttributes(
-        WithMoreResults<kResults - 1>(LegacyOpBinding<BatchNormState, stage, kOperands>()));
-  }
+  return WithAttributes(LegacyOpBinding<BatchNormState, stage, kOperands, kResults>());
 }
 
 XLA_FFI_DEFINE_HANDLER(kBnInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));

@@ -578,7 +578,7 @@ auto WithAttributes(Binding binding) {
 
 template <ffi::ExecutionStage stage>
 auto Binding() {
-  return WithAttributes(LegacyOpBinding<ConvState, stage, 2>().template Ret<ffi::AnyBuffer>());
+  return WithAttributes(LegacyOpBinding<ConvState, stage, 2, 2>());
 }
 
 // The attributes only shape the State (instantiate); the stages read them from there.

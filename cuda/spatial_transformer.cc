@@ -287,10 +287,10 @@ auto SamplerBinding() {
   return LegacyOpBinding<StnState, stage, kOperands>();
 }
 
-// LegacyOpBinding's one result, then dgrid as a second.
+// img, grid, dout -> dimg, dgrid
 template <ffi::ExecutionStage stage>
 auto SamplerBwdBinding() {
-  return LegacyOpBinding<StnState, stage, 3>().template Ret<ffi::AnyBuffer>();
+  return LegacyOpBinding<StnState, stage, 3, 2>();
 }
 
 XLA_FFI_DEFINE_HANDLER(kGridInstantiate, InstantiateGrid,

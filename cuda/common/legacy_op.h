@@ -12,26 +12,36 @@
 
 namespace jaxdnn {
 
-// Adds `kOperands` buffer operands and one buffer result. (Bindings cannot be copied,
-// so each step works on the temporary the previous one returned.)
-template <size_t kOperands, typename Binding>
-auto WithBuffers(Binding&& binding) {
-  if constexpr (kOperands == 0) {
+// Adds `kResults` (>= 1) buffer results. (Bindings cannot be copied or returned as they
+// are, so each step works on the temporary the previous one returned.)
+template <size_t kResults, typename Binding>
+auto WithResults(Binding&& binding) {
+  if constexpr (kResults == 1) {
     return std::move(binding).template Ret<ffi::AnyBuffer>();
   } else {
-    return WithBuffers<kOperands - 1>(std::move(binding).template Arg<ffi::AnyBuffer>());
+    return WithResults<kResults - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
+  }
+}
+
+// Adds `kOperands` buffer operands, then `kResults` buffer results.
+template <size_t kOperands, size_t kResults, typename Binding>
+auto WithBuffers(Binding&& binding) {
+  if constexpr (kOperands == 0) {
+    return WithResults<kResults>(std::move(binding));
+  } else {
+    return WithBuffers<kOperands - 1, kResults>(std::move(binding).template Arg<ffi::AnyBuffer>());
   }
 }
 
 // The binding the initialize and execute stages of a legacy op share: stream, device
-// ordinal, the op's State, `kOperands` buffers and one result (the op's attributes
-// follow, added by the op).
-template <typename State, ffi::ExecutionStage stage, size_t kOperands>
+// ordinal, the op's State, `kOperands` buffers and `kResults` results (the op's
+// attributes follow, added by the op).
+template <typename State, ffi::ExecutionStage stage, size_t kOperands, size_t kResults = 1>
 auto LegacyOpBinding() {
-  return WithBuffers<kOperands>(ffi::Ffi::Bind<stage>()
-                                    .template Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                    .template Ctx<ffi::DeviceOrdinal>()
-                                    .template Ctx<ffi::State<State>>());
+  return WithBuffers<kOperands, kResults>(ffi::Ffi::Bind<stage>()
+                                              .template Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                              .template Ctx<ffi::DeviceOrdinal>()
+                                              .template Ctx<ffi::State<State>>());
 }
 
 constexpr auto kInitializeStage = ffi::ExecutionStage::kInitialize;
