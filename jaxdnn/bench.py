@@ -126,6 +126,23 @@ def _transposed_conv_case(n, c_in, c_out, size, nd, kernel, stride, pad, dtype, 
                 operands=((kerns, dtype),))
 
 
+# name, (C, K, size) full and small, kernel, stride, pad, the ANCHORS.md (dtype, layout)
+_CONV_SHAPES = (
+    ("res2", (64, 64, 56), (4, 4, 8), 3, 1, 1, ("float32", "NHWC")),
+    ("res4", (256, 256, 14), (8, 8, 4), 3, 1, 1, ("bfloat16", "NHWC")),
+    ("stem", (3, 64, 224), (3, 4, 16), 7, 2, 3, ("bfloat16", "NHWC")),
+    ("", (256, 64, 56), (8, 4, 8), 1, 1, 0, ("bfloat16", "NCHW")),
+)
+_CONV_VARIANTS = tuple((d, l) for d in ("float32", "bfloat16") for l in ("NCHW", "NHWC"))
+# N full and small, (C_in, C_out, size of dy) full and small, spatial dims, kernel, stride,
+# pad, the small preset's dtype, layout
+_TRANSPOSED_SHAPES = (
+    (64, 2, (256, 128, 16), (8, 4, 4), 2, 4, 2, 1, "float32", "NCHW"),
+    (4, 1, (64, 32, 16), (4, 2, 4), 3, 4, 2, 1, "bfloat16", "NCDHW"),
+    (16, 2, (512, 256, 1024), (8, 4, 16), 1, 16, 8, 4, "bfloat16", "NCW"),
+)
+
+
 def _batchnorm_case(n, c, size, dtype, layout):
     """Spatial-mode training batch norm. gamma and beta stay float32 for half-precision
     images, as mixed-precision training keeps its parameters (and cuDNN wants them)."""
@@ -170,18 +187,18 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         _pool_case("max", **pool2d, dtype="float16"),
         _pool_case("max", **pool2d, layout="NHWC"),
         _pool_case("max", (2, 2, 2), 2, 0, n3, c3, (d3, d3, d3)),
-        # name, N, C -> K, size, then kernel, stride, pad
-        _conv_case("res2", conv_n, *pick((64, 64, 56), (4, 4, 8)), 3, 1, 1, "float32", "NHWC"),
-        _conv_case("res4", conv_n, *pick((256, 256, 14), (8, 8, 4)), 3, 1, 1, "bfloat16", "NHWC"),
-        _conv_case("stem", conv_n, *pick((3, 64, 224), (3, 4, 16)), 7, 2, 3, "bfloat16", "NHWC"),
-        _conv_case("", conv_n, *pick((256, 64, 56), (8, 4, 8)), 1, 1, 0, "bfloat16", "NCHW"),
-        # N, C_in -> C_out, size of dy, then spatial dims, kernel, stride, pad
-        _transposed_conv_case(conv_n, *pick((256, 128, 16), (8, 4, 4)), 2, 4, 2, 1,
-                              "float32", "NCHW"),
-        _transposed_conv_case(pick(4, 1), *pick((64, 32, 16), (4, 2, 4)), 3, 4, 2, 1,
-                              "bfloat16", "NCDHW"),
-        _transposed_conv_case(pick(16, 2), *pick((512, 256, 1024), (8, 4, 16)), 1, 16, 8, 4,
-                              "bfloat16", "NCW"),
+        # The ANCHORS.md ResNet-50 shapes; the full preset times each in float32 and
+        # bfloat16, NCHW and NHWC (the small one in its ANCHORS.md dtype and layout).
+        *(_conv_case(name, conv_n, *pick(full_shape, small_shape), kernel, stride, pad,
+                     dtype, layout)
+          for name, full_shape, small_shape, kernel, stride, pad, anchor in _CONV_SHAPES
+          for dtype, layout in (_CONV_VARIANTS if full else (anchor,))),
+        # The transposed convolutions, in float32 and bfloat16 (the small preset: one).
+        *(_transposed_conv_case(pick(n_full, n_small), *pick(full_shape, small_shape), nd,
+                                kernel, stride, pad, dtype, layout)
+          for n_full, n_small, full_shape, small_shape, nd, kernel, stride, pad, anchor_dtype,
+          layout in _TRANSPOSED_SHAPES
+          for dtype in (("float32", "bfloat16") if full else (anchor_dtype,))),
         *(_batchnorm_case(**bn, dtype=dtype, layout=layout)
           for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC")),
         _stn_case(*pick((64, 32, 128), (2, 4, 8))),
