@@ -20,6 +20,13 @@
 // cuDNN's running averages are not used (resultRunningMean/Variance are NULL, which cuDNN
 // allows when both are): jaxdnn/batchnorm.py computes them functionally in JAX.
 //
+// Spatial mode on channels-last images takes the frontend graph API instead (batchnorm and
+// batchnorm_backward nodes): the legacy kernels read NHWC through strides and measured
+// 15-30x slower than XLA's fusion there (H100, BENCHMARKS.md). The training forward and the
+// backward therefore carry a trailing u8 workspace result (sized in jaxdnn/batchnorm.py;
+// empty where the legacy calls run). Where the graph API has no engine for a case (float64,
+// say), those calls fall back to the legacy ones, with a warning.
+//
 // CUDNN_BATCHNORM_SPATIAL_PERSISTENT has faster kernels (notably for NHWC half), but cuDNN
 // documents that it "imposes some limits on the range of values" (on NCHW a scaled
 // atomic-integer reduction that can overflow to Inf/NaN where SPATIAL stays finite,
@@ -27,16 +34,19 @@
 // SPATIAL in general, so it is not used; an opt-in attribute restricted to NHWC half
 // inputs would be the way to add it.
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "common/cache.h"
 #include "common/descriptors.h"
+#include "common/frontend.h"
 #include "common/handles.h"
 #include "common/legacy_op.h"
 #include "common/registry.h"
@@ -70,6 +80,11 @@ struct BatchNormState {
   Layout layout;
   double epsilon;
   DescriptorSlot<BatchNormDescriptors> descriptors;
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
+  // Spatial channels-last only: the graph-API plan, or one without a graph when the graph
+  // API cannot run the case (the legacy calls then run).
+  DescriptorSlot<FrontendPlan> plan;
+#endif
 };
 ffi::TypeId BatchNormState::id = {};
 const XLA_FFI_TypeInfo kBatchNormStateInfo = ffi::MakeTypeInfo<BatchNormState>();
@@ -195,18 +210,165 @@ ffi::Error FillEmpty(const char* op, cudaStream_t stream, int byte,
   return ffi::Error::Success();
 }
 
-// ---- jaxdnn_bn_fwd_train: x, gamma, beta -> out, mean, invstd ----
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
+// ---- the graph-API path (spatial mode, channels-last images) ----
+
+// Tensor uids of the graphs, for the variant packs.
+enum GraphUid : int64_t { kX = 1, kScale, kBias, kY, kMean, kInvstd, kDy, kDx, kDscale, kDbias };
+
+bool UsesGraph(const BatchNormState& state) {
+  return state.mode == CUDNN_BATCHNORM_SPATIAL && state.layout == Layout::kChannelsLast;
+}
+
+KeyedCache<FrontendPlan>& PlanCache() {
+  static auto* cache = new KeyedCache<FrontendPlan>();
+  return *cache;
+}
+
+std::shared_ptr<fe::graph::Tensor_attributes> GraphTensor(fe::graph::Graph& graph, int64_t uid,
+                                                          const TensorShape& shape,
+                                                          fe::DataType_t type) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_uid(uid)
+                          .set_name(std::to_string(uid))
+                          .set_dim(shape.dims)
+                          .set_stride(shape.strides)
+                          .set_data_type(type));
+}
+
+void SetOutput(const std::shared_ptr<fe::graph::Tensor_attributes>& tensor, int64_t uid,
+               const TensorShape& shape, fe::DataType_t type) {
+  tensor->set_output(true).set_uid(uid).set_dim(shape.dims).set_stride(shape.strides).set_data_type(type);
+}
+
+// The training forward (`backward` false) or the backward of spatial batch norm over the
+// channels-last image `x`, built into `plan`; a plan without a graph when no engine runs it.
+ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, fe::DataType_t io,
+                          fe::DataType_t param_type, const TensorShape& x, double epsilon,
+                          int64_t workspace_bytes, FrontendPlan* plan) {
+  // Parameters (1, C, 1, 1[, 1]): C contiguous values.
+  TensorShape param{std::vector<int64_t>(x.dims.size(), 1), std::vector<int64_t>(x.dims.size(), x.dims[1])};
+  param.dims[1] = x.dims[1];
+  param.strides[1] = 1;
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(io)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  auto image = GraphTensor(*graph, kX, x, io);
+  auto scale = GraphTensor(*graph, kScale, param, param_type);
+  if (!backward) {
+    auto bias = GraphTensor(*graph, kBias, param, param_type);
+    auto eps = graph->tensor(fe::graph::Tensor_attributes(static_cast<float>(epsilon)));
+    auto outputs = graph->batchnorm(image, scale, bias,
+                                    fe::graph::Batchnorm_attributes().set_epsilon(eps));
+    SetOutput(outputs[0], kY, x, io);
+    SetOutput(outputs[1], kMean, param, param_type);
+    SetOutput(outputs[2], kInvstd, param, param_type);
+  } else {
+    auto dy = GraphTensor(*graph, kDy, x, io);
+    auto mean = GraphTensor(*graph, kMean, param, param_type);
+    auto invstd = GraphTensor(*graph, kInvstd, param, param_type);
+    auto outputs = graph->batchnorm_backward(
+        dy, image, scale,
+        fe::graph::Batchnorm_backward_attributes().set_saved_mean_and_inv_variance(mean, invstd));
+    SetOutput(outputs[0], kDx, x, io);
+    SetOutput(outputs[1], kDscale, param, param_type);
+    SetOutput(outputs[2], kDbias, param, param_type);
+  }
+  fe::error_t status = graph->validate();
+  if (status.is_good()) status = graph->build_operation_graph(handle);
+  if (status.is_good()) status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+  if (status.is_good()) {
+    graph->deselect_workspace_greater_than(workspace_bytes);
+    status = graph->check_support();
+  }
+  if (status.is_good()) status = graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
+  if (status.is_good()) status = graph->get_workspace_size(plan->workspace_size);
+  if (status.is_bad()) {
+    std::fprintf(stderr, "jaxdnn %s: cuDNN's graph API cannot run this batch norm (%s); using "
+                 "the legacy calls\n", op, status.get_message().c_str());
+    return ffi::Error::Success();  // a plan without a graph: the legacy path runs
+  }
+  plan->graph = std::move(graph);
+  return ffi::Error::Success();
+}
+
+// Fetches (or builds) the graph plan of a spatial channels-last call into the state.
+ffi::Error InitializeGraph(const char* op, cudaStream_t stream, int device, BatchNormState* state,
+                           bool backward, const Buffer& x, const Buffer& param,
+                           const Buffer& workspace) {
+  if (!UsesGraph(*state) || !state->plan.empty() || HasZeroSize(x.dimensions()))
+    return ffi::Error::Success();
+  fe::DataType_t io, param_type;
+  JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(x.element_type()), &io));
+  JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(param.element_type()), &param_type));
+  TensorShape shape = ShapeOf(x.dimensions(), state->layout);
+  int64_t workspace_bytes = static_cast<int64_t>(workspace.size_bytes());
+  CacheKey key;
+  key.Add(op).Add(static_cast<int64_t>(cudnnGetVersion())).Add(device)
+      .Add(DtypeName(x.element_type())).Add(DtypeName(param.element_type()))
+      .AddAll(shape.dims).AddAll(shape.strides).Add(std::to_string(state->epsilon))
+      .Add(workspace_bytes);
+  BorrowedCudnnHandle handle(op, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
+  std::shared_ptr<const FrontendPlan> plan;
+  JAXDNN_RETURN_IF_ERROR(PlanCache().GetOrBuild(
+      key,
+      [&](FrontendPlan* p) {
+        return BuildGraphPlan(op, handle.get(), backward, io, param_type, shape, state->epsilon,
+                              workspace_bytes, p);
+      },
+      &plan));
+  state->plan.Set(std::move(plan));
+  return ffi::Error::Success();
+}
+
+// The graph plan to run, or null where the legacy calls run.
+const FrontendPlan* GraphPlan(BatchNormState* state) {
+  const FrontendPlan* plan = UsesGraph(*state) ? state->plan.get() : nullptr;
+  return plan != nullptr && plan->graph != nullptr ? plan : nullptr;
+}
+
+ffi::Error ExecuteGraph(const char* op, cudaStream_t stream, int device, const FrontendPlan& plan,
+                        std::unordered_map<int64_t, void*> pack, const Buffer& workspace) {
+  BorrowedCudnnHandle handle(op, device, stream);
+  JAXDNN_RETURN_IF_ERROR(handle.error());
+  return ExecutePlan(op, plan, handle.get(), pack, workspace.untyped_data());
+}
+#else
+// Without the frontend headers every call takes the legacy path.
+struct FrontendPlan {};
+ffi::Error InitializeGraph(const char*, cudaStream_t, int, BatchNormState*, bool, const Buffer&,
+                           const Buffer&, const Buffer&) {
+  return ffi::Error::Success();
+}
+const FrontendPlan* GraphPlan(BatchNormState*) { return nullptr; }
+#endif
+
+// ---- jaxdnn_bn_fwd_train: x, gamma, beta -> out, mean, invstd (+ workspace) ----
 
 ffi::Error InitializeTrain(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                           Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Str, Str,
-                           double) {
-  return Initialize(kTrain, device, state, x, {gamma, beta, *mean, *invstd});
+                           Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Out workspace,
+                           Str, Str, double) {
+  JAXDNN_RETURN_IF_ERROR(Initialize(kTrain, device, state, x, {gamma, beta, *mean, *invstd}));
+  return Guarded(kTrain, [&] {
+    return InitializeGraph(kTrain, stream, device, state, false, x, gamma, *workspace);
+  });
 }
 
 ffi::Error ExecuteTrain(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                        Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Str, Str,
-                        double) {
+                        Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Out workspace,
+                        Str, Str, double) {
   if (HasZeroSize(x.dimensions())) return FillEmpty(kTrain, stream, 0xFF, {*mean, *invstd});
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
+  if (const FrontendPlan* plan = GraphPlan(state)) {
+    return ExecuteGraph(kTrain, stream, device, *plan,
+                        {{kX, x.untyped_data()}, {kScale, gamma.untyped_data()},
+                         {kBias, beta.untyped_data()}, {kY, out->untyped_data()},
+                         {kMean, mean->untyped_data()}, {kInvstd, invstd->untyped_data()}},
+                        *workspace);
+  }
+#endif
   return Execute(kTrain, stream, device, state,
                  [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
     Scaling scaling;
@@ -251,14 +413,27 @@ ffi::Error ExecuteInfer(cudaStream_t stream, int device, BatchNormState* state, 
 
 ffi::Error InitializeBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
                          Buffer dy, Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma,
-                         Out dbeta, Str, Str, double) {
-  return Initialize(kBwd, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta});
+                         Out dbeta, Out workspace, Str, Str, double) {
+  JAXDNN_RETURN_IF_ERROR(Initialize(kBwd, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta}));
+  return Guarded(kBwd, [&] {
+    return InitializeGraph(kBwd, stream, device, state, true, x, gamma, *workspace);
+  });
 }
 
 ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
                       Buffer dy, Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma,
-                      Out dbeta, Str, Str, double) {
+                      Out dbeta, Out workspace, Str, Str, double) {
   if (HasZeroSize(x.dimensions())) return FillEmpty(kBwd, stream, 0, {*dgamma, *dbeta});
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
+  if (const FrontendPlan* plan = GraphPlan(state)) {
+    return ExecuteGraph(kBwd, stream, device, *plan,
+                        {{kX, x.untyped_data()}, {kDy, dy.untyped_data()},
+                         {kScale, gamma.untyped_data()}, {kMean, mean.untyped_data()},
+                         {kInvstd, invstd.untyped_data()}, {kDx, dx->untyped_data()},
+                         {kDscale, dgamma->untyped_data()}, {kDbias, dbeta->untyped_data()}},
+                        *workspace);
+  }
+#endif
   return Execute(kBwd, stream, device, state,
                  [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
     // beta = 0 for both the data and the parameter gradients: the results are overwritten,
@@ -282,14 +457,14 @@ auto Binding() {
 }
 
 XLA_FFI_DEFINE_HANDLER(kBnInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBnTrainInitialize, InitializeTrain, (Binding<kInitializeStage, 3, 3>()));
-XLA_FFI_DEFINE_HANDLER(kBnTrainExecute, ExecuteTrain, (Binding<kExecuteStage, 3, 3>()),
+XLA_FFI_DEFINE_HANDLER(kBnTrainInitialize, InitializeTrain, (Binding<kInitializeStage, 3, 4>()));
+XLA_FFI_DEFINE_HANDLER(kBnTrainExecute, ExecuteTrain, (Binding<kExecuteStage, 3, 4>()),
                        {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER(kBnInferInitialize, InitializeInfer, (Binding<kInitializeStage, 5, 1>()));
 XLA_FFI_DEFINE_HANDLER(kBnInferExecute, ExecuteInfer, (Binding<kExecuteStage, 5, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBnBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 5, 3>()));
-XLA_FFI_DEFINE_HANDLER(kBnBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 5, 3>()),
+XLA_FFI_DEFINE_HANDLER(kBnBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 5, 4>()));
+XLA_FFI_DEFINE_HANDLER(kBnBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 5, 4>()),
                        {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace

@@ -31,8 +31,6 @@
 
 #ifdef JAXDNN_HAVE_CUDNN_FRONTEND
 
-#include <cudnn_frontend.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <limits>
@@ -48,14 +46,13 @@
 
 #include "common/cache.h"
 #include "common/descriptors.h"
+#include "common/frontend.h"
 #include "common/handles.h"
 #include "common/legacy_op.h"
 #include "common/status.h"
 
 namespace jaxdnn {
 namespace {
-
-namespace fe = cudnn_frontend;
 
 enum class Pass { kFwd, kBwdData, kBwdFilter };
 
@@ -79,84 +76,18 @@ struct ConvConfig {
   bool deterministic, allow_tf32;
 };
 
-struct ConvPlan {
-  std::shared_ptr<fe::graph::Graph> graph;
-  int64_t plan_index = 0;  // among the graph's heuristic candidates
-  int64_t workspace_size = 0;
-  // The frontend prepares its variant-pack template lazily on first execute; one
-  // instance may run on several streams at once.
-  mutable std::mutex execute_mutex;
-};
-
-KeyedCache<ConvPlan>& PlanCache() {
-  static auto* cache = new KeyedCache<ConvPlan>();
+KeyedCache<FrontendPlan>& PlanCache() {
+  static auto* cache = new KeyedCache<FrontendPlan>();
   return *cache;
 }
 
 struct ConvState {
   static ffi::TypeId id;
   ConvConfig config;
-  DescriptorSlot<ConvPlan> plan;
+  DescriptorSlot<FrontendPlan> plan;
 };
 ffi::TypeId ConvState::id = {};
 const XLA_FFI_TypeInfo kConvStateInfo = ffi::MakeTypeInfo<ConvState>();
-
-ffi::Error FrontendError(const char* op, const char* call, fe::error_t error) {
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("jaxdnn ") + op + ": " + call + " failed: " + error.get_message());
-}
-
-#define JAXDNN_RETURN_IF_FE_ERROR(op, expr)                                        \
-  do {                                                                            \
-    auto jaxdnn_fe_status_ = (expr);                                              \
-    if (jaxdnn_fe_status_.is_bad()) return FrontendError((op), #expr, jaxdnn_fe_status_); \
-  } while (0)
-
-ffi::Error FrontendType(const char* op, std::string_view name, fe::DataType_t* out) {
-  if (name == "float16") *out = fe::DataType_t::HALF;
-  else if (name == "bfloat16") *out = fe::DataType_t::BFLOAT16;
-  else if (name == "float32") *out = fe::DataType_t::FLOAT;
-  else if (name == "float64") *out = fe::DataType_t::DOUBLE;
-  else return InvalidArgument(op, "unsupported dtype " + std::string(name));
-  return ffi::Error::Success();
-}
-
-std::string_view DtypeName(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    default: return "unsupported";
-  }
-}
-
-// A buffer as a cuDNN tensor: logical dims (N or K, C, spatial...) and packed strides of
-// its memory layout. 1-D convolutions gain a unit spatial axis in front of their one.
-struct TensorShape {
-  std::vector<int64_t> dims, strides;
-};
-
-TensorShape ShapeOf(ffi::Span<const int64_t> buffer_dims, Layout layout) {
-  std::vector<int64_t> memory(buffer_dims.begin(), buffer_dims.end());
-  if (memory.size() == 3) memory.insert(memory.begin() + (layout == Layout::kChannelsLast ? 1 : 2), 1);
-  const size_t rank = memory.size();
-  // Memory order as logical axis indices: N C S... or N S... C.
-  std::vector<size_t> order(rank);
-  for (size_t i = 0; i < rank; ++i) order[i] = i;
-  if (layout == Layout::kChannelsLast) {
-    order[rank - 1] = 1;
-    for (size_t i = 1; i + 1 < rank; ++i) order[i] = i + 1;
-  }
-  TensorShape shape{std::vector<int64_t>(rank), std::vector<int64_t>(rank)};
-  for (size_t i = 0; i < rank; ++i) shape.dims[order[i]] = memory[i];
-  int64_t stride = 1;
-  for (size_t i = rank; i-- > 0;) {
-    shape.strides[order[i]] = stride;
-    stride *= memory[i];
-  }
-  return shape;
-}
 
 // Per-spatial-axis parameters of a 1-D convolution gain the unit axis's (value `unit`).
 std::vector<int64_t> Spatial(const std::vector<int64_t>& values, int64_t unit) {
@@ -366,7 +297,7 @@ ffi::Error FastestCandidate(const char* op, cudnnHandle_t handle, fe::graph::Gra
 // the fastest candidate, timed now.
 ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
                      const ConvBuffers& b, fe::DataType_t compute_type, int64_t workspace_bytes,
-                     int64_t element_size, const std::string& key, ConvPlan* plan) {
+                     int64_t element_size, const std::string& key, FrontendPlan* plan) {
   std::shared_ptr<fe::graph::Graph> graph;
   auto candidates = [&](bool with_algo) -> fe::error_t {
     graph = MakeGraph(c, b, compute_type);
@@ -522,10 +453,10 @@ ffi::Error Initialize(cudaStream_t stream, int device, ConvState* state, ffi::An
 
     BorrowedCudnnHandle handle(op, device, stream);
     JAXDNN_RETURN_IF_ERROR(handle.error());
-    std::shared_ptr<const ConvPlan> plan;
+    std::shared_ptr<const FrontendPlan> plan;
     JAXDNN_RETURN_IF_ERROR(PlanCache().GetOrBuild(
         key,
-        [&](ConvPlan* p) {
+        [&](FrontendPlan* p) {
           return BuildPlan(op, handle.get(), c, b, compute_type, workspace_bytes, element_size,
                            persisted_key.str(), p);
         },
@@ -547,17 +478,12 @@ ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBu
   }
   BorrowedCudnnHandle handle(op, device, stream);
   JAXDNN_RETURN_IF_ERROR(handle.error());
-  const ConvPlan* plan;
+  const FrontendPlan* plan;
   JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->plan, &plan));
   std::unordered_map<int64_t, void*> pack = {{kImageUid, call.image.untyped_data()},
                                              {kKernelUid, call.kernel.untyped_data()},
                                              {kOutputUid, call.output.untyped_data()}};
-  std::lock_guard<std::mutex> lock(plan->execute_mutex);
-  auto status = plan->plan_index < 0
-                    ? plan->graph->execute(handle.get(), pack, workspace.untyped_data())
-                    : plan->graph->execute_plan_at_index(handle.get(), pack, workspace.untyped_data(),
-                                                         plan->plan_index);
-  if (status.is_bad()) return FrontendError(op, "execute", status);
+  JAXDNN_RETURN_IF_ERROR(ExecutePlan(op, *plan, handle.get(), pack, workspace.untyped_data()));
   return ffi::Error::Success();
 }
 

@@ -82,11 +82,21 @@ def _attributes(*, mode, layout, epsilon):
 
 
 def _xla_is_faster(layout: str, dtype) -> bool:
-    """'auto' keeps cuDNN only where it measured at least as fast as XLA's fusion (H100,
-    N64 C256 28², BENCHMARKS.md): channels-first float32 (fwd+bwd 1.02x) and float64
-    (unmeasured, kept on cuDNN). Channels-last ran 15-30x slower (cuDNN's legacy spatial
-    kernels read NHWC with strides) and channels-first bfloat16 0.79-0.83x."""
-    return layout in CHANNELS_LAST.values() or jnp.dtype(dtype).itemsize < 4
+    """'auto' takes cuDNN for float32 and float64 images and XLA's fusion for half-precision
+    ones, as measured (H100, N64 C256 28², BENCHMARKS.md): float32 forward+backward
+    0.98-1.03x XLA on NCHW (legacy calls) and 1.37x on NHWC (graph API); bfloat16 0.83-0.95x
+    (NCHW) and 0.93x (NHWC). float64 is unmeasured and kept on cuDNN."""
+    del layout  # both layouts measured alike
+    return jnp.dtype(dtype).itemsize < 4
+
+
+def _workspace_bytes(x, *args, mode, layout, epsilon):
+    """The u8 workspace of the training forward and the backward: spatial mode on
+    channels-last images runs cuDNN's graph API (cuda/batchnorm.cc), whose reductions keep
+    partial sums there; the legacy calls elsewhere need none."""
+    if mode != "spatial" or layout not in CHANNELS_LAST.values():
+        return 0
+    return min(256 << 20, max(16 << 20, x.size * np.dtype(x.dtype).itemsize // 4))
 
 
 def _feature_axis(mode: str, layout: str, ndim: int) -> int:
@@ -139,7 +149,8 @@ def _batch_infer(prim, args, dims, **params):
 
 bn_fwd_train_p = define_primitive(
     "jaxdnn_bn_fwd_train", abstract_eval=_train_abstract, reference=reference.bn_forward_train,
-    ffi_target="jaxdnn_bn_fwd_train", attributes=_attributes, batch_rule=_fold_into_features,
+    ffi_target="jaxdnn_bn_fwd_train", attributes=_attributes,
+    workspace_bytes=_workspace_bytes, batch_rule=_fold_into_features,
     multiple_results=True)
 
 bn_fwd_infer_p = define_primitive(
@@ -148,8 +159,8 @@ bn_fwd_infer_p = define_primitive(
 
 bn_bwd_p = define_primitive(
     "jaxdnn_bn_bwd", abstract_eval=_bwd_abstract, reference=reference.bn_backward,
-    ffi_target="jaxdnn_bn_bwd", attributes=_attributes, batch_rule=_fold_into_features,
-    multiple_results=True)
+    ffi_target="jaxdnn_bn_bwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
+    batch_rule=_fold_into_features, multiple_results=True)
 
 _bn_backward = reference_differentiable(bn_bwd_p, reference.bn_backward)
 _bn_infer = reference_differentiable(bn_fwd_infer_p, reference.bn_forward_infer)

@@ -225,14 +225,21 @@ def test_batch_norm_custom_calls_and_attributes(cudnn_forced):
     assert 'mode = "spatial"' in calls[0][1] and 'layout = "NCHW"' in calls[0][1]
     assert "epsilon = 1.000000e-04 : f64" in calls[0][1]
     # half-precision images: float32 parameters and statistics
-    assert "-> (tensor<4x3x5x5xf16>, tensor<1x3x1x1xf32>, tensor<1x3x1x1xf32>)" in text
+    # (the legacy calls need no workspace: an empty u8 result)
+    assert ("-> (tensor<4x3x5x5xf16>, tensor<1x3x1x1xf32>, tensor<1x3x1x1xf32>, tensor<0xui8>)"
+            in text)
+    # spatial channels-last runs cuDNN's graph API, with a workspace
+    xl, gl = jnp.ones((4, 5, 5, 3), jnp.float32), jnp.ones((1, 1, 1, 3), jnp.float32)
+    text = cuda_hlo(lambda x, g: jaxdnn.dnn_batch_normalization_train(
+        x, g, g, "spatial", 1e-4, data_format="NHWC")[0], xl, gl)
+    assert 'layout = "NHWC"' in text and f"tensor<{16 << 20}xui8>" in text
     text = cuda_hlo(lambda x, g, b: jaxdnn.dnn_batch_normalization_test(x, g, b, g, b, "spatial"), x, gamma, beta)
     assert [c[0] for c in custom_calls(text)] == ["jaxdnn_bn_fwd_infer"]
 
 
-def test_auto_batch_norm_takes_cudnn_for_channels_first_float32():
-    # BENCHMARKS.md: cuDNN's legacy batch norm ties XLA's fusion on NCHW float32 and loses
-    # on channels-last and on bfloat16.
+def test_auto_batch_norm_takes_cudnn_for_float32():
+    # BENCHMARKS.md: cuDNN ties XLA's fusion on NCHW float32 (legacy calls) and beats it on
+    # NHWC float32 (graph API); XLA wins on bfloat16.
     def targets(x, layout):
         c = x.shape[1] if layout == "NCHW" else x.shape[-1]
         shape = (1, c, 1, 1) if layout == "NCHW" else (1, 1, 1, c)
@@ -241,8 +248,9 @@ def test_auto_batch_norm_takes_cudnn_for_channels_first_float32():
                                                            data_format=layout)[0]
         return [c[0] for c in custom_calls(cuda_hlo(f, x))]
     assert targets(jnp.ones((2, 3, 4, 4), jnp.float32), "NCHW") == ["jaxdnn_bn_fwd_train"]
-    assert targets(jnp.ones((2, 4, 4, 3), jnp.float32), "NHWC") == []
+    assert targets(jnp.ones((2, 4, 4, 3), jnp.float32), "NHWC") == ["jaxdnn_bn_fwd_train"]
     assert targets(jnp.ones((2, 3, 4, 4), jnp.bfloat16), "NCHW") == []
+    assert targets(jnp.ones((2, 4, 4, 3), jnp.bfloat16), "NHWC") == []
 
 
 def test_spatial_transformer_custom_calls(cudnn_forced):
