@@ -21,7 +21,8 @@
 //   fft, fft_tiling  engines with cuDNN's FFT numerical note
 //   winograd    engines with the Winograd note
 //   deterministic / guess_*  heuristic order (deterministic already excludes atomics)
-//   time_*      every heuristic candidate built and timed once at initialize; the
+//   time_*      every heuristic candidate (modes A, B and fallback) built and timed once
+//               at initialize; the
 //               winner is kept for the process and, under JAXDNN_CACHE_DIR, on disk.
 // deterministic=1 removes engines with the NONDETERMINISTIC note; allow_tf32=0 removes
 // tensor-core engines for float32 data (they compute in TF32). A name that leaves no
@@ -299,11 +300,22 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
                      const ConvBuffers& b, fe::DataType_t compute_type, int64_t workspace_bytes,
                      int64_t element_size, const std::string& key, FrontendPlan* plan) {
   std::shared_ptr<fe::graph::Graph> graph;
+  // time_* also searches the candidates of cuDNN's slower, more thorough heuristic (mode
+  // B), where it has one for the graph.
+  using Modes = std::vector<fe::HeurMode_t>;
+  const std::vector<Modes> mode_sets =
+      Timed(c) ? std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::B, fe::HeurMode_t::FALLBACK},
+                                    {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}}
+               : std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}};
   auto candidates = [&](bool with_algo) -> fe::error_t {
-    graph = MakeGraph(c, b, compute_type);
-    fe::error_t status = graph->validate();
-    if (status.is_good()) status = graph->build_operation_graph(handle);
-    if (status.is_good()) status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+    fe::error_t status;
+    for (const Modes& modes : mode_sets) {
+      graph = MakeGraph(c, b, compute_type);
+      status = graph->validate();
+      if (status.is_good()) status = graph->build_operation_graph(handle);
+      if (status.is_good()) status = graph->create_execution_plans(modes);
+      if (status.is_good()) break;
+    }
     if (status.is_bad()) return status;
     ApplyFilters(*graph, c, b.io_type, workspace_bytes, with_algo);
     return graph->check_support();

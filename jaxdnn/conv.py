@@ -32,11 +32,11 @@ __all__ = ["dnn_conv", "dnn_conv3d", "dnn_gradinput", "dnn_gradweight", "dnn_gra
 FFI_TARGETS = ("jaxdnn_conv_fwd", "jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter")
 # Workspace granted to a pass whose algo names no size (Theano's 'small', the heuristic and
 # timed choices): enough for cuDNN's implicit-GEMM engines on large layers, or twice the
-# largest operand, within dnn.conv.workspace_limit. 'large' and the FFT algorithms get the
-# whole limit, 'none' what the others get (it then picks an engine needing none, and keeps
-# the workspace for the heuristic fallback).
+# largest operand, within dnn.conv.workspace_limit. 'large', the FFT algorithms and the
+# timed search get the whole limit (the timed search so that no engine is left out for
+# lack of workspace: it is the choice of users who want the fastest plan).
 SMALL_WORKSPACE = 64 << 20
-WHOLE_LIMIT_ALGOS = ("large", "fft", "fft_tiling")
+WHOLE_LIMIT_ALGOS = ("large", "fft", "fft_tiling", "time_once", "time_on_shape_change")
 CONV_MODES = ("conv", "cross")
 BORDER_MODES = ("valid", "full", "half")
 
