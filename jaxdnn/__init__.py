@@ -9,6 +9,7 @@ from jaxdnn.batchnorm import dnn_batch_normalization_test, dnn_batch_normalizati
 from jaxdnn.conv import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
                          dnn_gradweight3d)
 from jaxdnn.pooling import dnn_pool
+from jaxdnn.rnn import RNNBlock
 from jaxdnn.softmax import dnn_log_softmax, dnn_softmax
 from jaxdnn.spatial_transformer import dnn_affine_grid, dnn_grid_sampler, dnn_spatialtf
 from jaxdnn import primitives
@@ -20,3 +21,4 @@ __all__ = ["config", "version", "is_available", "unavailable_reason", "primitive
            "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d",
            "dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler",
            "dnn_batch_normalization_train", "dnn_batch_normalization_test"]
+__all__ += ["RNNBlock"]

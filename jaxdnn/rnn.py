@@ -1,0 +1,637 @@
+"""Recurrent networks: `RNNBlock` (the seed's RNNBlock), after cuDNN's RNN v8 API
+(cudnnRNNForward, cudnnRNNBackwardData_v8, cudnnRNNBackwardWeights_v8).
+
+An RNNBlock is a configuration (cell, hidden size, depth, input mode, directions) applied
+to an opaque parameter block `w`: a flat vector laid out as cuDNN lays out its weight
+space (`weight_layout`), so a block made anywhere runs unchanged on cuDNN and on the XLA
+path. `split_params` / `merge_params` convert between the block and each layer's matrices
+and biases in the seed's view (`x @ W`, W of shape (input_dim, hidden)). The cell formulas
+are in jaxdnn/reference/rnn.py.
+
+Two paths, chosen at trace time by `dnn.enabled`:
+
+* XLA: the pure-JAX reference (`lax.scan` over time) called directly. JAX differentiates it
+  (to any order) and vmaps it natively, batched weights included.
+* cuDNN: three primitives, one per cuDNN call,
+
+    rnn_fwd          x, hx, cx, w, seq_lengths                       -> y, hy, cy, reserve
+    rnn_bwd_data     x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve -> dx, dhx, dcx, reserve
+    rnn_bwd_weights  x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve -> dw
+
+  tied by a custom VJP whose residuals are the inputs, y and cuDNN's reserve space. Each
+  primitive's own VJP is its reference's, so gradients of gradients run through XLA.
+
+What the cuDNN handlers receive (the contract for cuda/rnn.cc, still to be written; until
+the extension registers FFI_TARGETS, `choose_impl` sends every call to the XLA path and
+dnn.enabled=True raises):
+
+* x (T, N, I), hx and cx (L*D, N, H), y and dy (T, N, D*H), w and dw (P,), all of one dtype:
+  float16 (to run with float32 math), float32 or float64. bfloat16 never reaches them (the
+  public function computes it in float32). Never an empty array (T = 0 or N = 0 returns
+  without binding).
+* For cells without a cell state, cx, cy, dcy and dcx have shape (L*D, N, 0): pass NULL.
+* seq_lengths: int32 (N,), on the device, always. variable_lengths=0 says every length is T
+  (no lengths were given). API.md promises no host synchronization per call, while
+  cudnnSetRNNDataDescriptor wants the lengths on the host (architecture.md 4d): the
+  handler must square the two.
+* reserve: u8. rnn_fwd produces `reserve_bytes` of it (cudnnGetRNNTempSpaceSizes in the
+  mode `training` says; training=0 is cuDNN's inference mode). rnn_bwd_data reads and
+  updates it (its reserveSpace is in/out) and returns the updated copy (the operand is
+  not aliased to the result: copy it there first), which rnn_bwd_weights reads: that
+  data dependency orders the two calls as cuDNN requires. dw must be zeroed first
+  (CUDNN_WGRAD_MODE_ADD).
+* Operands a call does not need (x for rnn_bwd_data; cx, w, dy, dhy, dcy for
+  rnn_bwd_weights) are there for the reference lowering, which recomputes the forward.
+* The workspace is a trailing u8 result of `workspace_bytes` (see `_primitive.py`).
+* Attributes: mode, input_mode (strings); hidden_size, num_layers, bidirectional,
+  variable_lengths, allow_tf32 and (rnn_fwd) training (int64).
+
+The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
+time (DESIGN.md rule 4): `temp_space_sizes` asks the extension once per configuration.
+With 'auto' and no GPU visible, the XLA path is taken.
+
+Batching (the primitives' rules; the XLA path needs none):
+
+* rnn_fwd and rnn_bwd_data with shared weights fold the vmapped axis into N (exact: the
+  sequences of a batch are independent). The folded call's reserve space cannot be split
+  by instance; it travels as B zero-padded rows and is joined again by the backward.
+* Batched weights: a sequential `lax.map` over the instances (cuDNN takes one weight
+  space per call).
+* rnn_bwd_weights with shared weights must still give each instance its own dw, which no
+  folding gives: it runs the forward, backward-data and backward-weights once per instance
+  (`lax.map`, sequential). `jax.grad` of a vmapped RNN takes this path too (JAX sums the
+  per-instance dw), so for training put the sequences on the batch axis N, not under vmap.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxdnn import _extension, _validate
+from jaxdnn._compat import ShapedArray, batching
+from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn.conv import _allows_tf32
+from jaxdnn.reference import rnn as reference
+from jaxdnn.reference.rnn import WeightEntry, weight_layout
+
+__all__ = ["RNNBlock", "weight_layout", "WeightEntry", "temp_space_sizes", "rnn_fwd_p",
+           "rnn_bwd_data_p", "rnn_bwd_weights_p", "FFI_TARGETS"]
+
+FFI_TARGETS = ("jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights")
+RNN_MODES = reference.MODES
+INPUT_MODES = ("linear", "skip")
+DIRECTION_MODES = ("unidirectional", "bidirectional")
+
+
+# ---- trace-time sizes from cuDNN ----------------------------------------------------------
+
+def temp_space_sizes(*, mode: str, input_mode: str, hidden_size: int, num_layers: int,
+                     bidirectional: bool, variable_lengths: bool, allow_tf32: bool, dtype: str,
+                     max_seq_length: int, batch_size: int, input_dim: int,
+                     training: bool) -> tuple[int, int]:
+    """(workspace, reserve) bytes that cudnnGetRNNTempSpaceSizes gives one configuration
+    (data descriptors of max_seq_length x batch_size, every length max_seq_length: the
+    lengths may be traced), asked of the extension once per configuration (it needs a GPU)
+    as `rnn_temp_space_sizes(*these arguments in order) -> (workspace, reserve)`."""
+    return _query_temp_space_sizes(mode, input_mode, hidden_size, num_layers, bidirectional,
+                                   variable_lengths, allow_tf32, dtype, max_seq_length,
+                                   batch_size, input_dim, training)
+
+
+@functools.lru_cache(maxsize=None)
+def _query_temp_space_sizes(*config) -> tuple[int, int]:
+    query = getattr(_extension.extension(), "rnn_temp_space_sizes", None)
+    if query is None:
+        raise RuntimeError("jaxdnn RNNBlock.apply: this build of jaxdnn cannot size cuDNN's "
+                           "RNN workspace and reserve space (the extension has no "
+                           "rnn_temp_space_sizes)")
+    workspace, reserve = query(*config)
+    return int(workspace), int(reserve)
+
+
+class _Config(NamedTuple):
+    """The static configuration of one cuDNN-path call (the primitives' parameters, less
+    the sizes, which depend on the shapes)."""
+    mode: str
+    input_mode: str
+    hidden_size: int
+    num_layers: int
+    bidirectional: bool
+    variable_lengths: bool
+    allow_tf32: bool
+    impl: str
+
+
+_SIZE_KEYS = tuple(k for k in _Config._fields if k != "impl")
+
+
+def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:
+    """(workspace, reserve) bytes of a call on x (T, N, I) with these parameters."""
+    if params["impl"] != "cudnn":  # the reference lowering needs neither
+        return 0, 0
+    t, n, i = x.shape
+    return temp_space_sizes(**{k: params[k] for k in _SIZE_KEYS},
+                            dtype=jnp.dtype(x.dtype).name, max_seq_length=t, batch_size=n,
+                            input_dim=i, training=training)
+
+
+def _forward_params(config: _Config, x, training: bool) -> dict:
+    workspace, reserve = _space_sizes(config._asdict(), x, training)
+    return dict(config._asdict(), training=training, workspace_bytes=workspace,
+                reserve_bytes=reserve)
+
+
+def _backward_params(config: _Config, x) -> dict:
+    workspace, _ = _space_sizes(config._asdict(), x, training=True)
+    return dict(config._asdict(), workspace_bytes=workspace)
+
+
+def _resized(params: dict, x) -> tuple[dict, int]:
+    """params for a call on x of another batch size, and that call's reserve bytes."""
+    workspace, reserve = _space_sizes(params, x, params.get("training", True))
+    params = dict(params, workspace_bytes=workspace)
+    if "reserve_bytes" in params:
+        params["reserve_bytes"] = reserve
+    return params, reserve
+
+
+# ---- primitives ---------------------------------------------------------------------------
+
+def _forward_abstract(x, hx, cx, w, seq_lengths, *, hidden_size, bidirectional, reserve_bytes,
+                      **params):
+    steps, batch, _ = x.shape
+    directions = 2 if bidirectional else 1
+    return [ShapedArray((steps, batch, directions * hidden_size), x.dtype),
+            ShapedArray(hx.shape, hx.dtype), ShapedArray(cx.shape, cx.dtype),
+            ShapedArray((reserve_bytes,), np.uint8)]
+
+
+def _backward_data_abstract(x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve, **params):
+    return [ShapedArray(a.shape, a.dtype) for a in (x, hx, cx, reserve)]
+
+
+def _backward_weights_abstract(x, hx, cx, w, *operands, **params):
+    return ShapedArray(w.shape, w.dtype)
+
+
+def _attributes(*, workspace_bytes, reserve_bytes=None, **params):
+    del workspace_bytes, reserve_bytes  # the handlers read them from their buffers
+    return {k: (v if isinstance(v, str) else np.int64(v)) for k, v in params.items()}
+
+
+def _workspace_bytes(*avals, workspace_bytes, **params):
+    return workspace_bytes
+
+
+# Where each operand keeps its batch axis N (None: w, which has none).
+_FORWARD_N_AXES = (1, 1, 1, None, 0)                 # x, hx, cx, w, seq_lengths
+_BACKWARD_N_AXES = _FORWARD_N_AXES + (1, 1, 1, 1)    # y, dy, dhy, dcy (then the reserve)
+_W, _RESERVE = 3, 9                                  # operand indices
+
+
+def _batch_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+
+def _fold(a, dim, n_axis, size):
+    """a with its vmapped axis (broadcast if unmapped) merged into its N axis, instance-major."""
+    if n_axis is None:
+        return a
+    a = jnp.moveaxis(batching.bdim_at_front(a, dim, size), 0, n_axis)
+    return a.reshape(a.shape[:n_axis] + (size * a.shape[n_axis + 1],) + a.shape[n_axis + 2:])
+
+
+def _unfold(a, n_axis, size):
+    """The inverse of _fold: the instances' axis comes back at n_axis."""
+    return a.reshape(a.shape[:n_axis] + (size, a.shape[n_axis] // size) + a.shape[n_axis + 1:])
+
+
+def _reserve_rows(reserve, size):
+    """A folded call's reserve space as `size` zero-padded rows: vmap wants the batch axis on
+    every result, though the rows mean nothing apart."""
+    rows = -(-reserve.shape[0] // size)
+    return jnp.pad(reserve, (0, rows * size - reserve.shape[0])).reshape(size, rows)
+
+
+def _join_reserve_rows(rows, dim, nbytes):
+    rows = jnp.moveaxis(rows, dim, 0)
+    return rows.reshape(rows.shape[0] * rows.shape[1])[:nbytes]
+
+
+def _map_instances(fn, args, dims, multiple_results: bool):
+    """fn(*operands) once per vmapped instance (a sequential lax.map); unmapped operands
+    are shared."""
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(instance):
+        operands = list(args)
+        for i, a in zip(mapped, instance):
+            operands[i] = a
+        return fn(*operands)
+
+    outs = lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
+    return outs, ([0] * len(outs) if multiple_results else 0)
+
+
+def _map_prim(prim, args, dims, params):
+    return _map_instances(functools.partial(prim.bind, **params), args, dims,
+                          prim.multiple_results)
+
+
+def _batch_forward(prim, args, dims, **params):
+    if dims[_W] is not None:  # one weight space per cuDNN call
+        return _map_prim(prim, args, dims, params)
+    size = _batch_size(args, dims)
+    folded = [_fold(a, d, ax, size) for a, d, ax in zip(args, dims, _FORWARD_N_AXES)]
+    params, _ = _resized(params, folded[0])
+    y, hy, cy, reserve = prim.bind(*folded, **params)
+    return ([_unfold(y, 1, size), _unfold(hy, 1, size), _unfold(cy, 1, size),
+             _reserve_rows(reserve, size)], [1, 1, 1, 0])
+
+
+def _batch_backward_data(prim, args, dims, **params):
+    # Batched weights mean the forward ran per instance; an unbatched reserve means the
+    # forward was not vmapped (only the cotangents are): either way the reserve belongs to
+    # one instance's call, so run per instance. Otherwise the forward folded the instances
+    # into N, and so does this.
+    if dims[_W] is not None or dims[_RESERVE] is None:
+        return _map_prim(prim, args, dims, params)
+    size = _batch_size(args, dims)
+    folded = [_fold(a, d, ax, size) for a, d, ax in zip(args, dims, _BACKWARD_N_AXES)]
+    params, reserve_bytes = _resized(params, folded[0])
+    reserve = _join_reserve_rows(args[_RESERVE], dims[_RESERVE], reserve_bytes)
+    dx, dhx, dcx, reserve = prim.bind(*folded, reserve, **params)
+    return ([_unfold(dx, 1, size), _unfold(dhx, 1, size), _unfold(dcx, 1, size),
+             _reserve_rows(reserve, size)], [1, 1, 1, 0])
+
+
+def _batch_backward_weights(prim, args, dims, **params):
+    if dims[_W] is not None:  # the forward and rnn_bwd_data ran per instance too
+        return _map_prim(prim, args, dims, params)
+
+    # Shared weights, yet each instance needs its own dw: a folded call would sum them.
+    # The reserve space of a folded forward cannot be split by instance, so each instance
+    # runs its own forward and backward-data first.
+    def one_instance(x, hx, cx, w, seq_lengths, folded_y, dy, dhy, dcy, folded_reserve):
+        del folded_y, folded_reserve  # of the folded forward: recomputed for this instance
+        workspace, reserve_bytes = _space_sizes(params, x, training=True)
+        y, _, _, reserve = rnn_fwd_p.bind(x, hx, cx, w, seq_lengths, training=True,
+                                          reserve_bytes=reserve_bytes,
+                                          **dict(params, workspace_bytes=workspace))
+        operands = (x, hx, cx, w, seq_lengths, y, dy, dhy, dcy)
+        *_, reserve = rnn_bwd_data_p.bind(*operands, reserve, **params)
+        return prim.bind(*operands, reserve, **params)
+
+    return _map_instances(one_instance, args, dims, multiple_results=False)
+
+
+rnn_fwd_p = define_primitive(
+    "jaxdnn_rnn_fwd", abstract_eval=_forward_abstract, reference=reference.forward,
+    ffi_target="jaxdnn_rnn_fwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
+    batch_rule=_batch_forward, multiple_results=True)
+
+rnn_bwd_data_p = define_primitive(
+    "jaxdnn_rnn_bwd_data", abstract_eval=_backward_data_abstract,
+    reference=reference.backward_data, ffi_target="jaxdnn_rnn_bwd_data",
+    attributes=_attributes, workspace_bytes=_workspace_bytes, batch_rule=_batch_backward_data,
+    multiple_results=True)
+
+rnn_bwd_weights_p = define_primitive(
+    "jaxdnn_rnn_bwd_weights", abstract_eval=_backward_weights_abstract,
+    reference=reference.backward_weights, ffi_target="jaxdnn_rnn_bwd_weights",
+    attributes=_attributes, workspace_bytes=_workspace_bytes,
+    batch_rule=_batch_backward_weights)
+
+_forward = reference_differentiable(rnn_fwd_p, reference.forward)
+_backward_data = reference_differentiable(rnn_bwd_data_p, reference.backward_data)
+_backward_weights = reference_differentiable(rnn_bwd_weights_p, reference.backward_weights)
+
+
+# Not differentiated, the forward runs in cuDNN's inference mode (no reserve space).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _cudnn_rnn(x, hx, cx, w, seq_lengths, config: _Config):
+    y, hy, cy, _ = _forward(x, hx, cx, w, seq_lengths, **_forward_params(config, x, False))
+    return y, hy, cy
+
+
+def _cudnn_rnn_fwd(x, hx, cx, w, seq_lengths, config):
+    y, hy, cy, reserve = _forward(x, hx, cx, w, seq_lengths, **_forward_params(config, x, True))
+    return (y, hy, cy), (x, hx, cx, w, seq_lengths, y, reserve)
+
+
+def _cudnn_rnn_bwd(config, residuals, cotangents):
+    *inputs, y, reserve = residuals
+    operands = (*inputs, y, *cotangents)
+    params = _backward_params(config, inputs[0])
+    dx, dhx, dcx, reserve = _backward_data(*operands, reserve, **params)
+    dw = _backward_weights(*operands, reserve, **params)
+    return dx, dhx, dcx, dw, None
+
+
+_cudnn_rnn.defvjp(_cudnn_rnn_fwd, _cudnn_rnn_bwd)
+
+
+def _implementation(op: str) -> str:
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
+    if impl == "cudnn" and _extension.unavailable_reason() is not None:
+        # 'auto' with the handlers built but no GPU: cuDNN cannot size the reserve space
+        return "xla"
+    return impl
+
+
+# ---- argument handling --------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _positive_int(op: str, arg: str, value) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{op}: {arg} must be a positive int; got {value!r}")
+    if value < 1:
+        raise ValueError(f"{op}: {arg}={value!r} must be a positive int")
+    return int(value)
+
+
+def _block_dtype(op: str, dtype):
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{op}: dtype must be float16, bfloat16, float32 or float64; "
+                        f"got {dtype!r}") from None
+    _validate.check_floating(op, "dtype", np.zeros((), dtype))
+    return dtype
+
+
+def _check_array(op: str, arg: str, a, rank: int, what: str):
+    a = jnp.asarray(a)
+    _validate.check_rank(op, arg, a, (rank,), what)
+    _validate.check_floating(op, arg, a)
+    return a
+
+
+def _seq_lengths(op: str, seq_lengths, steps: int, batch: int):
+    lengths = jnp.asarray(seq_lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(f"{op}: seq_lengths must have shape (batch,) = ({batch},), one length "
+                         f"per sequence of x; got shape {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{op}: seq_lengths must hold ints (int32); got {lengths.dtype}")
+    try:  # traced lengths cannot be checked here (the reference clips them to [0, T])
+        values = np.asarray(lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        values = None
+    if values is not None and values.size and not (values.min() >= 1 and values.max() <= steps):
+        raise ValueError(f"{op}: seq_lengths must lie in [1, {steps}] (the timesteps of x); "
+                         f"got {values.tolist()}")
+    return lengths.astype(jnp.int32)
+
+
+# ---- the public class ---------------------------------------------------------------------
+
+class RNNBlock:
+    """A multi-layer recurrent network on cuDNN's RNN API (the seed's RNNBlock).
+
+    dtype: of the parameters and of the computation (float16, bfloat16, float32,
+    float64; the 16-bit types compute in float32). hidden_size, num_layers: positive
+    ints. rnn_mode: 'rnn_relu', 'rnn_tanh', 'lstm' or 'gru' (cuDNN's GRU: the reset gate
+    scales R h + b_R). input_mode: 'linear' (the first layer multiplies its input by W) or
+    'skip' (it has no input matrices and adds x itself: input_dim must equal hidden_size).
+    direction_mode: 'unidirectional' or 'bidirectional' (each layer also runs from the last
+    step to the first; outputs are [forward, backward] along the features).
+
+    `input_size` is (batch_size, input_dim), as in the seed; the parameters do not depend
+    on batch_size.
+    """
+
+    def __init__(self, dtype, hidden_size, num_layers, rnn_mode, input_mode="linear",
+                 direction_mode="unidirectional"):
+        op = "RNNBlock"
+        self.dtype = _block_dtype(op, dtype)
+        self.hidden_size = _positive_int(op, "hidden_size", hidden_size)
+        self.num_layers = _positive_int(op, "num_layers", num_layers)
+        _validate.check_choice(op, "rnn_mode", rnn_mode, RNN_MODES)
+        _validate.check_choice(op, "input_mode", input_mode, INPUT_MODES)
+        _validate.check_choice(op, "direction_mode", direction_mode, DIRECTION_MODES)
+        self.rnn_mode, self.input_mode, self.direction_mode = rnn_mode, input_mode, direction_mode
+
+    def __repr__(self):
+        return (f"RNNBlock({self.dtype.name!r}, hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}, rnn_mode={self.rnn_mode!r}, "
+                f"input_mode={self.input_mode!r}, direction_mode={self.direction_mode!r})")
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.direction_mode == "bidirectional"
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _gates(self) -> int:
+        return reference.GATES[self.rnn_mode]
+
+    @property
+    def _cell(self) -> dict:
+        return dict(mode=self.rnn_mode, input_mode=self.input_mode,
+                    hidden_size=self.hidden_size, num_layers=self.num_layers,
+                    bidirectional=self.bidirectional)
+
+    def _check_input_dim(self, op: str, arg: str, input_dim: int) -> None:
+        if self.input_mode == "skip" and input_dim != self.hidden_size:
+            raise ValueError(f"{op}: input_mode='skip' adds the input to the first layer "
+                             f"unprojected, so {arg} must equal hidden_size="
+                             f"{self.hidden_size}; got {input_dim}")
+
+    def _input_dim(self, op: str, input_size) -> int:
+        try:
+            batch_size, input_dim = input_size
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: input_size must be (batch_size, input_dim); "
+                            f"got {input_size!r}") from None
+        if not (_is_int(batch_size) and _is_int(input_dim)):
+            raise TypeError(f"{op}: input_size must hold two ints (batch_size, input_dim); "
+                            f"got {input_size!r}")
+        if batch_size < 0 or input_dim < 1:
+            raise ValueError(f"{op}: input_size=(batch_size, input_dim) needs batch_size >= 0 "
+                             f"and input_dim >= 1; got {tuple(input_size)!r}")
+        self._check_input_dim(op, "input_dim", int(input_dim))
+        return int(input_dim)
+
+    def _layout(self, input_dim: int) -> tuple[WeightEntry, ...]:
+        return weight_layout(self.rnn_mode, self.hidden_size, self.num_layers, input_dim,
+                             self.input_mode, self.bidirectional)
+
+    def _layer_shapes(self, layer: int, input_dim: int) -> list[tuple | None]:
+        """Shapes of split_params(w, layer, ...), in the seed's view (None: absent)."""
+        gates, hidden = self._gates, self.hidden_size
+        depth = layer // self.num_directions
+        in_dim = reference.layer_input_size(depth, input_dim, hidden, self.num_directions)
+        skipped = depth == 0 and self.input_mode == "skip"
+        shapes = []
+        for lin_id in range(2 * gates):
+            is_input = lin_id < gates
+            shapes.append(None if is_input and skipped else
+                          (in_dim if is_input else hidden, hidden))
+            shapes.append((hidden,))
+        return shapes
+
+    def weight_layout(self, input_size) -> tuple[WeightEntry, ...]:
+        """cuDNN's layout of the block: (pseudo_layer, lin_id, kind, offset, shape) for every
+        matrix and bias, offsets in elements (see jaxdnn.rnn.weight_layout)."""
+        return self._layout(self._input_dim("RNNBlock.weight_layout", input_size))
+
+    def get_param_size(self, input_size) -> int:
+        """The number of elements of the parameter block for inputs of `input_size` =
+        (batch_size, input_dim)."""
+        input_dim = self._input_dim("RNNBlock.get_param_size", input_size)
+        return reference.param_size(self.rnn_mode, self.hidden_size, self.num_layers,
+                                    input_dim, self.input_mode, self.bidirectional)
+
+    def _check_block(self, op: str, w, input_dim: int):
+        w = _check_array(op, "w", w, 1, " (the opaque parameter block)")
+        size = reference.param_size(self.rnn_mode, self.hidden_size, self.num_layers,
+                                    input_dim, self.input_mode, self.bidirectional)
+        if w.shape[0] != size:
+            raise ValueError(f"{op}: w has {w.shape[0]} elements but this block needs "
+                             f"get_param_size((batch_size, {input_dim})) = {size} for "
+                             f"input_dim {input_dim}")
+        return w
+
+    def split_params(self, w, layer, input_size) -> list:
+        """Layer `layer`'s weights and biases, `[W0, b0, W1, b1, ...]` in the seed's order
+        (cuDNN's linLayerIDs: input matrices for every gate, then recurrent ones; lstm
+        gates i, f, newmem, o; gru reset, update, newmem). Each W is (input_dim, hidden)
+        (input) or (hidden, hidden) (recurrent), applied as x @ W; each b is (hidden,).
+        A bidirectional block has 2 * num_layers layers (layer = 2 * depth + direction).
+        With input_mode='skip', the first layer's input matrices do not exist: None.
+        """
+        op = "RNNBlock.split_params"
+        input_dim = self._input_dim(op, input_size)
+        w = self._check_block(op, w, input_dim)
+        layer = self._layer_index(op, layer)
+        result = [None] * (4 * self._gates)
+        for e in self._layout(input_dim):
+            if e.pseudo_layer == layer:
+                piece = w[e.offset:e.offset + e.size].reshape(e.shape)
+                result[2 * e.lin_id + (e.kind == "bias")] = piece.T if e.kind == "matrix" else piece
+        return result
+
+    def _layer_index(self, op: str, layer) -> int:
+        layers = self.num_layers * self.num_directions
+        if not _is_int(layer):
+            raise TypeError(f"{op}: layer must be an int; got {layer!r}")
+        if not 0 <= layer < layers:
+            raise ValueError(f"{op}: layer={layer} must lie in [0, {layers}) "
+                             f"(num_layers * directions)")
+        return int(layer)
+
+    def merge_params(self, layers: Sequence[Sequence], input_size):
+        """The parameter block from every layer's `split_params` list (the inverse of
+        split_params): `layers[i]` for layer i, arrays in the seed's view."""
+        op = "RNNBlock.merge_params"
+        input_dim = self._input_dim(op, input_size)
+        layers = [list(entries) for entries in layers]
+        expected_layers = self.num_layers * self.num_directions
+        if len(layers) != expected_layers:
+            raise ValueError(f"{op}: layers must hold {expected_layers} lists, one per layer "
+                             f"(num_layers * directions); got {len(layers)}")
+        for i, entries in enumerate(layers):
+            shapes = self._layer_shapes(i, input_dim)
+            if len(entries) != len(shapes):
+                raise ValueError(f"{op}: layers[{i}] must hold {len(shapes)} arrays "
+                                 f"[W0, b0, W1, b1, ...]; got {len(entries)}")
+            for k, (value, shape) in enumerate(zip(entries, shapes)):
+                if shape is None and value is not None:
+                    raise ValueError(f"{op}: layers[{i}][{k}] must be None: with "
+                                     "input_mode='skip' the first layer has no input matrices")
+                if shape is not None and np.shape(value) != shape:
+                    raise ValueError(f"{op}: layers[{i}][{k}] must have shape {shape}; got "
+                                     f"{None if value is None else np.shape(value)}")
+        pieces = []
+        for e in self._layout(input_dim):  # in order of offset
+            value = jnp.asarray(layers[e.pseudo_layer][2 * e.lin_id + (e.kind == "bias")])
+            pieces.append((value.T if e.kind == "matrix" else value).reshape(e.size))
+        return jnp.concatenate([p.astype(self.dtype) for p in pieces])
+
+    def init_params(self, key, input_size):
+        """A random block: every weight and bias uniform in [-1/sqrt(hidden),
+        1/sqrt(hidden)] (the usual initialization of these cells)."""
+        size = self.get_param_size(input_size)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        values = jax.random.uniform(key, (size,), reference.compute_dtype(self.dtype),
+                                    -bound, bound)
+        return values.astype(self.dtype)
+
+    def apply(self, w, x, hx, cx=None, seq_lengths=None):
+        """Run the network: w the block, x (timesteps, batch, input_dim), hx (and, for
+        lstm, cx) (num_layers * directions, batch, hidden). Returns (y, hy), or (y, hy, cy)
+        for lstm: y (timesteps, batch, hidden * directions), the forward direction's
+        features first; hy and cy the final states, layer by layer.
+
+        seq_lengths: optional ints (batch,) for right-padded batches: sequence n has
+        seq_lengths[n] valid steps; y is zero past them and hy/cy are the states at each
+        sequence's last valid step; the backward direction starts at that step. Concrete
+        lengths must lie in [1, timesteps]; traced ones cannot be checked (outside that
+        range the XLA path treats a length as clipped to [0, timesteps], where 0 leaves
+        the state at hx; cuDNN's behaviour there is undefined).
+
+        The computation runs in the block's dtype: floating inputs of another dtype are
+        converted to it, and so are the results. Differentiable in w, x, hx and cx.
+        """
+        op = "RNNBlock.apply"
+        x = _check_array(op, "x", x, 3, " (timesteps, batch, input_dim)")
+        steps, batch, input_dim = x.shape
+        self._check_input_dim(op, "x.shape[2] (input_dim)", input_dim)
+        w = self._check_block(op, w, input_dim)
+        state_shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        hx = _check_array(op, "hx", hx, 3, " (num_layers * directions, batch, hidden)")
+        if hx.shape != state_shape:
+            raise ValueError(f"{op}: hx must have shape (num_layers * directions, batch, "
+                             f"hidden) = {state_shape}; got {hx.shape}")
+        lstm = self.rnn_mode == "lstm"
+        if lstm and cx is None:
+            raise ValueError(f"{op}: rnn_mode='lstm' needs the initial cell state cx")
+        if not lstm and cx is not None:
+            raise ValueError(f"{op}: cx is the initial cell state of an lstm; "
+                             f"rnn_mode={self.rnn_mode!r} has none")
+        if lstm:
+            cx = _check_array(op, "cx", cx, 3, " (num_layers * directions, batch, hidden)")
+            if cx.shape != state_shape:
+                raise ValueError(f"{op}: cx must have shape (num_layers * directions, batch, "
+                                 f"hidden) = {state_shape}; got {cx.shape}")
+        if seq_lengths is not None:
+            seq_lengths = _seq_lengths(op, seq_lengths, steps, batch)
+
+        dtype = self.dtype
+        x, hx, w = x.astype(dtype), hx.astype(dtype), w.astype(dtype)
+        cx = cx.astype(dtype) if lstm else None
+        if steps == 0 or batch == 0:  # no step to take: the states stay the initial ones
+            y = jnp.zeros((steps, batch, self.num_directions * self.hidden_size), dtype)
+            return (y, hx, cx) if lstm else (y, hx)
+        impl = _implementation(op)
+        if impl == "xla":
+            y, hy, cy = reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
+        else:
+            y, hy, cy = self._apply_cudnn(w, x, hx, cx, seq_lengths, impl)
+        return (y, hy, cy) if lstm else (y, hy)
+
+    def _apply_cudnn(self, w, x, hx, cx, seq_lengths, impl):
+        dtype = self.dtype
+        work = jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 else dtype  # no bf16 RNN
+        if cx is None:  # the primitives always carry a cell state; empty without one
+            cx = jnp.zeros(hx.shape[:2] + (0,), work)
+        lengths = (jnp.full((x.shape[1],), x.shape[0], jnp.int32) if seq_lengths is None
+                   else seq_lengths)
+        config = _Config(**self._cell, variable_lengths=seq_lengths is not None,
+                         allow_tf32=_allows_tf32(), impl=impl)
+        y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),
+                               w.astype(work), lengths, config)
+        return y.astype(dtype), hy.astype(dtype), cy.astype(dtype)
