@@ -1,0 +1,157 @@
+"""Multi-layer recurrent Flax (linen) modules over `jaxdnn.RNNBlock`: `LSTM`, `GRU` and
+`SimpleRNN`, each holding one cuDNN parameter block (the param 'weights', laid out as
+cuDNN lays out its weight space) instead of one Flax cell per layer.
+
+They compute what Flax's `nn.RNN` over `nn.OptimizedLSTMCell` / `nn.GRUCell` /
+`nn.SimpleCell` computes (stacked, and `nn.Bidirectional` with concatenated outputs for
+`bidirectional=True`): batch-major inputs (N, T, features) by default, `time_major=True`
+for (T, N, features); `seq_lengths` for right-padded batches; `return_carry=True` returns
+`(carry, outputs)`. The carry is the state of every layer at once: `(c, h)` for LSTM, `h`
+otherwise, each (num_layers * directions, N, hidden_size), layer index = 2 * depth +
+direction, as cuDNN orders them.
+
+`from_flax_cells` and `to_flax_cells` convert between the block and Flax's own cell
+parameters (one cell dict per layer and direction, in the same order): cuDNN keeps two
+biases per gate where Flax keeps one, so converting to Flax adds them (the function is
+unchanged) and converting from Flax puts Flax's bias on the side Flax has it.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdnn.rnn import RNNBlock
+
+__all__ = ["LSTM", "GRU", "SimpleRNN", "from_flax_cells", "to_flax_cells"]
+
+# Per cell type, in cuDNN's (and the seed's) gate order: the Flax dense name of each gate's
+# input and recurrent matrix, and which of the two carries Flax's bias ('i', 'h', or
+# 'both' for GRU's candidate gate, whose recurrent bias sits inside the reset product).
+_FLAX_GATES = {
+    "lstm": [("ii", "hi", "h"), ("if", "hf", "h"), ("ig", "hg", "h"), ("io", "ho", "h")],
+    "gru": [("ir", "hr", "i"), ("iz", "hz", "i"), ("in", "hn", "both")],
+    "rnn_tanh": [("i", "h", "i")],
+    "rnn_relu": [("i", "h", "i")],
+}
+
+
+def _block(rnn_mode: str, hidden_size: int, num_layers: int, bidirectional: bool,
+           dtype) -> RNNBlock:
+    return RNNBlock(dtype, hidden_size, num_layers, rnn_mode,
+                    direction_mode="bidirectional" if bidirectional else "unidirectional")
+
+
+def from_flax_cells(rnn_mode: str, cells: Sequence[dict], *, hidden_size: int, num_layers: int,
+                    input_dim: int, bidirectional: bool = False, dtype=jnp.float32):
+    """The parameter block of `rnn_mode` ('lstm', 'gru', 'rnn_tanh', 'rnn_relu') from Flax
+    cell parameters: `cells[layer]` is one `OptimizedLSTMCell` / `GRUCell` / `SimpleCell`
+    params dict ({'ii': {'kernel': ...}, 'hi': {'kernel': ..., 'bias': ...}, ...}), layer
+    = 2 * depth + direction for bidirectional blocks."""
+    block = _block(rnn_mode, hidden_size, num_layers, bidirectional, dtype)
+    gates = _FLAX_GATES[rnn_mode]
+    zeros = jnp.zeros((hidden_size,), dtype)
+    layers = []
+    for cell in cells:
+        inputs, recurrents = [], []
+        for input_name, recurrent_name, bias_side in gates:
+            input_bias = cell[input_name].get("bias", zeros) if bias_side != "h" else zeros
+            recurrent_bias = (cell[recurrent_name].get("bias", zeros) if bias_side != "i"
+                              else zeros)
+            inputs += [cell[input_name]["kernel"], input_bias]
+            recurrents += [cell[recurrent_name]["kernel"], recurrent_bias]
+        layers.append(inputs + recurrents)
+    return block.merge_params(layers, (1, input_dim))
+
+
+def to_flax_cells(rnn_mode: str, weights, *, hidden_size: int, num_layers: int, input_dim: int,
+                  bidirectional: bool = False) -> list[dict]:
+    """Flax cell parameters (the inverse of `from_flax_cells`), one dict per layer and
+    direction. cuDNN's two biases of a gate become Flax's one (their sum), except GRU's
+    candidate gate, which keeps both as Flax does."""
+    block = _block(rnn_mode, hidden_size, num_layers, bidirectional, weights.dtype)
+    gates = _FLAX_GATES[rnn_mode]
+    cells = []
+    for layer in range(num_layers * (2 if bidirectional else 1)):
+        entries = block.split_params(weights, layer, (1, input_dim))
+        half = len(entries) // 2
+        cell = {}
+        for g, (input_name, recurrent_name, bias_side) in enumerate(gates):
+            w_in, b_in = entries[2 * g], entries[2 * g + 1]
+            w_rec, b_rec = entries[half + 2 * g], entries[half + 2 * g + 1]
+            cell[input_name] = {"kernel": w_in}
+            cell[recurrent_name] = {"kernel": w_rec}
+            if bias_side == "i":
+                cell[input_name]["bias"] = b_in + b_rec
+            elif bias_side == "h":
+                cell[recurrent_name]["bias"] = b_in + b_rec
+            else:
+                cell[input_name]["bias"], cell[recurrent_name]["bias"] = b_in, b_rec
+        cells.append(cell)
+    return cells
+
+
+class _Recurrent(nn.Module):
+    """The shared body of LSTM, GRU and SimpleRNN (`_mode` picks the cell)."""
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    time_major: bool = False
+    return_carry: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    _mode: ClassVar[str] = "lstm"
+
+    def _rnn_mode(self) -> str:
+        return self._mode
+
+    @nn.compact
+    def __call__(self, inputs, initial_carry=None, seq_lengths=None):
+        if inputs.ndim != 3:
+            raise ValueError(f"{type(self).__name__}: inputs must be 3-D, (batch, time, "
+                             f"features) (or (time, batch, features) with time_major=True); "
+                             f"got shape {inputs.shape}")
+        x = inputs if self.time_major else jnp.swapaxes(inputs, 0, 1)
+        steps, batch, features = x.shape
+        mode = self._rnn_mode()
+        block = _block(mode, self.hidden_size, self.num_layers, self.bidirectional, self.dtype)
+        weights = self.param(
+            "weights",
+            lambda key: block.init_params(key, (batch, features)).astype(self.param_dtype))
+        states = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        if initial_carry is None:
+            zeros = jnp.zeros(states, self.dtype)
+            initial_carry = (zeros, zeros) if mode == "lstm" else zeros
+        if mode == "lstm":
+            c0, h0 = initial_carry
+            y, hy, cy = block.apply(weights.astype(self.dtype), x.astype(self.dtype), h0, c0,
+                                    seq_lengths=seq_lengths)
+            carry = (cy, hy)
+        else:
+            y, carry = block.apply(weights.astype(self.dtype), x.astype(self.dtype),
+                                   initial_carry, seq_lengths=seq_lengths)
+        outputs = y if self.time_major else jnp.swapaxes(y, 0, 1)
+        return (carry, outputs) if self.return_carry else outputs
+
+
+class LSTM(_Recurrent):
+    """Multi-layer LSTM (cuDNN's, Flax's `OptimizedLSTMCell` math); carry (c, h)."""
+    _mode: ClassVar[str] = "lstm"
+
+
+class GRU(_Recurrent):
+    """Multi-layer GRU (cuDNN's reset-after GRU, Flax's `GRUCell` math); carry h."""
+    _mode: ClassVar[str] = "gru"
+
+
+class SimpleRNN(_Recurrent):
+    """Multi-layer Elman RNN (Flax's `SimpleCell`): activation 'tanh' or 'relu'; carry h."""
+    activation: str = "tanh"
+
+    def _rnn_mode(self) -> str:
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"SimpleRNN: activation={self.activation!r}; cuDNN's cells take "
+                             "'tanh' or 'relu'")
+        return "rnn_" + self.activation

@@ -1,0 +1,131 @@
+"""jaxdnn.flax's recurrent modules against Flax's own: nn.RNN over OptimizedLSTMCell,
+GRUCell and SimpleCell (stacked, and nn.Bidirectional), with parameters converted by
+from_flax_cells / to_flax_cells. On the CPU this runs jaxdnn's XLA path; the cuDNN path
+computes the same block (tests/test_rnn.py)."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdnn.flax.recurrent import GRU, LSTM, SimpleRNN, from_flax_cells, to_flax_cells
+
+CELLS = {"lstm": (LSTM, nn.OptimizedLSTMCell), "gru": (GRU, nn.GRUCell),
+         "rnn_tanh": (SimpleRNN, nn.SimpleCell)}
+N, T, I, H = 3, 5, 4, 6
+
+
+class FlaxStack(nn.Module):
+    """What a Flax user writes: a stack of nn.RNN layers, each optionally bidirectional."""
+    cell: Any = None
+    num_layers: int = 1
+    bidirectional: bool = False
+
+    @nn.compact
+    def __call__(self, x, seq_lengths=None):
+        # Cells are named in cuDNN's layer order, 2 * depth + direction.
+        directions = 2 if self.bidirectional else 1
+        cell = lambda depth, direction: self.cell(H, name=f"cell_{directions * depth + direction}")
+        for depth in range(self.num_layers):
+            forward = nn.RNN(cell(depth, 0))
+            if self.bidirectional:
+                x = nn.Bidirectional(forward, nn.RNN(cell(depth, 1)))(x, seq_lengths=seq_lengths)
+            else:
+                x = forward(x, seq_lengths=seq_lengths)
+        return x
+
+
+def _flax_cells(params, num_layers, bidirectional):
+    """Flax's cell dicts in cuDNN's layer order (2 * depth + direction)."""
+    count = num_layers * (2 if bidirectional else 1)
+    return [params["params"][f"cell_{k}"] for k in range(count)]
+
+
+def _setup(mode, num_layers, bidirectional):
+    jaxdnn_cls, flax_cell = CELLS[mode]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((N, T, I)), jnp.float32)
+    stack = FlaxStack(flax_cell, num_layers, bidirectional)
+    params = stack.init(jax.random.key(1), x)
+    weights = from_flax_cells(mode, _flax_cells(params, num_layers, bidirectional),
+                              hidden_size=H, num_layers=num_layers, input_dim=I,
+                              bidirectional=bidirectional)
+    module = jaxdnn_cls(H, num_layers, bidirectional)
+    return x, stack, params, module, {"params": {"weights": weights}}
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+@pytest.mark.parametrize("num_layers, bidirectional", [(1, False), (2, True)])
+def test_same_outputs_as_flax(mode, num_layers, bidirectional):
+    x, stack, params, module, ours = _setup(mode, num_layers, bidirectional)
+    want = stack.apply(params, x)
+    got = jax.jit(module.apply)(ours, x)
+    assert got.shape == want.shape == (N, T, H * (2 if bidirectional else 1))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_same_gradients_as_flax(mode):
+    x, stack, params, module, ours = _setup(mode, 2, False)
+    loss = lambda apply, p, x: jnp.sum(jnp.sin(apply(p, x)))
+    gx_want = jax.grad(loss, 2)(stack.apply, params, x)
+    gx_got = jax.jit(jax.grad(loss, 2), static_argnums=0)(module.apply, ours, x)
+    np.testing.assert_allclose(gx_got, gx_want, rtol=1e-4, atol=1e-5)
+    # and the parameter gradients, compared in Flax's terms
+    gw = jax.grad(loss, 1)(module.apply, ours, x)["params"]["weights"]
+    gp = jax.grad(loss, 1)(stack.apply, params, x)
+    back = to_flax_cells(mode, gw, hidden_size=H, num_layers=2, input_dim=I)
+    for got_cell, want_cell in zip(back, _flax_cells(gp, 2, False)):
+        for name, dense in want_cell.items():
+            np.testing.assert_allclose(got_cell[name]["kernel"], dense["kernel"], rtol=1e-4,
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_to_flax_cells_round_trip_keeps_the_function(mode):
+    x, stack, params, module, ours = _setup(mode, 2, True)
+    cells = to_flax_cells(mode, ours["params"]["weights"], hidden_size=H, num_layers=2,
+                          input_dim=I, bidirectional=True)
+    rebuilt = {"params": {f"cell_{k}": cell for k, cell in enumerate(cells)}}
+    np.testing.assert_allclose(stack.apply(rebuilt, x), stack.apply(params, x), rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_carry_and_seq_lengths_match_flax():
+    x, stack, params, module, ours = _setup("lstm", 1, False)
+    lengths = jnp.asarray([5, 2, 3], jnp.int32)
+    flax_rnn = nn.RNN(nn.OptimizedLSTMCell(H), return_carry=True)
+    (c_want, h_want), y_want = flax_rnn.apply({"params": {"cell": params["params"]["cell_0"]}},
+                                              x, seq_lengths=lengths)
+    module = LSTM(H, return_carry=True)
+    (c_got, h_got), y_got = module.apply(ours, x, seq_lengths=lengths)
+    np.testing.assert_allclose(c_got[0], c_want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(h_got[0], h_want, rtol=2e-5, atol=2e-5)
+    for n, length in enumerate(np.asarray(lengths)):  # Flax leaves padded steps unspecified
+        np.testing.assert_allclose(y_got[n, :length], y_want[n, :length], rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(y_got[n, length:], 0)
+
+
+def test_time_major_and_initial_carry():
+    x, _, _, _, ours = _setup("gru", 1, False)
+    h0 = jnp.ones((1, N, H), jnp.float32)
+    batch_major = GRU(H).apply(ours, x, h0)
+    time_major = GRU(H, time_major=True).apply(ours, jnp.swapaxes(x, 0, 1), h0)
+    np.testing.assert_allclose(jnp.swapaxes(time_major, 0, 1), batch_major, rtol=1e-6)
+    assert not np.allclose(batch_major, GRU(H).apply(ours, x))  # h0 matters
+
+
+def test_init_gives_a_block_of_the_right_size():
+    params = LSTM(H, num_layers=2, bidirectional=True).init(jax.random.key(0), jnp.ones((N, T, I)))
+    w = params["params"]["weights"]
+    # per direction: layer 0 4H(I+H) + 8H biases, layer 1 4H(2H+H) + 8H
+    assert w.shape == (2 * (4 * H * (I + H) + 8 * H + 4 * H * (2 * H + H) + 8 * H),)
+    assert w.dtype == jnp.float32 and bool(jnp.all(jnp.abs(w) <= 1 / np.sqrt(H)))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="inputs must be 3-D"):
+        LSTM(H).init(jax.random.key(0), jnp.ones((T, I)))
+    with pytest.raises(ValueError, match="activation"):
+        SimpleRNN(H, activation="gelu").init(jax.random.key(0), jnp.ones((N, T, I)))
