@@ -1,0 +1,257 @@
+"""Flax NNX modules over jaxdnn's ops: `Conv`, `ConvTranspose`, `BatchNorm`,
+`SpatialTransformer` (and `max_pool`/`avg_pool`, which NNX shares with linen).
+
+Drop-in replacements for `flax.nnx.Conv`, `flax.nnx.ConvTranspose` and `flax.nnx.BatchNorm`:
+the same constructor arguments and defaults (in_features, out_features, kernel_size, ...,
+rngs), the same `nnx.Param`s (kernel stored HWIO, bias) and `nnx.BatchStat`s (mean, var),
+drawn from `rngs` in the same order, so the same seed gives the same parameters and
+`nnx.state` round-trips with Flax's modules. The arithmetic is the functional core of
+`jaxdnn.flax` (`conv_apply`, `conv_transpose_apply`, `batch_norm_apply`,
+`spatial_transform_apply`), shared with the linen modules; see that module for how each
+maps onto cuDNN and for the Flax options that are not supported.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+from flax.nnx.nn import initializers
+from jax import lax
+
+from jaxdnn.flax import (_kernel_size, avg_pool, batch_norm_apply, check_batch_norm_options,
+                         conv_apply, conv_transpose_apply, identity_affine_init, max_pool,
+                         spatial_transform_apply)
+
+__all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "max_pool", "avg_pool",
+           "identity_affine_init"]
+
+default_kernel_init = initializers.lecun_normal()
+default_bias_init = initializers.zeros_init()
+NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def _check_flax_only(op: str, arg: str, value, allowed=(None,)) -> None:
+    """Options of Flax's modules that only make sense for XLA's own convolution."""
+    if not any(value is a for a in allowed):
+        raise ValueError(f"{op}: {arg}={value!r} is not supported (jaxdnn computes the "
+                         "convolution with cuDNN)")
+
+
+def _kernel_and_bias(op: str, module, kernel_shape, out_features, *, use_bias, kernel_init,
+                     bias_init, param_dtype, rngs, kernel_metadata, bias_metadata) -> None:
+    """Flax's params, drawn from rngs in Flax's order (kernel, then bias)."""
+    module.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype),
+                              **kernel_metadata)
+    if use_bias:
+        module.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
+                                **bias_metadata)
+    else:
+        module.bias = nnx.data(None)
+
+
+def _masked_promoted(op: str, module, inputs):
+    """(inputs, kernel, bias) after the weight mask and the module's dtype promotion."""
+    if module.mask is not None and module.mask.shape != module.kernel_shape:
+        raise ValueError(f"{op}: mask must have the kernel's shape {module.kernel_shape}; got "
+                         f"{module.mask.shape}")
+    kernel = module.kernel[...]
+    if module.mask is not None:
+        kernel = kernel * module.mask
+    bias = module.bias[...] if module.bias is not None else None
+    return module.promote_dtype((inputs, kernel, bias), dtype=module.dtype)
+
+
+class Conv(nnx.Module):
+    """`flax.nnx.Conv` on cuDNN (`dnn_conv`, cross-correlation, channels-last): the same
+    arguments; kernel (*kernel_size, in_features // feature_group_count, out_features).
+    input_dilation must be 1; conv_general_dilated only lax's (cuDNN computes it);
+    precision above DEFAULT forbids TF32."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+                 strides: None | int | Sequence[int] = 1, *, padding: Any = "SAME",
+                 input_dilation: None | int | Sequence[int] = 1,
+                 kernel_dilation: None | int | Sequence[int] = 1, feature_group_count: int = 1,
+                 use_bias: bool = True, mask: jax.Array | None = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Callable = default_kernel_init,
+                 bias_init: Callable = default_bias_init,
+                 conv_general_dilated: Callable | None = lax.conv_general_dilated,
+                 promote_dtype: Callable = nnx_dtypes.promote_dtype,
+                 preferred_element_type: Any = None, rngs: nnx.Rngs,
+                 kernel_metadata: Mapping[str, Any] = NO_METADATA,
+                 bias_metadata: Mapping[str, Any] = NO_METADATA):
+        _check_flax_only("Conv", "conv_general_dilated", conv_general_dilated,
+                         (None, lax.conv_general_dilated))
+        kernel_size = _kernel_size("Conv", kernel_size)
+        if (not isinstance(feature_group_count, int) or feature_group_count < 1
+                or in_features % feature_group_count):
+            raise ValueError(f"Conv: feature_group_count={feature_group_count!r} must be a "
+                             f"positive int dividing in_features={in_features}")
+        self.kernel_shape = kernel_size + (in_features // feature_group_count, out_features)
+        _kernel_and_bias("Conv", self, self.kernel_shape, out_features, use_bias=use_bias,
+                         kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
+                         rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.input_dilation = input_dilation
+        self.kernel_dilation = kernel_dilation
+        self.feature_group_count = feature_group_count
+        self.use_bias = use_bias
+        self.mask = mask
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    def __call__(self, inputs, out_sharding=None):
+        _check_flax_only("Conv", "out_sharding", out_sharding)
+        inputs, kernel, bias = _masked_promoted("Conv", self, inputs)
+        return conv_apply(inputs, kernel, bias, strides=self.strides, padding=self.padding,
+                          input_dilation=self.input_dilation,
+                          kernel_dilation=self.kernel_dilation,
+                          feature_group_count=self.feature_group_count,
+                          precision=self.precision,
+                          preferred_element_type=self.preferred_element_type)
+
+
+class ConvTranspose(nnx.Module):
+    """`flax.nnx.ConvTranspose` (`lax.conv_transpose`) on cuDNN's backward-data pass
+    (`dnn_gradinput`): the same arguments; kernel (*kernel_size, in_features,
+    out_features), or (*kernel_size, out_features, in_features) with transpose_kernel."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+                 strides: int | Sequence[int] | None = None, *, padding: Any = "SAME",
+                 kernel_dilation: int | Sequence[int] | None = None, use_bias: bool = True,
+                 mask: jax.Array | None = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Callable = default_kernel_init,
+                 bias_init: Callable = default_bias_init, transpose_kernel: bool = False,
+                 promote_dtype: Callable = nnx_dtypes.promote_dtype,
+                 preferred_element_type: Any = None, rngs: nnx.Rngs,
+                 kernel_metadata: Mapping[str, Any] = NO_METADATA,
+                 bias_metadata: Mapping[str, Any] = NO_METADATA):
+        kernel_size = _kernel_size("ConvTranspose", kernel_size)
+        self.kernel_shape = kernel_size + ((out_features, in_features) if transpose_kernel
+                                           else (in_features, out_features))
+        _kernel_and_bias("ConvTranspose", self, self.kernel_shape, out_features,
+                         use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init,
+                         param_dtype=param_dtype, rngs=rngs, kernel_metadata=kernel_metadata,
+                         bias_metadata=bias_metadata)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.kernel_dilation = kernel_dilation
+        self.use_bias = use_bias
+        self.mask = mask
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.transpose_kernel = transpose_kernel
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    def __call__(self, inputs):
+        inputs, kernel, bias = _masked_promoted("ConvTranspose", self, inputs)
+        return conv_transpose_apply(inputs, kernel, bias, strides=self.strides,
+                                    padding=self.padding, kernel_dilation=self.kernel_dilation,
+                                    transpose_kernel=self.transpose_kernel,
+                                    precision=self.precision,
+                                    preferred_element_type=self.preferred_element_type)
+
+
+class BatchNorm(nnx.Module):
+    """`flax.nnx.BatchNorm` on cuDNN: the same arguments, `nnx.Param`s scale and bias,
+    `nnx.BatchStat`s mean and var updated as Flax updates them (momentum, biased batch
+    variance) whenever use_running_average is False. epsilon >= 1e-5 (cuDNN); axis_name,
+    axis_index_groups and __call__'s mask raise."""
+
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False,
+                 axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-5,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True, bias_init: Callable = initializers.zeros_init(),
+                 scale_init: Callable = initializers.ones_init(), axis_name: str | None = None,
+                 axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 promote_dtype: Callable = nnx_dtypes.promote_dtype, rngs: nnx.Rngs,
+                 bias_metadata: Mapping[str, Any] = NO_METADATA,
+                 scale_metadata: Mapping[str, Any] = NO_METADATA):
+        check_batch_norm_options("BatchNorm", epsilon=epsilon, axis_name=axis_name,
+                                 axis_index_groups=axis_index_groups)
+        feature_shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+        # Flax's order of rngs.params() draws: scale, then bias.
+        self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
+                                **scale_metadata) if use_scale else nnx.data(None))
+        self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
+                               **bias_metadata) if use_bias else nnx.data(None))
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        use_running_average = (self.use_running_average if use_running_average is None
+                               else use_running_average)
+        if use_running_average is None:
+            raise ValueError("BatchNorm: use_running_average was given neither to the "
+                             "constructor nor to the call")
+        check_batch_norm_options("BatchNorm", epsilon=self.epsilon, mask=mask)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        # Flax NNX promotes the input, the statistics and the params to one dtype first.
+        x, ra_mean, ra_var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        if use_running_average:
+            y, _, _ = batch_norm_apply(x, scale, bias, axis=self.axis, epsilon=self.epsilon,
+                                       mean=ra_mean, var=ra_var, dtype=self.dtype)
+            return y
+        y, mean, var = batch_norm_apply(x, scale, bias, axis=self.axis, epsilon=self.epsilon,
+                                        dtype=self.dtype)
+        # As Flax: no gradient through the running averages of variables it can update in
+        # place (the usual case; not, e.g., from another trace level).
+        can_update = (getattr(self.mean, "_can_update", False)
+                      or getattr(self.var, "_can_update", False))
+        stop = jax.lax.stop_gradient if can_update else (lambda v: v)
+        self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * var)
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """For `nnx.view`, as Flax's BatchNorm."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class SpatialTransformer(nnx.Module):
+    """An affine spatial transformer on cuDNN (`dnn_spatialtf`): `localization` (an NNX
+    module) maps the (N, H, W, C) inputs to 6 numbers per image, theta (N, 2, 3); the
+    inputs are sampled bilinearly on theta's grid of out_size (H_out, W_out), default
+    (H, W). Starting at the identity is the localization network's job, e.g. a last layer
+    `nnx.Linear(..., 6, kernel_init=nnx.initializers.zeros, bias_init=identity_affine_init)`.
+    """
+
+    def __init__(self, localization: nnx.Module, out_size: Sequence[int] | None = None):
+        self.localization = localization
+        self.out_size = None if out_size is None else tuple(out_size)
+
+    def __call__(self, inputs):
+        return spatial_transform_apply(inputs, self.localization(inputs), self.out_size)
