@@ -81,6 +81,16 @@ def run_xla(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def jit_run(fn, *args, xla=False):
+    """Trace a fresh jit of fn and run it: on the XLA path when `xla`, else with the flags in
+    force (in `gpu` tests: cuDNN). Fresh, because flags are read at trace time."""
+    jitted = jax.jit(lambda *a: fn(*a))
+    if xla:
+        with xla_path():
+            return jitted(*args)
+    return jitted(*args)
+
+
 def run_default(fn, *args, **kwargs):
     """fn(*args, **kwargs) under the flags in force (in `gpu` tests: dnn.enabled=True)."""
     return fn(*args, **kwargs)

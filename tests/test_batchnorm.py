@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 import bn_references as ref
 import jaxdnn
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn.batchnorm import (FFI_TARGETS, bn_bwd_p, bn_fwd_infer_p, bn_fwd_train_p,
                               dnn_batch_normalization_test, dnn_batch_normalization_train)
@@ -769,14 +770,6 @@ gpu_cases = pytest.mark.parametrize("case", list(GPU_CASES))
 # the batch-norm handlers, that would only raise, so they skip.
 handlers_built = pytest.mark.skipif(not _HANDLERS_BUILT,
                                     reason="the cuDNN batch-norm handlers are not built yet")
-
-
-def _jit_run(fn, *args, xla=False):
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
 
 
 def _gpu_compare(cudnn, xla, expected, dtype, what):

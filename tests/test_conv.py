@@ -22,6 +22,7 @@ from jax.test_util import check_grads
 import conv_references as cref
 import jaxdnn
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, tolerance, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
                     dnn_gradweight3d)
 from jaxdnn.config import ALGO_BWD_DATA, ALGO_BWD_FILTER, ALGO_FWD, PRECISIONS
@@ -1074,15 +1075,6 @@ GPU_CONFIGS = {
 }
 gpu_configs = pytest.mark.parametrize("config", list(GPU_CONFIGS))
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-
-
-def _jit_run(fn, *args, xla=False):
-    """Trace a fresh jit of fn and run it on the XLA path (`xla`) or the default (cuDNN)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
 
 
 def _gpu_compare(actual_cudnn, actual_xla, expected, dtype, what):

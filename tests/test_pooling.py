@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 import jaxdnn
 import references as ref
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import dnn_pool
 
 MODES = ("max", "max_deterministic", "average_inc_pad", "average_exc_pad", "sum")
@@ -612,15 +613,6 @@ def _gpu_setup(config, layout):
     cf_shape, ws, stride, pad = GPU_CONFIGS[config]
     fmt = _fmt(len(ws), layout)
     return _shape(cf_shape, fmt), ws, stride, pad, fmt
-
-
-def _jit_run(fn, *args, xla=False):
-    """Trace a fresh jit of fn and run it on the XLA path (`xla`) or the default (cuDNN)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 import jaxdnn
 import rnn_references as ref
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn import rnn as rnn_module
 from jaxdnn.rnn import FFI_TARGETS, RNNBlock, WeightEntry, weight_layout
@@ -768,15 +769,6 @@ def test_errors_are_raised_at_trace_time():
 # ---------------------------------------------------------------------------------------
 # GPU: the cuDNN path (dnn.enabled=True) against the XLA path and float64
 # ---------------------------------------------------------------------------------------
-def _jit_run(fn, *args, xla=False):
-    """A fresh jit of fn, run on the XLA path (`xla`) or the default (cuDNN in gpu tests)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("mode,direction,input_mode", [

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 
 import references as ref
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import dnn_log_softmax, dnn_softmax
 
 ALGOS = ("fast", "accurate", "log")
@@ -402,16 +403,6 @@ GPU_LAYOUTS = {
     "NHWC": ((3, 6, 7, 5), "NHWC"),
 }
 gpu_layouts = pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
-
-
-def _jit_run(fn, *args, xla=False):
-    """Trace (a fresh jit of) fn and run it, on the XLA path when `xla`, else with the
-    default flags (cuDNN on a GPU)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
 
 
 @pytest.mark.gpu

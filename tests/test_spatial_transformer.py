@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 import jaxdnn
 import stn_references as ref
 from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from conftest import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn.reference import spatial_transformer as xla_reference
 from jaxdnn.spatial_transformer import (FFI_TARGETS, dnn_affine_grid, dnn_grid_sampler,
@@ -659,15 +660,6 @@ GPU_CASES = {
     "up-down": ((3, 5, 7, 10), 1.5, 0.6),
     "single-row": ((2, 3, 1, 12), 2, 1),
 }
-
-
-def _jit_run(fn, *args, xla=False):
-    """Trace a fresh jit of fn and run it on the XLA path (`xla`) or the default (cuDNN)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
 
 
 def _gpu_compare(cudnn, xla, expected, dtype, what, factor=1):
