@@ -328,6 +328,20 @@ def _wrap_circular(y, n_in, strides, transpose_kernel: bool):
     return y
 
 
+def _kernel_and_bias(op: str, module: nn.Module, inputs, kernel_shape):
+    """(inputs, kernel, bias) of a linen Conv/ConvTranspose: its params (declared here, in
+    the module's scope), the weight mask applied, the module's dtype promotion done."""
+    if module.mask is not None and module.mask.shape != kernel_shape:
+        raise ValueError(f"{op}: mask must have the kernel's shape {kernel_shape}; got "
+                         f"{module.mask.shape}")
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    if module.mask is not None:
+        kernel = kernel * module.mask
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+
+
 class Conv(nn.Module):
     """`flax.linen.Conv` on cuDNN (`dnn_conv`): channels-last inputs
     (*batch, spatial..., features), 1-D, 2-D or 3-D by len(kernel_size), the kernel param
@@ -365,15 +379,7 @@ class Conv(nn.Module):
             raise ValueError(f"Conv: feature_group_count={self.feature_group_count!r} must be a "
                              f"positive int dividing the {in_features} input features")
         kernel_shape = kernel_size + (in_features // self.feature_group_count, self.features)
-        if self.mask is not None and self.mask.shape != kernel_shape:
-            raise ValueError(f"Conv: mask must have the kernel's shape {kernel_shape}; got "
-                             f"{self.mask.shape}")
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        if self.mask is not None:
-            kernel = kernel * self.mask
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, kernel, bias = _kernel_and_bias("Conv", self, inputs, kernel_shape)
         return conv_apply(inputs, kernel, bias, strides=self.strides, padding=self.padding,
                           input_dilation=self.input_dilation,
                           kernel_dilation=self.kernel_dilation,
@@ -416,15 +422,7 @@ class ConvTranspose(nn.Module):
         in_features = inputs.shape[-1]
         kernel_shape = kernel_size + ((self.features, in_features) if self.transpose_kernel
                                       else (in_features, self.features))
-        if self.mask is not None and self.mask.shape != kernel_shape:
-            raise ValueError(f"ConvTranspose: mask must have the kernel's shape {kernel_shape}; "
-                             f"got {self.mask.shape}")
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        if self.mask is not None:
-            kernel = kernel * self.mask
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, kernel, bias = _kernel_and_bias("ConvTranspose", self, inputs, kernel_shape)
         return conv_transpose_apply(inputs, kernel, bias, strides=self.strides,
                                     padding=self.padding, kernel_dilation=self.kernel_dilation,
                                     transpose_kernel=self.transpose_kernel,
