@@ -29,6 +29,8 @@ ALGO_BWD_FILTER = ("none", "deterministic", "fft", "small") + _GUESS_TIME
 # `dnn.conv.algo_bwd` sets both backward flags, so it takes what both accept.
 ALGO_BWD = tuple(a for a in ALGO_BWD_DATA if a in ALGO_BWD_FILTER)
 PRECISIONS = ("as_input_f32", "as_input", "float16", "float32", "float64")
+# cuDNN's cudnnRNNAlgo_t: the persistent kernels keep the recurrent weights on chip.
+RNN_ALGOS = ("standard", "persist_static", "persist_static_small_h", "persist_dynamic")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -104,6 +106,9 @@ _FLAGS = {f.name: f for f in (
          "Compute type of convolutions: as_input_f32 computes float16/bfloat16 in float32."),
     Flag("dnn.conv.workspace_limit", 1 << 30, _bytes,
          "Most bytes of workspace one convolution may use; 'none'/'small'/'large' scale within it."),
+    Flag("dnn.rnn.algo", "standard", _choice(RNN_ALGOS),
+         "cuDNN RNN algorithm of RNNBlock: 'standard', or one of cuDNN's persistent kernels "
+         "(limited to some sizes and types; cuDNN refuses the others at trace time)."),
 )}
 
 # `dnn.conv.algo_bwd` is not stored: it writes both backward flags and reads them back.

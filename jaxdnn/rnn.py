@@ -21,30 +21,32 @@ Two paths, chosen at trace time by `dnn.enabled`:
   tied by a custom VJP whose residuals are the inputs, y and cuDNN's reserve space. Each
   primitive's own VJP is its reference's, so gradients of gradients run through XLA.
 
-What the cuDNN handlers receive (the contract for cuda/rnn.cc, still to be written; until
-the extension registers FFI_TARGETS, `choose_impl` sends every call to the XLA path and
-dnn.enabled=True raises):
+What the cuDNN handlers (cuda/rnn.cc) receive:
 
 * x (T, N, I), hx and cx (L*D, N, H), y and dy (T, N, D*H), w and dw (P,), all of one dtype:
-  float16 (to run with float32 math), float32 or float64. bfloat16 never reaches them (the
-  public function computes it in float32). Never an empty array (T = 0 or N = 0 returns
-  without binding).
-* For cells without a cell state, cx, cy, dcy and dcx have shape (L*D, N, 0): pass NULL.
-* seq_lengths: int32 (N,), on the device, always. variable_lengths=0 says every length is T
-  (no lengths were given). API.md promises no host synchronization per call, while
-  cudnnSetRNNDataDescriptor wants the lengths on the host (architecture.md 4d): the
-  handler must square the two.
+  float16 or bfloat16 (stored so, with float32 math on tensor cores), float32 (TF32 tensor
+  cores unless `allow_tf32` is 0) or float64. bfloat16 reaches them only where cuDNN takes
+  it (asked once, `_cudnn_takes_bfloat16`); elsewhere the public function computes it in
+  float32. Never an empty array (T = 0 or N = 0 returns without binding).
+* For cells without a cell state, cx, cy, dcy and dcx have shape (L*D, N, 0): the handlers
+  pass NULL.
+* seq_lengths: int32 (N,), on the device, always (all T when no lengths were given, then
+  variable_lengths=0). No host synchronization: the data descriptors, built once at
+  initialize, say every length is T, and each call passes the real lengths as cuDNN's
+  devSeqLengths, which its kernels read (the GPU tests check zero outputs past each end and
+  the final states at each last valid step).
 * reserve: u8. rnn_fwd produces `reserve_bytes` of it (cudnnGetRNNTempSpaceSizes in the
-  mode `training` says; training=0 is cuDNN's inference mode). rnn_bwd_data reads and
-  updates it (its reserveSpace is in/out) and returns the updated copy (the operand is
-  not aliased to the result: copy it there first), which rnn_bwd_weights reads: that
-  data dependency orders the two calls as cuDNN requires. dw must be zeroed first
-  (CUDNN_WGRAD_MODE_ADD).
+  mode `training` says; training=0 is cuDNN's inference mode and writes none).
+  rnn_bwd_data reads and updates it (its reserveSpace is in/out) and returns the updated
+  copy (the operand is not aliased to the result: the handler copies it there first),
+  which rnn_bwd_weights reads: that data dependency orders the two calls as cuDNN
+  requires. rnn_bwd_weights zeroes dw first (cuDNN adds into it, CUDNN_WGRAD_MODE_ADD).
 * Operands a call does not need (x for rnn_bwd_data; cx, w, dy, dhy, dcy for
   rnn_bwd_weights) are there for the reference lowering, which recomputes the forward.
 * The workspace is a trailing u8 result of `workspace_bytes` (see `_primitive.py`).
-* Attributes: mode, input_mode (strings); hidden_size, num_layers, bidirectional,
-  variable_lengths, allow_tf32 and (rnn_fwd) training (int64).
+* Attributes: mode, input_mode, algo (the `dnn.rnn.algo` flag) (strings); hidden_size,
+  num_layers, bidirectional, variable_lengths, allow_tf32 and (rnn_fwd) training (int64).
+  The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
 time (DESIGN.md rule 4): `temp_space_sizes` asks the extension once per configuration.
@@ -74,13 +76,15 @@ import numpy as np
 from jax import lax
 
 from jaxdnn import _extension, _validate
+from jaxdnn import config as config_module
 from jaxdnn._compat import ShapedArray, batching
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
 from jaxdnn.conv import _allows_tf32
 from jaxdnn.reference import rnn as reference
 from jaxdnn.reference.rnn import WeightEntry, weight_layout
 
-__all__ = ["RNNBlock", "weight_layout", "WeightEntry", "temp_space_sizes", "rnn_fwd_p",
+__all__ = ["RNNBlock", "weight_layout", "WeightEntry", "temp_space_sizes", "cudnn_weight_params",
+           "rnn_fwd_p",
            "rnn_bwd_data_p", "rnn_bwd_weights_p", "FFI_TARGETS"]
 
 FFI_TARGETS = ("jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights")
@@ -91,28 +95,64 @@ DIRECTION_MODES = ("unidirectional", "bidirectional")
 
 # ---- trace-time sizes from cuDNN ----------------------------------------------------------
 
-def temp_space_sizes(*, mode: str, input_mode: str, hidden_size: int, num_layers: int,
-                     bidirectional: bool, variable_lengths: bool, allow_tf32: bool, dtype: str,
-                     max_seq_length: int, batch_size: int, input_dim: int,
-                     training: bool) -> tuple[int, int]:
+def temp_space_sizes(*, mode: str, input_mode: str, algo: str, hidden_size: int,
+                     num_layers: int, bidirectional: bool, variable_lengths: bool,
+                     allow_tf32: bool, dtype: str, max_seq_length: int, batch_size: int,
+                     input_dim: int, training: bool) -> tuple[int, int]:
     """(workspace, reserve) bytes that cudnnGetRNNTempSpaceSizes gives one configuration
-    (data descriptors of max_seq_length x batch_size, every length max_seq_length: the
-    lengths may be traced), asked of the extension once per configuration (it needs a GPU)
-    as `rnn_temp_space_sizes(*these arguments in order) -> (workspace, reserve)`."""
-    return _query_temp_space_sizes(mode, input_mode, hidden_size, num_layers, bidirectional,
-                                   variable_lengths, allow_tf32, dtype, max_seq_length,
-                                   batch_size, input_dim, training)
+    (data descriptors of max_seq_length x batch_size, every length max_seq_length, as the
+    handlers build them), asked of the extension once per configuration (it needs a GPU).
+    The reserve is 0 unless `training`."""
+    del variable_lengths  # the handlers' descriptors do not depend on it
+    return _query_temp_space_sizes(
+        mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
+        num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=bool(allow_tf32),
+        dtype=dtype, max_seq_length=max_seq_length, batch_size=batch_size,
+        input_dim=input_dim, training=bool(training))
+
+
+def _extension_query(name: str):
+    query = getattr(_extension.extension(), name, None)
+    if query is None:
+        raise RuntimeError(f"jaxdnn RNNBlock: this build of jaxdnn has no cuDNN RNN query "
+                           f"{name!r}")
+    return query
 
 
 @functools.lru_cache(maxsize=None)
-def _query_temp_space_sizes(*config) -> tuple[int, int]:
-    query = getattr(_extension.extension(), "rnn_temp_space_sizes", None)
-    if query is None:
-        raise RuntimeError("jaxdnn RNNBlock.apply: this build of jaxdnn cannot size cuDNN's "
-                           "RNN workspace and reserve space (the extension has no "
-                           "rnn_temp_space_sizes)")
-    workspace, reserve = query(*config)
+def _query_temp_space_sizes(**config) -> tuple[int, int]:
+    try:
+        workspace, reserve = _extension_query("rnn_temp_space_sizes")(**config)
+    except RuntimeError as e:  # cuDNN's refusal (say, a persistent algo for this size)
+        raise RuntimeError(f"jaxdnn RNNBlock.apply: cuDNN cannot run this configuration "
+                           f"({', '.join(f'{k}={v!r}' for k, v in config.items())}): {e}"
+                           ) from None
     return int(workspace), int(reserve)
+
+
+def cudnn_weight_params(*, mode: str, input_mode: str, hidden_size: int, num_layers: int,
+                        bidirectional: bool, dtype: str, input_dim: int,
+                        algo: str = "standard") -> tuple[int, list[tuple]]:
+    """cuDNN's own description of the weight space (it needs a GPU): (bytes,
+    [(pseudo_layer, lin_id, kind, offset in elements, dims)]), from cudnnGetRNNWeightParams,
+    to test `weight_layout` against."""
+    return _extension_query("rnn_weight_params")(
+        mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
+        num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=True, dtype=dtype,
+        input_dim=input_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_takes_bfloat16() -> bool:
+    """Whether cuDNN's RNN takes bfloat16 data here (asked once, of the extension)."""
+    try:
+        _extension_query("rnn_temp_space_sizes")(
+            mode="lstm", input_mode="linear", algo="standard", hidden_size=8, num_layers=1,
+            bidirectional=False, allow_tf32=True, dtype="bfloat16", max_seq_length=2,
+            batch_size=2, input_dim=8, training=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Config(NamedTuple):
@@ -120,6 +160,7 @@ class _Config(NamedTuple):
     the sizes, which depend on the shapes)."""
     mode: str
     input_mode: str
+    algo: str
     hidden_size: int
     num_layers: int
     bidirectional: bool
@@ -625,13 +666,15 @@ class RNNBlock:
 
     def _apply_cudnn(self, w, x, hx, cx, seq_lengths, impl):
         dtype = self.dtype
-        work = jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 else dtype  # no bf16 RNN
+        work = (jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and not _cudnn_takes_bfloat16()
+                else dtype)
         if cx is None:  # the primitives always carry a cell state; empty without one
             cx = jnp.zeros(hx.shape[:2] + (0,), work)
         lengths = (jnp.full((x.shape[1],), x.shape[0], jnp.int32) if seq_lengths is None
                    else seq_lengths)
-        config = _Config(**self._cell, variable_lengths=seq_lengths is not None,
-                         allow_tf32=_allows_tf32(), impl=impl)
+        config = _Config(**self._cell, algo=config_module.read("dnn.rnn.algo"),
+                         variable_lengths=seq_lengths is not None, allow_tf32=_allows_tf32(),
+                         impl=impl)
         y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),
                                w.astype(work), lengths, config)
         return y.astype(dtype), hy.astype(dtype), cy.astype(dtype)

@@ -25,6 +25,7 @@ CHOICES = {
     + GUESS_TIME,
     "dnn.conv.algo_bwd_filter": ("none", "deterministic", "fft", "small") + GUESS_TIME,
     "dnn.conv.precision": ("as_input_f32", "as_input", "float16", "float32", "float64"),
+    "dnn.rnn.algo": ("standard", "persist_static", "persist_static_small_h", "persist_dynamic"),
 }
 DEFAULTS = {
     "dnn.enabled": "auto",
@@ -34,6 +35,7 @@ DEFAULTS = {
     "dnn.conv.algo_bwd_filter": "none",
     "dnn.conv.precision": "as_input_f32",
     "dnn.conv.workspace_limit": 1 << 30,
+    "dnn.rnn.algo": "standard",
 }
 ALL_FLAGS = tuple(DEFAULTS) + ("dnn.conv.algo_bwd",)
 # What dnn.conv.algo_bwd accepts: what both backward flags accept.

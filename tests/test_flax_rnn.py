@@ -129,3 +129,26 @@ def test_bad_inputs_raise():
         LSTM(H).init(jax.random.key(0), jnp.ones((T, I)))
     with pytest.raises(ValueError, match="activation"):
         SimpleRNN(H, activation="gelu").init(jax.random.key(0), jnp.ones((N, T, I)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_gpu_cudnn_modules_match_flax(mode):
+    """On the GPU the modules run cuDNN (the gpu marker forces it): still Flax's outputs and
+    input gradients, bidirectional, with variable lengths, in full float32."""
+    x, stack, params, module, ours = _setup(mode, 2, True)
+    lengths = jnp.array([5, 2, 4], jnp.int32)
+    valid = (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[..., None]
+    loss = lambda apply, p, x: jnp.sum(jnp.where(valid, jnp.sin(apply(p, x, seq_lengths=lengths)), 0))
+    with jax.default_matmul_precision("highest"):
+        lowered = jax.jit(module.apply).lower(ours, x, seq_lengths=lengths).as_text()
+        assert "jaxdnn_rnn_fwd" in lowered
+        want = stack.apply(params, x, seq_lengths=lengths)
+        got = jax.jit(module.apply)(ours, x, seq_lengths=lengths)
+        gx_want = jax.grad(loss, 2)(stack.apply, params, x)
+        gx_got = jax.jit(jax.grad(loss, 2), static_argnums=0)(module.apply, ours, x)
+    # Flax's nn.RNN leaves outputs past a sequence's end unspecified; jaxdnn zeroes them
+    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.where(valid, got, 0), got, atol=0)
+    np.testing.assert_allclose(gx_got, gx_want, rtol=1e-4, atol=1e-5)

@@ -37,11 +37,14 @@ every_config = pytest.mark.parametrize(
 
 
 @pytest.fixture(autouse=True)
-def _gpu_tests_wait_for_the_cudnn_handlers(request):
-    """The gpu tests force the cuDNN path (conftest), which raises until the extension
-    registers the RNN handlers: until then they skip, saying so."""
-    if request.node.get_closest_marker("gpu") and not _extension.has_targets(*FFI_TARGETS):
-        pytest.skip("the cuDNN RNN handlers (jaxdnn_rnn_*) are not built yet")
+def _gpu_tests_in_full_float32(request):
+    """gpu tests compare float32 results at float32's tolerance: no TF32 tensor cores, on
+    the cuDNN path (allow_tf32=0) or on XLA's."""
+    if request.node.get_closest_marker("gpu"):
+        with jax.default_matmul_precision("highest"):
+            yield
+    else:
+        yield
 
 
 # ---------------------------------------------------------------------------------------
@@ -579,10 +582,12 @@ def test_primitives_are_exposed():
     assert jaxdnn.RNNBlock is RNNBlock and "RNNBlock" in jaxdnn.__all__
 
 
-def test_auto_takes_xla_until_the_handlers_exist_and_without_a_gpu(rng, monkeypatch):
+def test_auto_takes_xla_without_the_handlers_or_without_a_gpu(rng, monkeypatch):
     block = make_block("gru")
     _, w, (x, hx, _), _ = make_case(rng, block)
     fn = apply_fn(block)
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: False)
     assert not _uses_primitives(fn, w, x, hx)
     # handlers built but no GPU visible: cuDNN could not size the reserve space
     monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
@@ -590,7 +595,7 @@ def test_auto_takes_xla_until_the_handlers_exist_and_without_a_gpu(rng, monkeypa
     assert not _uses_primitives(fn, w, x, hx)
 
 
-def test_enabled_true_raises_until_the_handlers_exist(rng):
+def test_enabled_true_raises_without_a_gpu(rng):
     if _extension.has_targets(*FFI_TARGETS) and _extension.is_available():
         pytest.skip("the cuDNN RNN path can run here")
     block = make_block("gru")
@@ -628,7 +633,8 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
     assert [c[0] for c in calls] == ["jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data",
                                      "jaxdnn_rnn_bwd_weights"]
     for name, attrs in calls:
-        for attr in ('mode = "lstm"', 'input_mode = "linear"', "hidden_size = 3 : i64",
+        for attr in ('mode = "lstm"', 'input_mode = "linear"', 'algo = "standard"',
+                     "hidden_size = 3 : i64",
                      "num_layers = 2 : i64", "bidirectional = 1 : i64",
                      "variable_lengths = 1 : i64", "allow_tf32 ="):
             assert attr in attrs, (name, attr, attrs)
@@ -649,6 +655,16 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
     assert "training = 0 : i64" in attrs and "variable_lengths = 0 : i64" in attrs
     assert f"tensor<1x{BATCH}x0xf32>" in text and "tensor<0xui8>" in text
     assert f"tensor<{STEPS}x{BATCH}x{INPUT_DIM}xf32>" in text
+
+
+def test_rnn_algo_flag_reaches_the_handlers(cudnn_on_cpu):
+    block = make_block("gru")
+    w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
+    x, hx = jnp.zeros((STEPS, BATCH, INPUT_DIM)), jnp.zeros((1, BATCH, HIDDEN))
+    with jaxdnn.config.override(**{"dnn.rnn.algo": "persist_static"}):
+        text = _cuda_hlo(lambda w, x, h: block.apply(w, x, h), w, x, hx)
+    (name, attrs), = _rnn_calls(text)
+    assert 'algo = "persist_static"' in attrs
 
 
 def test_vmap_folds_into_the_batch_on_the_cudnn_path(rng, cudnn_on_cpu):
@@ -770,7 +786,7 @@ def test_errors_are_raised_at_trace_time():
 # GPU: the cuDNN path (dnn.enabled=True) against the XLA path and float64
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("mode,direction,input_mode", [
     ("rnn_relu", "unidirectional", "linear"), ("rnn_tanh", "bidirectional", "skip"),
     ("lstm", "bidirectional", "linear"), ("lstm", "unidirectional", "skip"),
@@ -830,3 +846,68 @@ def test_gpu_vmap_of_grad(rng, in_axes):
                         xs[k] if in_axes[1] == 0 else xs, xla=True)
         for g, e in zip(got, want):
             assert_close(g[k], e, "float32", factor=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("mode,direction,input_mode",
+                         list(itertools.product(MODES, DIRECTIONS, INPUT_MODES)))
+def test_gpu_weight_layout_is_cudnns(mode, direction, input_mode, dtype):
+    """jaxdnn's layout (known without a GPU) against cudnnGetRNNWeightParams: every matrix
+    and bias at the same offset with the same shape, nothing else, the same total size."""
+    if dtype == "bfloat16" and not rnn_module._cudnn_takes_bfloat16():
+        pytest.skip("this cuDNN has no bfloat16 RNN (jaxdnn computes bfloat16 in float32)")
+    hidden, depth = 4, 2
+    input_dim = hidden if input_mode == "skip" else 5
+    bidirectional = direction == "bidirectional"
+    nbytes, params = rnn_module.cudnn_weight_params(
+        mode=mode, input_mode=input_mode, hidden_size=hidden, num_layers=depth,
+        bidirectional=bidirectional, dtype=dtype, input_dim=input_dim)
+    layout = weight_layout(mode, hidden, depth, input_dim, input_mode, bidirectional)
+    cudnn = sorted((p, lin, kind, offset, tuple(d for d in dims if d != 1))
+                   for p, lin, kind, offset, dims in params)
+    ours = sorted((e.pseudo_layer, e.lin_id, e.kind, e.offset, e.shape) for e in layout)
+    assert cudnn == ours
+    block = RNNBlock(dtype, hidden, depth, mode, input_mode, direction)
+    assert nbytes == block.get_param_size((1, input_dim)) * jnp.dtype(dtype).itemsize
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", jaxdnn.config.RNN_ALGOS)
+def test_gpu_every_rnn_algo_runs_or_says_why_not(rng, algo):
+    """A persistent algorithm cuDNN refuses for a configuration fails at trace time with
+    cuDNN's message; one it accepts gives the standard algorithm's results."""
+    block = make_block("lstm", depth=2, dtype="float32")
+    _, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block, "float32")
+    fn = apply_fn(block)
+    want = _jit_run(fn, w, x, hx, cx, xla=True)
+    with jaxdnn.config.override(**{"dnn.rnn.algo": algo}):
+        try:
+            got = _jit_run(fn, w, x, hx, cx)
+        except RuntimeError as e:
+            assert algo != "standard", e
+            assert "cuDNN cannot run this configuration" in str(e) and "CUDNN_STATUS" in str(e)
+            return
+    for g, e in zip(got, want):
+        assert_close(g, e, "float32", factor=10)
+
+
+@pytest.mark.gpu
+def test_gpu_lengths_change_without_recompiling(rng):
+    """The lengths are data, not part of the compiled call: one executable serves several
+    length vectors, each with its own zero tail and final states."""
+    block = make_block("gru", "bidirectional", depth=2, dtype="float32")
+    layers, w, (x, hx, _), (x64, hx64, _) = make_case(rng, block, "float32")
+    traces = []
+
+    def apply(w, x, hx, lengths):
+        traces.append(1)
+        return block.apply(w, x, hx, None, lengths)
+
+    fn = jax.jit(apply)
+    for lengths in ([4, 1, 3], [2, 4, 4], [1, 1, 1]):
+        lengths = np.array(lengths)
+        got = fn(w, x, hx, jnp.asarray(lengths, jnp.int32))
+        want = numpy_rnn(block, layers, x64, hx64, None, lengths)
+        compare(got, want, "float32", factor=2, what=f"lengths {lengths.tolist()}")
+    assert len(traces) == 1

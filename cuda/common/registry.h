@@ -32,5 +32,6 @@ void AddPoolingHandlers(Registry& registry);
 void AddConvHandlers(Registry& registry);
 void AddBatchNormHandlers(Registry& registry);
 void AddSpatialTransformerHandlers(Registry& registry);
+void AddRnnHandlers(Registry& registry);
 
 }  // namespace jaxdnn
