@@ -28,12 +28,13 @@ from jax import lax
 
 import jaxdnn
 from jaxdnn.layout import channel_axis, is_channels_last, spatial_axes
+from jaxdnn.reference import rnn as rnn_reference
 
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
            "run", "time_ms", "measure_bandwidth", "lowered_path", "default_size", "on_gpu",
            "format_table"]
 
-OPS = ("softmax", "pool", "conv", "batchnorm", "stn")
+OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
 PASSES = ("fwd", "fwd+bwd")
 # The fields of a result row, in order; hbm_* are None off GPU.
@@ -157,6 +158,14 @@ def _stn_case(n, c, size):
                 "float32", "NCHW", operands=(((n, 2, 3), "float32"),))
 
 
+def _rnn_case(mode, steps, n, input_dim, hidden, layers, dtype):
+    block = jaxdnn.RNNBlock(dtype, hidden, layers, mode)
+    return Case("rnn", f"{mode.upper()} T{steps} N{n} I{input_dim} H{hidden} L{layers}",
+                (steps, n, input_dim), dtype, "TNC",
+                params=dict(mode=mode, hidden=hidden, layers=layers),
+                operands=(((block.get_param_size((n, input_dim)),), dtype),))
+
+
 def cases(size: str = "small", ops=None) -> list[Case]:
     """The cases of a preset: 'full' holds the ANCHORS.md shapes, 'small' the same
     variants on shapes tiny enough for a CPU."""
@@ -202,6 +211,9 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         *(_batchnorm_case(**bn, dtype=dtype, layout=layout)
           for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC")),
         _stn_case(*pick((64, 32, 128), (2, 4, 8))),
+        # The ANCHORS.md recurrent networks (time-major x), float32 and bfloat16.
+        *(_rnn_case(mode, *pick((128, 64, 512, 512, 2), (8, 4, 16, 16, 2)), dtype)
+          for mode in ("lstm", "gru") for dtype in ("float32", "bfloat16")),
     ]
     return [case for case in every if case.op in ops]
 
@@ -356,9 +368,33 @@ def _stn_functions(case: Case) -> tuple[Callable, Callable]:
     return jaxdnn_stn, xla_stn
 
 
+def _rnn_functions(case: Case) -> tuple[Callable, Callable]:
+    """RNNBlock.apply beside the same network as a plain lax.scan (jaxdnn's reference, what
+    a Flax scan RNN compiles to); zero initial states, y as the output."""
+    p = case.params
+    block = jaxdnn.RNNBlock(case.dtype, p["hidden"], p["layers"], p["mode"])
+    lstm = p["mode"] == "lstm"
+
+    def states(x):
+        zeros = jnp.zeros((p["layers"], x.shape[1], p["hidden"]), x.dtype)
+        return zeros, (zeros if lstm else None)
+
+    def jaxdnn_rnn(x, w):
+        hx, cx = states(x)
+        return block.apply(w, x, hx, cx)[0]
+
+    def xla_rnn(x, w):
+        hx, cx = states(x)
+        return rnn_reference.rnn(x, hx, cx, w, None, mode=p["mode"], input_mode="linear",
+                                 hidden_size=p["hidden"], num_layers=p["layers"],
+                                 bidirectional=False)[0]
+
+    return jaxdnn_rnn, xla_rnn
+
+
 _FUNCTIONS = {"softmax": _softmax_functions, "pool": _pool_functions,
               "conv": _conv_functions, "batchnorm": _batchnorm_functions,
-              "stn": _stn_functions}
+              "stn": _stn_functions, "rnn": _rnn_functions}
 
 
 def _forward_backward(forward: Callable) -> Callable:

@@ -7,14 +7,15 @@
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
-# graphs bench") picks which stages run; "alltests" runs the whole suite on the GPU too
-# (the CPU tests then exercise jaxdnn's default path there). TESTS (default "tests") names
-# the test files or folders the test stages run.
+# graphs bench rnnbench flaxbench examples") picks which stages run; "alltests" runs the
+# whole suite on the GPU too (the CPU tests then exercise jaxdnn's default path there).
+# TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
+# (default: all) the ops of the bench stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
 mkdir -p "$LOG_DIR"
-STAGES=${STAGES:-"build info tests graphs bench"}
+STAGES=${STAGES:-"build info tests graphs bench rnnbench flaxbench examples"}
 PYTHON=${PYTHON:-python3}
 read -r -a TESTS <<<"${TESTS:-tests}"
 export PYTHONUNBUFFERED=1
@@ -48,5 +49,13 @@ run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
-run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR"
+run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
+# Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.
+run_stage rnnbench "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR"
+run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
+# The worked examples, in full, on the GPU.
+examples() {
+  time "$PYTHON" examples/stn_digits.py && time "$PYTHON" examples/sequence_model.py
+}
+run_stage examples examples
 exit $status

@@ -1,0 +1,81 @@
+"""The GPU benchmark scripts benchmarks/rnn_peers.py and benchmarks/flax_training.py run end
+to end at their small size (on the CPU: jaxdnn's XLA path, Flax; the GPU-only peers
+recorded with a reason) and write their JSON and Markdown results."""
+import importlib
+import json
+import math
+import os
+
+import jax
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """import_module with benchmarks/ on sys.path (the scripts import peers_torch and each
+    other from beside them, as when run from there)."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return importlib.import_module
+
+
+def _positive(ms) -> bool:
+    return ms is not None and math.isfinite(ms) and ms > 0
+
+
+def _outputs(directory, name):
+    with open(directory / f"{name}.json") as f:
+        data = json.load(f)
+    return data, (directory / f"{name}.md").read_text()
+
+
+def test_rnn_peers_small(tmp_path, script):
+    rnn_peers = script("rnn_peers")
+    # One dtype of the two keeps this test near 10 s on a small CPU (each peer compiles its
+    # forward and its backward for every cell and dtype); bfloat16, where the peers differ
+    # most (jax.experimental.rnn has none; PyTorch and Flax compute in it).
+    argv = [str(tmp_path), "--size", "small", "--repeats", "1", "--dtypes", "bfloat16"]
+    assert rnn_peers.main(argv) == 0
+    data, markdown = _outputs(tmp_path, "rnn_peers")
+    rows = data["rows"]
+    assert [(r["cell"], r["dtype"], r["pass"]) for r in rows] == [
+        (cell, "bfloat16", pass_) for cell in ("lstm", "gru") for pass_ in ("fwd", "fwd+bwd")]
+    on_gpu = jax.default_backend() == "gpu"
+    for row in rows:
+        for key in ("jaxdnn_ms", "jaxdnn_flax_ms", "flax_ms"):
+            assert _positive(row[key]), (key, row)
+        assert _positive(row["flax_over_jaxdnn"])
+        assert row["path"] in ("cudnn", "xla")
+        # a peer without a time says why
+        for title, key in (("jax.experimental.rnn", "jax_rnn_ms"), ("PyTorch", "torch_ms")):
+            assert _positive(row[key]) or row["not_timed"][title], (title, row)
+        if row["cell"] == "gru":
+            assert row["not_timed"]["jax.experimental.rnn"] == (
+                "jax.experimental.rnn has only an LSTM")
+        elif not on_gpu:
+            assert "only on a GPU" in row["not_timed"]["jax.experimental.rnn"]
+        if row["pass"] == "fwd":
+            assert row["targets"] == ""
+        else:  # Flax is always timed; no cuDNN peer runs on the CPU
+            assert row["targets"] in ("peer -, Flax met", "peer -, Flax missed") or on_gpu
+    assert "| cell | dtype | pass | jaxdnn ms |" in markdown
+    assert "Not timed:" in markdown or on_gpu
+    assert data["info"]["versions"]["flax"]
+
+
+def test_flax_training_small(tmp_path, script):
+    flax_training = script("flax_training")
+    assert flax_training.main([str(tmp_path), "--size", "small", "--repeats", "1"]) == 0
+    data, markdown = _outputs(tmp_path, "flax_training")
+    rows = {row["model"]: row for row in data["rows"]}
+    assert set(rows) == {"cnn", "lstm_lm"}
+    for row in rows.values():
+        assert _positive(row["flax_ms"]) and _positive(row["jaxdnn_ms"]), row
+        assert row["speedup"] == pytest.approx(row["flax_ms"] / row["jaxdnn_ms"])
+        assert row["path"] in ("cudnn", "xla")
+        # both builds compute the same first step
+        assert row["losses_agree"] and math.isfinite(row["flax_loss"]), row
+    assert rows["cnn"]["dtype"] == "bfloat16" and rows["lstm_lm"]["dtype"] == "float32"
+    assert rows["lstm_lm"]["target"] in ("met", "missed")
+    assert "| model | shape | dtype | Flax ms/step |" in markdown
