@@ -11,11 +11,14 @@ the way its API wants:
 
 * jaxdnn: `RNNBlock(dtype, H, 2, cell).apply(w, x, hx, cx)`, x time-major (T, N, I); the
   `path` column says whether it lowered to jaxdnn's cuDNN custom calls or its XLA path;
+  "jaxdnn persist_static" / "persist_dynamic": the same under `dnn.rnn.algo`, cuDNN's
+  persistent kernels (or the reason cuDNN refused them);
 * jaxdnn.flax: the linen `LSTM`/`GRU` module (one RNNBlock, batch-major), to show that the
   module adds nothing;
 * jax.experimental.rnn: `lstm` (cuDNN; LSTM only, float32 only, GPU only), batch-major;
 * Flax: two `nn.RNN(nn.OptimizedLSTMCell(H))` / `nn.RNN(nn.GRUCell(H))` layers
-  (lax.scan), batch-major, `dtype` and `param_dtype` the benchmark dtype;
+  (lax.scan), batch-major, `dtype` and `param_dtype` the benchmark dtype (float32
+  parameters for bfloat16: Flax's orthogonal initializer has no bfloat16 QR);
 * PyTorch: `torch.nn.LSTM/GRU(I, H, 2, batch_first=True)` on CUDA in the dtype.
 
 Passes: 'fwd' computes the output y; 'fwd+bwd' the gradients of sum(y) with respect to x
@@ -28,6 +31,12 @@ bfloat16 or for a GRU; PyTorch without CUDA; any error) gets no time and a reaso
 Writes OUT_DIR/rnn_peers.json (environment and rows) and OUT_DIR/rnn_peers.md (a table
 with `best peer / jaxdnn` = the faster of jax.experimental.rnn and PyTorch over jaxdnn and
 `Flax / jaxdnn`: above 1, jaxdnn is faster). OUT_DIR defaults to bench-logs.
+
+CUDA graphs: cuDNN's RNN launches a few kernels per step and layer, so its forward is
+launch-bound; XLA runs custom calls inside CUDA graphs (command buffers) only in programs
+of at least `--xla_gpu_graph_min_graph_size` commands, which a lone forward call is not.
+Run the script once more with XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 to see every
+JAX peer inside graphs (a larger model gets this by default).
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import jaxdnn  # noqa: E402
 import jaxdnn.flax as jdflax  # noqa: E402
 import peers_torch  # noqa: E402  (beside this file)
 from jaxdnn import bench  # noqa: E402
@@ -78,8 +88,9 @@ TARGET_BEST_OVER_JAXDNN = 1 / 0.9
 TARGET_FLAX_OVER_JAXDNN = 1.5
 
 # key -> column title; the JAX peers in timing order, then PyTorch.
-PEERS = {"jaxdnn": "jaxdnn", "jaxdnn_flax": "jaxdnn.flax", "jax_rnn": "jax.experimental.rnn",
-         "flax": "Flax", "torch": "PyTorch"}
+PEERS = {"jaxdnn": "jaxdnn", "jaxdnn_static": "jaxdnn persist_static",
+         "jaxdnn_dynamic": "jaxdnn persist_dynamic", "jaxdnn_flax": "jaxdnn.flax",
+         "jax_rnn": "jax.experimental.rnn", "flax": "Flax", "torch": "PyTorch"}
 # The peers `best peer / jaxdnn` compares against: the other cuDNN-backed ones.
 BEST_OF = ("jax_rnn", "torch")
 
@@ -104,6 +115,20 @@ def _jaxdnn_block(cell: str, dtype: str, s: Shape):
         return block.apply(w, x, zeros, zeros if cell == "lstm" else None)[0]
 
     return forward, w, jnp.asarray(_inputs(s).swapaxes(0, 1), dtype)
+
+
+def _jaxdnn_algo(algo: str):
+    """The jaxdnn peer under `dnn.rnn.algo` = algo (one of cuDNN's persistent kernels; the
+    backward passes take the forward's algo)."""
+    def peer(cell: str, dtype: str, s: Shape):
+        forward, w, x = _jaxdnn_block(cell, dtype, s)
+
+        def with_algo(w, x):
+            with jaxdnn.config.override(**{"dnn.rnn.algo": algo}):
+                return forward(w, x)
+
+        return with_algo, w, x
+    return peer
 
 
 def _random_variables(module: nn.Module, x, s: Shape):
@@ -154,8 +179,11 @@ class FlaxStack(nn.Module):
     @nn.compact
     def __call__(self, x):
         cell = nn.OptimizedLSTMCell if self.cell == "lstm" else nn.GRUCell
+        # Flax's orthogonal recurrent initializer (a QR) has no bfloat16 kernel, so its
+        # parameters stay float32; the cells compute in `dtype`.
+        param_dtype = jnp.float32 if self.dtype == jnp.bfloat16 else self.dtype
         for _ in range(self.layers):
-            x = nn.RNN(cell(self.hidden, dtype=self.dtype, param_dtype=self.dtype))(x)
+            x = nn.RNN(cell(self.hidden, dtype=self.dtype, param_dtype=param_dtype))(x)
         return x
 
 
@@ -165,7 +193,8 @@ def _flax(cell: str, dtype: str, s: Shape):
     return module.apply, _random_variables(module, x, s), x
 
 
-_JAX_PEERS = {"jaxdnn": _jaxdnn_block, "jaxdnn_flax": _jaxdnn_module,
+_JAX_PEERS = {"jaxdnn": _jaxdnn_block, "jaxdnn_static": _jaxdnn_algo("persist_static"),
+              "jaxdnn_dynamic": _jaxdnn_algo("persist_dynamic"), "jaxdnn_flax": _jaxdnn_module,
               "jax_rnn": _jax_experimental, "flax": _flax}
 
 

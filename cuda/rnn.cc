@@ -9,18 +9,26 @@
 //   jaxdnn_rnn_bwd_data     x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve
 //                                                                         -> dx, dhx, dcx, reserve
 //   jaxdnn_rnn_bwd_weights  (the same operands)                           -> dw
+// and the same three with the suffix _host_lengths, for variable lengths (below).
 // x, y, dx, dy are sequence-major (T, N, features), CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED;
 // hx, cx and their kin (layers * directions, N, hidden); cx and its kin are (.., N, 0) for
 // cells without a cell state. seq_lengths is int32 (N,) on the device.
 // Attributes: mode, input_mode, algo (strings); hidden_size, num_layers, bidirectional,
 // variable_lengths, allow_tf32 and, for rnn_fwd, training (int64).
 //
-// Sequence lengths without a host synchronization: cudnnSetRNNDataDescriptor wants the
-// lengths on the host, the calls want a device copy (devSeqLengths) that their kernels
-// read. The data descriptors are built once, at initialize, with every length = T (the
-// longest a sequence can be), and each call passes the real lengths, which stay on the
-// device. jaxdnn's GPU tests check that cuDNN honours the device lengths (zero outputs
-// past each end, final states at each last valid step) for every cell and direction.
+// Sequence lengths. cudnnSetRNNDataDescriptor takes the lengths on the host and the calls
+// take a device copy (devSeqLengths); cuDNN plans each call from the host lengths (measured
+// on an H100/H200: with host lengths all T and shorter device lengths, the backward
+// direction starts at T and outputs past the ends are written). So there are two kinds of
+// target:
+//   jaxdnn_rnn_*                every length T (no lengths given): the data descriptors
+//                               are built once, at initialize; execute only launches, and
+//                               is safe inside CUDA graphs.
+//   jaxdnn_rnn_*_host_lengths   variable lengths, which XLA holds on the device: execute
+//                               copies them to pinned host memory and synchronizes the
+//                               stream, checks them (each in [1, T]) and builds the data
+//                               descriptors for them (host calls only). Not safe inside
+//                               CUDA graphs, so not declared command-buffer compatible.
 //
 // Trace time: rnn_temp_space_sizes (workspace and reserve bytes) and rnn_weight_params
 // (cudnnGetRNNWeightParams's layout, which the GPU tests compare with jaxdnn/rnn.py's)
@@ -214,11 +222,22 @@ size_t ElementBytes(cudnnDataType_t type) {
 
 // ---- the handlers -------------------------------------------------------------------------
 
+// Pinned host memory for the lengths of the host-lengths targets, freed with the state.
+struct PinnedLengths {
+  int32_t* data = nullptr;
+  size_t size = 0;
+  ~PinnedLengths() {
+    if (data != nullptr) cudaFreeHost(data);
+  }
+};
+
 struct RnnState {
   static ffi::TypeId id;
   RnnConfig config;
   bool training = true;          // rnn_fwd: cuDNN's training mode (writes the reserve space)
+  bool host_lengths = false;     // a *_host_lengths target
   DescriptorSlot<RnnDescriptors> descriptors;
+  PinnedLengths lengths;         // host_lengths: allocated at initialize (N entries)
 };
 ffi::TypeId RnnState::id = {};
 const XLA_FFI_TypeInfo kRnnStateInfo = ffi::MakeTypeInfo<RnnState>();
@@ -247,9 +266,10 @@ auto WithAttributes(Binding&& binding) {
   }
 }
 
-ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, Str mode, Str input_mode,
-                                                    Str algo, int64_t hidden_size,
-                                                    int64_t num_layers, int64_t bidirectional,
+ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, bool host_lengths, Str mode,
+                                                    Str input_mode, Str algo,
+                                                    int64_t hidden_size, int64_t num_layers,
+                                                    int64_t bidirectional,
                                                     int64_t variable_lengths, int64_t allow_tf32,
                                                     int64_t training) {
   return Guarded(op, [&]() -> ffi::ErrorOr<std::unique_ptr<RnnState>> {
@@ -257,31 +277,33 @@ ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, Str mode, St
     ffi::Error error = ParseConfig(op, mode, input_mode, algo, hidden_size, num_layers,
                                    bidirectional, allow_tf32, &state->config);
     if (error.failure()) return ffi::Unexpected(std::move(error));
-    // variable_lengths changes nothing here: the device lengths are always passed (and
-    // are all T when no lengths were given).
-    (void)variable_lengths;
+    // Lengths other than T need the host-lengths targets (see the top of the file).
+    if (variable_lengths != 0 && !host_lengths)
+      return ffi::Unexpected(InvalidArgument(op, "variable_lengths=1 needs the *_host_lengths target"));
+    state->host_lengths = host_lengths;
     state->training = training != 0;
     return state;
   });
 }
 
+template <bool kHostLengths>
 ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateFwd(Str mode, Str input_mode, Str algo,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
                                                        int64_t variable_lengths,
                                                        int64_t allow_tf32, int64_t training) {
-  return Instantiate(kFwd, mode, input_mode, algo, hidden_size, num_layers, bidirectional,
-                     variable_lengths, allow_tf32, training);
+  return Instantiate(kFwd, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
+                     bidirectional, variable_lengths, allow_tf32, training);
 }
 
-template <const char* kOp>
+template <const char* kOp, bool kHostLengths>
 ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateBwd(Str mode, Str input_mode, Str algo,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
                                                        int64_t variable_lengths,
                                                        int64_t allow_tf32) {
-  return Instantiate(kOp, mode, input_mode, algo, hidden_size, num_layers, bidirectional,
-                     variable_lengths, allow_tf32, /*training=*/1);
+  return Instantiate(kOp, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
+                     bidirectional, variable_lengths, allow_tf32, /*training=*/1);
 }
 
 bool HasDims(const Buffer& buffer, std::initializer_list<int64_t> dims) {
@@ -374,20 +396,82 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
     if (extra.reserve != nullptr)
       JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "the reserve space", *extra.reserve,
                                         extra.training ? d->reserve_bytes : 0, true));
+    if (state->host_lengths && state->lengths.data == nullptr) {
+      void* pinned = nullptr;
+      JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMallocHost(&pinned, sizeof(int32_t) * shape.batch));
+      state->lengths.data = static_cast<int32_t*>(pinned);
+      state->lengths.size = static_cast<size_t>(shape.batch);
+    }
     state->descriptors.Set(std::move(d));
     return ffi::Error::Success();
   });
 }
 
-// Borrows a handle and runs `launch(handle, descriptors)`.
+// The data descriptors of one call: the shared ones, or for a host-lengths target, ones
+// built for this call's lengths.
+struct CallData {
+  cudnnRNNDataDescriptor_t x = nullptr, y = nullptr;
+  RnnDataDescriptor own_x, own_y;
+};
+
+ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
+                           const RnnDescriptors& d, const Buffer& seq_lengths, CallData* call) {
+  cudnnDataType_t type;
+  cudnnRNNDataLayout_t layout;
+  int steps = 0, batch = 0, input_size = 0, output_size = 0;
+  double fill = 0.0;
+  JAXDNN_RETURN_IF_CUDNN_ERROR(
+      op, cudnnGetRNNDataDescriptor(d.x.get(), &type, &layout, &steps, &batch, &input_size, 0,
+                                    nullptr, &fill));
+  JAXDNN_RETURN_IF_CUDNN_ERROR(
+      op, cudnnGetRNNDataDescriptor(d.y.get(), &type, &layout, &steps, &batch, &output_size, 0,
+                                    nullptr, &fill));
+  if (state->lengths.data == nullptr || state->lengths.size != static_cast<size_t>(batch))
+    return ffi::Error::Internal(std::string("jaxdnn ") + op + ": host lengths buffer missing");
+  // The one synchronization of these targets: cuDNN plans the call from host lengths.
+  JAXDNN_RETURN_IF_CUDA_ERROR(
+      op, cudaMemcpyAsync(state->lengths.data, seq_lengths.untyped_data(),
+                          sizeof(int32_t) * batch, cudaMemcpyDeviceToHost, stream));
+  JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaStreamSynchronize(stream));
+  for (int n = 0; n < batch; ++n) {
+    int32_t length = state->lengths.data[n];
+    if (length < 1 || length > steps)
+      return InvalidArgument(op, "seq_lengths[" + std::to_string(n) + "] = " +
+                                     std::to_string(length) + " is outside [1, " +
+                                     std::to_string(steps) + "]");
+  }
+  double zero = 0.0;
+  JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &call->own_x));
+  JAXDNN_RETURN_IF_CUDNN_ERROR(
+      op, cudnnSetRNNDataDescriptor(call->own_x.get(), type, layout, steps, batch, input_size,
+                                    state->lengths.data, &zero));
+  JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &call->own_y));
+  JAXDNN_RETURN_IF_CUDNN_ERROR(
+      op, cudnnSetRNNDataDescriptor(call->own_y.get(), type, layout, steps, batch, output_size,
+                                    state->lengths.data, &zero));
+  call->x = call->own_x.get();
+  call->y = call->own_y.get();
+  return ffi::Error::Success();
+}
+
+// Borrows a handle and runs `launch(handle, descriptors, data descriptors)`.
 template <typename Launch>
 ffi::Error Execute(const char* op, cudaStream_t stream, int device, RnnState* state,
-                   Launch launch) {
-  BorrowedCudnnHandle handle(op, device, stream);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  const RnnDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
-  return launch(handle.get(), *d);
+                   const Buffer& seq_lengths, Launch launch) {
+  return Guarded(op, [&]() -> ffi::Error {
+    const RnnDescriptors* d;
+    JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
+    CallData call;
+    if (state->host_lengths) {
+      JAXDNN_RETURN_IF_ERROR(HostLengthsData(op, stream, state, *d, seq_lengths, &call));
+    } else {
+      call.x = d->x.get();
+      call.y = d->y.get();
+    }
+    BorrowedCudnnHandle handle(op, device, stream);
+    JAXDNN_RETURN_IF_ERROR(handle.error());
+    return launch(handle.get(), *d, call);
+  });
 }
 
 // The cell state's pointer, or null for cells without one (their cx buffers are empty).
@@ -416,14 +500,14 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
                       Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
                       Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
                       int64_t, int64_t, int64_t) {
-  return Execute(kFwd, stream, device, state,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d) -> ffi::Error {
+  return Execute(kFwd, stream, device, state, seq_lengths,
+                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
     const size_t reserve_bytes = reserve->size_bytes();
     JAXDNN_RETURN_IF_CUDNN_ERROR(
         kFwd, cudnnRNNForward(
                   handle, d.rnn.get(),
                   state->training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
-                  Lengths(seq_lengths), d.x.get(), x.untyped_data(), d.y.get(), y->untyped_data(),
+                  Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
                   d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
                   CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
                   workspace->size_bytes(), workspace->untyped_data(), reserve_bytes,
@@ -458,12 +542,12 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
     JAXDNN_RETURN_IF_CUDA_ERROR(
         kBwdData, cudaMemcpyAsync(reserve_out->untyped_data(), reserve.untyped_data(),
                                   reserve.size_bytes(), cudaMemcpyDeviceToDevice, stream));
-  return Execute(kBwdData, stream, device, state,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d) -> ffi::Error {
+  return Execute(kBwdData, stream, device, state, seq_lengths,
+                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
     JAXDNN_RETURN_IF_CUDNN_ERROR(
         kBwdData, cudnnRNNBackwardData_v8(
-                      handle, d.rnn.get(), Lengths(seq_lengths), d.y.get(), y.untyped_data(),
-                      dy.untyped_data(), d.x.get(), dx->untyped_data(), d.state.get(),
+                      handle, d.rnn.get(), Lengths(seq_lengths), c.y, y.untyped_data(),
+                      dy.untyped_data(), c.x, dx->untyped_data(), d.state.get(),
                       hx.untyped_data(), dhy.untyped_data(), dhx->untyped_data(), d.state.get(),
                       CellData(state, cx), CellData(state, dcy), CellData(state, dcx),
                       w.size_bytes(), w.untyped_data(), workspace->size_bytes(),
@@ -494,13 +578,13 @@ ffi::Error ExecuteBwdWeights(cudaStream_t stream, int device, RnnState* state, B
   // cuDNN adds the weight gradient into dw (CUDNN_WGRAD_MODE_ADD): start from zero.
   JAXDNN_RETURN_IF_CUDA_ERROR(
       kBwdWeights, cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream));
-  return Execute(kBwdWeights, stream, device, state,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d) -> ffi::Error {
+  return Execute(kBwdWeights, stream, device, state, seq_lengths,
+                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
     JAXDNN_RETURN_IF_CUDNN_ERROR(
         kBwdWeights, cudnnRNNBackwardWeights_v8(
                          handle, d.rnn.get(), CUDNN_WGRAD_MODE_ADD, Lengths(seq_lengths),
-                         d.x.get(), x.untyped_data(), d.state.get(), hx.untyped_data(),
-                         d.y.get(), y.untyped_data(), dw->size_bytes(), dw->untyped_data(),
+                         c.x, x.untyped_data(), d.state.get(), hx.untyped_data(),
+                         c.y, y.untyped_data(), dw->size_bytes(), dw->untyped_data(),
                          workspace->size_bytes(), workspace->untyped_data(),
                          reserve.size_bytes(), const_cast<void*>(reserve.untyped_data())));
     return ffi::Error::Success();
@@ -512,24 +596,39 @@ auto Binding() {
   return WithAttributes<kForward>(LegacyOpBinding<RnnState, stage, kOperands, kResults>());
 }
 
-XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, InstantiateFwd,
+// Instantiate and initialize are shared by both kinds of target; execute differs only in
+// its traits (see the top of the file).
+XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, InstantiateFwd<false>,
+                       WithAttributes<true>(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kFwdHostLengthsInstantiate, InstantiateFwd<true>,
                        WithAttributes<true>(ffi::Ffi::BindInstantiate()));
 XLA_FFI_DEFINE_HANDLER(kFwdInitialize, InitializeFwd, (Binding<true, kInitializeStage, 5, 5>()));
 XLA_FFI_DEFINE_HANDLER(kFwdExecute, ExecuteFwd, (Binding<true, kExecuteStage, 5, 5>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, InstantiateBwd<kBwdData>,
+XLA_FFI_DEFINE_HANDLER(kFwdHostLengthsExecute, ExecuteFwd, (Binding<true, kExecuteStage, 5, 5>()));
+
+XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, (InstantiateBwd<kBwdData, false>),
+                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdDataHostLengthsInstantiate, (InstantiateBwd<kBwdData, true>),
                        WithAttributes<false>(ffi::Ffi::BindInstantiate()));
 XLA_FFI_DEFINE_HANDLER(kBwdDataInitialize, InitializeBwdData,
                        (Binding<false, kInitializeStage, 10, 5>()));
 XLA_FFI_DEFINE_HANDLER(kBwdDataExecute, ExecuteBwdData, (Binding<false, kExecuteStage, 10, 5>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsInstantiate, InstantiateBwd<kBwdWeights>,
+XLA_FFI_DEFINE_HANDLER(kBwdDataHostLengthsExecute, ExecuteBwdData,
+                       (Binding<false, kExecuteStage, 10, 5>()));
+
+XLA_FFI_DEFINE_HANDLER(kBwdWeightsInstantiate, (InstantiateBwd<kBwdWeights, false>),
+                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdWeightsHostLengthsInstantiate, (InstantiateBwd<kBwdWeights, true>),
                        WithAttributes<false>(ffi::Ffi::BindInstantiate()));
 XLA_FFI_DEFINE_HANDLER(kBwdWeightsInitialize, InitializeBwdWeights,
                        (Binding<false, kInitializeStage, 10, 2>()));
 XLA_FFI_DEFINE_HANDLER(kBwdWeightsExecute, ExecuteBwdWeights,
                        (Binding<false, kExecuteStage, 10, 2>()),
                        {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER(kBwdWeightsHostLengthsExecute, ExecuteBwdWeights,
+                       (Binding<false, kExecuteStage, 10, 2>()));
 
 // ---- trace-time queries -------------------------------------------------------------------
 
@@ -646,10 +745,17 @@ ffi::ErrorOr<RnnWeightLayout> RnnWeightParams(const RnnQuery& query) {
 void AddRnnHandlers(Registry& registry) {
   registry.state_types.push_back({"jaxdnn_rnn_state", &RnnState::id, &kRnnStateInfo});
   registry.handlers.push_back({"jaxdnn_rnn_fwd", kFwdInstantiate, kFwdInitialize, kFwdExecute});
+  registry.handlers.push_back({"jaxdnn_rnn_fwd_host_lengths", kFwdHostLengthsInstantiate,
+                               kFwdInitialize, kFwdHostLengthsExecute});
   registry.handlers.push_back(
       {"jaxdnn_rnn_bwd_data", kBwdDataInstantiate, kBwdDataInitialize, kBwdDataExecute});
+  registry.handlers.push_back({"jaxdnn_rnn_bwd_data_host_lengths", kBwdDataHostLengthsInstantiate,
+                               kBwdDataInitialize, kBwdDataHostLengthsExecute});
   registry.handlers.push_back({"jaxdnn_rnn_bwd_weights", kBwdWeightsInstantiate,
                                kBwdWeightsInitialize, kBwdWeightsExecute});
+  registry.handlers.push_back({"jaxdnn_rnn_bwd_weights_host_lengths",
+                               kBwdWeightsHostLengthsInstantiate, kBwdWeightsInitialize,
+                               kBwdWeightsHostLengthsExecute});
 }
 
 }  // namespace jaxdnn

@@ -34,7 +34,7 @@ def define_primitive(
     *,
     abstract_eval: Callable[..., ShapedArray | Sequence[ShapedArray]],
     reference: Callable,
-    ffi_target: str,
+    ffi_target: str | Callable[..., str],
     attributes: Callable[..., dict] | None = None,
     workspace_bytes: Callable[..., int] | None = None,
     batch_rule: Callable | None = None,
@@ -47,6 +47,8 @@ def define_primitive(
     attributes(**params) -> FFI attributes (default: params unchanged).
     workspace_bytes(*avals_in, **params) -> size of the workspace result, if any.
     batch_rule(primitive, args, dims, **params) -> (outs, out_dims).
+    ffi_target: the FFI target's name, or ffi_target(**params) -> name where the
+    parameters pick one of several targets.
     """
     prim = Primitive(name)
     prim.multiple_results = multiple_results
@@ -63,11 +65,12 @@ def define_primitive(
         return reference(*args, **params)
 
     reference_lowering = mlir.lower_fun(_reference, multiple_results=multiple_results)
-    ffi_rule = jax.ffi.ffi_lowering(ffi_target)
 
     def _cuda_lowering(ctx, *args, impl, **params):
         if impl != "cudnn":
             return reference_lowering(ctx, *args, impl=impl, **params)
+        ffi_rule = jax.ffi.ffi_lowering(ffi_target(**params) if callable(ffi_target)
+                                        else ffi_target)
         attrs = attributes(**params) if attributes is not None else params
         if workspace_bytes is None:
             return ffi_rule(ctx, *args, **attrs)

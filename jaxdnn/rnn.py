@@ -31,10 +31,18 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
 * For cells without a cell state, cx, cy, dcy and dcx have shape (L*D, N, 0): the handlers
   pass NULL.
 * seq_lengths: int32 (N,), on the device, always (all T when no lengths were given, then
-  variable_lengths=0). No host synchronization: the data descriptors, built once at
-  initialize, say every length is T, and each call passes the real lengths as cuDNN's
-  devSeqLengths, which its kernels read (the GPU tests check zero outputs past each end and
-  the final states at each last valid step).
+  variable_lengths=0). cuDNN plans each call from lengths on the host (given devSeqLengths
+  but host lengths all T, it starts the backward direction at T: measured on the GPU), so:
+  - without lengths (variable_lengths=0) the targets jaxdnn_rnn_* build their descriptors
+    once, at initialize; execute only launches, with no host synchronization, and may run
+    inside CUDA graphs;
+  - with lengths (variable_lengths=1) the primitives lower to jaxdnn_rnn_*_host_lengths,
+    whose execute copies the lengths to the host and synchronizes the stream (once per
+    call: three times per training step), checks them (each in [1, T], else an error) and
+    builds the data descriptors for them. These targets are not command-buffer
+    compatible, so XLA runs them outside CUDA graphs. This is the documented cost of
+    variable lengths on cuDNN: pad to equal lengths (or bucket by length) where dispatch
+    must stay asynchronous.
 * reserve: u8. rnn_fwd produces `reserve_bytes` of it (cudnnGetRNNTempSpaceSizes in the
   mode `training` says; training=0 is cuDNN's inference mode and writes none).
   rnn_bwd_data reads and updates it (its reserveSpace is in/out) and returns the updated
@@ -87,7 +95,9 @@ __all__ = ["RNNBlock", "weight_layout", "WeightEntry", "temp_space_sizes", "cudn
            "rnn_fwd_p",
            "rnn_bwd_data_p", "rnn_bwd_weights_p", "FFI_TARGETS"]
 
-FFI_TARGETS = ("jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights")
+_BASE_TARGETS = ("jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights")
+# Variable lengths go to the *_host_lengths targets (see the module docstring).
+FFI_TARGETS = _BASE_TARGETS + tuple(t + "_host_lengths" for t in _BASE_TARGETS)
 RNN_MODES = reference.MODES
 INPUT_MODES = ("linear", "skip")
 DIRECTION_MODES = ("unidirectional", "bidirectional")
@@ -332,20 +342,26 @@ def _batch_backward_weights(prim, args, dims, **params):
     return _map_instances(one_instance, args, dims, multiple_results=False)
 
 
+def _target(name: str):
+    """The FFI target of a call: `name`, or its host-lengths twin for variable lengths."""
+    return lambda *, variable_lengths, **params: (
+        name + "_host_lengths" if variable_lengths else name)
+
+
 rnn_fwd_p = define_primitive(
     "jaxdnn_rnn_fwd", abstract_eval=_forward_abstract, reference=reference.forward,
-    ffi_target="jaxdnn_rnn_fwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
+    ffi_target=_target("jaxdnn_rnn_fwd"), attributes=_attributes, workspace_bytes=_workspace_bytes,
     batch_rule=_batch_forward, multiple_results=True)
 
 rnn_bwd_data_p = define_primitive(
     "jaxdnn_rnn_bwd_data", abstract_eval=_backward_data_abstract,
-    reference=reference.backward_data, ffi_target="jaxdnn_rnn_bwd_data",
+    reference=reference.backward_data, ffi_target=_target("jaxdnn_rnn_bwd_data"),
     attributes=_attributes, workspace_bytes=_workspace_bytes, batch_rule=_batch_backward_data,
     multiple_results=True)
 
 rnn_bwd_weights_p = define_primitive(
     "jaxdnn_rnn_bwd_weights", abstract_eval=_backward_weights_abstract,
-    reference=reference.backward_weights, ffi_target="jaxdnn_rnn_bwd_weights",
+    reference=reference.backward_weights, ffi_target=_target("jaxdnn_rnn_bwd_weights"),
     attributes=_attributes, workspace_bytes=_workspace_bytes,
     batch_rule=_batch_backward_weights)
 
@@ -620,9 +636,11 @@ class RNNBlock:
         seq_lengths: optional ints (batch,) for right-padded batches: sequence n has
         seq_lengths[n] valid steps; y is zero past them and hy/cy are the states at each
         sequence's last valid step; the backward direction starts at that step. Concrete
-        lengths must lie in [1, timesteps]; traced ones cannot be checked (outside that
-        range the XLA path treats a length as clipped to [0, timesteps], where 0 leaves
-        the state at hx; cuDNN's behaviour there is undefined).
+        lengths must lie in [1, timesteps]; traced ones cannot be checked at trace time
+        (outside that range the XLA path treats a length as clipped to [0, timesteps],
+        where 0 leaves the state at hx; the cuDNN path fails the call with an error). On
+        cuDNN, variable lengths cost one host synchronization per call (see the module
+        docstring); calls without seq_lengths have none.
 
         The computation runs in the block's dtype: floating inputs of another dtype are
         converted to it, and so are the results. Differentiable in w, x, hx and cx.

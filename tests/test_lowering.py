@@ -43,7 +43,9 @@ def test_extension_is_loaded_and_registers_every_target():
                      "jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter", "jaxdnn_bn_fwd_train",
                      "jaxdnn_bn_fwd_infer", "jaxdnn_bn_bwd", "jaxdnn_stn_grid_fwd",
                      "jaxdnn_stn_grid_bwd", "jaxdnn_stn_sampler_fwd", "jaxdnn_stn_sampler_bwd",
-                     "jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights"}
+                     "jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights",
+                     "jaxdnn_rnn_fwd_host_lengths", "jaxdnn_rnn_bwd_data_host_lengths",
+                     "jaxdnn_rnn_bwd_weights_host_lengths"}
     stages = _extension.extension().registrations()["jaxdnn_pool_fwd"]
     assert set(stages) == {"instantiate", "initialize", "execute"}
     assert _extension.compiled_version() // 10000 == 9

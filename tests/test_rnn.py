@@ -630,15 +630,17 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
     loss = lambda w, x: jnp.sum(block.apply(w, x, hx, cx, LENGTHS)[0].astype(jnp.float32))
     text = _cuda_hlo(jax.value_and_grad(loss, argnums=(0, 1)), w, x)
     calls = _rnn_calls(text)
-    assert [c[0] for c in calls] == ["jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data",
-                                     "jaxdnn_rnn_bwd_weights"]
+    # variable lengths: the host-lengths targets (not command-buffer compatible)
+    assert [c[0] for c in calls] == ["jaxdnn_rnn_fwd_host_lengths",
+                                     "jaxdnn_rnn_bwd_data_host_lengths",
+                                     "jaxdnn_rnn_bwd_weights_host_lengths"]
     for name, attrs in calls:
         for attr in ('mode = "lstm"', 'input_mode = "linear"', 'algo = "standard"',
                      "hidden_size = 3 : i64",
                      "num_layers = 2 : i64", "bidirectional = 1 : i64",
                      "variable_lengths = 1 : i64", "allow_tf32 ="):
             assert attr in attrs, (name, attr, attrs)
-        assert ("training = 1 : i64" in attrs) == (name == "jaxdnn_rnn_fwd")
+        assert ("training = 1 : i64" in attrs) == name.startswith("jaxdnn_rnn_fwd")
     reserve = 7 * BATCH * STEPS + 5
     workspace = 64 + BATCH
     y, state = f"tensor<{STEPS}x{BATCH}x{2 * HIDDEN}xf16>", f"tensor<4x{BATCH}x{HIDDEN}xf16>"
@@ -652,6 +654,7 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
                      jnp.zeros(gru.get_param_size((BATCH, INPUT_DIM)), jnp.bfloat16),
                      x.astype(jnp.bfloat16), jnp.zeros((1, BATCH, HIDDEN), jnp.bfloat16))
     (name, attrs), = _rnn_calls(text)
+    assert name == "jaxdnn_rnn_fwd"  # equal lengths: descriptors built once, graph-safe
     assert "training = 0 : i64" in attrs and "variable_lengths = 0 : i64" in attrs
     assert f"tensor<1x{BATCH}x0xf32>" in text and "tensor<0xui8>" in text
     assert f"tensor<{STEPS}x{BATCH}x{INPUT_DIM}xf32>" in text
@@ -816,7 +819,8 @@ def test_gpu_gradients_cudnn_vs_xla(rng, mode, dtype):
     loss = lambda *a: sum(jnp.sum(jnp.sin(o)) for o in fn(*a))
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
     calls = [c[0] for c in _rnn_calls(jax.jit(grad).lower(*args).as_text())]
-    assert "jaxdnn_rnn_bwd_data" in calls and "jaxdnn_rnn_bwd_weights" in calls
+    assert calls == ["jaxdnn_rnn_fwd_host_lengths", "jaxdnn_rnn_bwd_data_host_lengths",
+                     "jaxdnn_rnn_bwd_weights_host_lengths"]
     got, want = _jit_run(grad, *args), _jit_run(grad, *args, xla=True)
     for g, e, name in zip(got, want, ("dw", "dx", "dhx", "dcx")):
         assert_close(g, e, dtype, factor=10, err_msg=name)
@@ -911,3 +915,16 @@ def test_gpu_lengths_change_without_recompiling(rng):
         want = numpy_rnn(block, layers, x64, hx64, None, lengths)
         compare(got, want, "float32", factor=2, what=f"lengths {lengths.tolist()}")
     assert len(traces) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_lengths_out_of_range_raise_and_the_next_call_runs(rng):
+    """Traced lengths cannot be checked at trace time; the host-lengths handler checks
+    them and fails the call with a message, leaving the process able to run the next."""
+    block = make_block("gru", dtype="float32")
+    layers, w, (x, hx, _), (x64, hx64, _) = make_case(rng, block, "float32")
+    fn = jax.jit(lambda w, x, hx, lengths: block.apply(w, x, hx, None, lengths))
+    with pytest.raises(Exception, match=r"seq_lengths\[1\] = 0 is outside \[1, 4\]"):
+        jax.block_until_ready(fn(w, x, hx, jnp.array([4, 0, 3], jnp.int32)))
+    got = fn(w, x, hx, jnp.asarray(LENGTHS, jnp.int32))
+    compare(got, numpy_rnn(block, layers, x64, hx64, None, LENGTHS), "float32", factor=2)
