@@ -6,10 +6,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxdnn.flax.nnx as jnnx
 from jaxdnn.flax.recurrent import GRU, LSTM, SimpleRNN, from_flax_cells, to_flax_cells
 
 CELLS = {"lstm": (LSTM, nn.OptimizedLSTMCell), "gru": (GRU, nn.GRUCell),
@@ -129,6 +131,66 @@ def test_bad_inputs_raise():
         LSTM(H).init(jax.random.key(0), jnp.ones((T, I)))
     with pytest.raises(ValueError, match="activation"):
         SimpleRNN(H, activation="gelu").init(jax.random.key(0), jnp.ones((N, T, I)))
+
+
+# ---- Flax NNX ---------------------------------------------------------------------------
+NNX_CELLS = {"lstm": jnnx.LSTM, "gru": jnnx.GRU, "rnn_tanh": jnnx.SimpleRNN}
+
+
+def _nnx_module(mode, weights, num_layers, bidirectional, **kwargs):
+    """An NNX module holding `weights` (the block converted from Flax's linen cells)."""
+    module = NNX_CELLS[mode](I, H, num_layers, bidirectional=bidirectional,
+                             rngs=nnx.Rngs(0), **kwargs)
+    assert module.weights[...].shape == weights.shape
+    module.weights[...] = weights
+    return module
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_nnx_modules_match_flax(mode):
+    """The NNX modules against Flax's own stack (linen nn.RNN over its cells), the same
+    function: outputs and input gradients, bidirectional, with variable lengths."""
+    x, stack, params, _, ours = _setup(mode, 2, True)
+    module = _nnx_module(mode, ours["params"]["weights"], 2, True)
+    lengths = jnp.array([5, 2, 4], jnp.int32)
+    valid = (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[..., None]
+    want = stack.apply(params, x, seq_lengths=lengths)
+    got = nnx.jit(lambda m, x: m(x, seq_lengths=lengths))(module, x)
+    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0),
+                               rtol=2e-5, atol=2e-5)
+    loss = lambda y: jnp.sum(jnp.where(valid, jnp.sin(y), 0))
+    gx_want = jax.grad(lambda x: loss(stack.apply(params, x, seq_lengths=lengths)))(x)
+    gx_got = nnx.jit(nnx.grad(lambda x, m: loss(m(x, seq_lengths=lengths))))(x, module)
+    np.testing.assert_allclose(gx_got, gx_want, rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_lstm_carry_and_a_training_step():
+    x, _, params, _, ours = _setup("lstm", 1, False)
+    module = _nnx_module("lstm", ours["params"]["weights"], 1, False, return_carry=True)
+    lengths = jnp.asarray([5, 2, 3], jnp.int32)
+    flax_rnn = nn.RNN(nn.OptimizedLSTMCell(H), return_carry=True)
+    (c_want, h_want), _ = flax_rnn.apply({"params": {"cell": params["params"]["cell_0"]}},
+                                         x, seq_lengths=lengths)
+    (c_got, h_got), _ = module(x, seq_lengths=lengths)
+    np.testing.assert_allclose(c_got[0], c_want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(h_got[0], h_want, rtol=2e-5, atol=2e-5)
+
+    @nnx.jit
+    def step(module, x):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x)[1] ** 2))(module)
+        nnx.update(module, jax.tree.map(lambda p, g: p - 0.5 * g, nnx.state(module, nnx.Param),
+                                        grads))
+        return loss
+
+    losses = [float(step(module, x)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_nnx_errors_name_the_argument():
+    with pytest.raises(ValueError, match="built for in_features=4"):
+        jnnx.GRU(I, H, rngs=nnx.Rngs(0))(jnp.ones((N, T, I + 1)))
+    with pytest.raises(ValueError, match="activation"):
+        jnnx.SimpleRNN(I, H, activation="gelu", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """Flax NNX modules over jaxdnn's ops: `Conv`, `ConvTranspose`, `BatchNorm`,
-`SpatialTransformer` (and `max_pool`/`avg_pool`, which NNX shares with linen).
+`SpatialTransformer`, the recurrent `LSTM`, `GRU` and `SimpleRNN` (and `max_pool`/
+`avg_pool`, which NNX shares with linen).
 
 Drop-in replacements for `flax.nnx.Conv`, `flax.nnx.ConvTranspose` and `flax.nnx.BatchNorm`:
 the same constructor arguments and defaults (in_features, out_features, kernel_size, ...,
@@ -8,7 +9,9 @@ drawn from `rngs` in the same order, so the same seed gives the same parameters 
 `nnx.state` round-trips with Flax's modules. The arithmetic is the functional core of
 `jaxdnn.flax` (`conv_apply`, `conv_transpose_apply`, `batch_norm_apply`,
 `spatial_transform_apply`), shared with the linen modules; see that module for how each
-maps onto cuDNN and for the Flax options that are not supported.
+maps onto cuDNN and for the Flax options that are not supported. The recurrent modules
+hold one cuDNN parameter block (`nnx.Param` 'weights') and compute what the linen ones do
+(jaxdnn/flax/recurrent.py), taking `in_features` as NNX modules do.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from jax import lax
 from jaxdnn.flax import (_kernel_size, avg_pool, batch_norm_apply, check_batch_norm_options,
                          conv_apply, conv_transpose_apply, identity_affine_init, max_pool,
                          spatial_transform_apply)
+from jaxdnn.flax.recurrent import initial_weights, recurrent_apply
 
-__all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "max_pool", "avg_pool",
+__all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "LSTM", "GRU",
+           "SimpleRNN", "max_pool", "avg_pool",
            "identity_affine_init"]
 
 default_kernel_init = initializers.lecun_normal()
@@ -255,3 +260,66 @@ class SpatialTransformer(nnx.Module):
 
     def __call__(self, inputs):
         return spatial_transform_apply(inputs, self.localization(inputs), self.out_size)
+
+
+class _Recurrent(nnx.Module):
+    """The shared body of the NNX LSTM, GRU and SimpleRNN: a multi-layer (optionally
+    bidirectional) network on cuDNN's RNN, its parameters one block `weights` (cuDNN's
+    layout; jaxdnn.flax.from_flax_cells / to_flax_cells convert from and to Flax's cells).
+    Inputs (N, T, in_features), or (T, N, in_features) with time_major; the carry is that
+    of every layer, (c, h) for LSTM, h otherwise, each (num_layers * directions, N,
+    hidden_size)."""
+
+    _mode = "lstm"
+
+    def __init__(self, in_features: int, hidden_size: int, num_layers: int = 1, *,
+                 bidirectional: bool = False, time_major: bool = False,
+                 return_carry: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.in_features, self.hidden_size, self.num_layers = in_features, hidden_size, num_layers
+        self.bidirectional, self.time_major, self.return_carry = (bidirectional, time_major,
+                                                                  return_carry)
+        self.dtype = dtype
+        self.weights = nnx.Param(initial_weights(
+            self._rnn_mode(), rngs.params(), hidden_size=hidden_size, num_layers=num_layers,
+            bidirectional=bidirectional, input_dim=in_features, dtype=dtype,
+            param_dtype=param_dtype))
+
+    def _rnn_mode(self) -> str:
+        return self._mode
+
+    def __call__(self, inputs, initial_carry=None, seq_lengths=None):
+        op = type(self).__name__
+        if inputs.ndim == 3 and inputs.shape[-1] != self.in_features:
+            raise ValueError(f"{op}: inputs have {inputs.shape[-1]} features; the module was "
+                             f"built for in_features={self.in_features}")
+        return recurrent_apply(self._rnn_mode(), self.weights[...], inputs, initial_carry,
+                               seq_lengths, hidden_size=self.hidden_size,
+                               num_layers=self.num_layers, bidirectional=self.bidirectional,
+                               time_major=self.time_major, return_carry=self.return_carry,
+                               dtype=self.dtype, op=op)
+
+
+class LSTM(_Recurrent):
+    """Multi-layer LSTM on cuDNN (Flax's `OptimizedLSTMCell` math); carry (c, h)."""
+    _mode = "lstm"
+
+
+class GRU(_Recurrent):
+    """Multi-layer GRU on cuDNN (cuDNN's reset-after GRU, Flax's `GRUCell` math); carry h."""
+    _mode = "gru"
+
+
+class SimpleRNN(_Recurrent):
+    """Multi-layer Elman RNN on cuDNN (Flax's `SimpleCell`); activation 'tanh' or 'relu'."""
+
+    def __init__(self, in_features: int, hidden_size: int, num_layers: int = 1, *,
+                 activation: str = "tanh", **kwargs):
+        if activation not in ("tanh", "relu"):
+            raise ValueError(f"SimpleRNN: activation={activation!r}; cuDNN's cells take "
+                             "'tanh' or 'relu'")
+        self.activation = activation
+        super().__init__(in_features, hidden_size, num_layers, **kwargs)
+
+    def _rnn_mode(self) -> str:
+        return "rnn_" + self.activation

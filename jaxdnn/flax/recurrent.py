@@ -92,6 +92,41 @@ def to_flax_cells(rnn_mode: str, weights, *, hidden_size: int, num_layers: int, 
     return cells
 
 
+def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=None, *,
+                    hidden_size: int, num_layers: int, bidirectional: bool, time_major: bool,
+                    return_carry: bool, dtype, op: str):
+    """The computation of the recurrent modules (linen and NNX): the block `weights` of
+    `mode` applied to inputs (N, T, F) (or (T, N, F) when time_major), the carry as Flax
+    keeps it ((c, h) for lstm, h otherwise; zeros by default)."""
+    if inputs.ndim != 3:
+        raise ValueError(f"{op}: inputs must be 3-D, (batch, time, features) (or (time, "
+                         f"batch, features) with time_major=True); got shape {inputs.shape}")
+    x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
+    batch = x.shape[1]
+    block = _block(mode, hidden_size, num_layers, bidirectional, dtype)
+    states = (num_layers * (2 if bidirectional else 1), batch, hidden_size)
+    if initial_carry is None:
+        zeros = jnp.zeros(states, dtype)
+        initial_carry = (zeros, zeros) if mode == "lstm" else zeros
+    if mode == "lstm":
+        c0, h0 = initial_carry
+        y, hy, cy = block.apply(weights.astype(dtype), x.astype(dtype), h0, c0,
+                                seq_lengths=seq_lengths)
+        carry = (cy, hy)
+    else:
+        y, carry = block.apply(weights.astype(dtype), x.astype(dtype), initial_carry,
+                               seq_lengths=seq_lengths)
+    outputs = y if time_major else jnp.swapaxes(y, 0, 1)
+    return (carry, outputs) if return_carry else outputs
+
+
+def initial_weights(mode: str, key, *, hidden_size: int, num_layers: int, bidirectional: bool,
+                    input_dim: int, dtype, param_dtype):
+    """A fresh block (RNNBlock.init_params) for inputs of `input_dim` features."""
+    block = _block(mode, hidden_size, num_layers, bidirectional, dtype)
+    return block.init_params(key, (1, input_dim)).astype(param_dtype)
+
+
 class _Recurrent(nn.Module):
     """The shared body of LSTM, GRU and SimpleRNN (`_mode` picks the cell)."""
     hidden_size: int
@@ -109,31 +144,15 @@ class _Recurrent(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, initial_carry=None, seq_lengths=None):
-        if inputs.ndim != 3:
-            raise ValueError(f"{type(self).__name__}: inputs must be 3-D, (batch, time, "
-                             f"features) (or (time, batch, features) with time_major=True); "
-                             f"got shape {inputs.shape}")
-        x = inputs if self.time_major else jnp.swapaxes(inputs, 0, 1)
-        steps, batch, features = x.shape
         mode = self._rnn_mode()
-        block = _block(mode, self.hidden_size, self.num_layers, self.bidirectional, self.dtype)
-        weights = self.param(
-            "weights",
-            lambda key: block.init_params(key, (batch, features)).astype(self.param_dtype))
-        states = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
-        if initial_carry is None:
-            zeros = jnp.zeros(states, self.dtype)
-            initial_carry = (zeros, zeros) if mode == "lstm" else zeros
-        if mode == "lstm":
-            c0, h0 = initial_carry
-            y, hy, cy = block.apply(weights.astype(self.dtype), x.astype(self.dtype), h0, c0,
-                                    seq_lengths=seq_lengths)
-            carry = (cy, hy)
-        else:
-            y, carry = block.apply(weights.astype(self.dtype), x.astype(self.dtype),
-                                   initial_carry, seq_lengths=seq_lengths)
-        outputs = y if self.time_major else jnp.swapaxes(y, 0, 1)
-        return (carry, outputs) if self.return_carry else outputs
+        config = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
+                      bidirectional=self.bidirectional)
+        weights = self.param("weights", lambda key: initial_weights(
+            mode, key, **config, input_dim=inputs.shape[-1], dtype=self.dtype,
+            param_dtype=self.param_dtype))
+        return recurrent_apply(mode, weights, inputs, initial_carry, seq_lengths, **config,
+                               time_major=self.time_major, return_carry=self.return_carry,
+                               dtype=self.dtype, op=type(self).__name__)
 
 
 class LSTM(_Recurrent):
