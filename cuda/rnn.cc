@@ -14,21 +14,26 @@
 // hx, cx and their kin (layers * directions, N, hidden); cx and its kin are (.., N, 0) for
 // cells without a cell state. seq_lengths is int32 (N,) on the device.
 // Attributes: mode, input_mode, algo (strings); hidden_size, num_layers, bidirectional,
-// variable_lengths, allow_tf32 and, for rnn_fwd, training (int64).
+// variable_lengths, allow_tf32 (int64); static_lengths (int32[N] or empty); and, for
+// rnn_fwd, training (int64).
 //
 // Sequence lengths. cudnnSetRNNDataDescriptor takes the lengths on the host and the calls
 // take a device copy (devSeqLengths); cuDNN plans each call from the host lengths (measured
-// on an H100/H200: with host lengths all T and shorter device lengths, the backward
-// direction starts at T and outputs past the ends are written). So there are two kinds of
-// target:
+// on an H200: with host lengths all T and shorter device lengths, the backward direction
+// starts at T and outputs past the ends are written). So there are two kinds of target:
 //   jaxdnn_rnn_*                every length T (no lengths given): the data descriptors
 //                               are built once, at initialize; execute only launches, and
-//                               is safe inside CUDA graphs.
-//   jaxdnn_rnn_*_host_lengths   variable lengths, which XLA holds on the device: execute
-//                               copies them to pinned host memory and synchronizes the
-//                               stream, checks them (each in [1, T]) and builds the data
-//                               descriptors for them (host calls only). Not safe inside
-//                               CUDA graphs, so not declared command-buffer compatible.
+//                               is safe inside CUDA graphs (tested).
+//   jaxdnn_rnn_*_host_lengths   variable lengths. Known at trace time (static_lengths, the
+//                               values of the seq_lengths operand), they shape descriptors
+//                               built once at initialize and execute only launches; known
+//                               only to the device, execute copies them to pinned host
+//                               memory, synchronizes the stream, checks them (each in
+//                               [1, T]) and builds the data descriptors for them (host
+//                               calls only). Neither is declared command-buffer compatible:
+//                               the sync cannot run inside a capture, and cuDNN's
+//                               variable-length calls failed inside CUDA graphs on an H200
+//                               even with static lengths.
 //
 // Trace time: rnn_temp_space_sizes (workspace and reserve bytes) and rnn_weight_params
 // (cudnnGetRNNWeightParams's layout, which the GPU tests compare with jaxdnn/rnn.py's)
@@ -79,6 +84,7 @@ struct RnnConfig {
 struct RnnShape {
   cudnnDataType_t type = CUDNN_DATA_FLOAT;
   int steps = 0, batch = 0, input_size = 0;
+  std::vector<int> lengths;  // of each sequence; empty: every one `steps` long
 };
 
 // Everything a call needs, built once per (device, config, shape) and then only read.
@@ -166,8 +172,9 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   if (c.algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC)  // compiles kernels for this batch size
     JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnBuildRNNDynamic(handle, d->rnn.get(), s.batch));
 
-  // Every length T on the host (see the top of the file); zero written past each end.
-  std::vector<int> lengths(s.batch, s.steps);
+  // The lengths the descriptors describe (see the top of the file); zero written past
+  // each end.
+  std::vector<int> lengths = s.lengths.empty() ? std::vector<int>(s.batch, s.steps) : s.lengths;
   double zero = 0.0;  // paddingFill is read in the data's type: zero bytes are zero in all
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->x));
   JAXDNN_RETURN_IF_CUDNN_ERROR(
@@ -202,7 +209,8 @@ ffi::Error CachedDescriptors(const char* op, cudnnHandle_t handle, int device, c
   key.Add(device).Add(static_cast<int64_t>(s.type)).Add(static_cast<int64_t>(c.cell))
       .Add(static_cast<int64_t>(c.input_mode)).Add(static_cast<int64_t>(c.algo))
       .Add(c.hidden_size).Add(c.num_layers).Add(static_cast<int64_t>(c.bidirectional))
-      .Add(static_cast<int64_t>(c.allow_tf32)).Add(s.steps).Add(s.batch).Add(s.input_size);
+      .Add(static_cast<int64_t>(c.allow_tf32)).Add(s.steps).Add(s.batch).Add(s.input_size)
+      .AddAll(s.lengths);
   return DescriptorCache().GetOrBuild(
       key, [&](RnnDescriptors* d) { return BuildDescriptors(op, handle, c, s, d); }, out);
 }
@@ -236,14 +244,19 @@ struct RnnState {
   RnnConfig config;
   bool training = true;          // rnn_fwd: cuDNN's training mode (writes the reserve space)
   bool host_lengths = false;     // a *_host_lengths target
+  std::vector<int> static_lengths;  // lengths known at trace time (empty: all T, or dynamic)
   DescriptorSlot<RnnDescriptors> descriptors;
-  PinnedLengths lengths;         // host_lengths: allocated at initialize (N entries)
+  PinnedLengths lengths;         // dynamic lengths: allocated at initialize (N entries)
+
+  // Lengths only the device knows: copied to the host at every execute.
+  bool dynamic_lengths() const { return host_lengths && static_lengths.empty(); }
 };
 ffi::TypeId RnnState::id = {};
 const XLA_FFI_TypeInfo kRnnStateInfo = ffi::MakeTypeInfo<RnnState>();
 
 using Buffer = ffi::AnyBuffer;
 using Out = ffi::Result<ffi::AnyBuffer>;
+using Int32s = ffi::Span<const int32_t>;
 
 template <typename Binding>
 auto WithConfigAttributes(Binding&& binding) {
@@ -254,7 +267,8 @@ auto WithConfigAttributes(Binding&& binding) {
       .template Attr<int64_t>("num_layers")
       .template Attr<int64_t>("bidirectional")
       .template Attr<int64_t>("variable_lengths")
-      .template Attr<int64_t>("allow_tf32");
+      .template Attr<int64_t>("allow_tf32")
+      .template Attr<Int32s>("static_lengths");
 }
 
 template <bool kForward, typename Binding>
@@ -271,15 +285,19 @@ ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, bool host_le
                                                     int64_t hidden_size, int64_t num_layers,
                                                     int64_t bidirectional,
                                                     int64_t variable_lengths, int64_t allow_tf32,
-                                                    int64_t training) {
+                                                    Int32s static_lengths, int64_t training) {
   return Guarded(op, [&]() -> ffi::ErrorOr<std::unique_ptr<RnnState>> {
     auto state = std::make_unique<RnnState>();
     ffi::Error error = ParseConfig(op, mode, input_mode, algo, hidden_size, num_layers,
                                    bidirectional, allow_tf32, &state->config);
     if (error.failure()) return ffi::Unexpected(std::move(error));
     // Lengths other than T need the host-lengths targets (see the top of the file).
-    if (variable_lengths != 0 && !host_lengths)
-      return ffi::Unexpected(InvalidArgument(op, "variable_lengths=1 needs the *_host_lengths target"));
+    if ((variable_lengths != 0) != host_lengths)
+      return ffi::Unexpected(InvalidArgument(
+          op, "variable_lengths=1 goes with the *_host_lengths targets, and only it"));
+    if (static_lengths.size() != 0 && variable_lengths == 0)
+      return ffi::Unexpected(InvalidArgument(op, "static_lengths need variable_lengths=1"));
+    state->static_lengths.assign(static_lengths.begin(), static_lengths.end());
     state->host_lengths = host_lengths;
     state->training = training != 0;
     return state;
@@ -291,9 +309,10 @@ ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateFwd(Str mode, Str input_mode,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
                                                        int64_t variable_lengths,
-                                                       int64_t allow_tf32, int64_t training) {
+                                                       int64_t allow_tf32, Int32s static_lengths,
+                                                       int64_t training) {
   return Instantiate(kFwd, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
-                     bidirectional, variable_lengths, allow_tf32, training);
+                     bidirectional, variable_lengths, allow_tf32, static_lengths, training);
 }
 
 template <const char* kOp, bool kHostLengths>
@@ -301,9 +320,10 @@ ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateBwd(Str mode, Str input_mode,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
                                                        int64_t variable_lengths,
-                                                       int64_t allow_tf32) {
+                                                       int64_t allow_tf32, Int32s static_lengths) {
   return Instantiate(kOp, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
-                     bidirectional, variable_lengths, allow_tf32, /*training=*/1);
+                     bidirectional, variable_lengths, allow_tf32, static_lengths,
+                     /*training=*/1);
 }
 
 bool HasDims(const Buffer& buffer, std::initializer_list<int64_t> dims) {
@@ -371,6 +391,14 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
     RnnShape shape;
     JAXDNN_RETURN_IF_ERROR(CheckOperands(op, c, in, &shape));
     const int64_t steps = shape.steps, batch = shape.batch;
+    if (!state->static_lengths.empty()) {
+      if (state->static_lengths.size() != static_cast<size_t>(batch))
+        return InvalidArgument(op, "static_lengths must hold one length per sequence (N)");
+      for (int length : state->static_lengths)
+        if (length < 1 || length > steps)
+          return InvalidArgument(op, "static_lengths must lie in [1, T]");
+      shape.lengths = state->static_lengths;
+    }
     for (const Buffer* b : extra.y_like)
       if (b->element_type() != in.x.element_type() ||
           !HasDims(*b, {steps, batch, Directions(c) * c.hidden_size}))
@@ -393,10 +421,11 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
     JAXDNN_RETURN_IF_ERROR(CheckBytes(
         op, "the workspace", *extra.workspace,
         extra.training ? d->training_workspace_bytes : d->inference_workspace_bytes, false));
+    // Python sizes the reserve for full-length sequences: at least what these lengths need.
     if (extra.reserve != nullptr)
       JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "the reserve space", *extra.reserve,
-                                        extra.training ? d->reserve_bytes : 0, true));
-    if (state->host_lengths && state->lengths.data == nullptr) {
+                                        extra.training ? d->reserve_bytes : 0, false));
+    if (state->dynamic_lengths() && state->lengths.data == nullptr) {
       void* pinned = nullptr;
       JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMallocHost(&pinned, sizeof(int32_t) * shape.batch));
       state->lengths.data = static_cast<int32_t*>(pinned);
@@ -462,7 +491,7 @@ ffi::Error Execute(const char* op, cudaStream_t stream, int device, RnnState* st
     const RnnDescriptors* d;
     JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
     CallData call;
-    if (state->host_lengths) {
+    if (state->dynamic_lengths()) {
       JAXDNN_RETURN_IF_ERROR(HostLengthsData(op, stream, state, *d, seq_lengths, &call));
     } else {
       call.x = d->x.get();
@@ -491,7 +520,7 @@ const int32_t* Lengths(const Buffer& seq_lengths) {
 ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                          Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
                          Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-                         int64_t, int64_t, int64_t) {
+    int64_t, int64_t, Int32s, int64_t) {
   ExtraBuffers extra{{&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->training};
   return Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
 }
@@ -499,7 +528,7 @@ ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffe
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                       Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
                       Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-                      int64_t, int64_t, int64_t) {
+    int64_t, int64_t, Int32s, int64_t) {
   return Execute(kFwd, stream, device, state, seq_lengths,
                  [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
     const size_t reserve_bytes = reserve->size_bytes();
@@ -521,8 +550,8 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
 ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x,
                              Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
                              Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx,
-                             Out dcx, Out reserve_out, Out workspace, Str, Str, Str, int64_t,
-                             int64_t, int64_t, int64_t, int64_t) {
+                             Out dcx, Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
+    int64_t, int64_t, Int32s) {
   if (reserve_out->size_bytes() != reserve.size_bytes())
     return InvalidArgument(kBwdData, "the reserve result must have the reserve operand's size");
   if (dx->element_type() != x.element_type() || !(dx->dimensions() == x.dimensions()))
@@ -534,8 +563,8 @@ ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, B
 ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                           Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
                           Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx,
-                          Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t,
-                          int64_t, int64_t, int64_t) {
+                          Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
+    int64_t, int64_t, Int32s) {
   // cuDNN reads and updates the reserve space here; the operand is XLA's and must stay as
   // it is, so the call works on the result, a copy (a capture-safe async copy).
   if (reserve_out->untyped_data() != reserve.untyped_data() && reserve.size_bytes() > 0)
@@ -562,8 +591,8 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
 ffi::Error InitializeBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x,
                                 Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
                                 Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dw,
-                                Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t,
-                                int64_t) {
+                                Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
+    int64_t, int64_t, Int32s) {
   if (dw->element_type() != w.element_type())
     return InvalidArgument(kBwdWeights, "dw must have w's dtype");
   ExtraBuffers extra{{&y, &dy}, {&dhy}, {&dcy}, &*dw, &*workspace, &reserve, true};
@@ -573,8 +602,8 @@ ffi::Error InitializeBwdWeights(cudaStream_t stream, int device, RnnState* state
 ffi::Error ExecuteBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x,
                              Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
                              Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dw,
-                             Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t,
-                             int64_t) {
+                             Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
+    int64_t, int64_t, Int32s) {
   // cuDNN adds the weight gradient into dw (CUDNN_WGRAD_MODE_ADD): start from zero.
   JAXDNN_RETURN_IF_CUDA_ERROR(
       kBwdWeights, cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream));

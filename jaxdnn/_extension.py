@@ -91,8 +91,8 @@ def extension():
 
 
 def has_targets(*names: str) -> bool:
-    """Whether the loaded extension registered every FFI target in `names` (an op family
-    whose handlers are not built yet runs on its XLA path)."""
+    """Whether the loaded extension registered every FFI target in `names` (where a build
+    lacks an op family's handlers, that family runs on its XLA path)."""
     ext = extension()
     return ext is not None and set(names) <= set(_registered_names())
 

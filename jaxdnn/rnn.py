@@ -37,12 +37,18 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
     once, at initialize; execute only launches, with no host synchronization, and may run
     inside CUDA graphs;
   - with lengths (variable_lengths=1) the primitives lower to jaxdnn_rnn_*_host_lengths,
-    whose execute copies the lengths to the host and synchronizes the stream (once per
-    call: three times per training step), checks them (each in [1, T], else an error) and
-    builds the data descriptors for them. These targets are not command-buffer
-    compatible, so XLA runs them outside CUDA graphs. This is the documented cost of
-    variable lengths on cuDNN: pad to equal lengths (or bucket by length) where dispatch
-    must stay asynchronous.
+    which XLA runs outside CUDA graphs (not command-buffer compatible: cuDNN's
+    variable-length calls failed inside graphs on an H200). Lengths given as host data
+    (NumPy arrays, lists) are known at trace time and travel as the attribute
+    static_lengths (int32[N]; empty otherwise): the descriptors describe them, built
+    once, and execute only launches, with no synchronization (each distinct lengths
+    vector is its own compiled call). Lengths given as jax arrays (traced under jit, or
+    living on the device) are copied to the host by each execute, which synchronizes the
+    stream (once per call: three times per training step), checks them (each in [1, T],
+    else an error) and builds the data descriptors for them. This is the documented cost
+    of lengths only the device knows: where dispatch must stay asynchronous, pass the
+    lengths as NumPy values (e.g. one compiled step per bucket of lengths) or pad to
+    equal lengths.
 * reserve: u8. rnn_fwd produces `reserve_bytes` of it (cudnnGetRNNTempSpaceSizes in the
   mode `training` says; training=0 is cuDNN's inference mode and writes none).
   rnn_bwd_data reads and updates it (its reserveSpace is in/out) and returns the updated
@@ -53,7 +59,8 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   rnn_bwd_weights) are there for the reference lowering, which recomputes the forward.
 * The workspace is a trailing u8 result of `workspace_bytes` (see `_primitive.py`).
 * Attributes: mode, input_mode, algo (the `dnn.rnn.algo` flag) (strings); hidden_size,
-  num_layers, bidirectional, variable_lengths, allow_tf32 and (rnn_fwd) training (int64).
+  num_layers, bidirectional, variable_lengths, allow_tf32 and (rnn_fwd) training (int64);
+  static_lengths (int32[N], empty unless the lengths were host data).
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
@@ -176,10 +183,11 @@ class _Config(NamedTuple):
     bidirectional: bool
     variable_lengths: bool
     allow_tf32: bool
+    static_lengths: tuple  # the lengths, where known at trace time; else ()
     impl: str
 
 
-_SIZE_KEYS = tuple(k for k in _Config._fields if k != "impl")
+_SIZE_KEYS = tuple(k for k in _Config._fields if k not in ("impl", "static_lengths"))
 
 
 def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:
@@ -204,9 +212,12 @@ def _backward_params(config: _Config, x) -> dict:
 
 
 def _resized(params: dict, x) -> tuple[dict, int]:
-    """params for a call on x of another batch size, and that call's reserve bytes."""
+    """params for a call on x of another batch size (instances folded into N, instance-
+    major), and that call's reserve bytes."""
     workspace, reserve = _space_sizes(params, x, params.get("training", True))
     params = dict(params, workspace_bytes=workspace)
+    if params["static_lengths"]:  # every instance shares them (they are not vmapped)
+        params["static_lengths"] *= x.shape[1] // len(params["static_lengths"])
     if "reserve_bytes" in params:
         params["reserve_bytes"] = reserve
     return params, reserve
@@ -231,9 +242,11 @@ def _backward_weights_abstract(x, hx, cx, w, *operands, **params):
     return ShapedArray(w.shape, w.dtype)
 
 
-def _attributes(*, workspace_bytes, reserve_bytes=None, **params):
+def _attributes(*, workspace_bytes, reserve_bytes=None, static_lengths, **params):
     del workspace_bytes, reserve_bytes  # the handlers read them from their buffers
-    return {k: (v if isinstance(v, str) else np.int64(v)) for k, v in params.items()}
+    attributes = {k: (v if isinstance(v, str) else np.int64(v)) for k, v in params.items()}
+    attributes["static_lengths"] = np.asarray(static_lengths, np.int32)
+    return attributes
 
 
 def _workspace_bytes(*avals, workspace_bytes, **params):
@@ -434,6 +447,10 @@ def _check_array(op: str, arg: str, a, rank: int, what: str):
 
 
 def _seq_lengths(op: str, seq_lengths, steps: int, batch: int):
+    """(the lengths as int32, the lengths as a tuple of ints where they are host data
+    (NumPy, lists): known at trace time, they become part of the compiled call; () for
+    jax arrays, whose values the device holds)."""
+    host_data = isinstance(seq_lengths, (np.ndarray, list, tuple))
     lengths = jnp.asarray(seq_lengths)
     if lengths.shape != (batch,):
         raise ValueError(f"{op}: seq_lengths must have shape (batch,) = ({batch},), one length "
@@ -441,13 +458,15 @@ def _seq_lengths(op: str, seq_lengths, steps: int, batch: int):
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"{op}: seq_lengths must hold ints (int32); got {lengths.dtype}")
     try:  # traced lengths cannot be checked here (the reference clips them to [0, T])
-        values = np.asarray(lengths)
+        # (host data read as such: under jit, jnp.asarray of a NumPy array is a tracer)
+        values = np.asarray(seq_lengths if host_data else lengths)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         values = None
     if values is not None and values.size and not (values.min() >= 1 and values.max() <= steps):
         raise ValueError(f"{op}: seq_lengths must lie in [1, {steps}] (the timesteps of x); "
                          f"got {values.tolist()}")
-    return lengths.astype(jnp.int32)
+    static = tuple(int(v) for v in values) if host_data and values is not None else ()
+    return lengths.astype(jnp.int32), static
 
 
 # ---- the public class ---------------------------------------------------------------------
@@ -639,8 +658,9 @@ class RNNBlock:
         lengths must lie in [1, timesteps]; traced ones cannot be checked at trace time
         (outside that range the XLA path treats a length as clipped to [0, timesteps],
         where 0 leaves the state at hx; the cuDNN path fails the call with an error). On
-        cuDNN, variable lengths cost one host synchronization per call (see the module
-        docstring); calls without seq_lengths have none.
+        cuDNN, lengths given as a jax array cost one host synchronization per call; lengths
+        given as NumPy values (known at trace time, compiled into the call) and calls
+        without seq_lengths cost none (see the module docstring).
 
         The computation runs in the block's dtype: floating inputs of another dtype are
         converted to it, and so are the results. Differentiable in w, x, hx and cx.
@@ -666,8 +686,9 @@ class RNNBlock:
             if cx.shape != state_shape:
                 raise ValueError(f"{op}: cx must have shape (num_layers * directions, batch, "
                                  f"hidden) = {state_shape}; got {cx.shape}")
+        static_lengths = ()
         if seq_lengths is not None:
-            seq_lengths = _seq_lengths(op, seq_lengths, steps, batch)
+            seq_lengths, static_lengths = _seq_lengths(op, seq_lengths, steps, batch)
 
         dtype = self.dtype
         x, hx, w = x.astype(dtype), hx.astype(dtype), w.astype(dtype)
@@ -679,10 +700,10 @@ class RNNBlock:
         if impl == "xla":
             y, hy, cy = reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
         else:
-            y, hy, cy = self._apply_cudnn(w, x, hx, cx, seq_lengths, impl)
+            y, hy, cy = self._apply_cudnn(w, x, hx, cx, seq_lengths, static_lengths, impl)
         return (y, hy, cy) if lstm else (y, hy)
 
-    def _apply_cudnn(self, w, x, hx, cx, seq_lengths, impl):
+    def _apply_cudnn(self, w, x, hx, cx, seq_lengths, static_lengths, impl):
         dtype = self.dtype
         work = (jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and not _cudnn_takes_bfloat16()
                 else dtype)
@@ -692,7 +713,7 @@ class RNNBlock:
                    else seq_lengths)
         config = _Config(**self._cell, algo=config_module.read("dnn.rnn.algo"),
                          variable_lengths=seq_lengths is not None, allow_tf32=_allows_tf32(),
-                         impl=impl)
+                         static_lengths=static_lengths, impl=impl)
         y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),
                                w.astype(work), lengths, config)
         return y.astype(dtype), hy.astype(dtype), cy.astype(dtype)

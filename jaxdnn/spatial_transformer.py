@@ -23,9 +23,10 @@ What the cuDNN handlers receive (the contract for cuda/spatial_transformer.cc):
   * never an empty array (the public functions return zeros without binding);
   * stn_sampler_bwd is never sent to cuDNN under dnn.deterministic=True (below).
 
-The cuDNN handlers are not built yet: until the extension registers FFI_TARGETS,
-`choose_impl` sends every call to the XLA reference path (jaxdnn/reference/
-spatial_transformer.py) and dnn.enabled=True raises.
+The cuDNN handlers are in cuda/spatial_transformer.cc. Where the loaded extension lacks
+them (an old or CPU-only build that registers no FFI_TARGETS), `choose_impl` sends every
+call to the XLA reference path (jaxdnn/reference/spatial_transformer.py) and
+dnn.enabled=True raises.
 
 Determinism. dnn.deterministic=True must make the sampler backward bitwise reproducible.
 cuDNN's documentation lists cudnnSpatialTfSamplerBackward among its routines without a

@@ -678,8 +678,6 @@ def test_errors_raise_at_trace_time_under_jit():
 # =======================================================================================
 # Paths and lowering
 # =======================================================================================
-_HANDLERS_BUILT = _extension.has_targets(*FFI_TARGETS)
-
 
 def test_primitives_are_exposed():
     import jaxdnn.primitives as primitives
@@ -701,12 +699,21 @@ def test_xla_path_gives_the_same_numbers(rng):
         assert_close(a, e, "float32")
 
 
-@pytest.mark.skipif(_HANDLERS_BUILT, reason="the cuDNN batch-norm handlers are built")
-def test_dnn_enabled_true_raises_while_handlers_are_missing():
+def _without_the_handlers(monkeypatch):
+    """As in a build of the extension without the batch-norm handlers (an old or CPU-only
+    one), on a machine where cuDNN could otherwise run: only the missing targets count."""
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: False)
+
+
+def test_dnn_enabled_true_raises_without_the_handlers(monkeypatch):
+    _without_the_handlers(monkeypatch)
     with jaxdnn.config.override(**{"dnn.enabled": True}):
-        with pytest.raises(RuntimeError, match="dnn.enabled=True"):
+        with pytest.raises(RuntimeError, match=r"dnn_batch_normalization_train: dnn\.enabled="
+                           r"True requires cuDNN.*no cuDNN handler 'jaxdnn_bn_fwd_train'"):
             dnn_batch_normalization_train(X4, SP, SP, "spatial")
-        with pytest.raises(RuntimeError, match="dnn.enabled=True"):
+        with pytest.raises(RuntimeError, match=r"dnn_batch_normalization_test: dnn\.enabled="
+                           r"True requires cuDNN.*no cuDNN handler 'jaxdnn_bn_fwd_infer'"):
             dnn_batch_normalization_test(X4, SP, SP, SP, SP, "spatial")
 
 
@@ -720,11 +727,20 @@ def _cuda_hlo(fn, *args):
 
 
 @_needs_extension
-@pytest.mark.skipif(_HANDLERS_BUILT, reason="the cuDNN batch-norm handlers are built")
-def test_cuda_lowering_uses_the_reference_until_handlers_exist():
-    text = _cuda_hlo(jax.grad(lambda x: jnp.sum(
-        dnn_batch_normalization_train(x, SP, SP, "spatial")[0] ** 2)), X4)
-    assert "jaxdnn_bn" not in text
+def test_cuda_lowering_takes_the_reference_without_the_handlers(monkeypatch):
+    """Under 'auto' a float32 batch norm lowers to the cuDNN calls where the extension has
+    the handlers, and to the XLA reference, without a jaxdnn call, where it lacks them."""
+    jaxdnn.config.update("dnn.enabled", "auto")
+
+    def hlo():  # a fresh function each time: the path is chosen at trace time
+        return _cuda_hlo(jax.grad(lambda x: jnp.sum(
+            dnn_batch_normalization_train(x, SP, SP, "spatial")[0] ** 2)), X4)
+
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
+    assert "custom_call @jaxdnn_bn_fwd_train" in hlo()
+    _without_the_handlers(monkeypatch)
+    assert "jaxdnn_bn" not in hlo()
 
 
 @_needs_extension
@@ -766,10 +782,6 @@ GPU_CASES = {
     "gpu-sp-5d-ndhwc": ((4, 5, 6, 7, 8), "spatial", "NDHWC"),
 }
 gpu_cases = pytest.mark.parametrize("case", list(GPU_CASES))
-# On a GPU the gpu marker runs these with dnn.enabled=True; until the extension registers
-# the batch-norm handlers, that would only raise, so they skip.
-handlers_built = pytest.mark.skipif(not _HANDLERS_BUILT,
-                                    reason="the cuDNN batch-norm handlers are not built yet")
 
 
 def _gpu_compare(cudnn, xla, expected, dtype, what):
@@ -780,7 +792,6 @@ def _gpu_compare(cudnn, xla, expected, dtype, what):
 
 
 @pytest.mark.gpu
-@handlers_built
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @gpu_cases
 def test_gpu_train_forward_cudnn_vs_xla_vs_reference(rng, dtype, case):
@@ -798,7 +809,6 @@ def test_gpu_train_forward_cudnn_vs_xla_vs_reference(rng, dtype, case):
 
 
 @pytest.mark.gpu
-@handlers_built
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @gpu_cases
 def test_gpu_gradients_and_test_mode_cudnn_vs_xla_vs_reference(rng, dtype, case):
@@ -821,7 +831,6 @@ def test_gpu_gradients_and_test_mode_cudnn_vs_xla_vs_reference(rng, dtype, case)
 
 
 @pytest.mark.gpu
-@handlers_built
 @gpu_cases
 def test_gpu_check_grads_and_vmap(rng, case):
     (xj, gj, bj, _, _), _ = _data(rng, case, "float64")

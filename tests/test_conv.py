@@ -26,16 +26,6 @@ from conftest import jit_run as _jit_run
 from jaxdnn import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
                     dnn_gradweight3d)
 from jaxdnn.config import ALGO_BWD_DATA, ALGO_BWD_FILTER, ALGO_FWD, PRECISIONS
-from jaxdnn import _extension
-from jaxdnn.conv import FFI_TARGETS
-
-
-@pytest.fixture(autouse=True)
-def _gpu_tests_wait_for_the_cudnn_handlers(request):
-    """The gpu tests force the cuDNN path (conftest), which raises until the extension
-    registers the convolution handlers: until then they skip, saying so."""
-    if request.node.get_closest_marker("gpu") and not _extension.has_targets(*FFI_TARGETS):
-        pytest.skip("the cuDNN convolution handlers are not built yet")
 
 CONV_MODES = ("conv", "cross")
 LAYOUTS = ("channels_first", "channels_last")

@@ -627,13 +627,24 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
     w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)), jnp.float16)
     x = jnp.zeros((STEPS, BATCH, INPUT_DIM), jnp.float16)
     hx = cx = jnp.zeros((4, BATCH, HIDDEN), jnp.float16)
-    loss = lambda w, x: jnp.sum(block.apply(w, x, hx, cx, LENGTHS)[0].astype(jnp.float32))
-    text = _cuda_hlo(jax.value_and_grad(loss, argnums=(0, 1)), w, x)
+    loss = lambda w, x, lengths: jnp.sum(
+        block.apply(w, x, hx, cx, lengths)[0].astype(jnp.float32))
+    # lengths only the device knows: the host-lengths targets (not command-buffer compatible)
+    text = _cuda_hlo(jax.value_and_grad(loss, argnums=(0, 1)), w, x,
+                     jnp.asarray(LENGTHS, jnp.int32))
     calls = _rnn_calls(text)
-    # variable lengths: the host-lengths targets (not command-buffer compatible)
     assert [c[0] for c in calls] == ["jaxdnn_rnn_fwd_host_lengths",
                                      "jaxdnn_rnn_bwd_data_host_lengths",
                                      "jaxdnn_rnn_bwd_weights_host_lengths"]
+    assert all("static_lengths = dense<> : tensor<0xi32>" in attrs for _, attrs in calls)
+    # lengths as NumPy values: known at trace time, compiled into the call (no host copy)
+    static = _cuda_hlo(jax.value_and_grad(lambda w, x: loss(w, x, LENGTHS), argnums=(0, 1)),
+                       w, x)
+    static_calls = _rnn_calls(static)
+    assert [c[0] for c in static_calls] == [c[0] for c in calls]
+    assert all("static_lengths = dense<[4, 1, 3]> : tensor<3xi32>" in attrs
+               for _, attrs in static_calls)
+    assert all("variable_lengths = 1 : i64" in attrs for _, attrs in static_calls)
     for name, attrs in calls:
         for attr in ('mode = "lstm"', 'input_mode = "linear"', 'algo = "standard"',
                      "hidden_size = 3 : i64",
@@ -668,6 +679,16 @@ def test_rnn_algo_flag_reaches_the_handlers(cudnn_on_cpu):
         text = _cuda_hlo(lambda w, x, h: block.apply(w, x, h), w, x, hx)
     (name, attrs), = _rnn_calls(text)
     assert 'algo = "persist_static"' in attrs
+
+
+def test_vmap_tiles_static_lengths_when_folding(cudnn_on_cpu):
+    block = make_block("gru")
+    w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
+    xs, hx = jnp.zeros((2, STEPS, BATCH, INPUT_DIM)), jnp.zeros((1, BATCH, HIDDEN))
+    fn = jax.vmap(lambda x: block.apply(w, x, hx, None, LENGTHS)[0])
+    (name, attrs), = _rnn_calls(_cuda_hlo(fn, xs))
+    assert name == "jaxdnn_rnn_fwd_host_lengths"
+    assert "static_lengths = dense<[4, 1, 3, 4, 1, 3]> : tensor<6xi32>" in attrs
 
 
 def test_vmap_folds_into_the_batch_on_the_cudnn_path(rng, cudnn_on_cpu):

@@ -18,8 +18,7 @@ from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
 from conftest import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn.reference import spatial_transformer as xla_reference
-from jaxdnn.spatial_transformer import (FFI_TARGETS, dnn_affine_grid, dnn_grid_sampler,
-                                        dnn_spatialtf)
+from jaxdnn.spatial_transformer import dnn_affine_grid, dnn_grid_sampler, dnn_spatialtf
 
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -527,11 +526,20 @@ def test_errors_raise_at_trace_time_under_jit():
         jax.jit(dnn_grid_sampler).trace(IMG, jnp.ones((2, 3, 3, 1)))
 
 
-def test_enabled_true_raises_until_the_cudnn_handlers_exist():
-    if _extension.has_targets(*FFI_TARGETS) and jaxdnn.is_available():
-        pytest.skip("the cuDNN spatial transformer handlers are built")
+def test_enabled_true_raises_without_the_handlers_or_without_a_gpu(monkeypatch):
     jaxdnn.config.update("dnn.enabled", True)
-    with pytest.raises(RuntimeError, match=r"jaxdnn dnn_spatialtf: dnn.enabled=True requires cuDNN"):
+    # a build of the extension without the spatial transformer handlers (an old or
+    # CPU-only one), on a machine where cuDNN could otherwise run
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: False)
+    with pytest.raises(RuntimeError, match=r"jaxdnn dnn_spatialtf: dnn\.enabled=True requires "
+                       r"cuDNN.*no cuDNN handler 'jaxdnn_stn_"):
+        dnn_spatialtf(IMG, THETA)
+    # the handlers built but no GPU visible
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: "no CUDA device")
+    with pytest.raises(RuntimeError, match=r"jaxdnn dnn_spatialtf: dnn\.enabled=True requires "
+                       r"cuDNN, but it cannot run here: no CUDA device"):
         dnn_spatialtf(IMG, THETA)
 
 
@@ -614,9 +622,24 @@ def test_xla_path_has_no_custom_call_even_for_cuda():
     loss = lambda i, t: jnp.sum(dnn_spatialtf(i, t) ** 2)
     with xla_path():
         assert _stn_calls(_cuda_hlo(jax.grad(loss, argnums=(0, 1)), IMG, THETA)) == []
-    # and 'auto' takes XLA while the extension registers no spatial transformer handler
-    if not _extension.has_targets(*FFI_TARGETS):
-        assert _stn_calls(_cuda_hlo(jax.grad(loss, argnums=(0, 1)), IMG, THETA)) == []
+
+
+@pytest.mark.skipif(_extension.extension() is None,
+                    reason=f"jaxdnn CUDA extension not built: {_extension.unavailable_reason()}")
+def test_auto_lowering_takes_xla_without_the_handlers(monkeypatch):
+    """Under 'auto' the CUDA lowering calls the cuDNN handlers where the extension has
+    them, and has no jaxdnn call where this build lacks them (an old or CPU-only one)."""
+    jaxdnn.config.update("dnn.enabled", "auto")
+
+    def calls():  # a fresh function each time: the path is chosen at trace time
+        loss = lambda i, t: jnp.sum(dnn_spatialtf(i, t) ** 2)
+        return _stn_calls(_cuda_hlo(jax.grad(loss, argnums=(0, 1)), IMG, THETA))
+
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
+    assert "jaxdnn_stn_sampler_fwd" in calls()
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: False)
+    assert calls() == []
 
 
 @pytest.fixture
@@ -651,10 +674,6 @@ def test_cuda_lowering_once_the_handlers_exist(handlers_present):
 # ---------------------------------------------------------------------------------------
 # GPU: the cuDNN path (dnn.enabled=True) against the XLA path and float64
 # ---------------------------------------------------------------------------------------
-needs_handlers = pytest.mark.skipif(
-    not _extension.has_targets(*FFI_TARGETS),
-    reason="the cuDNN spatial transformer handlers (jaxdnn_stn_*) are not built yet")
-
 GPU_CASES = {
     "same-size": ((2, 4, 9, 8), 1, 1),
     "up-down": ((3, 5, 7, 10), 1.5, 0.6),
@@ -670,7 +689,6 @@ def _gpu_compare(cudnn, xla, expected, dtype, what, factor=1):
 
 
 @pytest.mark.gpu
-@needs_handlers
 @dtypes
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_forward_cudnn_vs_xla_vs_reference(rng, dtype, case):
@@ -692,7 +710,6 @@ def test_gpu_forward_cudnn_vs_xla_vs_reference(rng, dtype, case):
 
 
 @pytest.mark.gpu
-@needs_handlers
 @dtypes
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_gradients_cudnn_vs_xla_vs_reference(rng, dtype, case):
@@ -716,7 +733,6 @@ def test_gpu_gradients_cudnn_vs_xla_vs_reference(rng, dtype, case):
 
 
 @pytest.mark.gpu
-@needs_handlers
 def test_gpu_check_grads(rng):
     shape = (2, 3, 5, 6)
     img = jnp.asarray(rng.standard_normal(shape))
@@ -727,7 +743,6 @@ def test_gpu_check_grads(rng):
 
 
 @pytest.mark.gpu
-@needs_handlers
 @pytest.mark.parametrize("in_axes", [(0, 0), (0, None), (None, 0), (2, 1)])
 def test_gpu_vmap_and_vmap_of_grad(rng, in_axes):
     imgs = _stack(rng, lambda: rng.standard_normal(BASE), B, in_axes[0])
@@ -747,13 +762,11 @@ def test_gpu_vmap_and_vmap_of_grad(rng, in_axes):
 
 @pytest.mark.gpu
 def test_gpu_deterministic_sampler_backward_is_bitwise_reproducible():
-    """Runs with or without the handlers: under dnn.deterministic the sampler backward is
-    the scatter-free XLA path on the GPU, where a scatter-add would use atomics, and so is
-    the grid generator. One compiled function, run three times: separate compilations may
-    legitimately differ in the last bits (XLA autotunes the grid's matrix product anew
-    each time and may pick another split), atomics would differ from run to run."""
-    if not _extension.has_targets(*FFI_TARGETS):
-        jaxdnn.config.update("dnn.enabled", False)
+    """Under dnn.deterministic the sampler backward is the scatter-free XLA path on the
+    GPU, where a scatter-add would use atomics, and so is the grid generator. One compiled
+    function, run three times: separate compilations may legitimately differ in the last
+    bits (XLA autotunes the grid's matrix product anew each time and may pick another
+    split), atomics would differ from run to run."""
     img, theta, dout = _determinism_inputs(shape=(16, 32, 64, 64), scale=2)
     with _deterministic():
         grad = _grad_fn(scale=2)
