@@ -4,6 +4,8 @@ from_flax_cells / to_flax_cells. On the CPU this runs jaxdnn's XLA path; the cuD
 computes the same block (tests/test_rnn.py)."""
 from typing import Any
 
+import re
+
 import flax.linen as nn
 import jax
 from flax import nnx
@@ -11,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxdnn
 import jaxdnn.flax.nnx as jnnx
+from jaxdnn.rnn import RNNBlock
 from jaxdnn.flax.recurrent import GRU, LSTM, SimpleRNN, from_flax_cells, to_flax_cells
 
 CELLS = {"lstm": (LSTM, nn.OptimizedLSTMCell), "gru": (GRU, nn.GRUCell),
@@ -214,3 +218,57 @@ def test_gpu_cudnn_modules_match_flax(mode):
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.where(valid, got, 0), got, atol=0)
     np.testing.assert_allclose(gx_got, gx_want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_one_way_outputs_with_lengths_skip_the_lengths_path(mode):
+    """Unidirectional, outputs only: the modules run every sequence to the end and zero the
+    outputs past each end (no variable-length cuDNN call). The same outputs and gradients as
+    RNNBlock with the lengths, and Flax's within each sequence."""
+    x, stack, params, module, ours = _setup(mode, 2, False)
+    lengths = jnp.array([5, 2, 4], jnp.int32)
+    got = module.apply(ours, x, seq_lengths=lengths)
+    rnn = RNNBlock("float32", H, 2, mode)
+    w = ours["params"]["weights"]
+    hx = jnp.zeros((2, N, H))
+
+    def with_lengths(w, x):
+        out = rnn.apply(w, jnp.swapaxes(x, 0, 1), hx, hx if mode == "lstm" else None, lengths)
+        return jnp.swapaxes(out[0], 0, 1)
+
+    np.testing.assert_allclose(got, with_lengths(w, x), rtol=1e-6, atol=1e-6)
+    valid = (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[..., None]
+    np.testing.assert_array_equal(np.where(valid, 0, got), 0)
+    np.testing.assert_allclose(np.where(valid, got, 0),
+                               np.where(valid, stack.apply(params, x, seq_lengths=lengths), 0),
+                               rtol=2e-5, atol=2e-5)
+    loss = lambda y: jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape))
+    gw_got, gx_got = jax.grad(lambda w, x: loss(module.apply({"params": {"weights": w}}, x,
+                                                             seq_lengths=lengths)),
+                              argnums=(0, 1))(w, x)
+    gw_want, gx_want = jax.grad(lambda w, x: loss(with_lengths(w, x)), argnums=(0, 1))(w, x)
+    np.testing.assert_allclose(gx_got, gx_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw_got, gw_want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_way_outputs_with_lengths_lower_to_the_graph_safe_target(monkeypatch):
+    """On the cuDNN path (simulated here: the lowering needs no GPU) the same module call
+    lowers to jaxdnn_rnn_fwd, not to the host-lengths target; with return_carry it needs
+    the lengths' final states, so it takes the host-lengths target."""
+    from jaxdnn import _extension
+    from jaxdnn import rnn as rnn_module
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
+    monkeypatch.setattr(rnn_module, "temp_space_sizes",
+                        lambda *, training, **config: (64, 8 if training else 0))
+    x, _, _, module, ours = _setup("gru", 1, False)
+    lengths = jnp.array([5, 2, 4], jnp.int32)
+
+    def targets(module):
+        with jaxdnn.config.override(**{"dnn.enabled": True}):
+            text = jax.jit(lambda x, l: module.apply(ours, x, seq_lengths=l)).trace(
+                x, lengths).lower(lowering_platforms=("cuda",)).as_text()
+        return re.findall(r"custom_call @(jaxdnn_rnn_\w+)", text)
+
+    assert targets(module) == ["jaxdnn_rnn_fwd"]
+    assert targets(GRU(H, return_carry=True)) == ["jaxdnn_rnn_fwd_host_lengths"]

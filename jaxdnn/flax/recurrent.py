@@ -108,6 +108,14 @@ def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=
     if initial_carry is None:
         zeros = jnp.zeros(states, dtype)
         initial_carry = (zeros, zeros) if mode == "lstm" else zeros
+    valid = None
+    if seq_lengths is not None and not bidirectional and not return_carry:
+        # Only the outputs are wanted, and a one-way network's output at a step depends on
+        # the steps before it alone: running every sequence to the end and zeroing what
+        # lies past each end gives the same outputs and gradients, without the host copy
+        # of the lengths that cuDNN's variable-length calls need (jaxdnn/rnn.py).
+        valid = jnp.arange(x.shape[0])[:, None, None] < jnp.asarray(seq_lengths)[None, :, None]
+        seq_lengths = None
     if mode == "lstm":
         c0, h0 = initial_carry
         y, hy, cy = block.apply(weights.astype(dtype), x.astype(dtype), h0, c0,
@@ -116,6 +124,8 @@ def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=
     else:
         y, carry = block.apply(weights.astype(dtype), x.astype(dtype), initial_carry,
                                seq_lengths=seq_lengths)
+    if valid is not None:
+        y = jnp.where(valid, y, jnp.zeros((), y.dtype))
     outputs = y if time_major else jnp.swapaxes(y, 0, 1)
     return (carry, outputs) if return_carry else outputs
 
