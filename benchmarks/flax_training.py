@@ -110,33 +110,27 @@ class JaxdnnResNet(ResNet):
 
 # --- the LSTM language model --------------------------------------------------------------------
 
-class FlaxLM(nn.Module):
+class LM(nn.Module):
+    """Embed, a `layers`-deep LSTM, Dense: the LSTM as Flax's stack of nn.RNN cells
+    (cell_k) or, with `jaxdnn`, as one jaxdnn.flax.LSTM (one cuDNN block)."""
     vocab: int
     hidden: int
     layers: int = 2
+    jaxdnn: bool = False
 
     @nn.compact
     def __call__(self, tokens):
         x = nn.Embed(self.vocab, self.hidden)(tokens)
-        for k in range(self.layers):
-            x = nn.RNN(nn.OptimizedLSTMCell(self.hidden, name=f"cell_{k}"))(x)
-        return nn.Dense(self.vocab)(x)
-
-
-class JaxdnnLM(nn.Module):
-    vocab: int
-    hidden: int
-    layers: int = 2
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.hidden)(tokens)
-        x = jdflax.LSTM(hidden_size=self.hidden, num_layers=self.layers)(x)
+        if self.jaxdnn:
+            x = jdflax.LSTM(hidden_size=self.hidden, num_layers=self.layers)(x)
+        else:
+            for k in range(self.layers):
+                x = nn.RNN(nn.OptimizedLSTMCell(self.hidden, name=f"cell_{k}"))(x)
         return nn.Dense(self.vocab)(x)
 
 
 def _lm_params_for_jaxdnn(params: dict, hidden: int, layers: int) -> dict:
-    """FlaxLM's params as JaxdnnLM's: the Flax cells (cell_k) become one cuDNN block."""
+    """The Flax LM's params as the jaxdnn LM's: the Flax cells (cell_k) become one block."""
     cells = [params[f"cell_{k}"] for k in range(layers)]
     weights = jdflax.from_flax_cells("lstm", cells, hidden_size=hidden, num_layers=layers,
                                      input_dim=hidden)
@@ -229,8 +223,8 @@ def _lstm_lm(size: str):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, p["vocab"],
                                                            (p["batch"], p["length"])),
                          jnp.int32)
-    flax_model = FlaxLM(p["vocab"], p["hidden"])
-    jaxdnn_model = JaxdnnLM(p["vocab"], p["hidden"])
+    flax_model = LM(p["vocab"], p["hidden"])
+    jaxdnn_model = LM(p["vocab"], p["hidden"], jaxdnn=True)
     params, _ = _init(flax_model, tokens)
     converted = _lm_params_for_jaxdnn(params, p["hidden"], flax_model.layers)
     _check_same_tree(jaxdnn_model, tokens, {"params": converted})

@@ -89,6 +89,8 @@ struct RnnShape {
 
 // Everything a call needs, built once per (device, config, shape) and then only read.
 struct RnnDescriptors {
+  RnnConfig config;           // what they were built for
+  RnnShape shape;
   DropoutDescriptor dropout;  // dropout 0: cuDNN wants a descriptor all the same
   RnnDescriptor rnn;
   RnnDataDescriptor x, y;     // x and dx; y and dy
@@ -155,6 +157,8 @@ void MathFor(const RnnConfig& c, cudnnDataType_t type, cudnnDataType_t* precisio
 
 ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfig& c,
                             const RnnShape& s, RnnDescriptors* d) {
+  d->config = c;
+  d->shape = s;
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateDropoutDescriptor, &d->dropout));
   // Dropout 0 needs no random states (PyTorch's set_no_dropout does the same).
   JAXDNN_RETURN_IF_CUDNN_ERROR(
@@ -228,6 +232,16 @@ size_t ElementBytes(cudnnDataType_t type) {
   return type == CUDNN_DATA_DOUBLE ? 8 : type == CUDNN_DATA_FLOAT ? 4 : 2;
 }
 
+// Every length in [1, steps]: cuDNN's variable-length calls take no other.
+ffi::Error CheckLengths(const char* op, const int32_t* lengths, size_t count, int steps) {
+  for (size_t n = 0; n < count; ++n)
+    if (lengths[n] < 1 || lengths[n] > steps)
+      return InvalidArgument(op, "seq_lengths[" + std::to_string(n) + "] = " +
+                                     std::to_string(lengths[n]) + " is outside [1, " +
+                                     std::to_string(steps) + "]");
+  return ffi::Error::Success();
+}
+
 // ---- the handlers -------------------------------------------------------------------------
 
 // Pinned host memory for the lengths of the host-lengths targets, freed with the state.
@@ -244,7 +258,7 @@ struct RnnState {
   RnnConfig config;
   bool training = true;          // rnn_fwd: cuDNN's training mode (writes the reserve space)
   bool host_lengths = false;     // a *_host_lengths target
-  std::vector<int> static_lengths;  // lengths known at trace time (empty: all T, or dynamic)
+  std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
   DescriptorSlot<RnnDescriptors> descriptors;
   PinnedLengths lengths;         // dynamic lengths: allocated at initialize (N entries)
 
@@ -394,10 +408,9 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
     if (!state->static_lengths.empty()) {
       if (state->static_lengths.size() != static_cast<size_t>(batch))
         return InvalidArgument(op, "static_lengths must hold one length per sequence (N)");
-      for (int length : state->static_lengths)
-        if (length < 1 || length > steps)
-          return InvalidArgument(op, "static_lengths must lie in [1, T]");
-      shape.lengths = state->static_lengths;
+      JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->static_lengths.data(),
+                                          state->static_lengths.size(), shape.steps));
+      shape.lengths.assign(state->static_lengths.begin(), state->static_lengths.end());
     }
     for (const Buffer* b : extra.y_like)
       if (b->element_type() != in.x.element_type() ||
@@ -445,39 +458,24 @@ struct CallData {
 
 ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
                            const RnnDescriptors& d, const Buffer& seq_lengths, CallData* call) {
-  cudnnDataType_t type;
-  cudnnRNNDataLayout_t layout;
-  int steps = 0, batch = 0, input_size = 0, output_size = 0;
-  double fill = 0.0;
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnGetRNNDataDescriptor(d.x.get(), &type, &layout, &steps, &batch, &input_size, 0,
-                                    nullptr, &fill));
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnGetRNNDataDescriptor(d.y.get(), &type, &layout, &steps, &batch, &output_size, 0,
-                                    nullptr, &fill));
-  if (state->lengths.data == nullptr || state->lengths.size != static_cast<size_t>(batch))
+  const RnnShape& s = d.shape;
+  if (state->lengths.data == nullptr || state->lengths.size != static_cast<size_t>(s.batch))
     return ffi::Error::Internal(std::string("jaxdnn ") + op + ": host lengths buffer missing");
   // The one synchronization of these targets: cuDNN plans the call from host lengths.
   JAXDNN_RETURN_IF_CUDA_ERROR(
       op, cudaMemcpyAsync(state->lengths.data, seq_lengths.untyped_data(),
-                          sizeof(int32_t) * batch, cudaMemcpyDeviceToHost, stream));
+                          sizeof(int32_t) * s.batch, cudaMemcpyDeviceToHost, stream));
   JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaStreamSynchronize(stream));
-  for (int n = 0; n < batch; ++n) {
-    int32_t length = state->lengths.data[n];
-    if (length < 1 || length > steps)
-      return InvalidArgument(op, "seq_lengths[" + std::to_string(n) + "] = " +
-                                     std::to_string(length) + " is outside [1, " +
-                                     std::to_string(steps) + "]");
-  }
+  JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->lengths.data, state->lengths.size, s.steps));
   double zero = 0.0;
-  JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &call->own_x));
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(call->own_x.get(), type, layout, steps, batch, input_size,
-                                    state->lengths.data, &zero));
-  JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &call->own_y));
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(call->own_y.get(), type, layout, steps, batch, output_size,
-                                    state->lengths.data, &zero));
+  const int output_size = Directions(d.config) * d.config.hidden_size;
+  for (auto [own, size] : {std::pair{&call->own_x, s.input_size},
+                           std::pair{&call->own_y, output_size}}) {
+    JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, own));
+    JAXDNN_RETURN_IF_CUDNN_ERROR(
+        op, cudnnSetRNNDataDescriptor(own->get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
+                                      s.steps, s.batch, size, state->lengths.data, &zero));
+  }
   call->x = call->own_x.get();
   call->y = call->own_y.get();
   return ffi::Error::Success();
@@ -751,11 +749,7 @@ ffi::ErrorOr<RnnWeightLayout> RnnWeightParams(const RnnQuery& query) {
     std::shared_ptr<const RnnDescriptors> d;
     ffi::Error error = QueryDescriptors(op, query, 1, 1, &d);
     if (error.failure()) return ffi::Unexpected(std::move(error));
-    RnnConfig c;
-    (void)ParseConfig(op, query.mode, query.input_mode, query.algo, query.hidden_size,
-                      query.num_layers, query.bidirectional, query.allow_tf32, &c);
-    cudnnDataType_t type;
-    (void)DataTypeNamed(op, query.dtype, &type);
+    const RnnConfig& c = d->config;
     const int gates = c.cell == CUDNN_LSTM ? 4 : c.cell == CUDNN_GRU ? 3 : 1;
     int device = 0;
     cudaError_t status = cudaGetDevice(&device);
@@ -765,7 +759,7 @@ ffi::ErrorOr<RnnWeightLayout> RnnWeightParams(const RnnQuery& query) {
     RnnWeightLayout layout;
     layout.weight_bytes = static_cast<int64_t>(d->weight_bytes);
     error = AppendWeightParams(op, handle.get(), *d, c.num_layers * Directions(c), 2 * gates,
-                               ElementBytes(type), &layout.params);
+                               ElementBytes(d->shape.type), &layout.params);
     if (error.failure()) return ffi::Unexpected(std::move(error));
     return layout;
   });

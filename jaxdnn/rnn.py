@@ -113,14 +113,14 @@ DIRECTION_MODES = ("unidirectional", "bidirectional")
 # ---- trace-time sizes from cuDNN ----------------------------------------------------------
 
 def temp_space_sizes(*, mode: str, input_mode: str, algo: str, hidden_size: int,
-                     num_layers: int, bidirectional: bool, variable_lengths: bool,
-                     allow_tf32: bool, dtype: str, max_seq_length: int, batch_size: int,
-                     input_dim: int, training: bool) -> tuple[int, int]:
+                     num_layers: int, bidirectional: bool, allow_tf32: bool, dtype: str,
+                     max_seq_length: int, batch_size: int, input_dim: int,
+                     training: bool) -> tuple[int, int]:
     """(workspace, reserve) bytes that cudnnGetRNNTempSpaceSizes gives one configuration
     (data descriptors of max_seq_length x batch_size, every length max_seq_length, as the
     handlers build them), asked of the extension once per configuration (it needs a GPU).
-    The reserve is 0 unless `training`."""
-    del variable_lengths  # the handlers' descriptors do not depend on it
+    The reserve is 0 unless `training`. Calls with shorter lengths get the same sizes
+    (full-length sequences are the longest; the GPU tests run variable lengths with them)."""
     return _query_temp_space_sizes(
         mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
         num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=bool(allow_tf32),
@@ -187,7 +187,9 @@ class _Config(NamedTuple):
     impl: str
 
 
-_SIZE_KEYS = tuple(k for k in _Config._fields if k not in ("impl", "static_lengths"))
+# What the sizes depend on: not the lengths (sized for full-length sequences).
+_SIZE_KEYS = tuple(k for k in _Config._fields
+                   if k not in ("impl", "variable_lengths", "static_lengths"))
 
 
 def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:
