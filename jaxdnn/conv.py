@@ -346,6 +346,38 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
     return params, out_shape
 
 
+# Channels-first convolutions of these data types run on cuDNN as channels-last ones: the
+# image (and output gradient) is transposed to NHWC in front of the call and the result
+# back, as XLA's own layout assignment does for its convolutions, and the kernels reach
+# cuDNN as (K, spatial..., C). Measured on an H200 inside one program (BENCHMARKS.md,
+# benchmarks/in_program.py, which times both routes): cuDNN's channels-first engines ran
+# at 0.67-0.83x of XLA's (which transposes too) in bfloat16 and down to 0.84x in float32;
+# through the transposes none was slower than 1.06x XLA's (the float32 stem 7x7/2 alone
+# lost, 10% of its forward+backward, against its own channels-first run). Pointwise (1x1)
+# kernels keep the image's layout: channels-first they are one matrix product per image,
+# and the transposes cost them 2.2-2.7x.
+CHANNELS_LAST_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+
+
+def _channels_last_params(params: dict, dtype, kerns_shape) -> dict | None:
+    """The parameters of the channels-last call that serves a channels-first one on the
+    cuDNN path, or None where the call keeps its layout."""
+    layout = params["layout"]
+    if (params["impl"] != "cudnn" or is_channels_last(layout)
+            or jnp.dtype(dtype).name not in CHANNELS_LAST_DTYPES
+            or all(k == 1 for k in kerns_shape[2:])):
+        return None
+    return dict(params, layout=CHANNELS_LAST[len(layout)])
+
+
+def _to_channels_last(x):
+    return jnp.moveaxis(x, 1, -1)
+
+
+def _to_channels_first(x):
+    return jnp.moveaxis(x, -1, 1)
+
+
 def _kernels_for(kerns, layout: str):
     """The primitives take kernels in the image's layout: channels-last images get
     (K, spatial..., C/groups) kernels, the order cuDNN's fastest NHWC engines read (given
@@ -399,6 +431,11 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
         workmem=workmem, ranks=_ranks)
+    routed = _channels_last_params(params, jnp.result_type(img), jnp.shape(kerns))
+    if routed is not None:
+        out = conv_fwd_p.bind(_to_channels_last(img), _kernels_for(kerns, routed["layout"]),
+                              **routed)
+        return _to_channels_first(out)
     return conv_fwd_p.bind(img, _kernels_for(kerns, params["layout"]), **params)
 
 
@@ -426,6 +463,12 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution of an image of shape img_shp={img_shape} gives {out_shape}")
+    routed = _channels_last_params(params, jnp.result_type(kerns), jnp.shape(kerns))
+    if routed is not None:
+        last_shape = (img_shape[0], *img_shape[2:], img_shape[1])
+        dimg = conv_bwd_data_p.bind(_kernels_for(kerns, routed["layout"]),
+                                    _to_channels_last(topgrad), img_shape=last_shape, **routed)
+        return _to_channels_first(dimg)
     return conv_bwd_data_p.bind(_kernels_for(kerns, params["layout"]), topgrad,
                                 img_shape=img_shape, **params)
 
@@ -445,6 +488,10 @@ def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution with kerns_shp={kerns_shape} gives {out_shape}")
+    routed = _channels_last_params(params, jnp.result_type(img), kerns_shape)
+    if routed is not None:
+        params = routed
+        img, topgrad = _to_channels_last(img), _to_channels_last(topgrad)
     layout = params["layout"]
     dkerns = conv_bwd_filter_p.bind(img, topgrad,
                                     kerns_shape=reference.kernel_shape_for(kerns_shape, layout),

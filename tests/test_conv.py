@@ -1153,21 +1153,27 @@ def test_gpu_check_grads(rng, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)])
-def test_gpu_vmap(rng, in_axes):
-    case = Case("2d-half-d2-g2", "channels_last", GPU_CONFIGS["2d-half-d2-g2"])
+# bfloat16 channels-first images run through channels-last cuDNN calls
+# (jaxdnn.conv.CHANNELS_LAST_DTYPES): batching must fold into that route too.
+@pytest.mark.parametrize("layout,dtype", [("channels_last", "float32"),
+                                          ("channels_first", "bfloat16")])
+def test_gpu_vmap(rng, in_axes, layout, dtype):
+    case = Case("2d-half-d2-g2", layout, GPU_CONFIGS["2d-half-d2-g2"])
     b = 3
     ax, aw = in_axes
     x = rng.standard_normal(case.img_shape) if ax is None else _stack(rng, case.img_shape, b, ax)
     w = rng.standard_normal(case.kern_shape) if aw is None else _stack(rng, case.kern_shape, b, aw)
-    with _ctx_for("float32"):
-        ys = to_f64(jax.jit(jax.vmap(case.conv(), in_axes=in_axes))(
-            jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)))
+    with _ctx_for(dtype):
+        f = jax.jit(jax.vmap(case.conv(), in_axes=in_axes))
+        xs, ws = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+        assert "custom_call @jaxdnn_conv_fwd" in f.lower(xs, ws).as_text()
+        ys = to_f64(f(xs, ws))
     for i in range(b):
         xi = x if ax is None else np.take(x, i, axis=ax)
         wi = w if aw is None else np.take(w, i, axis=aw)
-        xi = to_f64(jnp.asarray(xi, jnp.float32))
-        wi = to_f64(jnp.asarray(wi, jnp.float32))
-        assert_close(ys[i], case.ref_conv(xi, wi), "float32")
+        xi = to_f64(jnp.asarray(xi, dtype))
+        wi = to_f64(jnp.asarray(wi, dtype))
+        assert_close(ys[i], case.ref_conv(xi, wi), dtype)
 
 
 @pytest.mark.gpu

@@ -163,7 +163,8 @@ def test_convolution_passes_attributes_and_workspace(cudnn_forced):
     for expected in ["pre_padding = dense<[1, 2]> : tensor<2xi64>",
                      "post_padding = dense<[1, 2]> : tensor<2xi64>",
                      "strides = dense<[2, 1]> : tensor<2xi64>", "dilation = dense<1> : tensor<2xi64>",
-                     "flip = 0 : i64", 'layout = "NCHW"', 'compute_dtype = "float32"',
+                     # channels-first images reach cuDNN channels-last (CHANNELS_LAST_DTYPES)
+                     "flip = 0 : i64", 'layout = "NHWC"', 'compute_dtype = "float32"',
                      'algo = "small"', "deterministic = 0 : i64", "allow_tf32 = 1 : i64"]:
         assert expected in attrs, expected
     # The workspace: the 64 MiB granted to 'small', as a trailing u8 result.
@@ -198,6 +199,36 @@ def test_convolution_1d_and_3d_channels_last_lower_to_cudnn(cudnn_forced):
     x, w = jnp.ones((1, 4, 4, 4, 2), jnp.float32), jnp.ones((3, 2, 2, 2, 2), jnp.float32)
     text = cuda_hlo(lambda x, w: jaxdnn.dnn_conv3d(x, w, data_format="NDHWC"), x, w)
     assert 'layout = "NDHWC"' in text and "tensor<1x3x3x3x3xf32>" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_channels_first_convolutions_run_channels_last(dtype, cudnn_forced):
+    # jaxdnn.conv.CHANNELS_LAST_DTYPES: every pass of an NCHW convolution reaches cuDNN as
+    # NHWC (image and output gradient transposed, kernels (K, R, S, C)).
+    x, w = jnp.ones((2, 4, 9, 7), dtype), jnp.ones((6, 4, 3, 5), dtype)
+    f = lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half").astype(jnp.float32).sum()
+    calls = custom_calls(cuda_hlo(f, x, w))
+    assert [c[0] for c in calls] == ["jaxdnn_conv_fwd"] and 'layout = "NHWC"' in calls[0][1]
+    text = cuda_hlo(jax.grad(f, (0, 1)), x, w)
+    calls = custom_calls(text)
+    assert sorted(c[0] for c in calls) == ["jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter"]
+    assert all('layout = "NHWC"' in c[1] for c in calls)
+    name = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[dtype]
+    assert f"tensor<6x3x5x4x{name}>" in text  # kernels (K, R, S, C)
+    # The public backward passes take the same route.
+    gi = cuda_hlo(lambda w, dy: jaxdnn.dnn_gradinput(w, dy, x.shape, border_mode="half"),
+                  w, jnp.ones((2, 6, 9, 7), dtype))
+    gw = cuda_hlo(lambda x, dy: jaxdnn.dnn_gradweight(x, dy, w.shape, border_mode="half"),
+                  x, jnp.ones((2, 6, 9, 7), dtype))
+    for text in (gi, gw):
+        ((_, attrs),) = custom_calls(text)
+        assert 'layout = "NHWC"' in attrs
+    # Pointwise kernels keep the image's layout, in every pass.
+    w1 = jnp.ones((6, 4, 1, 1), dtype)
+    text = cuda_hlo(jax.grad(lambda x, w: jaxdnn.dnn_conv(x, w).astype(jnp.float32).sum(),
+                             (0, 1)), x, w1)
+    calls = custom_calls(text)
+    assert len(calls) == 2 and all('layout = "NCHW"' in c[1] for c in calls)
 
 
 def test_auto_convolution_takes_cudnn_in_both_layouts():
