@@ -45,7 +45,7 @@ def replicate(fn, copies: int):
 def copies_of(args: tuple, copies: int) -> tuple:
     """`copies` distinct device copies of `args` (a different buffer each time, so no two
     applications of the op read the same memory from cache or are merged by XLA)."""
-    return tuple(tuple(jnp.array(a, copy=True) + jnp.zeros((), a.dtype) for a in args)
+    return tuple(tuple(jnp.array(a, copy=True) for a in args)
                  for _ in range(copies))
 
 
@@ -153,7 +153,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     (out_dir / "in_program.md").write_text(text + "\n")
-    (out_dir / "in_program.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out_dir / "in_program.json").write_text(json.dumps(
+        {"device": device, "date": date, "copies": args.copies, "rows": rows}, indent=1,
+        default=str))
     return 0
 
 

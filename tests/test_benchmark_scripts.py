@@ -1,5 +1,5 @@
-"""The GPU benchmark scripts benchmarks/rnn_peers.py and benchmarks/flax_training.py run end
-to end at their small size (on the CPU: jaxdnn's XLA path, Flax; the GPU-only peers
+"""The GPU benchmark scripts benchmarks/rnn_peers.py, benchmarks/flax_training.py and
+benchmarks/in_program.py run end to end at their small size (on the CPU: jaxdnn's XLA path, Flax; the GPU-only peers
 recorded with a reason) and write their JSON and Markdown results."""
 import importlib
 import json
@@ -79,3 +79,44 @@ def test_flax_training_small(tmp_path, script):
     assert rows["cnn"]["dtype"] == "bfloat16" and rows["lstm_lm"]["dtype"] == "float32"
     assert rows["lstm_lm"]["target"] in ("met", "missed")
     assert "| model | shape | dtype | Flax ms/step |" in markdown
+
+
+def test_in_program_replicates_the_op_on_distinct_buffers(script):
+    in_program = script("in_program")
+    import jax.numpy as jnp
+    import numpy as np
+    args = (jnp.arange(6.0).reshape(2, 3), jnp.ones(3))
+    groups = in_program.copies_of(args, 3)
+    assert len(groups) == 3 and all(len(g) == 2 for g in groups)
+    # six distinct buffers, none of them the originals'
+    pointers = {a.unsafe_buffer_pointer() for g in groups for a in g}
+    assert len(pointers) == 6 and not pointers & {a.unsafe_buffer_pointer() for a in args}
+    for group in groups:
+        for copy, original in zip(group, args):
+            np.testing.assert_array_equal(copy, original)
+    outs = jax.jit(in_program.replicate(lambda x, y: x * y, 3))(*groups)
+    assert len(outs) == 3
+    for out in outs:
+        np.testing.assert_array_equal(out, np.arange(6.0).reshape(2, 3))
+
+
+def test_in_program_small(tmp_path, script):
+    in_program = script("in_program")
+    argv = [str(tmp_path), "--size", "small", "--ops", "conv", "pool", "--copies", "2",
+            "--repeats", "1", "--calls", "1", "--no-torch"]
+    assert in_program.main(argv) == 0
+    data, markdown = _outputs(tmp_path, "in_program")
+    from jaxdnn import bench
+    cases = bench.cases("small", ["conv", "pool"])
+    rows = data["rows"]
+    assert [(r["case"], r["pass"]) for r in rows] == [
+        (c.label, p) for c in cases for p in bench.PASSES]
+    assert data["copies"] == 2
+    for row, (case, _) in zip(rows, [(c, p) for c in cases for p in bench.PASSES]):
+        assert _positive(row["jaxdnn_ms"]) and _positive(row["xla_ms"]), row
+        assert row["torch_ms"] is None and row["jaxdnn_call_ms"] is None
+        assert math.isclose(row["vs_xla"], row["xla_ms"] / row["jaxdnn_ms"])
+        # the other layout route is timed for channels-first convolutions only
+        channels_first_conv = case.op == "conv" and not case.layout.endswith("C")
+        assert _positive(row["other_route_ms"]) == channels_first_conv, row
+    assert "geomean all: vs XLA" in markdown and rows[0]["case"] in markdown
