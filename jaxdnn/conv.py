@@ -13,6 +13,8 @@ conv_dgrad, conv_wgrad), each with a trailing u8 workspace result sized here by
 `_workspace_bytes` (DESIGN.md rule 4); cuDNN considers only plans that fit it. Where cuDNN
 has no engine for the data type / compute type pair (float32 data computed in float64,
 say) the call takes the XLA path (jaxdnn/reference/conv.py), as it does elsewhere.
+Channels-first images (but for 1x1 kernels) reach cuDNN channels-last, transposed around
+the call as XLA's own layout assignment does (CHANNELS_LAST_DTYPES says why).
 """
 from __future__ import annotations
 
