@@ -354,8 +354,8 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
 # cuDNN as (K, spatial..., C). Measured on an H200 inside one program (BENCHMARKS.md,
 # benchmarks/in_program.py, which times both routes): cuDNN's channels-first engines ran
 # at 0.67-0.83x of XLA's (which transposes too) in bfloat16 and down to 0.84x in float32;
-# through the transposes none was slower than 1.06x XLA's (the float32 stem 7x7/2 alone
-# lost, 10% of its forward+backward, against its own channels-first run). Pointwise (1x1)
+# through the transposes none was slower than 1.06x XLA's (only the float32 stem 7x7/2
+# forward+backward lost, 10%, against its own channels-first run). Pointwise (1x1)
 # kernels keep the image's layout: channels-first they are one matrix product per image,
 # and the transposes cost them 2.2-2.7x.
 CHANNELS_LAST_DTYPES = frozenset({"float16", "bfloat16", "float32"})

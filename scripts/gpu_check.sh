@@ -7,8 +7,9 @@
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
-# graphs bench rnnbench flaxbench inprogram examples") picks which stages run; "alltests" runs the
-# whole suite on the GPU too (the CPU tests then exercise jaxdnn's default path there).
+# graphs bench rnnbench flaxbench inprogram examples") picks which stages run;
+# "alltests" runs the whole suite on the GPU too (the CPU tests then exercise jaxdnn's
+# default path there).
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage.

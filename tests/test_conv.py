@@ -1153,7 +1153,7 @@ def test_gpu_check_grads(rng, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)])
-# bfloat16 channels-first images run through channels-last cuDNN calls
+# Channels-first images run through channels-last cuDNN calls
 # (jaxdnn.conv.CHANNELS_LAST_DTYPES): batching must fold into that route too.
 @pytest.mark.parametrize("layout,dtype", [("channels_last", "float32"),
                                           ("channels_first", "bfloat16")])
