@@ -57,8 +57,10 @@ def time_in_program_ms(fn, args: tuple, copies: int, repeats: int, calls: int) -
 def _other_route_ms(case, fn, fn_args, args) -> float | None:
     """For a channels-first convolution: the in-program time of jaxdnn on the other route
     than jaxdnn.conv's policy for its dtype (channels-last through transposes, or the
-    image's own layout), which is how that policy was chosen. None for other cases."""
-    if case.op != "conv" or case.layout.endswith("C"):
+    image's own layout), which is how that policy was chosen. None for other cases, and
+    for pointwise kernels, which keep their layout whatever the policy."""
+    if (case.op != "conv" or case.layout.endswith("C")
+            or all(k == 1 for k in case.operands[0][0][2:])):
         return None
     default = jaxdnn.conv.CHANNELS_LAST_DTYPES
     try:
