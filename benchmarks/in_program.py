@@ -32,6 +32,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jaxdnn  # noqa: E402
 from jaxdnn import bench  # noqa: E402
+from jaxdnn.layout import is_channels_last  # noqa: E402
 
 
 def replicate(fn, copies: int):
@@ -59,8 +60,8 @@ def _other_route_ms(case, fn, fn_args, args) -> float | None:
     than jaxdnn.conv's policy for its dtype (channels-last through transposes, or the
     image's own layout), which is how that policy was chosen. None for other cases, and
     for pointwise kernels, which keep their layout whatever the policy."""
-    if (case.op != "conv" or case.layout.endswith("C")
-            or all(k == 1 for k in case.operands[0][0][2:])):
+    if (case.op != "conv" or is_channels_last(case.layout)
+            or jaxdnn.conv._pointwise(case.operands[0][0])):
         return None
     default = jaxdnn.conv.CHANNELS_LAST_DTYPES
     try:

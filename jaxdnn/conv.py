@@ -361,13 +361,18 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
 CHANNELS_LAST_DTYPES = frozenset({"float16", "bfloat16", "float32"})
 
 
+def _pointwise(kerns_shape) -> bool:
+    """1x1 kernels: they keep the image's layout (see CHANNELS_LAST_DTYPES)."""
+    return all(k == 1 for k in kerns_shape[2:])
+
+
 def _channels_last_params(params: dict, dtype, kerns_shape) -> dict | None:
     """The parameters of the channels-last call that serves a channels-first one on the
     cuDNN path, or None where the call keeps its layout."""
     layout = params["layout"]
     if (params["impl"] != "cudnn" or is_channels_last(layout)
             or jnp.dtype(dtype).name not in CHANNELS_LAST_DTYPES
-            or all(k == 1 for k in kerns_shape[2:])):
+            or _pointwise(kerns_shape)):
         return None
     return dict(params, layout=CHANNELS_LAST[len(layout)])
 
