@@ -29,8 +29,8 @@
 //                               built once at initialize and execute only launches; known
 //                               only to the device, execute copies them to pinned host
 //                               memory, synchronizes the stream, checks them (each in
-//                               [1, T]) and builds the data descriptors for them (host
-//                               calls only). Neither is declared command-buffer compatible:
+//                               [1, T]) and sets the state's own data descriptors to
+//                               them (host calls only). Neither is declared command-buffer compatible:
 //                               the sync cannot run inside a capture, and cuDNN's
 //                               variable-length calls failed inside CUDA graphs on an H200
 //                               even with static lengths.
@@ -261,6 +261,10 @@ struct RnnState {
   std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
   DescriptorSlot<RnnDescriptors> descriptors;
   PinnedLengths lengths;         // dynamic lengths: allocated at initialize (N entries)
+  // Dynamic lengths: x's and y's data descriptors, created at initialize and set to each
+  // call's lengths (cuDNN reads them on the host during the call, which returns before
+  // the next call of this state re-sets them).
+  RnnDataDescriptor call_x, call_y;
 
   // Lengths only the device knows: copied to the host at every execute.
   bool dynamic_lengths() const { return host_lengths && static_lengths.empty(); }
@@ -443,24 +447,26 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
       JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMallocHost(&pinned, sizeof(int32_t) * shape.batch));
       state->lengths.data = static_cast<int32_t*>(pinned);
       state->lengths.size = static_cast<size_t>(shape.batch);
+      JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_x));
+      JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_y));
     }
     state->descriptors.Set(std::move(d));
     return ffi::Error::Success();
   });
 }
 
-// The data descriptors of one call: the shared ones, or for a host-lengths target, ones
-// built for this call's lengths.
+// The data descriptors of one call: the shared ones, or for dynamic lengths the state's
+// own, set to this call's lengths.
 struct CallData {
   cudnnRNNDataDescriptor_t x = nullptr, y = nullptr;
-  RnnDataDescriptor own_x, own_y;
 };
 
 ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
                            const RnnDescriptors& d, const Buffer& seq_lengths, CallData* call) {
   const RnnShape& s = d.shape;
-  if (state->lengths.data == nullptr || state->lengths.size != static_cast<size_t>(s.batch))
-    return ffi::Error::Internal(std::string("jaxdnn ") + op + ": host lengths buffer missing");
+  if (state->lengths.data == nullptr || state->lengths.size != static_cast<size_t>(s.batch) ||
+      state->call_x.get() == nullptr || state->call_y.get() == nullptr)
+    return ffi::Error::Internal(std::string("jaxdnn ") + op + ": host lengths buffers missing");
   // The one synchronization of these targets: cuDNN plans the call from host lengths.
   JAXDNN_RETURN_IF_CUDA_ERROR(
       op, cudaMemcpyAsync(state->lengths.data, seq_lengths.untyped_data(),
@@ -469,15 +475,14 @@ ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
   JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->lengths.data, state->lengths.size, s.steps));
   double zero = 0.0;
   const int output_size = Directions(d.config) * d.config.hidden_size;
-  for (auto [own, size] : {std::pair{&call->own_x, s.input_size},
-                           std::pair{&call->own_y, output_size}}) {
-    JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, own));
+  for (auto [data, size] : {std::pair{state->call_x.get(), s.input_size},
+                            std::pair{state->call_y.get(), output_size}}) {
     JAXDNN_RETURN_IF_CUDNN_ERROR(
-        op, cudnnSetRNNDataDescriptor(own->get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
+        op, cudnnSetRNNDataDescriptor(data, s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
                                       s.steps, s.batch, size, state->lengths.data, &zero));
   }
-  call->x = call->own_x.get();
-  call->y = call->own_y.get();
+  call->x = state->call_x.get();
+  call->y = state->call_y.get();
   return ffi::Error::Success();
 }
 

@@ -45,7 +45,7 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
     vector is its own compiled call). Lengths given as jax arrays (traced under jit, or
     living on the device) are copied to the host by each execute, which synchronizes the
     stream (once per call: three times per training step), checks them (each in [1, T],
-    else an error) and builds the data descriptors for them. This is the documented cost
+    else an error) and sets the call's data descriptors to them. This is the documented cost
     of lengths only the device knows: where dispatch must stay asynchronous, pass the
     lengths as NumPy values (e.g. one compiled step per bucket of lengths) or pad to
     equal lengths.
