@@ -12,13 +12,23 @@ the op to K independent inputs (distinct buffers, so XLA can neither merge nor s
 of them) and the time per op is the program's time divided by K. PyTorch runs the same
 K back-to-back calls between CUDA events. All peers run in one process on one card.
 
+A program's time is taken in a steady stream of programs (`bench.steady_time_ms`: the
+difference between runs of 2n and n programs), so that what a run pays once, the first
+dispatch before the GPU starts and the wait for the last result, drops out of the JAX
+sides as CUDA events leave it out of PyTorch's. The "run" columns keep the simpler
+timing (n programs from the first dispatch to the last result, divided by n), which
+charges that once-per-run cost to the JAX sides alone: 4-35 us per op on an H200
+(BENCHMARKS.md, session 5).
+
     python benchmarks/in_program.py [OUT_DIR] [--ops conv pool] [--copies 8]
+                                    [--match tconv] [--dtype float32] [--pass fwd]
 
 writes OUT_DIR/in_program.{md,json} and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -50,25 +60,53 @@ def copies_of(args: tuple, copies: int) -> tuple:
                  for _ in range(copies))
 
 
-def time_in_program_ms(fn, args: tuple, copies: int, repeats: int, calls: int) -> float:
+def time_in_program_ms(fn, args: tuple, copies: int, repeats: int, calls: int,
+                       timer=bench.steady_time_ms) -> float:
     groups = copies_of(args, copies)
-    return bench.time_ms(jax.jit(replicate(fn, copies)), groups, repeats, calls) / copies
+    return timer(jax.jit(replicate(fn, copies)), groups, repeats, calls) / copies
 
 
-def _other_route_ms(case, fn, fn_args, args) -> float | None:
-    """For a channels-first convolution: the in-program time of jaxdnn on the other route
-    than jaxdnn.conv's policy for its dtype (channels-last through transposes, or the
-    image's own layout), which is how that policy was chosen. None for other cases, and
-    for pointwise kernels, which keep their layout whatever the policy."""
-    if (case.op != "conv" or is_channels_last(case.layout)
-            or jaxdnn.conv._pointwise(case.operands[0][0])):
-        return None
+def add_case_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--match", default="", help="a substring of the case labels")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--layout", default=None)
+    parser.add_argument("--pass", dest="pass_", choices=bench.PASSES, default=None)
+
+
+def selected(cases, args):
+    """(case, pass) pairs that the filters of add_case_filters let through."""
+    return [(case, pass_) for case in cases for pass_ in bench.PASSES
+            if args.match in case.label and args.dtype in (None, case.dtype)
+            and args.layout in (None, case.layout) and args.pass_ in (None, pass_)]
+
+
+def has_other_route(case) -> bool:
+    """Whether jaxdnn.conv's route policy decides this case: a channels-first convolution
+    with kernels larger than 1x1 (pointwise kernels keep their layout whatever the
+    policy)."""
+    return (case.op == "conv" and not is_channels_last(case.layout)
+            and not jaxdnn.conv._pointwise(case.operands[0][0]))
+
+
+@contextlib.contextmanager
+def other_route(case):
+    """Within: jaxdnn takes the route its policy does not take for the case's dtype
+    (channels-last through transposes, or the image's own layout), for functions traced
+    there. How that policy was chosen."""
     default = jaxdnn.conv.CHANNELS_LAST_DTYPES
     try:
         jaxdnn.conv.CHANNELS_LAST_DTYPES = default ^ {case.dtype}
-        return time_in_program_ms(fn, fn_args, args.copies, args.repeats, args.calls)
+        yield
     finally:
         jaxdnn.conv.CHANNELS_LAST_DTYPES = default
+
+
+def _other_route_ms(case, fn, fn_args, args) -> float | None:
+    """The in-program time of jaxdnn on the other route, None where there is none."""
+    if not has_other_route(case):
+        return None
+    with other_route(case):
+        return time_in_program_ms(fn, fn_args, args.copies, args.repeats, args.calls)
 
 
 def _conv_flags() -> str:
@@ -89,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5)
+    add_case_filters(parser)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--per-call", action="store_true",
                         help="also time one jitted call at a time, as jaxdnn bench does")
@@ -107,46 +146,48 @@ def main(argv=None) -> int:
         except ImportError:
             torch_peer = None
     rows = []
-    selected = bench.cases(size, args.ops)
-    for number, case in enumerate(selected):
-        for pass_ in bench.PASSES:
-            jaxdnn_fn, xla_fn, fn_args = bench.build(case, pass_)
-            row = {"case": case.label, "pass": pass_, "dtype": case.dtype,
-                   "layout": case.layout,
-                   "path": bench.lowered_path(jaxdnn_fn, fn_args)}
-            for name, fn in (("jaxdnn", jaxdnn_fn), ("xla", xla_fn)):
-                row[f"{name}_call_ms"] = (bench.time_ms(jax.jit(fn), fn_args, args.repeats,
-                                                        args.calls * args.copies)
-                                          if args.per_call else None)
-                row[f"{name}_ms"] = time_in_program_ms(fn, fn_args, args.copies,
-                                                       args.repeats, args.calls)
-            row["other_route_ms"] = _other_route_ms(case, jaxdnn_fn, fn_args, args)
-            row["torch_ms"] = None
-            if torch_peer is not None:
-                try:
-                    row["torch_ms"] = torch_peer.time_case(case, pass_, args.repeats,
-                                                           args.calls * args.copies)
-                except (KeyError, NotImplementedError):
-                    pass
-            peers = [v for v in (row["xla_ms"], row["torch_ms"]) if v]
-            row["vs_xla"] = row["xla_ms"] / row["jaxdnn_ms"]
-            row["vs_best"] = min(peers) / row["jaxdnn_ms"]
-            rows.append(row)
-            print(f"[{number + 1}/{len(selected)}] {case.label} {case.dtype} {case.layout} "
-                  f"{pass_}: " + ", ".join(f"{key} {bench._ms(value)}" for key, value in row.items()
-                                           if key.endswith("_ms")), flush=True)
+    chosen_cases = selected(bench.cases(size, args.ops), args)
+    for number, (case, pass_) in enumerate(chosen_cases):
+        jaxdnn_fn, xla_fn, fn_args = bench.build(case, pass_)
+        row = {"case": case.label, "pass": pass_, "dtype": case.dtype, "layout": case.layout,
+               "path": bench.lowered_path(jaxdnn_fn, fn_args)}
+        for name, fn in (("jaxdnn", jaxdnn_fn), ("xla", xla_fn)):
+            row[f"{name}_call_ms"] = (bench.time_ms(jax.jit(fn), fn_args, args.repeats,
+                                                    args.calls * args.copies)
+                                      if args.per_call else None)
+            row[f"{name}_ms"] = time_in_program_ms(fn, fn_args, args.copies, args.repeats,
+                                                   args.calls)
+            row[f"{name}_run_ms"] = time_in_program_ms(fn, fn_args, args.copies, args.repeats,
+                                                       args.calls, timer=bench.time_ms)
+        row["other_route_ms"] = _other_route_ms(case, jaxdnn_fn, fn_args, args)
+        row["torch_ms"] = None
+        if torch_peer is not None:
+            try:
+                row["torch_ms"] = torch_peer.time_case(case, pass_, args.repeats,
+                                                       args.calls * args.copies)
+            except (KeyError, NotImplementedError):
+                pass
+        peers = [v for v in (row["xla_ms"], row["torch_ms"]) if v]
+        row["vs_xla"] = row["xla_ms"] / row["jaxdnn_ms"]
+        row["vs_best"] = min(peers) / row["jaxdnn_ms"]
+        rows.append(row)
+        print(f"[{number + 1}/{len(chosen_cases)}] {case.label} {case.dtype} {case.layout} "
+              f"{pass_}: " + ", ".join(f"{key} {bench._ms(value)}" for key, value in row.items()
+                                       if key.endswith("_ms")), flush=True)
     device = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
     header = ("| case | pass | dtype | layout | jaxdnn ms | XLA ms | PyTorch ms | vs XLA | "
-              "vs faster peer | jaxdnn per-call ms | XLA per-call ms | jaxdnn other route ms |")
+              "vs faster peer | jaxdnn run ms | XLA run ms | jaxdnn per-call ms | "
+              "XLA per-call ms | jaxdnn other route ms |")
     lines = [f"{device}, {date}, jax {jax.__version__}, jaxdnn {jaxdnn.__version__}, "
              f"{args.copies} copies per program, flags {_conv_flags()}", "",
-             header, "|" + "---|" * 12]
+             header, "|" + "---|" * 14]
     fmt = bench._ms
     for r in rows:
         lines.append(f"| {r['case']} | {r['pass']} | {r['dtype']} | {r['layout']} | "
                      f"{fmt(r['jaxdnn_ms'])} | {fmt(r['xla_ms'])} | {fmt(r['torch_ms'])} | "
-                     f"{r['vs_xla']:.2f}x | {r['vs_best']:.2f}x | {fmt(r['jaxdnn_call_ms'])} | "
+                     f"{r['vs_xla']:.2f}x | {r['vs_best']:.2f}x | {fmt(r['jaxdnn_run_ms'])} | "
+                     f"{fmt(r['xla_run_ms'])} | {fmt(r['jaxdnn_call_ms'])} | "
                      f"{fmt(r['xla_call_ms'])} | {fmt(r['other_route_ms'])} |")
     for pass_ in (*bench.PASSES, None):
         chosen = [r for r in rows if pass_ in (None, r["pass"])]

@@ -149,7 +149,9 @@ _FORWARDS = {"softmax": _softmax, "pool": _pool, "conv": _conv, "batchnorm": _ba
              "stn": _stn}
 
 
-def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
+def step_for(case: bench.Case, pass_: str):
+    """One application of the case's pass (forward, or forward and the gradients of every
+    input), a function of nothing, on the case's inputs."""
     import torch
     forward = _FORWARDS[case.op](case)
     inputs = _inputs(case)
@@ -165,7 +167,11 @@ def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
         def step():
             y = forward(*inputs)
             return y, torch.autograd.grad(y, inputs, cotangent)
-    return time_torch_ms(step, repeats, calls)
+    return step
+
+
+def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
+    return time_torch_ms(step_for(case, pass_), repeats, calls)
 
 
 def run(cases, repeats: int = 5, calls: int = bench.CALLS["full"], progress=None) -> list[dict]:

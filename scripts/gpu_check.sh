@@ -12,7 +12,7 @@
 # default path there).
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
-# the inprogram stage.
+# the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
@@ -59,6 +59,10 @@ run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # PyTorch; convolutions with time_once on all three passes, as issue 3's targets ask.
 run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
+# Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per
+# application of the cases KERNEL_TIMES_ARGS picks (benchmarks/kernel_times.py options).
+run_stage kerneltimes env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
+  "$PYTHON" benchmarks/kernel_times.py "$LOG_DIR" ${KERNEL_TIMES_ARGS:-}
 # The worked examples, in full, on the GPU.
 examples() {
   time "$PYTHON" examples/stn_digits.py && time "$PYTHON" examples/sequence_model.py

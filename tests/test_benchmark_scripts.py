@@ -1,6 +1,8 @@
 """The GPU benchmark scripts benchmarks/rnn_peers.py, benchmarks/flax_training.py and
-benchmarks/in_program.py run end to end at their small size (on the CPU: jaxdnn's XLA path, Flax; the GPU-only peers
-recorded with a reason) and write their JSON and Markdown results."""
+benchmarks/in_program.py run end to end at their small size (on the CPU: jaxdnn's XLA
+path, Flax; the GPU-only peers recorded with a reason) and write their JSON and Markdown
+results; the timing and trace-reading helpers they and benchmarks/kernel_times.py share
+compute what they say."""
 import importlib
 import json
 import math
@@ -113,7 +115,8 @@ def test_in_program_small(tmp_path, script):
         (c.label, p) for c in cases for p in bench.PASSES]
     assert data["copies"] == 2
     for row, (case, _) in zip(rows, [(c, p) for c in cases for p in bench.PASSES]):
-        assert _positive(row["jaxdnn_ms"]) and _positive(row["xla_ms"]), row
+        for key in ("jaxdnn_ms", "xla_ms", "jaxdnn_run_ms", "xla_run_ms"):
+            assert _positive(row[key]), (key, row)
         assert row["torch_ms"] is None and row["jaxdnn_call_ms"] is None
         assert math.isclose(row["vs_xla"], row["xla_ms"] / row["jaxdnn_ms"])
         # the other layout route is timed for channels-first convolutions only, and not
@@ -122,3 +125,83 @@ def test_in_program_small(tmp_path, script):
                     and any(k != 1 for k in case.operands[0][0][2:]))
         assert _positive(row["other_route_ms"]) == routable, row
     assert "geomean all: vs XLA" in markdown and rows[0]["case"] in markdown
+
+
+def test_in_program_filters_pick_cases_and_passes(tmp_path, script):
+    in_program = script("in_program")
+    argv = [str(tmp_path), "--size", "small", "--ops", "conv", "--match", "tconv", "--pass",
+            "fwd", "--copies", "1", "--repeats", "1", "--calls", "1", "--no-torch"]
+    assert in_program.main(argv) == 0
+    data, _ = _outputs(tmp_path, "in_program")
+    from jaxdnn import bench
+    expected = [c.label for c in bench.cases("small", ["conv"]) if c.label.startswith("tconv")]
+    assert len(expected) == 3  # the 1-D, 2-D and 3-D transposed convolutions
+    assert [(r["case"], r["pass"]) for r in data["rows"]] == [(label, "fwd") for label in expected]
+
+
+class _FakeClock:
+    """time.perf_counter for bench.steady_time_ms: every call of the timed function costs
+    `per_call` seconds and every wait for its result `once` seconds."""
+    def __init__(self, per_call, once):
+        self.now, self.per_call, self.once = 0.0, per_call, once
+
+    def perf_counter(self):
+        return self.now
+
+    def call(self, *args):
+        self.now += self.per_call
+        return args
+
+    def wait(self, out):
+        self.now += self.once
+        return out
+
+
+@pytest.mark.parametrize("per_call, once", [(2e-3, 0.0), (1e-3, 5e-3), (1e-5, 1e-2)])
+def test_steady_time_drops_the_once_per_run_cost(monkeypatch, per_call, once):
+    from jaxdnn import bench
+    clock = _FakeClock(per_call, once)
+    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(bench.jax, "block_until_ready", clock.wait)
+    steady = bench.steady_time_ms(clock.call, (), repeats=3, calls=4)
+    plain = bench.time_ms(clock.call, (), repeats=3, calls=4)
+    assert steady == pytest.approx(per_call * 1e3)
+    assert plain == pytest.approx((per_call + once / 4) * 1e3)
+
+
+def test_steady_time_falls_back_to_the_plain_time_when_noise_swamps_it(monkeypatch):
+    from jaxdnn import bench
+    # a run of 2n calls that takes no longer than a run of n: the difference says nothing
+    durations = iter([1.0] * 4 + [3.0, 3.0] * 3)
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        return clock["now"]
+
+    def wait(out):
+        clock["now"] += next(durations)
+        return out
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(bench.jax, "block_until_ready", wait)
+    # the longer runs take 3 s for 2 * 5 calls: 0.3 s, 300 ms, a call
+    assert bench.steady_time_ms(lambda: None, (), repeats=3, calls=5) == pytest.approx(300.0)
+
+
+def test_kernel_times_summarizes_the_gpu_events_of_a_trace(script):
+    kernel_times = script("kernel_times")
+    events = [
+        {"cat": "kernel", "name": "conv", "ts": 100.0, "dur": 30.0},
+        {"cat": "kernel", "name": "transpose", "ts": 130.0, "dur": 5.0},
+        {"cat": "gpu_memset", "name": "Memset", "ts": 140.0, "dur": 1.0},
+        {"cat": "kernel", "name": "conv", "ts": 150.0, "dur": 32.0},
+        {"cat": "kernel", "name": "transpose", "ts": 182.0, "dur": 6.0},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90.0, "dur": 3.0},
+        {"ph": "M", "name": "process_name"},
+    ]
+    result = kernel_times.summarize(events, applications=2)
+    assert [(k["name"], k["launches"], k["us"]) for k in result["kernels"]] == [
+        ("conv", 1.0, 31.0), ("transpose", 1.0, 5.5), ("Memset", 0.5, 0.5)]
+    assert result["busy_us"] == pytest.approx(37.0)
+    assert result["span_us"] == pytest.approx((188.0 - 100.0) / 2)
+    assert kernel_times.summarize(events[-2:], 2) == {"kernels": [], "busy_us": None,
+                                                      "span_us": None}
