@@ -14,7 +14,9 @@ conv_dgrad, conv_wgrad), each with a trailing u8 workspace result sized here by
 has no engine for the data type / compute type pair (float32 data computed in float64,
 say) the call takes the XLA path (jaxdnn/reference/conv.py), as it does elsewhere.
 Channels-first images (but for 1x1 kernels) reach cuDNN channels-last, transposed around
-the call as XLA's own layout assignment does (CHANNELS_LAST_DTYPES says why).
+the call as XLA's own layout assignment does (CHANNELS_LAST_DTYPES says why). The input
+gradient of a stride-1 depthwise convolution runs as a forward convolution
+(_bwd_data_as_forward says why).
 """
 from __future__ import annotations
 
@@ -171,9 +173,46 @@ conv_bwd_filter_p = define_primitive(
     batch_rule=_fold_into_groups)
 
 
+def _bwd_data_as_forward(kerns_shape, img_shape, params: dict) -> dict | None:
+    """The parameters of a forward convolution of the output gradient that computes the
+    backward-data pass exactly, where that runs faster; else None.
+
+    For a stride-1 depthwise convolution (one kernel per channel: groups == channels ==
+    kernels) the input gradient is the forward convolution of the output gradient with
+    each channel's kernel flipped (the other conv_mode: cuDNN flips it, no copy is made)
+    and padded by dilated extent - 1 - padding on each side. cuDNN's depthwise
+    backward-data kernel took twice its forward kernel's time (170 vs 87 us, bfloat16
+    NHWC N64 C256 56^2, H200, benchmarks/kernel_times.py), and XLA keeps such gradients
+    as forward convolutions too. Padding wider than the dilated extent - 1 would need a
+    negative padding: those calls keep the backward-data pass."""
+    layout = params["layout"]
+    channels = img_shape[channel_axis(layout, len(img_shape))]
+    per_group = kerns_shape[-1] if is_channels_last(layout) else kerns_shape[1]
+    spatial = kerns_shape[1:-1] if is_channels_last(layout) else kerns_shape[2:]
+    if not (per_group == 1 and params["groups"] == channels == kerns_shape[0]
+            and all(s == 1 for s in params["strides"])):
+        return None
+    extents = [(k - 1) * d + 1 for k, d in zip(spatial, params["dilation"])]
+    padding = tuple((e - 1 - lo, e - 1 - hi) for e, (lo, hi) in zip(extents, params["padding"]))
+    if any(p < 0 for pair in padding for p in pair):
+        return None
+    backward_data_algo = params["algos"][1]  # the pass it computes chooses its algorithm
+    return dict(params, padding=padding, flip=not params["flip"],
+                algos=(backward_data_algo,) + tuple(params["algos"][1:]))
+
+
+def _bind_bwd_data(kerns, topgrad, *, img_shape, **params):
+    """The backward-data pass (the input gradient, the transposed convolution): the
+    conv_bwd_data_p primitive, or its forward equivalent (_bwd_data_as_forward)."""
+    as_forward = _bwd_data_as_forward(tuple(jnp.shape(kerns)), tuple(img_shape), params)
+    if as_forward is not None:
+        return conv_fwd_p.bind(topgrad, kerns, **as_forward)
+    return conv_bwd_data_p.bind(kerns, topgrad, img_shape=tuple(img_shape), **params)
+
+
 # Bilinear AD: each pass's transposes are the other two passes.
 def _fwd_transpose_img(ct, img, kerns, **params):
-    return conv_bwd_data_p.bind(kerns, ct, img_shape=tuple(img.aval.shape), **params)
+    return _bind_bwd_data(kerns, ct, img_shape=tuple(img.aval.shape), **params)
 
 
 def _fwd_transpose_kerns(ct, img, kerns, **params):
@@ -189,7 +228,7 @@ def _data_transpose_topgrad(ct, kerns, topgrad, *, img_shape, **params):
 
 
 def _filter_transpose_img(ct, img, topgrad, *, kerns_shape, **params):
-    return conv_bwd_data_p.bind(ct, topgrad, img_shape=tuple(img.aval.shape), **params)
+    return _bind_bwd_data(ct, topgrad, img_shape=tuple(img.aval.shape), **params)
 
 
 def _filter_transpose_topgrad(ct, img, topgrad, *, kerns_shape, **params):
@@ -473,11 +512,11 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
     routed = _channels_last_params(params, jnp.result_type(kerns), jnp.shape(kerns))
     if routed is not None:
         last_shape = (img_shape[0], *img_shape[2:], img_shape[1])
-        dimg = conv_bwd_data_p.bind(_kernels_for(kerns, routed["layout"]),
-                                    _to_channels_last(topgrad), img_shape=last_shape, **routed)
+        dimg = _bind_bwd_data(_kernels_for(kerns, routed["layout"]), _to_channels_last(topgrad),
+                             img_shape=last_shape, **routed)
         return _to_channels_first(dimg)
-    return conv_bwd_data_p.bind(_kernels_for(kerns, params["layout"]), topgrad,
-                                img_shape=img_shape, **params)
+    return _bind_bwd_data(_kernels_for(kerns, params["layout"]), topgrad, img_shape=img_shape,
+                         **params)
 
 
 def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1),

@@ -33,7 +33,10 @@ LAYOUTS = ("channels_first", "channels_last")
 # name -> (channels-first image shape, kernel shape, border_mode, subsample, dilation,
 #          num_groups). Every border_mode form (valid, full, half, int, tuple) appears in
 # 1-D, 2-D and 3-D; strides and dilations > 1, even kernels, groups 1, 2 and depthwise
-# (groups == channels, with and without a channel multiplier).
+# (groups == channels, with and without a channel multiplier). The stride-1 depthwise
+# configs (*-depthwise-s1) take their input gradient as a forward convolution
+# (jaxdnn/conv.py, _bwd_data_as_forward), but for the wide padding of 2d-int-wide-...,
+# which keeps the backward-data pass.
 CONFIGS = {
     "1d-valid": ((2, 3, 7), (4, 3, 3), "valid", (1,), (1,), 1),
     "1d-full-s2-d2": ((2, 2, 7), (2, 2, 2), "full", (2,), (2,), 1),
@@ -53,6 +56,10 @@ CONFIGS = {
                               (2, 1, 1), 2),
     "3d-full-s112": ((1, 2, 3, 4, 3), (2, 2, 2, 2, 2), "full", (1, 1, 2), (1, 1, 1), 1),
     "3d-int-s2": ((2, 2, 4, 4, 4), (2, 2, 3, 3, 3), 2, (2, 2, 2), (1, 1, 1), 1),
+    "1d-valid-d2-depthwise-s1": ((2, 3, 9), (3, 1, 3), "valid", (1,), (2,), 3),
+    "2d-tuple-depthwise-s1": ((2, 4, 6, 7), (4, 1, 3, 2), (2, 0), (1, 1), (1, 1), 4),
+    "2d-int-wide-depthwise-s1": ((1, 2, 4, 5), (2, 1, 2, 2), 3, (1, 1), (1, 1), 2),
+    "3d-full-depthwise-s1": ((1, 2, 4, 4, 3), (2, 1, 2, 3, 2), "full", (1, 1, 1), (1, 1, 1), 2),
 }
 configs = pytest.mark.parametrize("config", list(CONFIGS))
 layouts = pytest.mark.parametrize("layout", LAYOUTS)
@@ -269,6 +276,7 @@ _HALF_SUBSET = [("1d-full-s2-d2", "conv", "channels_last"),
                 ("2d-half-d21", "cross", "channels_first"),
                 ("2d-int-s2-g2", "conv", "channels_last"),
                 ("2d-tuple-depthwise", "conv", "channels_first"),
+                ("2d-tuple-depthwise-s1", "cross", "channels_last"),
                 ("3d-half-s212-g2", "cross", "channels_last"),
                 ("3d-full-s112", "conv", "channels_first")]
 FORWARD_CASES = (
@@ -615,6 +623,7 @@ def test_grad_of_conv(rng, dtype, config, conv_mode, layout):
 CHECK_GRADS_CASES = [("1d-full-s2-d2", "channels_last", "conv"),
                      ("2d-int-s2-g2", "channels_last", "cross"),
                      ("2d-tuple-depthwise", "channels_first", "conv"),
+                     ("2d-tuple-depthwise-s1", "channels_first", "cross"),
                      ("3d-tuple-d2-depthwise", "channels_last", "cross")]
 
 
@@ -1062,6 +1071,9 @@ GPU_CONFIGS = {
     "3d-half-s2-g2": ((2, 4, 7, 6, 7), (4, 2, 3, 3, 3), "half", (2, 2, 2), (1, 1, 1), 2),
     "3d-full-d2": ((1, 4, 5, 5, 6), (4, 4, 2, 2, 2), "full", (1, 1, 1), (2, 1, 2), 1),
     "3d-tuple-depthwise": ((2, 4, 6, 6, 6), (4, 1, 3, 3, 3), (1, 0, 2), (1, 2, 1), (1, 1, 1), 4),
+    "2d-half-depthwise-s1": ((2, 8, 10, 11), (8, 1, 3, 3), "half", (1, 1), (1, 1), 8),
+    "3d-valid-d2-depthwise-s1": ((2, 4, 6, 7, 6), (4, 1, 3, 2, 3), "valid", (1, 1, 1), (2, 1, 1),
+                                 4),
 }
 gpu_configs = pytest.mark.parametrize("config", list(GPU_CONFIGS))
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -1112,7 +1124,11 @@ def test_gpu_gradients_cudnn_vs_xla_vs_reference(rng, dtype, config, conv_mode, 
     with _ctx_for(dtype), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         text = jax.jit(vjp).lower(xj, wj, dyj).as_text()
-        assert ("custom_call @jaxdnn_conv_bwd_data" in text) == (dtype != "float64")
+        # The input gradient of a stride-1 depthwise convolution is a forward convolution
+        # (jaxdnn/conv.py, _bwd_data_as_forward); the vjp computes no forward besides.
+        input_gradient = ("jaxdnn_conv_fwd" if config.endswith("depthwise-s1")
+                          else "jaxdnn_conv_bwd_data")
+        assert (f"custom_call @{input_gradient}" in text) == (dtype != "float64")
         assert ("custom_call @jaxdnn_conv_bwd_filter" in text) == (dtype != "float64")
         _gpu_compare(_jit_run(gi, wj, dyj), _jit_run(gi, wj, dyj, xla=True), gi_ref, dtype,
                      "dnn_gradinput")
@@ -1138,7 +1154,8 @@ def test_gpu_transposed_convolution(rng, border, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["2d-int-s21-depthwise", "3d-half-s2-g2"])
+@pytest.mark.parametrize("config", ["2d-int-s21-depthwise", "3d-half-s2-g2",
+                                    "2d-half-depthwise-s1"])
 def test_gpu_check_grads(rng, config):
     case = Case(config, "channels_first", GPU_CONFIGS[config])
     # float32: float64 convolutions take XLA's path (jaxdnn/conv.py, _cudnn_computes). The

@@ -231,6 +231,33 @@ def test_channels_first_convolutions_run_channels_last(dtype, cudnn_forced):
     assert len(calls) == 2 and all('layout = "NCHW"' in c[1] for c in calls)
 
 
+def test_stride_one_depthwise_input_gradients_run_as_forward_convolutions(cudnn_forced):
+    # jaxdnn/conv.py, _bwd_data_as_forward: the input gradient of a stride-1 depthwise
+    # convolution is a forward convolution of dy, the other conv_mode, padded by the
+    # kernel's dilated extent - 1 - padding on each side (3 - 1 - 2 = 0, 2 - 1 - 0 = 1).
+    x = jnp.ones((2, 4, 9, 7), jnp.float32)
+    w = jnp.ones((4, 1, 3, 2), jnp.float32)
+    f = lambda x, w, **kw: jaxdnn.dnn_conv(x, w, num_groups=4, **kw).sum()
+    calls = custom_calls(cuda_hlo(jax.grad(lambda x, w: f(x, w, border_mode=(2, 0)), (0, 1)),
+                                  x, w))
+    assert sorted(c[0] for c in calls) == ["jaxdnn_conv_bwd_filter", "jaxdnn_conv_fwd"]
+    ((_, as_forward),) = [c for c in calls if c[0] == "jaxdnn_conv_fwd"]
+    assert "flip = 0" in as_forward and 'algo = "none"' in as_forward  # the bwd_data flag's
+    assert "pre_padding = dense<[0, 1]>" in as_forward
+    assert "post_padding = dense<[0, 1]>" in as_forward
+    # dnn_gradinput (the transposed convolution) takes the same forward convolution.
+    dy = jnp.ones((2, 4, 11, 6), jnp.float32)
+    ((name, attrs),) = custom_calls(cuda_hlo(
+        lambda w, dy: jaxdnn.dnn_gradinput(w, dy, x.shape, border_mode=(2, 0), num_groups=4,
+                                           conv_mode="cross"), w, dy))
+    assert name == "jaxdnn_conv_fwd" and "flip = 1" in attrs
+    # Strides, channel multipliers and padding wider than the kernel keep backward-data.
+    for kw, kerns in ((dict(subsample=(2, 1)), w), (dict(border_mode=3), w),
+                      ({}, jnp.ones((8, 1, 3, 2), jnp.float32))):
+        calls = custom_calls(cuda_hlo(jax.grad(lambda x, w: f(x, w, **kw)), x, kerns))
+        assert [c[0] for c in calls] == ["jaxdnn_conv_bwd_data"], kw
+
+
 def test_auto_convolution_takes_cudnn_in_both_layouts():
     # BENCHMARKS.md: forward+backward on cuDNN ties or beats XLA in both layouts.
     w = jnp.ones((3, 2, 3, 3), jnp.float32)
