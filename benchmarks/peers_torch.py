@@ -82,6 +82,10 @@ def _inputs(case: bench.Case) -> list:
         # values exactly.
         torch.from_numpy(np.asarray(array, np.float32)).to("cuda", getattr(torch, dtype))
         for array, (_, dtype) in zip(bench.inputs(case), case.inputs))
+    if case.layout == "NWC":
+        # PyTorch has no channels-last memory format for 1-D images: an (N, L, C) tensor
+        # goes to F.conv1d as the (N, C, L) view of it, as a PyTorch user would pass it.
+        return [image.movedim(-1, 1), *operands]
     memory_format = _memory_format(case.layout)
     if memory_format is None:
         return [image, *operands]
@@ -121,6 +125,8 @@ def _conv(case: bench.Case):
         conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
     else:
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    if p.get("groups", 1) > 1:
+        return lambda x, w: conv(x, w, stride=p["stride"], padding=p["pad"], groups=p["groups"])
     return lambda x, w: conv(x, w, stride=p["stride"], padding=p["pad"])
 
 

@@ -102,14 +102,27 @@ def _pool_case(mode, ws, stride, pad, n, c, spatial, dtype="float32", layout=Non
                 dict(mode=mode, ws=ws, stride=(stride,) * nd, pad=(pad,) * nd))
 
 
-def _conv_case(name, n, c, k, size, kernel, stride, pad, dtype, layout):
-    """A 2-D convolution of c channels into k: image (N, C, H, W) (or channels last),
-    kernels (K, C, kh, kw) in every layout."""
+# The 1-D names of the 2-D layouts (the variants are named in 2-D).
+_LAYOUT_IN_1D = {"NCHW": "NCW", "NHWC": "NWC"}
+
+
+def _conv_case(name, n, c, k, size, kernel, stride, pad, dtype, layout, groups=1, nd=2):
+    """A convolution of c channels into k in `groups` groups over nd spatial axes of
+    `size` each: image (N, C, spatial...) (or channels last), kernels (K, C/groups, k...)
+    in every layout."""
+    layout = _LAYOUT_IN_1D.get(layout, layout) if nd == 1 else layout
+    spatial = (size,) * nd
     stride_text = f"/{stride}" if stride > 1 else ""
-    label = f"{name} {kernel}x{kernel}{stride_text} {c}->{k} {size}^2 N{n}".lstrip()
-    kerns = (k, c, kernel, kernel)
-    return Case("conv", label, _image_shape(n, c, (size, size), layout), dtype, layout,
-                dict(stride=(stride,) * 2, pad=(pad,) * 2), operands=((kerns, dtype),))
+    kernel_text = f"k{kernel}" if nd == 1 else "x".join([str(kernel)] * nd)
+    groups_text = f" g{groups}" if groups > 1 else ""
+    label = (f"{name} {kernel_text}{stride_text} {c}->{k} {_extent(spatial)} "
+             f"N{n}{groups_text}").lstrip()
+    kerns = (k, c // groups, *(kernel,) * nd)
+    params = dict(stride=(stride,) * nd, pad=(pad,) * nd)
+    if groups > 1:
+        params["groups"] = groups
+    return Case("conv", label, _image_shape(n, c, spatial, layout), dtype, layout, params,
+                operands=((kerns, dtype),))
 
 
 def _transposed_conv_case(n, c_in, c_out, size, nd, kernel, stride, pad, dtype, layout):
@@ -135,6 +148,14 @@ _CONV_SHAPES = (
     ("", (256, 64, 56), (8, 4, 8), 1, 1, 0, ("bfloat16", "NCHW")),
 )
 _CONV_VARIANTS = tuple((d, l) for d in ("float32", "bfloat16") for l in ("NCHW", "NHWC"))
+# Beyond ANCHORS.md, two convolutions JAX users report slower than PyTorch's (jax#23713, a
+# depthwise 3x3 in flax.nnx.Conv; jax#29875, 1-D convolutions), in the same variants:
+# name, (C, K, size) full and small, kernel, stride, pad, groups ('depthwise': C), spatial
+# dims, the small preset's (dtype, layout)
+_USER_REPORTED_CONV_SHAPES = (
+    ("depthwise", (256, 256, 56), (8, 8, 8), 3, 1, 1, "depthwise", 2, ("float32", "NHWC")),
+    ("conv1d", (256, 256, 2048), (8, 8, 32), 3, 1, 1, 1, 1, ("bfloat16", "NCHW")),
+)
 # N full and small, (C_in, C_out, size of dy) full and small, spatial dims, kernel, stride,
 # pad, the small preset's dtype, layout
 _TRANSPOSED_SHAPES = (
@@ -202,6 +223,12 @@ def cases(size: str = "small", ops=None) -> list[Case]:
                      dtype, layout)
           for name, full_shape, small_shape, kernel, stride, pad, anchor in _CONV_SHAPES
           for dtype, layout in (_CONV_VARIANTS if full else (anchor,))),
+        *(_conv_case(name, conv_n, *pick(full_shape, small_shape), kernel, stride, pad,
+                     dtype, layout, pick(full_shape, small_shape)[0] if groups == "depthwise"
+                     else groups, nd)
+          for name, full_shape, small_shape, kernel, stride, pad, groups, nd, first
+          in _USER_REPORTED_CONV_SHAPES
+          for dtype, layout in (_CONV_VARIANTS if full else (first,))),
         # The transposed convolutions, in float32 and bfloat16 (the small preset: one).
         *(_transposed_conv_case(pick(n_full, n_small), *pick(full_shape, small_shape), nd,
                                 kernel, stride, pad, dtype, layout)
@@ -268,8 +295,9 @@ def _conv_functions(case: Case) -> tuple[Callable, Callable]:
     and w) dnn_gradinput against lax.conv_transpose."""
     p = case.params
     nd = len(p["stride"])
+    groups = p.get("groups", 1)
     options = dict(border_mode=p["pad"], subsample=p["stride"], conv_mode="cross",
-                   data_format=case.layout)
+                   num_groups=groups, data_format=case.layout)
     spatial = case.layout.replace("N", "").replace("C", "")
     # The kernels are (K, C, spatial...) whatever the images' layout: 'OIHW' and its kin.
     dimension_numbers = (case.layout, "OI" + spatial, case.layout)
@@ -299,7 +327,8 @@ def _conv_functions(case: Case) -> tuple[Callable, Callable]:
 
     def xla_conv(x, w):
         return lax.conv_general_dilated(x, w, p["stride"], padding,
-                                        dimension_numbers=dimension_numbers)
+                                        dimension_numbers=dimension_numbers,
+                                        feature_group_count=groups)
 
     return jaxdnn_conv, xla_conv
 
