@@ -30,10 +30,10 @@
 //                               only to the device, execute copies them to pinned host
 //                               memory, synchronizes the stream, checks them (each in
 //                               [1, T]) and sets the state's own data descriptors to
-//                               them (host calls only). Neither is declared command-buffer compatible:
-//                               the sync cannot run inside a capture, and cuDNN's
-//                               variable-length calls failed inside CUDA graphs on an H200
-//                               even with static lengths.
+//                               them (host calls only). Neither is declared command-
+//                               buffer compatible: the sync cannot run inside a capture,
+//                               and cuDNN's variable-length calls failed inside CUDA
+//                               graphs on an H200 even with static lengths.
 //
 // Trace time: rnn_temp_space_sizes (workspace and reserve bytes) and rnn_weight_params
 // (cudnnGetRNNWeightParams's layout, which the GPU tests compare with jaxdnn/rnn.py's)
