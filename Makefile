@@ -1,5 +1,6 @@
 # make bench   create .venv, build and install jaxdnn, run `jaxdnn bench` (the main job)
-# make test    the same install, then the test suite (GPU tests skip without a GPU)
+# make test    the same install, then the test suite (GPU tests skip without a GPU), then
+#              the sharding tests on 8 forced host devices
 # make info    what jaxdnn sees: versions, cuDNN, devices, flags
 #
 # CUDA=12 or CUDA=13 installs jax's CUDA plugin and the matching cuDNN wheel (a GPU
@@ -31,8 +32,10 @@ install: $(VENV)/.installed
 bench: install
 	$(BIN)/jaxdnn bench
 
+# The sharding tests need 8 host devices, set before jax starts: a pytest run of their own.
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --ignore=tests/test_sharding.py
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra tests/test_sharding.py
 
 info: install
 	$(BIN)/jaxdnn info

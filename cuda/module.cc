@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common/registry.h"
+#include "xla/ffi/api/ffi.h"
 #include "rnn.h"
 
 namespace nb = nanobind;
@@ -35,6 +36,16 @@ const jaxdnn::Registry& AllOps() {
 }
 
 nb::capsule Capsule(const void* pointer) { return nb::capsule(const_cast<void*>(pointer)); }
+
+// A host handler that accepts any jaxdnn call and leaves its results unwritten. Registered
+// under the jaxdnn targets for the CPU only on request (jaxdnn._extension.
+// register_host_placeholders), it lets XLA compile a program lowered for CUDA on a machine
+// without a GPU, which runs the SPMD partitioner: the partitioned program can then be read
+// (the sharding tests do). Never a way to compute anything.
+XLA_FFI_DEFINE_HANDLER(kHostPlaceholder,
+                       [](xla::ffi::RemainingArgs, xla::ffi::RemainingRets,
+                          xla::ffi::Dictionary) { return xla::ffi::Error::Success(); },
+                       xla::ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs());
 
 // The value of a query, or a RuntimeError carrying its message.
 template <typename T>
@@ -75,6 +86,10 @@ NB_MODULE(_jaxdnn_cuda, m) {
     }
     return targets;
   }, "FFI target name -> {stage: handler capsule}, for jax.ffi.register_ffi_target.");
+
+  m.def("host_placeholder", [] { return Capsule(reinterpret_cast<const void*>(kHostPlaceholder)); },
+        "A CPU handler that accepts any call and computes nothing (reading partitioned "
+        "CUDA programs on a machine without a GPU).");
 
   m.def("state_types", [] {
     nb::list types;

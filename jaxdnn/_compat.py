@@ -5,12 +5,50 @@ When JAX moves one of these, this file is the one place to mend.
 from __future__ import annotations
 
 from jax._src import config as _jax_config
+from jax._src import core as _core
 from jax._src import dispatch as _dispatch
+from jax._src import sharding_impls as _sharding_impls
 from jax._src.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 apply_primitive = _dispatch.apply_primitive
+
+
+def requires_devices_during_lowering(prim) -> None:
+    """Mark `prim` as lowering through custom_partitioning, which needs the devices (JAX
+    asserts otherwise)."""
+    _dispatch.prim_requires_devices_during_lowering.add(prim)
+
+
+def extend_axis_env(mesh_shape):
+    """A context in which collectives may name the mesh axes of `mesh_shape` (a mapping)."""
+    return _core.extend_axis_env_nd(tuple(mesh_shape.items()))
+
+
+def replicated_like(sharding):
+    """A replicated sharding over the devices of `sharding` (a GSPMD sharding, as the
+    partitioning callbacks get inside a partially manual shard_map)."""
+    return _sharding_impls.GSPMDSharding.get_replicated(sharding._device_assignment)
+
+
+def match_varying(*args):
+    """The operands, cast (pvary) to vary over the same manual mesh axes, as JAX's own
+    primitives require under `shard_map(check_vma=True)`."""
+    return _core.auto_insert_reshard(*args)
+
+
+def typed_like_operands(result: ShapedArray, operands, spec=None) -> ShapedArray:
+    """`result` typed as a result of a primitive applied to `operands`: the current mesh
+    (sharded as `spec`, under explicit-sharding meshes) and the operands' varying manual
+    axes (shard_map), which `match_varying` made equal."""
+    arrays = [a for a in operands if isinstance(a, ShapedArray)]
+    if not arrays:
+        return result
+    _core.standard_vma_rule("jaxdnn", *arrays)  # a clear error where they differ
+    return ShapedArray(result.shape, result.dtype, weak_type=result.weak_type,
+                       sharding=_core.get_cur_mesh_sharding(spec),
+                       manual_axis_type=arrays[0].manual_axis_type)
 
 
 def define_trace_state(name: str, default, help: str):
@@ -21,4 +59,6 @@ def define_trace_state(name: str, default, help: str):
     return _jax_config.string_or_object_state(
         name, default, help, include_in_jit_key=True, include_in_trace_context=True)
 
-__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "define_trace_state", "mlir"]
+__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "define_trace_state",
+           "extend_axis_env", "match_varying", "mlir", "replicated_like",
+           "requires_devices_during_lowering", "typed_like_operands"]

@@ -102,6 +102,18 @@ def _registered_names() -> tuple[str, ...]:
     return tuple(_ext.registrations()) if _ext is not None else ()
 
 
+def register_host_placeholders() -> None:
+    """Register, for the CPU, a handler that computes nothing under every jaxdnn target, so
+    that a program lowered for CUDA compiles on a machine without a GPU: compiling runs
+    XLA's SPMD partitioner, and `compiled.as_text()` shows the partitioned program (which
+    custom calls run on which shapes, which collectives XLA added). Its results are
+    garbage: use it to read programs, never to run them."""
+    if _ext is None:
+        raise RuntimeError(f"jaxdnn: no extension to take the handlers from: {_ext_error}")
+    for name in _registered_names():
+        jax.ffi.register_ffi_target(name, _ext.host_placeholder(), platform="cpu")
+
+
 def cudnn_library_path() -> str | None:
     return _cudnn_path
 

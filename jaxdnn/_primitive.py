@@ -8,7 +8,15 @@ A jaxdnn primitive has
   * a reference lowering (the op's pure-JAX implementation in `jaxdnn.reference`) for
     every other platform, and for CUDA when the call was traced with impl='xla',
   * an optional batching rule (`fold_into_batch` serves every op whose operands and
-    results share their leading N axis).
+    results share their leading N axis),
+  * a partitioning (jaxdnn/_sharding.py): how XLA splits a call across devices. Both
+    lowerings above belong to a per-shard twin of the primitive; the primitive's own
+    lowering wraps the twin in custom_partitioning, so AD and batching stay untouched.
+
+Results are typed like JAX's own primitives' results: operands varying over different
+manual axes of a `shard_map` are cast to vary alike before `bind`, and the results carry
+their varying axes (check_vma=True works) and, under explicit-sharding meshes, the
+sharding the partitioning gives them.
 
 Every primitive takes the static parameter `impl` ('cudnn' or 'xla'), chosen at trace
 time by `choose_impl` from the `dnn.enabled` flag; the remaining parameters become the
@@ -23,7 +31,10 @@ import jax
 import numpy as np
 
 from jaxdnn import _extension, config
-from jaxdnn._compat import Primitive, ShapedArray, apply_primitive, batching, mlir
+from jaxdnn._compat import (Primitive, ShapedArray, apply_primitive, batching, match_varying,
+                            mlir, requires_devices_during_lowering, typed_like_operands)
+from jaxdnn._batching import merge_into, split_from
+from jaxdnn._sharding import Partitioning, partitioned_lowering, result_specs
 
 __all__ = ["define_primitive", "fold_into_batch", "fold_into_batch_resizing", "choose_impl",
            "reference_differentiable"]
@@ -38,6 +49,7 @@ def define_primitive(
     attributes: Callable[..., dict] | None = None,
     workspace_bytes: Callable[..., int] | None = None,
     batch_rule: Callable | None = None,
+    partitioning: Callable[..., Partitioning] | None = None,
     multiple_results: bool = False,
 ) -> Primitive:
     """Define primitive `name`.
@@ -49,16 +61,28 @@ def define_primitive(
     batch_rule(primitive, args, dims, **params) -> (outs, out_dims).
     ffi_target: the FFI target's name, or ffi_target(**params) -> name where the
     parameters pick one of several targets.
+    partitioning(*avals, **params) -> Partitioning: how a call splits across devices.
     """
-    prim = Primitive(name)
-    prim.multiple_results = multiple_results
-    prim.def_impl(functools.partial(apply_primitive, prim))
+    prim = _Primitive(name)
+    local = _Primitive(name + "_shard")  # one shard's call: the lowerings below
+    for p in (prim, local):
+        p.multiple_results = multiple_results
+        p.def_impl(functools.partial(apply_primitive, p))
 
     def _abstract(*avals, impl, **params):
         del impl
-        return abstract_eval(*avals, **params)
+        out = abstract_eval(*avals, **params)
+        results = list(out) if multiple_results else [out]
+        specs = [None] * len(results)
+        mesh = _explicit_mesh(avals)
+        if mesh is not None and partitioning is not None:
+            specs = result_specs(partitioning(*avals, **params), [a.shape for a in avals],
+                                 [a.sharding.spec for a in avals], dict(mesh.shape))
+        typed = [typed_like_operands(r, avals, s) for r, s in zip(results, specs)]
+        return typed if multiple_results else typed[0]
 
     prim.def_abstract_eval(_abstract)
+    local.def_abstract_eval(_abstract)
 
     def _reference(*args, impl, **params):
         del impl
@@ -78,31 +102,55 @@ def define_primitive(
         ctx = ctx.replace(avals_out=[*ctx.avals_out, ShapedArray((size,), np.uint8)])
         return ffi_rule(ctx, *args, **attrs)[:-1]
 
-    mlir.register_lowering(prim, reference_lowering)
-    mlir.register_lowering(prim, _cuda_lowering, platform="cuda")
+    mlir.register_lowering(local, reference_lowering)
+    mlir.register_lowering(local, _cuda_lowering, platform="cuda")
+    if partitioning is None:
+        mlir.register_lowering(prim, reference_lowering)
+        mlir.register_lowering(prim, _cuda_lowering, platform="cuda")
+    else:
+        def bind_local(*args, **params):
+            out = local.bind(*args, **params)
+            return list(out) if multiple_results else [out]
+
+        def spec_fn(*avals, impl, **params):
+            del impl
+            return partitioning(*avals, **params)
+
+        requires_devices_during_lowering(prim)
+        mlir.register_lowering(prim, partitioned_lowering(bind_local, spec_fn, name))
     if batch_rule is not None:
         batching.primitive_batchers[prim] = functools.partial(batch_rule, prim)
     return prim
 
 
+class _Primitive(Primitive):
+    """A primitive whose operands are made to vary over the same manual mesh axes before
+    binding (shard_map with check_vma=True)."""
+
+    def bind(self, *args, **params):
+        return super().bind(*match_varying(*args), **params)
+
+
+def _explicit_mesh(avals):
+    """The mesh of operands sharded over explicit mesh axes, or None."""
+    for a in avals:
+        mesh = getattr(getattr(a, "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and mesh._any_axis_explicit:
+            return mesh
+    return None
+
+
 def fold_into_batch(prim: Primitive, args, dims, **params):
     """Batching rule for ops whose operands and results all lead with the batch axis N:
-    move each vmapped axis to the front (broadcasting unmapped operands), merge it into
-    N, run the op once, and split N again. Exact for every op that treats the images
-    of a batch independently (softmax, pooling, the sampler)."""
+    merge each vmapped axis into N (broadcasting unmapped operands), run the op once, and
+    split N again. Exact for every op that treats the images of a batch independently
+    (softmax, pooling, the sampler)."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    folded = []
-    for a, d in zip(args, dims):
-        a = batching.bdim_at_front(a, d, size)
-        folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
-    out = prim.bind(*folded, **params)
-
-    def unfold(o):
-        return o.reshape((size, o.shape[0] // size) + o.shape[1:])
-
+    out = prim.bind(*[merge_into(a, d, size, 0) for a, d in zip(args, dims)], **params)
     if prim.multiple_results:
-        return [unfold(o) for o in out], [0] * len(out)
-    return unfold(out), 0
+        split = [split_from(o, size, 0) for o in out]
+        return [o for o, _ in split], [d for _, d in split]
+    return split_from(out, size, 0)
 
 
 def fold_into_batch_resizing(*shape_params: str) -> Callable:

@@ -47,7 +47,9 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxdnn import _validate
 from jaxdnn._compat import ShapedArray, batching
+from jaxdnn._batching import merge_into, split_from
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis
 from jaxdnn.reference import batchnorm as reference
 
@@ -140,27 +142,76 @@ def _batch_infer(prim, args, dims, **params):
     instances simply join N; otherwise fold into the features like training."""
     if any(d is not None for d in dims[1:]):
         return _fold_into_features(prim, args, dims, **params)
-    x, d = args[0], dims[0]
-    x = batching.bdim_at_front(x, d, x.shape[d])
-    size, n = x.shape[0], x.shape[1]
-    out = prim.bind(x.reshape((size * n,) + x.shape[2:]), *args[1:], **params)
-    return out.reshape((size, n) + out.shape[1:]), 0
+    size = args[0].shape[dims[0]]
+    out = prim.bind(merge_into(args[0], dims[0], size, 0), *args[1:], **params)
+    return split_from(out, size, 0)
+
+
+# ---- partitioning (jaxdnn/_sharding.py) --------------------------------------------------
+# The image's factors are its layout's; a statistic (gamma-shaped) keeps the factors of
+# the axes it is per-element on and a unit factor of its own on each normalized axis.
+# Those feature axes split freely. A split batch (N) needs the statistics of the whole
+# batch, as on one device: each shard's float32 moments are averaged across the devices
+# of N (two C-sized all-reduces) and cuDNN's inference kernel applies them; the backward
+# is XLA's fusion of the analytic gradient with its two sums psummed (cuDNN's backward
+# can only reduce over its own shard).
+
+def _factors(x, mode: str, layout: str) -> tuple[str, str, frozenset]:
+    image = layout_factors(layout).split()
+    normalized = reference.reduction_axes(mode, layout, x.ndim)
+    stat = [f"u{a}" if a in normalized else f for a, f in enumerate(image)]
+    features = frozenset(f for a, f in enumerate(image) if a not in normalized)
+    return " ".join(image), " ".join(stat), features | {"n"}
+
+
+def _global_train(axes, bind, x, gamma, beta, *, mode, layout, epsilon, impl):
+    if "n" not in axes:
+        return bind(x, gamma, beta, mode=mode, layout=layout, epsilon=epsilon, impl=impl)
+    mean, var = reference.batch_statistics(x, mode=mode, layout=layout, axis_name=axes["n"])
+    out = bn_fwd_infer_p.bind(x, gamma, beta, mean.astype(gamma.dtype), var.astype(gamma.dtype),
+                              mode=mode, layout=layout, epsilon=epsilon, impl=impl)
+    invstd = jax.lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+    return [out, mean.astype(gamma.dtype), invstd.astype(gamma.dtype)]
+
+
+def _global_backward(axes, bind, x, dy, gamma, mean, invstd, **params):
+    if "n" not in axes:
+        return bind(x, dy, gamma, mean, invstd, **params)
+    params.pop("impl")
+    return reference.bn_backward(x, dy, gamma, mean, invstd, axis_name=axes["n"], **params)
+
+
+def _train_partitioning(x, gamma, beta, *, mode, layout, epsilon):
+    image, stat, shardable = _factors(x, mode, layout)
+    return Partitioning((image, stat, stat), (image, stat, stat), shardable, local=_global_train)
+
+
+def _infer_partitioning(x, *params, mode, layout, epsilon):
+    image, stat, _ = _factors(x, mode, layout)  # elementwise: every axis of x splits
+    return Partitioning((image,) + (stat,) * 4, (image,), frozenset(image.split()))
+
+
+def _bwd_partitioning(x, dy, gamma, mean, invstd, *, mode, layout, epsilon):
+    image, stat, shardable = _factors(x, mode, layout)
+    return Partitioning((image, image, stat, stat, stat), (image, stat, stat), shardable,
+                        local=_global_backward)
 
 
 bn_fwd_train_p = define_primitive(
     "jaxdnn_bn_fwd_train", abstract_eval=_train_abstract, reference=reference.bn_forward_train,
     ffi_target="jaxdnn_bn_fwd_train", attributes=_attributes,
     workspace_bytes=_workspace_bytes, batch_rule=_fold_into_features,
-    multiple_results=True)
+    partitioning=_train_partitioning, multiple_results=True)
 
 bn_fwd_infer_p = define_primitive(
     "jaxdnn_bn_fwd_infer", abstract_eval=_infer_abstract, reference=reference.bn_forward_infer,
-    ffi_target="jaxdnn_bn_fwd_infer", attributes=_attributes, batch_rule=_batch_infer)
+    ffi_target="jaxdnn_bn_fwd_infer", attributes=_attributes, batch_rule=_batch_infer,
+    partitioning=_infer_partitioning)
 
 bn_bwd_p = define_primitive(
     "jaxdnn_bn_bwd", abstract_eval=_bwd_abstract, reference=reference.bn_backward,
     ffi_target="jaxdnn_bn_bwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
-    batch_rule=_fold_into_features, multiple_results=True)
+    batch_rule=_fold_into_features, partitioning=_bwd_partitioning, multiple_results=True)
 
 _bn_backward = reference_differentiable(bn_bwd_p, reference.bn_backward)
 _bn_infer = reference_differentiable(bn_fwd_infer_p, reference.bn_forward_infer)
@@ -219,6 +270,18 @@ def _bn_train_bwd(params, residuals, cotangents):
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+
+
+def _bn_train_across(x, gamma, beta, *, axis_name, mode, layout, epsilon, impl):
+    """Training batch norm over the batches of every device of `axis_name`: XLA's moments,
+    averaged across the devices, applied by the inference primitive. Plain JAX around
+    differentiable primitives: AD carries the gradients across the devices (the pmeans'
+    transposes)."""
+    mean, var = reference.batch_statistics(x, mode=mode, layout=layout, axis_name=axis_name)
+    out = _bn_infer(x, gamma, beta, mean.astype(gamma.dtype), var.astype(gamma.dtype),
+                    mode=mode, layout=layout, epsilon=epsilon, impl=impl)
+    invstd = jax.lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+    return out, mean.astype(gamma.dtype), invstd.astype(gamma.dtype)
 
 
 # ---- argument handling -------------------------------------------------------------------
@@ -345,7 +408,7 @@ def _to_primitive(value, unit_axes, dtype):
 def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activation",
                                   epsilon: float = 1e-4, running_average_factor=0.1,
                                   running_mean=None, running_var=None,
-                                  data_format: str = "NCHW"):
+                                  data_format: str = "NCHW", axis_name=None):
     """Batch normalization with the statistics of the batch.
 
     inputs: 2-D to 5-D, channels-first ((N, C, ...), the default) or channels-last with
@@ -365,6 +428,14 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
     inputs); the running stats keep their own dtypes. epsilon >= 1e-5. out, mean and invstd
     are differentiable with respect to inputs, gamma and beta; so are the running stats.
     running_average_factor may be a traced scalar (a schedule).
+
+    axis_name: under `shard_map` (or `pmap`), a mapped axis name or a tuple of names over
+    which the statistics are taken, as `flax.linen.BatchNorm(axis_name=...)` does: every
+    result (running averages and gradients too) equals that of one batch norm over the
+    devices' concatenated batches (each device's part of the batch of equal size). The
+    statistics are then computed by XLA (float32 moments, averaged across the devices)
+    and applied by cuDNN's inference kernel. Under `jit` with a sharded batch, no
+    axis_name is needed: the statistics are always those of the whole batch.
     """
     op = "dnn_batch_normalization_train"
     if (running_mean is None) != (running_var is None):
@@ -384,11 +455,17 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
                          f"statistic in mode={mode!r}; running_var needs m >= 2 (it scales the "
                          "variance by m / (m - 1))")
     pdtype = reference.compute_dtype(x.dtype)
-    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS)
-    prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
-    out, mean, invstd = _bn_train(_to_primitive(x, unit_axes, x.dtype),
-                                  _to_primitive(gamma, unit_axes, pdtype),
-                                  _to_primitive(beta, unit_axes, pdtype), prim_params)
+    operands = (_to_primitive(x, unit_axes, x.dtype), _to_primitive(gamma, unit_axes, pdtype),
+                _to_primitive(beta, unit_axes, pdtype))
+    if axis_name is None:
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS)
+        prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
+        out, mean, invstd = _bn_train(*operands, prim_params)
+    else:
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS)
+        out, mean, invstd = _bn_train_across(*operands, axis_name=axis_name, mode=mode,
+                                             layout=layout, epsilon=eps, impl=impl)
+        m = m * jax.lax.psum(1, axis_name)
     out = out.reshape(x.shape)
     mean, invstd = mean.reshape(stat_shape), invstd.reshape(stat_shape)
     gdtype = jnp.result_type(gamma)

@@ -26,7 +26,9 @@ import numpy as np
 
 from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad, batching
+from jaxdnn._batching import merge_into, split_from
 from jaxdnn._primitive import choose_impl, define_primitive
+from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis, is_channels_last
 from jaxdnn.reference import conv as reference
 
@@ -111,13 +113,11 @@ def _fold_operand_into_n(prim, args, dims, operand, shape_param=None, **params):
     vmapped axis into N, run once, split it again."""
     size = args[operand].shape[dims[operand]]
     args = list(args)
-    x = batching.bdim_at_front(args[operand], dims[operand], size)
-    args[operand] = x.reshape((size * x.shape[1],) + x.shape[2:])
+    args[operand] = merge_into(args[operand], dims[operand], size, 0)
     if shape_param is not None:
         shape = params[shape_param]
         params[shape_param] = (size * shape[0],) + tuple(shape[1:])
-    out = prim.bind(*args, **params)
-    return out.reshape((size, out.shape[0] // size) + out.shape[1:]), 0
+    return split_from(prim.bind(*args, **params), size, 0)
 
 
 def _batch_fwd(prim, args, dims, **params):
@@ -156,21 +156,53 @@ def _workspace_bytes(pass_index: int):
     return workspace_bytes
 
 
+def _factors(groups: int, layout: str) -> tuple[str, str, str, frozenset]:
+    """(image, kernels, output) factor strings and the factors that may stay sharded.
+
+    N always splits. With one group the output channels K split too (each device holds
+    some kernels: model parallelism), and so do the input channels C, which every output
+    sums over (its partial sums are psummed). With groups, a channel split would have to
+    fall on group boundaries: only N splits."""
+    channel = "c" if groups == 1 else "cg"  # the kernels' C/groups differs from C
+    image = layout_factors(layout)
+    kernels = layout_factors(layout, batch="k", channel=channel, spatial_suffix="k")
+    output = layout_factors(layout, channel="k", spatial_suffix="o")
+    shardable = frozenset({"n", "k", "c"} if groups == 1 else {"n"})
+    return image, kernels, output, shardable
+
+
+def _fwd_partitioning(img, kerns, *, groups, layout, **params):
+    image, kernels, output, shardable = _factors(groups, layout)
+    return Partitioning((image, kernels), (output,), shardable)
+
+
+def _bwd_data_partitioning(kerns, topgrad, *, groups, layout, **params):
+    image, kernels, output, shardable = _factors(groups, layout)
+    return Partitioning((kernels, output), (image,), shardable, shape_params={"img_shape": image})
+
+
+def _bwd_filter_partitioning(img, topgrad, *, groups, layout, **params):
+    image, kernels, output, shardable = _factors(groups, layout)
+    return Partitioning((image, output), (kernels,), shardable,
+                        shape_params={"kerns_shape": kernels})
+
+
 conv_fwd_p = define_primitive(
     "jaxdnn_conv_fwd", abstract_eval=_fwd_abstract, reference=reference.conv_forward,
     ffi_target="jaxdnn_conv_fwd", attributes=_attributes(0), workspace_bytes=_workspace_bytes(0),
-    batch_rule=_batch_fwd)
+    batch_rule=_batch_fwd, partitioning=_fwd_partitioning)
 conv_bwd_data_p = define_primitive(
     "jaxdnn_conv_bwd_data", abstract_eval=_bwd_data_abstract,
     reference=reference.conv_backward_data, ffi_target="jaxdnn_conv_bwd_data",
-    attributes=_attributes(1), workspace_bytes=_workspace_bytes(1), batch_rule=_batch_bwd_data)
+    attributes=_attributes(1), workspace_bytes=_workspace_bytes(1), batch_rule=_batch_bwd_data,
+    partitioning=_bwd_data_partitioning)
 # The kernel gradient sums over N, so vmapped images cannot join the batch: every
 # batched case folds into groups.
 conv_bwd_filter_p = define_primitive(
     "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
     reference=reference.conv_backward_filter, ffi_target="jaxdnn_conv_bwd_filter",
     attributes=_attributes(2), workspace_bytes=_workspace_bytes(2),
-    batch_rule=_fold_into_groups)
+    batch_rule=_fold_into_groups, partitioning=_bwd_filter_partitioning)
 
 
 def _bwd_data_as_forward(kerns_shape, img_shape, params: dict) -> dict | None:

@@ -20,6 +20,7 @@ from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad
 from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
                                fold_into_batch_resizing, reference_differentiable)
+from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format, spatial_axes
 from jaxdnn.reference import pooling as reference
 
@@ -53,18 +54,42 @@ def _attributes(*, mode, ws, stride, pad, layout, input_shape=None):
                 stride=np.asarray(stride, np.int64), pad=np.asarray(pad, np.int64))
 
 
+# Pooling windows stay within one image and one channel: N and C split freely; the
+# spatial axes are gathered (cuDNN has no halo exchange).
+_SHARDABLE = frozenset({"n", "c"})
+
+
+def _fwd_partitioning(x, *, layout, **params):
+    return Partitioning((layout_factors(layout),), (layout_factors(layout, spatial_suffix="o"),),
+                        _SHARDABLE)
+
+
+def _bwd_partitioning(x, y, dy, *, layout, **params):
+    image, pooled = layout_factors(layout), layout_factors(layout, spatial_suffix="o")
+    return Partitioning((image, pooled, pooled), (image,), _SHARDABLE)
+
+
+def _bwd_linear_partitioning(dy, *, layout, **params):
+    image = layout_factors(layout)
+    return Partitioning((layout_factors(layout, spatial_suffix="o"),), (image,), _SHARDABLE,
+                        shape_params={"input_shape": image})
+
+
 pool_fwd_p = define_primitive(
     "jaxdnn_pool_fwd", abstract_eval=_fwd_abstract, reference=reference.pool_forward,
-    ffi_target="jaxdnn_pool_fwd", attributes=_attributes, batch_rule=fold_into_batch)
+    ffi_target="jaxdnn_pool_fwd", attributes=_attributes, batch_rule=fold_into_batch,
+    partitioning=_fwd_partitioning)
 
 pool_bwd_p = define_primitive(
     "jaxdnn_pool_bwd", abstract_eval=_bwd_abstract, reference=reference.pool_backward,
-    ffi_target="jaxdnn_pool_bwd", attributes=_attributes, batch_rule=fold_into_batch)
+    ffi_target="jaxdnn_pool_bwd", attributes=_attributes, batch_rule=fold_into_batch,
+    partitioning=_bwd_partitioning)
 
 pool_bwd_linear_p = define_primitive(
     "jaxdnn_pool_bwd_linear", abstract_eval=_bwd_linear_abstract,
     reference=reference.pool_backward_linear, ffi_target="jaxdnn_pool_bwd_linear",
-    attributes=_attributes, batch_rule=fold_into_batch_resizing("input_shape"))
+    attributes=_attributes, batch_rule=fold_into_batch_resizing("input_shape"),
+    partitioning=_bwd_linear_partitioning)
 
 
 # Linear modes: JVP and transpose rules on the primitives themselves.

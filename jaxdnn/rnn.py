@@ -92,8 +92,10 @@ from jax import lax
 
 from jaxdnn import _extension, _validate
 from jaxdnn import config as config_module
+from jaxdnn._batching import merge_into, split_from
 from jaxdnn._compat import ShapedArray, batching
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn._sharding import Partitioning
 from jaxdnn.conv import _allows_tf32
 from jaxdnn.reference import rnn as reference
 from jaxdnn.reference.rnn import WeightEntry, weight_layout
@@ -193,13 +195,27 @@ _SIZE_KEYS = tuple(k for k in _Config._fields
 
 
 def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:
-    """(workspace, reserve) bytes of a call on x (T, N, I) with these parameters."""
+    """(workspace, reserve) bytes of a call on x (T, N, I) with these parameters.
+
+    The reserve is laid out per sequence, N equal parts, each large enough for any split
+    of N over up to as many devices as there are: a batch split across devices splits its
+    reserve with it (jaxdnn/_sharding.py), and every shard holds what cuDNN needs for its
+    own N / s sequences."""
     if params["impl"] != "cudnn":  # the reference lowering needs neither
         return 0, 0
     t, n, i = x.shape
-    return temp_space_sizes(**{k: params[k] for k in _SIZE_KEYS},
-                            dtype=jnp.dtype(x.dtype).name, max_seq_length=t, batch_size=n,
-                            input_dim=i, training=training)
+
+    def sizes(batch):
+        return temp_space_sizes(**{k: params[k] for k in _SIZE_KEYS},
+                                dtype=jnp.dtype(x.dtype).name, max_seq_length=t,
+                                batch_size=batch, input_dim=i, training=training)
+
+    workspace, reserve = sizes(n)
+    if not reserve:
+        return workspace, 0
+    splits = [s for s in range(2, min(n, jax.device_count()) + 1) if n % s == 0]
+    per_sequence = max([-(-reserve // n)] + [-(-sizes(n // s)[1] // (n // s)) for s in splits])
+    return workspace, n * per_sequence
 
 
 def _forward_params(config: _Config, x, training: bool) -> dict:
@@ -218,8 +234,11 @@ def _resized(params: dict, x) -> tuple[dict, int]:
     major), and that call's reserve bytes."""
     workspace, reserve = _space_sizes(params, x, params.get("training", True))
     params = dict(params, workspace_bytes=workspace)
-    if params["static_lengths"]:  # every instance shares them (they are not vmapped)
-        params["static_lengths"] *= x.shape[1] // len(params["static_lengths"])
+    if params["static_lengths"]:  # every instance shares them (they are not vmapped);
+        # the instances are N's minor part (jaxdnn/_batching.py): each length repeats
+        copies = x.shape[1] // len(params["static_lengths"])
+        params["static_lengths"] = tuple(n for n in params["static_lengths"]
+                                         for _ in range(copies))
     if "reserve_bytes" in params:
         params["reserve_bytes"] = reserve
     return params, reserve
@@ -244,6 +263,33 @@ def _backward_weights_abstract(x, hx, cx, w, *operands, **params):
     return ShapedArray(w.shape, w.dtype)
 
 
+# ---- partitioning (jaxdnn/_sharding.py) ---------------------------------------------------
+# The sequences of a batch are independent: N (axis 1 of the data, axis 0 of the lengths)
+# splits; the weights stay whole and their gradient, a sum over N, is psummed. The reserve
+# space splits with N (its per-sequence layout: `_space_sizes`). Lengths compiled into the
+# call (static_lengths) describe the whole batch: such calls run whole.
+_DATA = ("t n i", "l n h", "l n hc", "p", "n")             # x, hx, cx, w, seq_lengths
+_BACKWARD_DATA = _DATA + ("t n o", "t n o", "l n h", "l n hc", "r")  # y, dy, dhy, dcy, reserve
+
+
+def _shardable(static_lengths) -> frozenset:
+    return frozenset() if static_lengths else frozenset({"n", "r"})
+
+
+def _forward_partitioning(*avals, static_lengths, **params):
+    return Partitioning(_DATA, ("t n o", "l n h", "l n hc", "r"), _shardable(static_lengths),
+                        shape_params={"reserve_bytes": "r"}, tied={"r": "n"})
+
+
+def _backward_data_partitioning(*avals, static_lengths, **params):
+    return Partitioning(_BACKWARD_DATA, ("t n i", "l n h", "l n hc", "r"),
+                        _shardable(static_lengths), tied={"r": "n"})
+
+
+def _backward_weights_partitioning(*avals, static_lengths, **params):
+    return Partitioning(_BACKWARD_DATA, ("p",), _shardable(static_lengths), tied={"r": "n"})
+
+
 def _attributes(*, workspace_bytes, reserve_bytes=None, static_lengths, **params):
     del workspace_bytes, reserve_bytes  # the handlers read them from their buffers
     attributes = {k: (v if isinstance(v, str) else np.int64(v)) for k, v in params.items()}
@@ -266,16 +312,13 @@ def _batch_size(args, dims) -> int:
 
 
 def _fold(a, dim, n_axis, size):
-    """a with its vmapped axis (broadcast if unmapped) merged into its N axis, instance-major."""
-    if n_axis is None:
-        return a
-    a = jnp.moveaxis(batching.bdim_at_front(a, dim, size), 0, n_axis)
-    return a.reshape(a.shape[:n_axis] + (size * a.shape[n_axis + 1],) + a.shape[n_axis + 2:])
+    """a with its vmapped axis (broadcast if unmapped) merged into its N axis."""
+    return a if n_axis is None else merge_into(a, dim, size, n_axis)
 
 
 def _unfold(a, n_axis, size):
-    """The inverse of _fold: the instances' axis comes back at n_axis."""
-    return a.reshape(a.shape[:n_axis] + (size, a.shape[n_axis] // size) + a.shape[n_axis + 1:])
+    """The inverse of _fold: the instances' axis comes back just after n_axis."""
+    return split_from(a, size, n_axis)[0]
 
 
 def _reserve_rows(reserve, size):
@@ -318,7 +361,7 @@ def _batch_forward(prim, args, dims, **params):
     params, _ = _resized(params, folded[0])
     y, hy, cy, reserve = prim.bind(*folded, **params)
     return ([_unfold(y, 1, size), _unfold(hy, 1, size), _unfold(cy, 1, size),
-             _reserve_rows(reserve, size)], [1, 1, 1, 0])
+             _reserve_rows(reserve, size)], [2, 2, 2, 0])
 
 
 def _batch_backward_data(prim, args, dims, **params):
@@ -334,7 +377,7 @@ def _batch_backward_data(prim, args, dims, **params):
     reserve = _join_reserve_rows(args[_RESERVE], dims[_RESERVE], reserve_bytes)
     dx, dhx, dcx, reserve = prim.bind(*folded, reserve, **params)
     return ([_unfold(dx, 1, size), _unfold(dhx, 1, size), _unfold(dcx, 1, size),
-             _reserve_rows(reserve, size)], [1, 1, 1, 0])
+             _reserve_rows(reserve, size)], [2, 2, 2, 0])
 
 
 def _batch_backward_weights(prim, args, dims, **params):
@@ -366,19 +409,19 @@ def _target(name: str):
 rnn_fwd_p = define_primitive(
     "jaxdnn_rnn_fwd", abstract_eval=_forward_abstract, reference=reference.forward,
     ffi_target=_target("jaxdnn_rnn_fwd"), attributes=_attributes, workspace_bytes=_workspace_bytes,
-    batch_rule=_batch_forward, multiple_results=True)
+    batch_rule=_batch_forward, partitioning=_forward_partitioning, multiple_results=True)
 
 rnn_bwd_data_p = define_primitive(
     "jaxdnn_rnn_bwd_data", abstract_eval=_backward_data_abstract,
     reference=reference.backward_data, ffi_target=_target("jaxdnn_rnn_bwd_data"),
     attributes=_attributes, workspace_bytes=_workspace_bytes, batch_rule=_batch_backward_data,
-    multiple_results=True)
+    partitioning=_backward_data_partitioning, multiple_results=True)
 
 rnn_bwd_weights_p = define_primitive(
     "jaxdnn_rnn_bwd_weights", abstract_eval=_backward_weights_abstract,
     reference=reference.backward_weights, ffi_target=_target("jaxdnn_rnn_bwd_weights"),
     attributes=_attributes, workspace_bytes=_workspace_bytes,
-    batch_rule=_batch_backward_weights)
+    batch_rule=_batch_backward_weights, partitioning=_backward_weights_partitioning)
 
 _forward = reference_differentiable(rnn_fwd_p, reference.forward)
 _backward_data = reference_differentiable(rnn_bwd_data_p, reference.backward_data)

@@ -13,6 +13,7 @@ import jax
 from jaxdnn import _validate
 from jaxdnn._compat import ShapedArray
 from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format
 from jaxdnn.reference import softmax as reference
 
@@ -26,13 +27,20 @@ def _same_as_first(x, *rest, **params):
     return ShapedArray(x.shape, x.dtype)
 
 
+def _partitioning(x, *rest, mode, layout, **params):
+    """Every operand and the result are laid out alike; each image is normalized on its
+    own: N splits."""
+    factors = layout_factors(layout)
+    return Partitioning((factors,) * (1 + len(rest)), (factors,), frozenset({"n"}))
+
+
 softmax_fwd_p = define_primitive(
     "jaxdnn_softmax_fwd", abstract_eval=_same_as_first, reference=reference.softmax_forward,
-    ffi_target="jaxdnn_softmax_fwd", batch_rule=fold_into_batch)
+    ffi_target="jaxdnn_softmax_fwd", batch_rule=fold_into_batch, partitioning=_partitioning)
 
 softmax_bwd_p = define_primitive(
     "jaxdnn_softmax_bwd", abstract_eval=_same_as_first, reference=reference.softmax_backward,
-    ffi_target="jaxdnn_softmax_bwd", batch_rule=fold_into_batch)
+    ffi_target="jaxdnn_softmax_bwd", batch_rule=fold_into_batch, partitioning=_partitioning)
 
 _softmax_backward = reference_differentiable(softmax_bwd_p, reference.softmax_backward)
 

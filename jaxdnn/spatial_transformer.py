@@ -52,6 +52,7 @@ from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad
 from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
                                fold_into_batch_resizing, reference_differentiable)
+from jaxdnn._sharding import Partitioning
 from jaxdnn.reference import spatial_transformer as reference
 
 __all__ = ["dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler", "stn_grid_fwd_p",
@@ -109,25 +110,52 @@ def _no_attributes(**params):
 _batch_grid = fold_into_batch_resizing("out_dims")
 
 
+# Factor strings: theta (N, 2, 3), grid (N, H, W, 2), images NCHW, the sampled output
+# (N, C, H', W'). Every image has its own theta: N splits everywhere; the sampler also
+# splits C (the grid gradient sums over C: its per-shard parts are psummed).
+_THETA, _GRID, _IMAGE, _SAMPLED = "n a b", "n ho wo t", "n c h w", "n c ho wo"
+
+
+def _grid_fwd_partitioning(theta, *, out_dims):
+    return Partitioning((_THETA,), (_GRID,), frozenset({"n"}),
+                        shape_params={"out_dims": "n c ho wo"})
+
+
+def _grid_bwd_partitioning(dgrid, *, out_dims):
+    return Partitioning((_GRID,), (_THETA,), frozenset({"n"}),
+                        shape_params={"out_dims": "n c ho wo"})
+
+
+def _sampler_fwd_partitioning(img, grid):
+    return Partitioning((_IMAGE, _GRID), (_SAMPLED,), frozenset({"n", "c"}))
+
+
+def _sampler_bwd_partitioning(img, grid, dout, *, deterministic):
+    return Partitioning((_IMAGE, _GRID, _SAMPLED), (_IMAGE, _GRID), frozenset({"n", "c"}))
+
+
 stn_grid_fwd_p = define_primitive(
     "jaxdnn_stn_grid_fwd", abstract_eval=_grid_fwd_abstract, reference=reference.grid_forward,
-    ffi_target="jaxdnn_stn_grid_fwd", attributes=_grid_attributes, batch_rule=_batch_grid)
+    ffi_target="jaxdnn_stn_grid_fwd", attributes=_grid_attributes, batch_rule=_batch_grid,
+    partitioning=_grid_fwd_partitioning)
 
 stn_grid_bwd_p = define_primitive(
     "jaxdnn_stn_grid_bwd", abstract_eval=_grid_bwd_abstract, reference=reference.grid_backward,
-    ffi_target="jaxdnn_stn_grid_bwd", attributes=_grid_attributes, batch_rule=_batch_grid)
+    ffi_target="jaxdnn_stn_grid_bwd", attributes=_grid_attributes, batch_rule=_batch_grid,
+    partitioning=_grid_bwd_partitioning)
 
 # The sampler treats the images of a batch independently: vmapped axes fold into N
 # (an unmapped operand is broadcast along them).
 stn_sampler_fwd_p = define_primitive(
     "jaxdnn_stn_sampler_fwd", abstract_eval=_sampler_fwd_abstract,
     reference=reference.sampler_forward, ffi_target="jaxdnn_stn_sampler_fwd",
-    attributes=_no_attributes, batch_rule=fold_into_batch)
+    attributes=_no_attributes, batch_rule=fold_into_batch, partitioning=_sampler_fwd_partitioning)
 
 stn_sampler_bwd_p = define_primitive(
     "jaxdnn_stn_sampler_bwd", abstract_eval=_sampler_bwd_abstract,
     reference=reference.sampler_backward, ffi_target="jaxdnn_stn_sampler_bwd",
-    attributes=_no_attributes, batch_rule=fold_into_batch, multiple_results=True)
+    attributes=_no_attributes, batch_rule=fold_into_batch, partitioning=_sampler_bwd_partitioning,
+    multiple_results=True)
 
 
 # The grid generator is linear: JVP and transpose rules on the primitives themselves.

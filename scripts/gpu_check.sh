@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
 mkdir -p "$LOG_DIR"
-STAGES=${STAGES:-"build info tests graphs bench rnnbench flaxbench inprogram examples"}
+STAGES=${STAGES:-"build info tests graphs sharding bench rnnbench flaxbench inprogram scaling examples"}
 PYTHON=${PYTHON:-python3}
 read -r -a TESTS <<<"${TESTS:-tests}"
 export PYTHONUNBUFFERED=1
@@ -50,6 +50,10 @@ run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+# The sharding tests on 8 forced host devices (CPU), beside the GPU: the partitioned
+# programs and sharded numbers, on the machine's own jax.
+run_stage sharding env XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_sharding.py
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
 # Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.
@@ -64,8 +68,10 @@ run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_
 run_stage kerneltimes env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/kernel_times.py "$LOG_DIR" ${KERNEL_TIMES_ARGS:-}
 # The worked examples, in full, on the GPU.
+run_stage scaling "$PYTHON" benchmarks/scaling.py --json "$LOG_DIR/scaling.json"
 examples() {
-  time "$PYTHON" examples/stn_digits.py && time "$PYTHON" examples/sequence_model.py
+  time "$PYTHON" examples/stn_digits.py && time "$PYTHON" examples/sequence_model.py &&
+    time "$PYTHON" examples/data_parallel.py
 }
 run_stage examples examples
 exit $status

@@ -278,8 +278,8 @@ def test_batch_norm_unsupported_options_raise():
     x = jnp.ones((4, 3))
     with pytest.raises(ValueError, match="epsilon"):
         _trace_init(jf.BatchNorm(False, epsilon=1e-6), x)
-    with pytest.raises(ValueError, match="axis_name"):
-        _trace_init(jf.BatchNorm(False, axis_name="batch"), x)
+    with pytest.raises(ValueError, match="axis_index_groups"):
+        _trace_init(jf.BatchNorm(False, axis_name="batch", axis_index_groups=[[0]]), x)
     with pytest.raises(ValueError, match="mask"):
         _trace_init(jf.BatchNorm(False), x, mask=jnp.ones((4, 3), bool))
 

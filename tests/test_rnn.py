@@ -652,7 +652,8 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
                      "variable_lengths = 1 : i64", "allow_tf32 ="):
             assert attr in attrs, (name, attr, attrs)
         assert ("training = 1 : i64" in attrs) == name.startswith("jaxdnn_rnn_fwd")
-    reserve = 7 * BATCH * STEPS + 5
+    # cuDNN's reserve, laid out per sequence (N equal parts that split with the batch)
+    reserve = BATCH * -(-(7 * BATCH * STEPS + 5) // BATCH)
     workspace = 64 + BATCH
     y, state = f"tensor<{STEPS}x{BATCH}x{2 * HIDDEN}xf16>", f"tensor<4x{BATCH}x{HIDDEN}xf16>"
     assert (f"-> ({y}, {state}, {state}, tensor<{reserve}xui8>, tensor<{workspace}xui8>)"
@@ -688,7 +689,8 @@ def test_vmap_tiles_static_lengths_when_folding(cudnn_on_cpu):
     fn = jax.vmap(lambda x: block.apply(w, x, hx, None, LENGTHS)[0])
     (name, attrs), = _rnn_calls(_cuda_hlo(fn, xs))
     assert name == "jaxdnn_rnn_fwd_host_lengths"
-    assert "static_lengths = dense<[4, 1, 3, 4, 1, 3]> : tensor<6xi32>" in attrs
+    # the instances are N's minor part: each sequence's length repeats, once per instance
+    assert "static_lengths = dense<[4, 4, 1, 1, 3, 3]> : tensor<6xi32>" in attrs
 
 
 def test_vmap_folds_into_the_batch_on_the_cudnn_path(rng, cudnn_on_cpu):

@@ -34,8 +34,8 @@ The shared functional core (`conv_apply`, `conv_transpose_apply`, `batch_norm_ap
 `pool_apply`, `spatial_transform_apply`) takes arrays and static options and is what the
 linen modules here and the NNX modules of `jaxdnn.flax.nnx` call.
 
-Not matched: `input_dilation` != 1 (raises; use `ConvTranspose`), `axis_name` /
-`axis_index_groups` / `mask` of `BatchNorm` (raise: cross-device and masked statistics),
+Not matched: `input_dilation` != 1 (raises; use `ConvTranspose`), `axis_index_groups` /
+`mask` of `BatchNorm` (raise: grouped-device and masked statistics),
 `epsilon` < 1e-5 (cuDNN's minimum; raises), `ConvLocal`, and linen Conv's deprecated
 `conv_general_dilated` hooks. `precision` maps onto cuDNN's math mode: anything above
 `lax.Precision.DEFAULT` forbids TF32 for float32 data (as XLA's GPU convolutions do);
@@ -446,9 +446,10 @@ def _feature_axes(op: str, ndim: int, axis) -> tuple[int, ...]:
 def check_batch_norm_options(op: str, *, epsilon, axis_name=None, axis_index_groups=None,
                              mask=None) -> None:
     """The options jaxdnn's batch normalization cannot honour, each rejected by name."""
-    if axis_name is not None or axis_index_groups is not None:
-        raise ValueError(f"{op}: axis_name / axis_index_groups (statistics across devices) are "
-                         "not supported; under jit, XLA SPMD already reduces over sharded axes")
+    del axis_name  # statistics across the devices of a mapped axis: supported
+    if axis_index_groups is not None:
+        raise ValueError(f"{op}: axis_index_groups (statistics over groups of devices) is not "
+                         "supported; axis_name takes them over every device of the axis")
     if mask is not None:
         raise ValueError(f"{op}: mask (masked batch statistics) is not supported")
     if not float(epsilon) >= MIN_EPSILON:
@@ -456,11 +457,12 @@ def check_batch_norm_options(op: str, *, epsilon, axis_name=None, axis_index_gro
 
 
 def batch_norm_apply(x, scale, bias, *, axis=-1, epsilon: float = 1e-5, mean=None, var=None,
-                     dtype=None, op: str = "BatchNorm"):
+                     dtype=None, axis_name=None, op: str = "BatchNorm"):
     """Flax's batch normalization on cuDNN. Normalizes x over every axis but `axis` (the
     feature axis or axes): with the batch's statistics when mean and var are None, else
     with the given ones. scale and bias: the features' shape, or None (1 and 0). dtype:
-    the result's dtype (Flax's canonicalize_dtype of x, scale and bias).
+    the result's dtype (Flax's canonicalize_dtype of x, scale and bias). axis_name: the
+    batch statistics are those of every device of these mapped axes (shard_map, pmap).
 
     Returns (y, batch_mean, batch_var): the batch statistics (biased variance, at least
     float32, as Flax's _compute_stats) or None with given statistics."""
@@ -494,7 +496,8 @@ def batch_norm_apply(x, scale, bias, *, axis=-1, epsilon: float = 1e-5, mean=Non
     beta = as_param(bias, jnp.zeros(features, dnn_param_dtype))
     if mean is None:
         y, batch_mean, invstd = dnn_batch_normalization_train(
-            flat, gamma, beta, mode="spatial", epsilon=epsilon, data_format="channels_last")
+            flat, gamma, beta, mode="spatial", epsilon=epsilon, data_format="channels_last",
+            axis_name=axis_name)
         batch_mean = batch_mean.reshape(features).astype(stat_dtype)
         # cuDNN returns 1/sqrt(var + eps); Flax's running var wants the biased var itself.
         invstd = invstd.reshape(features)
@@ -513,8 +516,10 @@ class BatchNorm(nn.Module):
     """`flax.linen.BatchNorm` on cuDNN: the same attributes, the params 'scale' and 'bias'
     and the 'batch_stats' variables 'mean' and 'var', updated as Flax updates them
     (ra = momentum * ra + (1 - momentum) * batch statistic, biased variance; not during
-    initialization). epsilon must be >= 1e-5 (cuDNN); axis_name and axis_index_groups
-    (cross-device statistics) and __call__'s mask are not supported and raise.
+    initialization). epsilon must be >= 1e-5 (cuDNN). axis_name (under shard_map or pmap)
+    takes the statistics over every device of the mapped axes, as Flax does; under jit
+    with a sharded batch they are the whole batch's without it. axis_index_groups and
+    __call__'s mask are not supported and raise.
     use_fast_variance is accepted: cuDNN computes the variance its own (stable) way.
     """
     use_running_average: bool | None = None
@@ -561,7 +566,7 @@ class BatchNorm(nn.Module):
                                        mean=mean, var=var, dtype=self.dtype)
             return y
         y, mean, var = batch_norm_apply(x, scale, bias, axis=feature_axes, epsilon=self.epsilon,
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, axis_name=self.axis_name)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

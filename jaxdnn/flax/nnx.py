@@ -177,8 +177,9 @@ class ConvTranspose(nnx.Module):
 class BatchNorm(nnx.Module):
     """`flax.nnx.BatchNorm` on cuDNN: the same arguments, `nnx.Param`s scale and bias,
     `nnx.BatchStat`s mean and var updated as Flax updates them (momentum, biased batch
-    variance) whenever use_running_average is False. epsilon >= 1e-5 (cuDNN); axis_name,
-    axis_index_groups and __call__'s mask raise."""
+    variance) whenever use_running_average is False. epsilon >= 1e-5 (cuDNN); axis_name
+    takes the statistics over every device of the mapped axes (shard_map, pmap), as
+    Flax's; axis_index_groups and __call__'s mask raise."""
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                  axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-5,
@@ -230,7 +231,7 @@ class BatchNorm(nnx.Module):
                                        mean=ra_mean, var=ra_var, dtype=self.dtype)
             return y
         y, mean, var = batch_norm_apply(x, scale, bias, axis=self.axis, epsilon=self.epsilon,
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, axis_name=self.axis_name)
         # As Flax: no gradient through the running averages of variables it can update in
         # place (the usual case; not, e.g., from another trace level).
         can_update = (getattr(self.mean, "_can_update", False)

@@ -40,17 +40,30 @@ def compute_dtype(dtype):
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
+def batch_statistics(x, *, mode: str, layout: str, axis_name=None):
+    """(mean, biased variance) over the normalized axes, in the compute dtype. With
+    `axis_name` (mapped axes, each device holding an equal part of the batch) they are
+    those of the devices' concatenated batches: the mean is averaged across devices
+    first, then each device's mean square deviation from it (two passes, no
+    cancellation)."""
+    axes = reduction_axes(mode, layout, x.ndim)
+    xc = x.astype(compute_dtype(x.dtype))
+    mean = jnp.mean(xc, axis=axes, keepdims=True)
+    if axis_name is not None:
+        mean = lax.pmean(mean, axis_name)
+    var = jnp.mean(jnp.square(xc - mean), axis=axes, keepdims=True)
+    if axis_name is not None:
+        var = lax.pmean(var, axis_name)
+    return mean, var
+
+
 def bn_forward_train(x, gamma, beta, *, mode: str, layout: str, epsilon: float):
     """[out, mean, invstd]: mean and biased variance over the normalized axes,
     invstd = 1 / sqrt(var + epsilon), out = (x - mean) * gamma * invstd + beta."""
-    axes = reduction_axes(mode, layout, x.ndim)
     ct = compute_dtype(x.dtype)
-    xc = x.astype(ct)
-    mean = jnp.mean(xc, axis=axes, keepdims=True)
-    centered = xc - mean
-    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)  # two passes: no cancellation
+    mean, var = batch_statistics(x, mode=mode, layout=layout)
     invstd = lax.rsqrt(var + jnp.asarray(epsilon, ct))
-    out = centered * (gamma.astype(ct) * invstd) + beta.astype(ct)
+    out = (x.astype(ct) - mean) * (gamma.astype(ct) * invstd) + beta.astype(ct)
     return [out.astype(x.dtype), mean.astype(gamma.dtype), invstd.astype(gamma.dtype)]
 
 
@@ -63,7 +76,8 @@ def bn_forward_infer(x, gamma, beta, mean, var, *, mode: str, layout: str, epsil
     return out.astype(x.dtype)
 
 
-def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: float):
+def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: float,
+                axis_name=None):
     """[dx, dgamma, dbeta]: the VJP of bn_forward_train's `out` with respect to x, gamma
     and beta, given the cotangent dy and the statistics the forward saved (mean and invstd
     are those of x: their own dependence on x is part of dx, as in cuDNN's backward).
@@ -71,6 +85,9 @@ def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: 
         xhat = (x - mean) * invstd
         dbeta = sum(dy), dgamma = sum(dy * xhat)
         dx = gamma * invstd * (dy - dbeta / m - xhat * dgamma / m)
+
+    With `axis_name` (statistics over the devices' concatenated batches), the two sums
+    and m run over every device.
     """
     del epsilon  # the saved invstd already holds it
     axes = reduction_axes(mode, layout, x.ndim)
@@ -81,5 +98,8 @@ def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: 
     dyc = dy.astype(ct)
     dbeta = jnp.sum(dyc, axis=axes, keepdims=True)
     dgamma = jnp.sum(dyc * xhat, axis=axes, keepdims=True)
-    dx = (gamma.astype(ct) * invstd_c) * (dyc - (dbeta + xhat * dgamma) / max(m, 1))
+    if axis_name is not None:
+        dbeta, dgamma = lax.psum((dbeta, dgamma), axis_name)
+        m = m * lax.psum(1, axis_name)
+    dx = (gamma.astype(ct) * invstd_c) * (dyc - (dbeta + xhat * dgamma) / jnp.maximum(m, 1))
     return [dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype)]
