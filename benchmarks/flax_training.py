@@ -152,6 +152,11 @@ def _next_token_loss(logits, tokens):
 def train_step(model: nn.Module, loss_of: Callable) -> Callable:
     """The jitted step(params, state, inputs, targets) -> (params, state, loss): state holds
     the mutable collections (BatchNorm's batch_stats), empty for the LM."""
+    return jax.jit(sgd_step(model, loss_of))
+
+
+def sgd_step(model: nn.Module, loss_of: Callable) -> Callable:
+    """train_step's step, not jitted (scaling.py jits it with shardings)."""
     def loss_fn(params, state, inputs, targets):
         variables = {"params": params, **state}
         if state:
@@ -166,7 +171,7 @@ def train_step(model: nn.Module, loss_of: Callable) -> Callable:
         params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g.astype(p.dtype), params, grads)
         return params, state, loss
 
-    return jax.jit(step)
+    return step
 
 
 def _init(model: nn.Module, inputs) -> tuple[dict, dict]:

@@ -121,26 +121,6 @@ def default_batch(model: str, small: bool) -> int:
     return sizes["small" if small else "full"]["batch"]
 
 
-def make_step(model, loss_of):
-    """step(params, state, inputs, targets) -> (params, state, loss), unjitted."""
-    def loss_fn(params, state, inputs, targets):
-        variables = {"params": params, **state}
-        if state:
-            out, state = model.apply(variables, inputs, mutable=list(state))
-        else:
-            out = model.apply(variables, inputs)
-        return loss_of(out, targets), state
-
-    def step(params, state, inputs, targets):
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, inputs, targets)
-        params = jax.tree.map(lambda p, g: p - ft.LEARNING_RATE * g.astype(p.dtype),
-                              params, grads)
-        return params, state, loss
-
-    return step
-
-
 def device_counts(total: int, limit: int | None) -> list[int]:
     top = min(total, limit or total)
     counts, k = [], 1
@@ -159,7 +139,7 @@ def run_one(model, params, state, inputs, targets, loss_of, k: int, steps: int,
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     args = (jax.device_put(params, replicated), jax.device_put(state, replicated),
             jax.device_put(inputs, batched), jax.device_put(targets, batched))
-    step = jax.jit(make_step(model, loss_of),
+    step = jax.jit(ft.sgd_step(model, loss_of),
                    in_shardings=(replicated, replicated, batched, batched),
                    out_shardings=(replicated, replicated, replicated))
     lowered = step.lower(*args)

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxdnn
 from jaxdnn import _extension
-from jaxdnn import rnn as rnn_module
+from test_rnn import cudnn_on_cpu  # noqa: F401  (the fixture, shared)
 
 if len(jax.devices("cpu")) < 8:
     pytest.skip("needs 8 host devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "
@@ -34,19 +34,10 @@ def mesh(shape=(4, 2)):
     return jax.sharding.Mesh(np.array(CPUS).reshape(shape), ("data", "model"), axis_types=AUTO)
 
 
-def fake_temp_space_sizes(*, batch_size, max_seq_length, training, **config):
-    """RNN sizes as cuDNN might give them (the reserve grows with the batch)."""
-    return 64 + batch_size, (7 * batch_size * max_seq_length + 5) if training else 0
-
-
 @pytest.fixture(autouse=True)
-def cudnn_on_cpu(monkeypatch):
+def _cudnn_path(cudnn_on_cpu):
     """The cuDNN path's primitives, as on a GPU machine (on the CPU they lower to their
     references through the same partitioning)."""
-    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
-    monkeypatch.setattr(rnn_module, "temp_space_sizes", fake_temp_space_sizes)
-    jaxdnn.config.update("dnn.enabled", True)
 
 
 @pytest.fixture(params=["shardy", "gspmd"])
