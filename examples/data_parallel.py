@@ -162,10 +162,14 @@ def main(argv=None) -> int:
         print(f"{i + 1:5d}   {losses['cnn'][-1]:9.4f}   {losses['cnn_shard_map'][-1]:15.4f}   "
               f"{losses['gru'][-1]:.4f}", flush=True)
 
-    # The two CNN runs differ only in who reduces the batch statistics: same numbers.
-    gap = max(abs(a - b) for a, b in zip(losses["cnn"], losses["cnn_shard_map"]))
+    # The two CNN runs differ only in who reduces the batch statistics and gradients, so
+    # only in float32 rounding (summation order). At lr=1.0 training amplifies rounding
+    # over the steps, so the runs are compared over their first 10 steps.
+    compared = min(10, args.steps)
+    gap = max(abs(a - b) for a, b in zip(losses["cnn"][:compared],
+                                         losses["cnn_shard_map"][:compared]))
     print(f"\ndone in {time.perf_counter() - start:.1f} s; jit vs shard_map CNN losses differ "
-          f"by at most {gap:.2e}")
+          f"by at most {gap:.2e} over the first {compared} steps")
     print(f"devices: {len(devices)}")
     for name, values in losses.items():
         print(f"final loss {name}: {values[-1]:.4f} (first {values[0]:.4f})")

@@ -4,6 +4,7 @@ When JAX moves one of these, this file is the one place to mend.
 """
 from __future__ import annotations
 
+import jax
 from jax._src import config as _jax_config
 from jax._src import core as _core
 from jax._src import dispatch as _dispatch
@@ -51,6 +52,32 @@ def typed_like_operands(result: ShapedArray, operands, spec=None) -> ShapedArray
                        manual_axis_type=arrays[0].manual_axis_type)
 
 
+def zeros_varying_like(shape, dtype, like):
+    """Zeros of `shape` and `dtype` that vary over the manual mesh axes `like` varies over:
+    the primal of a `jax.linear_transpose` inside shard_map, whose cotangent `like` is. (A
+    non-varying primal makes JAX insert a pvary whose transpose psums the per-device
+    cotangents inside the transpose, and again where the caller's pvary is transposed.)"""
+    zeros, _ = match_varying(jax.numpy.zeros(tuple(shape), dtype), like)
+    return zeros
+
+
+def cotangent_like(ct, primal):
+    """`ct` typed as the cotangent a custom VJP must return for `primal`: summed over the
+    manual mesh axes it varies over and `primal` does not (under shard_map(check_vma=True)
+    an operand replicated over the devices gets the sum of their contributions, what JAX's
+    own transpose of the implicit pvary gives), and resharded as `primal` is where the
+    mesh's axes are Explicit (sharding is part of the type there)."""
+    if ct is None or not hasattr(ct, "shape"):  # None or a symbolic zero
+        return ct
+    ct_type, primal_type = jax.typeof(ct), jax.typeof(primal)
+    extra = ct_type.manual_axis_type.varying - primal_type.manual_axis_type.varying
+    if extra:
+        ct = jax.lax.psum(ct, tuple(sorted(extra)))
+    if primal_type.sharding.mesh.explicit_axes and ct_type.sharding.spec != primal_type.sharding.spec:
+        ct = jax.sharding.reshard(ct, primal_type.sharding.spec)
+    return ct
+
+
 def define_trace_state(name: str, default, help: str):
     """A JAX config state that is part of the jit cache key and trace context, as JAX's own
     trace-time flags are: changing it makes `jax.jit` trace again instead of reusing a
@@ -59,6 +86,7 @@ def define_trace_state(name: str, default, help: str):
     return _jax_config.string_or_object_state(
         name, default, help, include_in_jit_key=True, include_in_trace_context=True)
 
-__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "define_trace_state",
+__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "cotangent_like",
+           "define_trace_state",
            "extend_axis_env", "match_varying", "mlir", "replicated_like",
-           "requires_devices_during_lowering", "typed_like_operands"]
+           "requires_devices_during_lowering", "zeros_varying_like", "typed_like_operands"]

@@ -81,19 +81,34 @@ class Partitioning:
         in_results = {f for r in self.result_factors() for f in r}
         return [f for f in self.factor_order() if f not in in_results]
 
-    def sdy_rule(self) -> tuple[str, dict]:
-        """Shardy's sharding_rule: the einsum-like string and its special factors."""
-        text = ", ".join(self.operands) + " -> " + ", ".join(self.results)
+    def sdy_rule(self, shapes: Sequence[Sequence[int]]) -> tuple[str, dict, dict]:
+        """Shardy's sharding_rule for operands and results of `shapes`: the einsum-like
+        string, its special factors and the sizes of factors seen only inside compound
+        dimensions. A tied follower is written as the minor part of a compound dimension
+        `(leader follower)`, so that Shardy splits it as its leader (the reserve space,
+        sequence-major, is split with the batch)."""
+        sizes: dict[str, int] = {}
+        for factors, shape in zip(self.operand_factors() + self.result_factors(), shapes):
+            sizes.update({f: n for f, n in zip(factors, shape) if f not in sizes})
+        compound = {f: leader for f, leader in self.tied.items()
+                    if f in sizes and sizes.get(leader) and sizes[f] % sizes[leader] == 0}
+
+        def render(factors: str) -> str:
+            return " ".join(f"({compound[f]} {f})" if f in compound else f
+                            for f in factors.split())
+
+        text = (", ".join(map(render, self.operands)) + " -> "
+                + ", ".join(map(render, self.results)))
         summed = self.summed()
         order = self.factor_order()
         reduction = tuple(f for f in order if f in summed and f in self.shardable)
-        replicated = tuple(f for f in order if f not in self.shardable and f not in summed)
+        replicated = tuple(f for f in order if f not in self.shardable)
         kinds = {}
         if reduction:
             kinds["reduction_factors"] = reduction
         if replicated:
             kinds["need_replication_factors"] = replicated
-        return text, kinds
+        return text, kinds, {f: sizes[f] // sizes[leader] for f, leader in compound.items()}
 
 
 def layout_factors(layout: str, *, batch: str = "n", channel: str = "c",
@@ -186,8 +201,10 @@ def _per_shard_body(spec: Partitioning, bind_local: Callable, params: dict,
     operand_factors = {f for fs in spec.operand_factors() for f in fs}
     result_sums = []
     for factors in spec.result_factors():
-        # a tied factor is no sum of its own: it splits as its leader does
-        axes = [a for f in spec.factor_order() if f in operand_factors and f not in factors
+        # A tied follower holds its leader (the reserve space is per sequence): a result
+        # with the follower is no sum over the leader, and the follower is no sum itself.
+        held = set(factors) | {spec.tied[f] for f in factors if f in spec.tied}
+        axes = [a for f in spec.factor_order() if f in operand_factors and f not in held
                 and f not in spec.tied for a in assigned.get(f, ())]
         result_sums.append(tuple(dict.fromkeys(axes)))
 
@@ -274,9 +291,10 @@ def partitioned_lowering(bind_local: Callable, spec_fn: Callable[..., Partitioni
             return list(bind_local(*operands, **params))
 
         partitioned = custom_partitioning(call)
-        rule, kinds = spec.sdy_rule()
+        rule, kinds, factor_sizes = spec.sdy_rule(
+            in_shapes + [tuple(a.shape) for a in ctx.avals_out])
         partitioned.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                                  sharding_rule=rule, **kinds)
+                                  sharding_rule=rule, **kinds, **factor_sizes)
         return mlir.lower_fun(partitioned, multiple_results=True)(ctx, *args)
 
     return lowering

@@ -46,7 +46,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jaxdnn import _validate
-from jaxdnn._compat import ShapedArray, batching
+from jaxdnn._compat import ShapedArray, batching, cotangent_like
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
 from jaxdnn._sharding import Partitioning, layout_factors
@@ -228,7 +228,7 @@ def _bn_train_fwd(x, gamma, beta, params):
     # symbolic_zeros: the differentiable arguments arrive as CustomVJPPrimal records.
     x, gamma, beta = x.value, gamma.value, beta.value
     out, mean, invstd = _bn_train(x, gamma, beta, params)  # itself: grad of grad sees it
-    return (out, mean, invstd), (x, gamma, mean, invstd)
+    return (out, mean, invstd), (x, gamma, beta, mean, invstd)
 
 
 def _is_zero(ct) -> bool:
@@ -253,7 +253,7 @@ def _statistics_cotangent(x, mean, invstd, dmean, dinvstd, *, mode, layout):
 
 
 def _bn_train_bwd(params, residuals, cotangents):
-    x, gamma, mean, invstd = residuals
+    x, gamma, beta, mean, invstd = residuals
     dout, dmean, dinvstd = cotangents
     kwargs = dict(params)
     if _is_zero(dout):
@@ -266,7 +266,7 @@ def _bn_train_bwd(params, residuals, cotangents):
         dx = extra if dx is None else dx.astype(extra.dtype) + extra
     if dx is None:
         dx = jnp.zeros_like(x)
-    return dx.astype(x.dtype), dgamma, dbeta
+    return dx.astype(x.dtype), cotangent_like(dgamma, gamma), cotangent_like(dbeta, beta)
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)

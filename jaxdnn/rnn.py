@@ -93,7 +93,7 @@ from jax import lax
 from jaxdnn import _extension, _validate
 from jaxdnn import config as config_module
 from jaxdnn._batching import merge_into, split_from
-from jaxdnn._compat import ShapedArray, batching
+from jaxdnn._compat import ShapedArray, batching, cotangent_like
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
 from jaxdnn._sharding import Partitioning
 from jaxdnn.conv import _allows_tf32
@@ -446,7 +446,8 @@ def _cudnn_rnn_bwd(config, residuals, cotangents):
     params = _backward_params(config, inputs[0])
     dx, dhx, dcx, reserve = _backward_data(*operands, reserve, **params)
     dw = _backward_weights(*operands, reserve, **params)
-    return dx, dhx, dcx, dw, None
+    cotangents = [cotangent_like(ct, primal) for ct, primal in zip((dx, dhx, dcx, dw), inputs)]
+    return (*cotangents, None)
 
 
 _cudnn_rnn.defvjp(_cudnn_rnn_fwd, _cudnn_rnn_bwd)

@@ -53,12 +53,10 @@ def test_shard_map_batch_norm_loss_equals_jit(run):
     assert abs(float(step1.group(1)) - float(step1.group(2))) < 1e-3, step1.group(0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jaxdnn bug (XLA path, shard_map with check_vma=True): dnn_gradweight's reference "
-    "lowering (jax.linear_transpose against an unvarying ShapeDtypeStruct) psums the "
-    "kernel gradient over the manual axis, and shard_map's transpose psums it again, so "
-    "the Conv kernel gradients come out device-count times too large"))
-def test_shard_map_training_matches_jit_throughout(run):
+def test_shard_map_training_matches_jit_over_the_first_steps(run):
+    """The same training under shard_map and under jit, step by step, until float32
+    rounding (different summation orders), amplified by training at lr=1.0, could part
+    them."""
     returncode, output = run
     assert returncode == 0, output
     gap = re.search(r"losses differ by at most ([\d.e+-]+)", output)

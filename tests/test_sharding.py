@@ -10,6 +10,7 @@ pytest process of its own with XLA_FLAGS=--xla_force_host_platform_device_count=
 * shard_map with check_vma=True and grad; batch norm's axis_name equals one batch norm
   over the concatenated batches.
 """
+import math
 import re
 
 import jax
@@ -100,7 +101,7 @@ def cnn_loss(x, w, gamma, beta):
     y, _, _ = jaxdnn.dnn_batch_normalization_train(y, gamma, beta, mode="spatial",
                                                    data_format="NHWC")
     y = jaxdnn.dnn_pool(jax.nn.relu(y), (2, 2), data_format="NHWC")
-    return jnp.sum(jaxdnn.dnn_softmax(y.reshape(y.shape[0], -1)) * jnp.arange(y[0].size))
+    return jnp.sum(jaxdnn.dnn_softmax(y.reshape(y.shape[0], -1)) * jnp.arange(math.prod(y.shape[1:])))
 
 
 RNN_BLOCK = jaxdnn.RNNBlock("float32", 5, 2, "lstm", direction_mode="bidirectional")
@@ -199,8 +200,6 @@ def test_partitioned_cuda_program_keeps_the_batch_local(name, loss, make_args, s
                                                         n_axis, partitioner, placeholders):
     """The program XLA would run on 8 GPUs: no all-gather, and no jaxdnn call on the
     global batch (every data array's N is the global batch / 4)."""
-    if name == "rnn" and partitioner == "shardy":
-        pytest.xfail("open (issue 14): the RNN's CUDA program under Shardy is not yet local")
     m = mesh()
     args = make_args()
     structs = [jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
@@ -209,6 +208,9 @@ def test_partitioned_cuda_program_keeps_the_batch_local(name, loss, make_args, s
                                     else tuple(range(len(args)))))
     hlo = fn.trace(*structs).lower(lowering_platforms=("cuda",)).compile().as_text()
     assert "all-gather" not in hlo
+    # an opaque buffer (the RNN's reserve space) travels between its calls untouched:
+    # never summed across devices
+    assert not [l for l in hlo.splitlines() if re.search(r"= u8\[.*all-reduce", l)]
     calls = _jaxdnn_calls(hlo)
     assert calls, "no jaxdnn custom call in the CUDA program"
     for line in calls:
@@ -246,7 +248,6 @@ def test_vmap_keeps_the_batch_sharded(placeholders):
         assert all(s[0] == 6 for s in _shapes(line) if len(s) == 4), line  # 3 * 16 / 8
 
 
-@pytest.mark.xfail(reason="open (issue 14): not yet passing, not diagnosed", strict=False)
 def test_vmap_grad_of_grad_and_odd_batch_equal_one_device():
     m = mesh((8, 1))
     x, w = rand((3, 16, 6, 6, 4), 21), rand((4, 4, 3, 3), 22) * 0.3
@@ -259,37 +260,50 @@ def test_vmap_grad_of_grad_and_odd_batch_equal_one_device():
     expected = grad2(w, x)
     _compare(grad2(jax.device_put(w, NamedSharding(m, P())),
                    jax.device_put(x, NamedSharding(m, P(None, "data")))), expected, rtol=1e-4)
-    # 6 images over 8 devices: N does not split; the call runs whole, still right
-    odd = rand((6, 5, 5, 4), 23)
+    # 24 images over 8 devices: an odd batch of 3 on each
+    odd = rand((24, 5, 5, 4), 23)
     f = jax.jit(jax.grad(lambda x: jnp.sum(jaxdnn.dnn_softmax(x, data_format="NHWC") ** 3)))
     _compare(f(jax.device_put(odd, NamedSharding(m, P("data")))), f(odd))
 
 
-@pytest.mark.xfail(reason="open (issue 14): explicit-sharding meshes not yet passing, not "
-                   "diagnosed", strict=False)
 def test_explicit_sharding_mesh_types_and_values():
     m = jax.sharding.Mesh(np.array(CPUS), ("data",),
                           axis_types=(jax.sharding.AxisType.Explicit,))
     x, w = _conv_args()
     expected = jax.jit(jax.value_and_grad(conv_loss, argnums=(0, 1)))(x, w)
-    with jax.sharding.use_mesh(m):
+    with jax.set_mesh(m):
         xs = jax.device_put(x, NamedSharding(m, P("data")))
         ws = jax.device_put(w, NamedSharding(m, P()))
         y = jax.jit(lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half", data_format="NHWC"))(xs, ws)
         assert y.sharding.spec[0] == "data"
+        assert jax.typeof(y).sharding.spec[0] == "data"  # the type says so at trace time too
         _compare(jax.jit(jax.value_and_grad(conv_loss, argnums=(0, 1)))(xs, ws), expected)
+
+
+@pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", CASES, ids=[c[0] for c in CASES])
+def test_explicit_mesh_equals_one_device(name, loss, make_args, specs, batch, n_axis):
+    """Every case on a (data=4, model=2) mesh whose axes are Explicit (jax.make_mesh's
+    default): the shardings are part of the types, and the values and gradients are one
+    device's."""
+    args = make_args()
+    expected = jax.jit(jax.value_and_grad(loss, argnums=_argnums(loss, args)))(
+        *[jax.device_put(a, CPUS[0]) for a in args])
+    m = jax.make_mesh((4, 2), ("data", "model"), devices=CPUS,
+                      axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with jax.set_mesh(m):
+        fn, placed = _sharded_grad(loss, args, specs, m)
+        _compare(fn(*placed), expected)
 
 
 # ---- shard_map --------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="open (issue 14): under shard_map with check_vma=True the reference "
-                   "transposes (conv backward-filter, linear pooling) build non-varying "
-                   "cotangents: wrong or rejected gradients", strict=False)
 @pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", CASES, ids=[c[0] for c in CASES])
 def test_shard_map_grad_with_check_vma(name, loss, make_args, specs, batch, n_axis):
-    """Per-device losses summed across devices: the gradient of every replicated operand
-    is the psum of the per-device gradients, as one device computes over the batch
-    (batch norm's statistics are per device here: compared against per-device calls)."""
+    """Per-device losses summed across devices. Under check_vma, JAX's grad of a replicated
+    (non-varying) operand is already the sum of the per-device gradients (the transpose of
+    its implicit pvary is a psum), as one device computes over the batch; sharded operands
+    keep their per-device gradients (batch norm's statistics are per device here: compared
+    against per-device calls)."""
     m = mesh((8, 1))
     args = make_args()
     data_specs = tuple(P(*(e if e == "data" else None for e in sp)) for sp in specs)
@@ -298,9 +312,7 @@ def test_shard_map_grad_with_check_vma(name, loss, make_args, specs, batch, n_ax
 
     def per_device(*a):
         value, grads = jax.value_and_grad(loss, argnums=argnums)(*a)
-        grads = [jax.lax.psum(g, "data") if split_axes[k] is None else g
-                 for g, k in zip(grads, argnums)]
-        return jax.lax.psum(value, "data"), grads
+        return jax.lax.psum(value, "data"), list(grads)
 
     out_specs = (P(), [data_specs[k] for k in argnums])
     fn = jax.jit(jax.shard_map(per_device, mesh=m, in_specs=data_specs, out_specs=out_specs))
@@ -318,9 +330,6 @@ def test_shard_map_grad_with_check_vma(name, loss, make_args, specs, batch, n_ax
     _compare(actual, (value, grads), rtol=1e-4)
 
 
-@pytest.mark.xfail(reason="open (issue 14): under shard_map with check_vma=True the reference "
-                   "transposes (conv backward-filter, linear pooling) build non-varying "
-                   "cotangents: wrong or rejected gradients", strict=False)
 def test_batch_norm_axis_name_equals_global_batch_norm():
     m = mesh((8, 1))
     x = rand((16, 6, 4, 4), 30) * 2 + 1
@@ -334,8 +343,10 @@ def test_batch_norm_axis_name_equals_global_batch_norm():
 
     def loss(x, gamma, beta, axis_name=None):
         out, mean, invstd, new_m, new_v = bn(x, gamma, beta, axis_name)
-        total = jnp.sum(jnp.sin(out)) + jnp.sum(new_v)
-        return total if axis_name is None else jax.lax.psum(total, axis_name)
+        per_example = jnp.sum(jnp.sin(out))
+        if axis_name is not None:  # the statistics are already the same on every device
+            per_example = jax.lax.psum(per_example, axis_name)
+        return per_example + jnp.sum(new_v) + jnp.sum(mean * invstd)
 
     expected = bn(x, gamma, beta, None)
     expected_grads = jax.grad(loss, argnums=(0, 1, 2))(x, gamma, beta)
@@ -354,9 +365,6 @@ def test_batch_norm_axis_name_equals_global_batch_norm():
     _compare(grads, expected_grads, rtol=1e-4)
 
 
-@pytest.mark.xfail(reason="open (issue 14): under shard_map with check_vma=True the reference "
-                   "transposes (conv backward-filter, linear pooling) build non-varying "
-                   "cotangents: wrong or rejected gradients", strict=False)
 def test_flax_data_parallel_step_under_shard_map():
     """A jaxdnn.flax CNN step with BatchNorm(axis_name) under shard_map (check_vma on)
     equals the same step on one device over the whole batch."""

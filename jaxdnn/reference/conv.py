@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdnn._compat import zeros_varying_like
 from jaxdnn.layout import is_channels_last, spatial_axes
 
 def _dimension_numbers(layout: str) -> tuple[str, str, str]:
@@ -91,7 +92,8 @@ def conv_backward_data(kerns, topgrad, *, img_shape, padding, strides, dilation,
 def conv_backward_filter(img, topgrad, *, kerns_shape, **params):
     """The kernel gradient: the transpose of conv_forward in its kernels."""
     forward = lambda kerns: conv_forward(img, kerns, **params)
-    (dkerns,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct(tuple(kerns_shape), img.dtype))(topgrad)
+    primal = zeros_varying_like(kerns_shape, img.dtype, topgrad)
+    (dkerns,) = jax.linear_transpose(forward, primal)(topgrad)
     return dkerns
 
 

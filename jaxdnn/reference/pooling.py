@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdnn._compat import zeros_varying_like
 from jaxdnn.layout import spatial_axes
 
 MAX_MODES = ("max", "max_deterministic")
@@ -55,5 +56,5 @@ def pool_backward(x, y, dy, *, mode: str, ws, stride, pad, layout: str):
 def pool_backward_linear(dy, *, mode: str, ws, stride, pad, layout: str, input_shape):
     """Transpose of the linear modes (average_*, sum): needs no x or y, only its shape."""
     forward = lambda t: pool_forward(t, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout)
-    (dx,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct(tuple(input_shape), dy.dtype))(dy)
+    (dx,) = jax.linear_transpose(forward, zeros_varying_like(input_shape, dy.dtype, dy))(dy)
     return dx
