@@ -34,8 +34,8 @@
 // SPATIAL in general, so it is not used; an opt-in attribute restricted to NHWC half
 // inputs would be the way to add it.
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -95,7 +95,8 @@ using Str = std::string_view;
 
 template <typename Binding>
 auto WithAttributes(Binding binding) {
-  return std::move(binding).template Attr<Str>("mode")
+  return std::move(binding)
+      .template Attr<Str>("mode")
       .template Attr<Str>("layout")
       .template Attr<double>("epsilon");
 }
@@ -153,12 +154,14 @@ ffi::Error CheckParameters(const char* op, const BatchNormDescriptors& d,
     cudnnDataType_t type;
     JAXDNN_RETURN_IF_ERROR(CudnnDataType(op, param.element_type(), &type));
     if (type != d.param_type)
-      return InvalidArgument(op, "parameters and statistics must have the type "
-                                 "cudnnDeriveBNTensorDescriptor derives for the image (float32 "
-                                 "for half-precision images, the image's dtype otherwise)");
+      return InvalidArgument(op,
+                             "parameters and statistics must have the type "
+                             "cudnnDeriveBNTensorDescriptor derives for the image (float32 "
+                             "for half-precision images, the image's dtype otherwise)");
     if (static_cast<int64_t>(param.element_count()) != d.param_count)
-      return InvalidArgument(op, "parameters and statistics must have the image's rank with 1 "
-                                 "on every normalized axis");
+      return InvalidArgument(op,
+                             "parameters and statistics must have the image's rank with 1 "
+                             "on every normalized axis");
   }
   return ffi::Error::Success();
 }
@@ -238,7 +241,11 @@ std::shared_ptr<fe::graph::Tensor_attributes> GraphTensor(fe::graph::Graph& grap
 
 void SetOutput(const std::shared_ptr<fe::graph::Tensor_attributes>& tensor, int64_t uid,
                const TensorShape& shape, fe::DataType_t type) {
-  tensor->set_output(true).set_uid(uid).set_dim(shape.dims).set_stride(shape.strides).set_data_type(type);
+  tensor->set_output(true)
+      .set_uid(uid)
+      .set_dim(shape.dims)
+      .set_stride(shape.strides)
+      .set_data_type(type);
 }
 
 // The training forward (`backward` false) or the backward of spatial batch norm over the
@@ -247,7 +254,8 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
                           fe::DataType_t param_type, const TensorShape& x, double epsilon,
                           int64_t workspace_bytes, FrontendPlan* plan) {
   // Parameters (1, C, 1, 1[, 1]): C contiguous values.
-  TensorShape param{std::vector<int64_t>(x.dims.size(), 1), std::vector<int64_t>(x.dims.size(), x.dims[1])};
+  TensorShape param{std::vector<int64_t>(x.dims.size(), 1),
+                    std::vector<int64_t>(x.dims.size(), x.dims[1])};
   param.dims[1] = x.dims[1];
   param.strides[1] = 1;
   auto graph = std::make_shared<fe::graph::Graph>();
@@ -259,8 +267,8 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
   if (!backward) {
     auto bias = GraphTensor(*graph, kBias, param, param_type);
     auto eps = graph->tensor(fe::graph::Tensor_attributes(static_cast<float>(epsilon)));
-    auto outputs = graph->batchnorm(image, scale, bias,
-                                    fe::graph::Batchnorm_attributes().set_epsilon(eps));
+    auto outputs =
+        graph->batchnorm(image, scale, bias, fe::graph::Batchnorm_attributes().set_epsilon(eps));
     SetOutput(outputs[0], kY, x, io);
     SetOutput(outputs[1], kMean, param, param_type);
     SetOutput(outputs[2], kInvstd, param, param_type);
@@ -277,7 +285,8 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
   }
   fe::error_t status = graph->validate();
   if (status.is_good()) status = graph->build_operation_graph(handle);
-  if (status.is_good()) status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+  if (status.is_good())
+    status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
   if (status.is_good()) {
     graph->deselect_workspace_greater_than(workspace_bytes);
     status = graph->check_support();
@@ -285,8 +294,10 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
   if (status.is_good()) status = graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
   if (status.is_good()) status = graph->get_workspace_size(plan->workspace_size);
   if (status.is_bad()) {
-    std::fprintf(stderr, "jaxdnn %s: cuDNN's graph API cannot run this batch norm (%s); using "
-                 "the legacy calls\n", op, status.get_message().c_str());
+    std::fprintf(stderr,
+                 "jaxdnn %s: cuDNN's graph API cannot run this batch norm (%s); using "
+                 "the legacy calls\n",
+                 op, status.get_message().c_str());
     return ffi::Error::Success();  // a plan without a graph: the legacy path runs
   }
   plan->graph = std::move(graph);
@@ -305,9 +316,14 @@ ffi::Error InitializeGraph(const char* op, cudaStream_t stream, int device, Batc
   TensorShape shape = ShapeOf(x.dimensions(), state->layout);
   int64_t workspace_bytes = static_cast<int64_t>(workspace.size_bytes());
   CacheKey key;
-  key.Add(op).Add(static_cast<int64_t>(cudnnGetVersion())).Add(device)
-      .Add(DtypeName(x.element_type())).Add(DtypeName(param.element_type()))
-      .AddAll(shape.dims).AddAll(shape.strides).Add(std::to_string(state->epsilon))
+  key.Add(op)
+      .Add(static_cast<int64_t>(cudnnGetVersion()))
+      .Add(device)
+      .Add(DtypeName(x.element_type()))
+      .Add(DtypeName(param.element_type()))
+      .AddAll(shape.dims)
+      .AddAll(shape.strides)
+      .Add(std::to_string(state->epsilon))
       .Add(workspace_bytes);
   BorrowedCudnnHandle handle(op, device, stream);
   JAXDNN_RETURN_IF_ERROR(handle.error());
@@ -363,25 +379,28 @@ ffi::Error ExecuteTrain(cudaStream_t stream, int device, BatchNormState* state, 
 #ifdef JAXDNN_HAVE_CUDNN_FRONTEND
   if (const FrontendPlan* plan = GraphPlan(state)) {
     return ExecuteGraph(kTrain, stream, device, *plan,
-                        {{kX, x.untyped_data()}, {kScale, gamma.untyped_data()},
-                         {kBias, beta.untyped_data()}, {kY, out->untyped_data()},
-                         {kMean, mean->untyped_data()}, {kInvstd, invstd->untyped_data()}},
+                        {{kX, x.untyped_data()},
+                         {kScale, gamma.untyped_data()},
+                         {kBias, beta.untyped_data()},
+                         {kY, out->untyped_data()},
+                         {kMean, mean->untyped_data()},
+                         {kInvstd, invstd->untyped_data()}},
                         *workspace);
   }
 #endif
   return Execute(kTrain, stream, device, state,
                  [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-    Scaling scaling;
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kTrain, cudnnBatchNormalizationForwardTraining(
-                    handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type), d.x.get(),
-                    x.untyped_data(), d.x.get(), out->untyped_data(), d.param.get(),
-                    gamma.untyped_data(), beta.untyped_data(),
-                    /*exponentialAverageFactor=*/0.0, /*resultRunningMean=*/nullptr,
-                    /*resultRunningVariance=*/nullptr, state->epsilon, mean->untyped_data(),
-                    invstd->untyped_data()));
-    return ffi::Error::Success();
-  });
+                   Scaling scaling;
+                   JAXDNN_RETURN_IF_CUDNN_ERROR(
+                       kTrain, cudnnBatchNormalizationForwardTraining(
+                                   handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
+                                   d.x.get(), x.untyped_data(), d.x.get(), out->untyped_data(),
+                                   d.param.get(), gamma.untyped_data(), beta.untyped_data(),
+                                   /*exponentialAverageFactor=*/0.0, /*resultRunningMean=*/nullptr,
+                                   /*resultRunningVariance=*/nullptr, state->epsilon,
+                                   mean->untyped_data(), invstd->untyped_data()));
+                   return ffi::Error::Success();
+                 });
 }
 
 // ---- jaxdnn_bn_fwd_infer: x, gamma, beta, mean, var -> out ----
@@ -398,15 +417,15 @@ ffi::Error ExecuteInfer(cudaStream_t stream, int device, BatchNormState* state, 
   if (HasZeroSize(x.dimensions())) return ffi::Error::Success();
   return Execute(kInfer, stream, device, state,
                  [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-    Scaling scaling;
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kInfer, cudnnBatchNormalizationForwardInference(
-                    handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type), d.x.get(),
-                    x.untyped_data(), d.x.get(), out->untyped_data(), d.param.get(),
-                    gamma.untyped_data(), beta.untyped_data(), mean.untyped_data(),
-                    var.untyped_data(), state->epsilon));
-    return ffi::Error::Success();
-  });
+                   Scaling scaling;
+                   JAXDNN_RETURN_IF_CUDNN_ERROR(
+                       kInfer, cudnnBatchNormalizationForwardInference(
+                                   handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
+                                   d.x.get(), x.untyped_data(), d.x.get(), out->untyped_data(),
+                                   d.param.get(), gamma.untyped_data(), beta.untyped_data(),
+                                   mean.untyped_data(), var.untyped_data(), state->epsilon));
+                   return ffi::Error::Success();
+                 });
 }
 
 // ---- jaxdnn_bn_bwd: x, dy, gamma, mean, invstd -> dx, dgamma, dbeta ----
@@ -414,41 +433,47 @@ ffi::Error ExecuteInfer(cudaStream_t stream, int device, BatchNormState* state, 
 ffi::Error InitializeBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
                          Buffer dy, Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma,
                          Out dbeta, Out workspace, Str, Str, double) {
-  JAXDNN_RETURN_IF_ERROR(Initialize(kBwd, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta}));
+  JAXDNN_RETURN_IF_ERROR(
+      Initialize(kBwd, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta}));
   return Guarded(kBwd, [&] {
     return InitializeGraph(kBwd, stream, device, state, true, x, gamma, *workspace);
   });
 }
 
-ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                      Buffer dy, Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma,
-                      Out dbeta, Out workspace, Str, Str, double) {
+ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x, Buffer dy,
+                      Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma, Out dbeta,
+                      Out workspace, Str, Str, double) {
   if (HasZeroSize(x.dimensions())) return FillEmpty(kBwd, stream, 0, {*dgamma, *dbeta});
 #ifdef JAXDNN_HAVE_CUDNN_FRONTEND
   if (const FrontendPlan* plan = GraphPlan(state)) {
     return ExecuteGraph(kBwd, stream, device, *plan,
-                        {{kX, x.untyped_data()}, {kDy, dy.untyped_data()},
-                         {kScale, gamma.untyped_data()}, {kMean, mean.untyped_data()},
-                         {kInvstd, invstd.untyped_data()}, {kDx, dx->untyped_data()},
-                         {kDscale, dgamma->untyped_data()}, {kDbias, dbeta->untyped_data()}},
+                        {{kX, x.untyped_data()},
+                         {kDy, dy.untyped_data()},
+                         {kScale, gamma.untyped_data()},
+                         {kMean, mean.untyped_data()},
+                         {kInvstd, invstd.untyped_data()},
+                         {kDx, dx->untyped_data()},
+                         {kDscale, dgamma->untyped_data()},
+                         {kDbias, dbeta->untyped_data()}},
                         *workspace);
   }
 #endif
-  return Execute(kBwd, stream, device, state,
-                 [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-    // beta = 0 for both the data and the parameter gradients: the results are overwritten,
-    // never accumulated into. The saved statistics are the forward's, so cuDNN does not
-    // recompute them (epsilon is then unused, but cuDNN asks for the forward's).
-    Scaling scaling;
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kBwd, cudnnBatchNormalizationBackward(
-                  handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
-                  scaling.alpha(d.type), scaling.beta(d.type), d.x.get(), x.untyped_data(),
-                  d.x.get(), dy.untyped_data(), d.x.get(), dx->untyped_data(), d.param.get(),
-                  gamma.untyped_data(), dgamma->untyped_data(), dbeta->untyped_data(),
-                  state->epsilon, mean.untyped_data(), invstd.untyped_data()));
-    return ffi::Error::Success();
-  });
+  return Execute(
+      kBwd, stream, device, state,
+      [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
+        // beta = 0 for both the data and the parameter gradients: the results are overwritten,
+        // never accumulated into. The saved statistics are the forward's, so cuDNN does not
+        // recompute them (epsilon is then unused, but cuDNN asks for the forward's).
+        Scaling scaling;
+        JAXDNN_RETURN_IF_CUDNN_ERROR(
+            kBwd, cudnnBatchNormalizationBackward(
+                      handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
+                      scaling.alpha(d.type), scaling.beta(d.type), d.x.get(), x.untyped_data(),
+                      d.x.get(), dy.untyped_data(), d.x.get(), dx->untyped_data(), d.param.get(),
+                      gamma.untyped_data(), dgamma->untyped_data(), dbeta->untyped_data(),
+                      state->epsilon, mean.untyped_data(), invstd.untyped_data()));
+        return ffi::Error::Success();
+      });
 }
 
 template <ffi::ExecutionStage stage, size_t kOperands, size_t kResults>

@@ -8,9 +8,10 @@
 //   jaxdnn_conv_bwd_filter  img, topgrad    -> kernel gradient
 // Images are (N, C, spatial...) or channels-last per `layout`; kernels follow the same
 // layout: (K, C/groups, spatial...) or (K, spatial..., C/groups), the order cuDNN's fast
-// NHWC engines read (jaxdnn/conv.py reorders the user's kernels). Attributes: pre_padding, post_padding, strides, dilation
-// (int64 per spatial axis), flip (1: convolution, 0: cross-correlation), layout,
-// compute_dtype, algo (the seed's name for this pass), deterministic, allow_tf32.
+// NHWC engines read (jaxdnn/conv.py reorders the user's kernels). Attributes: pre_padding,
+// post_padding, strides, dilation (int64 per spatial axis), flip (1: convolution, 0:
+// cross-correlation), layout, compute_dtype, algo (the seed's name for this pass), deterministic,
+// allow_tf32.
 //
 // How an algo name becomes a plan (the README's table says the same):
 //   none, small, large  heuristic order, no FFT or Winograd engines; they differ in the
@@ -34,10 +35,10 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <limits>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -59,9 +60,12 @@ enum class Pass { kFwd, kBwdData, kBwdFilter };
 
 const char* PassName(Pass pass) {
   switch (pass) {
-    case Pass::kFwd: return "conv_fwd";
-    case Pass::kBwdData: return "conv_bwd_data";
-    default: return "conv_bwd_filter";
+    case Pass::kFwd:
+      return "conv_fwd";
+    case Pass::kBwdData:
+      return "conv_bwd_data";
+    default:
+      return "conv_bwd_filter";
   }
 }
 
@@ -152,8 +156,9 @@ std::shared_ptr<fe::graph::Graph> MakeGraph(const ConvConfig& c, const ConvBuffe
     result = graph->conv_wgrad(dy, x, ConvAttributes<fe::graph::Conv_wgrad_attributes>(c));
     result_shape = b.kernel;
   }
-  int64_t result_uid = c.pass == Pass::kFwd ? kOutputUid
-                       : c.pass == Pass::kBwdData ? kImageUid : kKernelUid;
+  int64_t result_uid = c.pass == Pass::kFwd       ? kOutputUid
+                       : c.pass == Pass::kBwdData ? kImageUid
+                                                  : kKernelUid;
   result->set_output(true)
       .set_uid(result_uid)
       .set_dim(result_shape.dims)
@@ -278,7 +283,8 @@ ffi::Error FastestCandidate(const char* op, cudnnHandle_t handle, fe::graph::Gra
       (void)graph.execute_plan_at_index(handle, pack, workspace, index);
       cudaEventRecord(stop, stream);
       float ms = 0;
-      if (cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess)
+      if (cudaEventSynchronize(stop) == cudaSuccess &&
+          cudaEventElapsedTime(&ms, start, stop) == cudaSuccess)
         fastest_run = std::min(fastest_run, ms);
     }
     if (fastest_run < best) {
@@ -289,7 +295,8 @@ ffi::Error FastestCandidate(const char* op, cudnnHandle_t handle, fe::graph::Gra
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   if (best == std::numeric_limits<float>::infinity())
-    return ffi::Error::Internal(std::string("jaxdnn ") + op + ": no candidate plan ran in the timed search");
+    return ffi::Error::Internal(std::string("jaxdnn ") + op +
+                                ": no candidate plan ran in the timed search");
   return ffi::Error::Success();
 }
 
@@ -304,9 +311,10 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
   // B), where it has one for the graph.
   using Modes = std::vector<fe::HeurMode_t>;
   const std::vector<Modes> mode_sets =
-      Timed(c) ? std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::B, fe::HeurMode_t::FALLBACK},
-                                    {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}}
-               : std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}};
+      Timed(c)
+          ? std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::B, fe::HeurMode_t::FALLBACK},
+                               {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}}
+          : std::vector<Modes>{{fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}};
   auto candidates = [&](bool with_algo) -> fe::error_t {
     fe::error_t status;
     for (const Modes& modes : mode_sets) {
@@ -328,8 +336,10 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
                  op, c.algo.c_str(), support.get_message().c_str());
     support = candidates(false);
     if (support.is_bad())
-      return FrontendError(op, "check_support (no engine runs this convolution within the "
-                               "workspace limit and the determinism/TF32 settings)", support);
+      return FrontendError(op,
+                           "check_support (no engine runs this convolution within the "
+                           "workspace limit and the determinism/TF32 settings)",
+                           support);
   }
   if (!Timed(c)) {
     JAXDNN_RETURN_IF_FE_ERROR(op, graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE));
@@ -347,18 +357,22 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
       }
     }
     if (plan->plan_index < 0) {
-      (void)graph->build_plans(fe::BuildPlanPolicy_t::ALL);  // candidates that fail to build are skipped
+      (void)graph->build_plans(
+          fe::BuildPlanPolicy_t::ALL);  // candidates that fail to build are skipped
       std::vector<int64_t> built;
       for (int64_t i = 0; i < count; ++i)
-        if (graph->get_workspace_size_plan_at_index(i, plan->workspace_size).is_good()) built.push_back(i);
-      JAXDNN_RETURN_IF_ERROR(FastestCandidate(op, handle, *graph, built, b, element_size, &plan->plan_index));
+        if (graph->get_workspace_size_plan_at_index(i, plan->workspace_size).is_good())
+          built.push_back(i);
+      JAXDNN_RETURN_IF_ERROR(
+          FastestCandidate(op, handle, *graph, built, b, element_size, &plan->plan_index));
       if (graph->get_plan_name_at_index(plan->plan_index, name).is_good()) SavePersisted(key, name);
     }
   }
   if (plan->plan_index < 0) {
     JAXDNN_RETURN_IF_FE_ERROR(op, graph->get_workspace_size(plan->workspace_size));
   } else {
-    JAXDNN_RETURN_IF_FE_ERROR(op, graph->get_workspace_size_plan_at_index(plan->plan_index, plan->workspace_size));
+    JAXDNN_RETURN_IF_FE_ERROR(
+        op, graph->get_workspace_size_plan_at_index(plan->plan_index, plan->workspace_size));
   }
   plan->graph = std::move(graph);
   return ffi::Error::Success();
@@ -369,8 +383,8 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
 ffi::Error ParseConfig(Pass pass, ffi::Span<const int64_t> pre_padding,
                        ffi::Span<const int64_t> post_padding, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> dilation, int64_t flip, std::string_view layout,
-                       std::string_view compute_dtype, std::string_view algo,
-                       int64_t deterministic, int64_t allow_tf32, ConvConfig* c) {
+                       std::string_view compute_dtype, std::string_view algo, int64_t deterministic,
+                       int64_t allow_tf32, ConvConfig* c) {
   const char* op = PassName(pass);
   auto vec = [](ffi::Span<const int64_t> s) { return std::vector<int64_t>(s.begin(), s.end()); };
   c->pass = pass;
@@ -381,7 +395,8 @@ ffi::Error ParseConfig(Pass pass, ffi::Span<const int64_t> pre_padding,
   size_t nd = c->strides.size();
   if (nd < 1 || nd > 3 || c->pre_padding.size() != nd || c->post_padding.size() != nd ||
       c->dilation.size() != nd)
-    return InvalidArgument(op, "padding, strides and dilation need one value per spatial axis (1 to 3)");
+    return InvalidArgument(
+        op, "padding, strides and dilation need one value per spatial axis (1 to 3)");
   c->flip = flip != 0;
   c->compute_dtype = std::string(compute_dtype);
   c->algo = std::string(algo);
@@ -412,9 +427,12 @@ struct CallBuffers {
 
 CallBuffers Arrange(Pass pass, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi::AnyBuffer result) {
   switch (pass) {
-    case Pass::kFwd: return {first, second, result};
-    case Pass::kBwdData: return {result, first, second};
-    default: return {first, result, second};
+    case Pass::kFwd:
+      return {first, second, result};
+    case Pass::kBwdData:
+      return {result, first, second};
+    default:
+      return {first, result, second};
   }
 }
 
@@ -448,18 +466,32 @@ ffi::Error Initialize(cudaStream_t stream, int device, ConvState* state, ffi::An
     int64_t element_size = static_cast<int64_t>(ffi::ByteWidth(call.image.element_type()));
 
     int cc_major = 0, cc_minor = 0;
-    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
-    JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+    JAXDNN_RETURN_IF_CUDA_ERROR(
+        op, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+    JAXDNN_RETURN_IF_CUDA_ERROR(
+        op, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
     // Everything that shapes the plan. The persisted (on-disk) key leaves out the device
     // ordinal, so that every device of one model shares a timed result.
     CacheKey persisted_key;
-    persisted_key.Add(op).Add(static_cast<int64_t>(cudnnGetVersion())).Add(cc_major * 10 + cc_minor)
-        .Add(DtypeName(call.image.element_type())).Add(c.compute_dtype)
-        .AddAll(b.image.dims).AddAll(b.image.strides).AddAll(b.kernel.dims)
-        .AddAll(b.output.dims).AddAll(b.output.strides).AddAll(c.pre_padding)
-        .AddAll(c.post_padding).AddAll(c.strides).AddAll(c.dilation)
-        .Add(static_cast<int64_t>(c.flip)).Add(c.algo).Add(static_cast<int64_t>(c.deterministic))
-        .Add(static_cast<int64_t>(c.allow_tf32)).Add(workspace_bytes);
+    persisted_key.Add(op)
+        .Add(static_cast<int64_t>(cudnnGetVersion()))
+        .Add(cc_major * 10 + cc_minor)
+        .Add(DtypeName(call.image.element_type()))
+        .Add(c.compute_dtype)
+        .AddAll(b.image.dims)
+        .AddAll(b.image.strides)
+        .AddAll(b.kernel.dims)
+        .AddAll(b.output.dims)
+        .AddAll(b.output.strides)
+        .AddAll(c.pre_padding)
+        .AddAll(c.post_padding)
+        .AddAll(c.strides)
+        .AddAll(c.dilation)
+        .Add(static_cast<int64_t>(c.flip))
+        .Add(c.algo)
+        .Add(static_cast<int64_t>(c.deterministic))
+        .Add(static_cast<int64_t>(c.allow_tf32))
+        .Add(workspace_bytes);
     CacheKey key = persisted_key;
     key.Add(device);
 
@@ -485,7 +517,8 @@ ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBu
   if (AnyEmpty(call)) {
     // An empty reduction (no images, no channels, no output pixels) gives zeros.
     if (result.size_bytes() > 0)
-      JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMemsetAsync(result.untyped_data(), 0, result.size_bytes(), stream));
+      JAXDNN_RETURN_IF_CUDA_ERROR(
+          op, cudaMemsetAsync(result.untyped_data(), 0, result.size_bytes(), stream));
     return ffi::Error::Success();
   }
   BorrowedCudnnHandle handle(op, device, stream);
@@ -502,7 +535,8 @@ ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBu
 // Stream, device, State, two operands, the result and the workspace, then the attributes.
 template <typename Binding>
 auto WithAttributes(Binding binding) {
-  return std::move(binding).template Attr<ffi::Span<const int64_t>>("pre_padding")
+  return std::move(binding)
+      .template Attr<ffi::Span<const int64_t>>("pre_padding")
       .template Attr<ffi::Span<const int64_t>>("post_padding")
       .template Attr<ffi::Span<const int64_t>>("strides")
       .template Attr<ffi::Span<const int64_t>>("dilation")
@@ -520,12 +554,12 @@ auto Binding() {
 }
 
 // The attributes only shape the State (instantiate); the stages read them from there.
-#define JAXDNN_CONV_STAGE_PARAMETERS                                                       \
-  cudaStream_t stream, int device, ConvState *state, ffi::AnyBuffer first,                 \
-      ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,                           \
-      ffi::Result<ffi::AnyBuffer> workspace, ffi::Span<const int64_t>,                     \
-      ffi::Span<const int64_t>, ffi::Span<const int64_t>, ffi::Span<const int64_t>, int64_t, \
-      std::string_view, std::string_view, std::string_view, int64_t, int64_t
+#define JAXDNN_CONV_STAGE_PARAMETERS                                                              \
+  cudaStream_t stream, int device, ConvState *state, ffi::AnyBuffer first, ffi::AnyBuffer second, \
+      ffi::Result<ffi::AnyBuffer> result, ffi::Result<ffi::AnyBuffer> workspace,                  \
+      ffi::Span<const int64_t>, ffi::Span<const int64_t>, ffi::Span<const int64_t>,               \
+      ffi::Span<const int64_t>, int64_t, std::string_view, std::string_view, std::string_view,    \
+      int64_t, int64_t
 
 ffi::Error InitializeStage(JAXDNN_CONV_STAGE_PARAMETERS) {
   return Initialize(stream, device, state, first, second, *result, *workspace);
@@ -535,9 +569,12 @@ ffi::Error ExecuteStage(JAXDNN_CONV_STAGE_PARAMETERS) {
   return Execute(stream, device, state, first, second, *result, *workspace);
 }
 
-XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, Instantiate<Pass::kFwd>, WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, Instantiate<Pass::kBwdData>, WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdFilterInstantiate, Instantiate<Pass::kBwdFilter>, WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, Instantiate<Pass::kFwd>,
+                       WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, Instantiate<Pass::kBwdData>,
+                       WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kBwdFilterInstantiate, Instantiate<Pass::kBwdFilter>,
+                       WithAttributes(ffi::Ffi::BindInstantiate()));
 XLA_FFI_DEFINE_HANDLER(kConvInitialize, InitializeStage, (Binding<kInitializeStage>()));
 XLA_FFI_DEFINE_HANDLER(kConvExecute, ExecuteStage, (Binding<kExecuteStage>()),
                        {ffi::Traits::kCmdBufferCompatible});
@@ -547,8 +584,10 @@ XLA_FFI_DEFINE_HANDLER(kConvExecute, ExecuteStage, (Binding<kExecuteStage>()),
 void AddConvHandlers(Registry& registry) {
   registry.state_types.push_back({"jaxdnn_conv_state", &ConvState::id, &kConvStateInfo});
   registry.handlers.push_back({"jaxdnn_conv_fwd", kFwdInstantiate, kConvInitialize, kConvExecute});
-  registry.handlers.push_back({"jaxdnn_conv_bwd_data", kBwdDataInstantiate, kConvInitialize, kConvExecute});
-  registry.handlers.push_back({"jaxdnn_conv_bwd_filter", kBwdFilterInstantiate, kConvInitialize, kConvExecute});
+  registry.handlers.push_back(
+      {"jaxdnn_conv_bwd_data", kBwdDataInstantiate, kConvInitialize, kConvExecute});
+  registry.handlers.push_back(
+      {"jaxdnn_conv_bwd_filter", kBwdFilterInstantiate, kConvInitialize, kConvExecute});
 }
 
 }  // namespace jaxdnn

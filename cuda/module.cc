@@ -1,11 +1,10 @@
 // The Python extension module `jaxdnn._jaxdnn_cuda`: the FFI handler bundles and State
 // types to register with XLA, and the version queries jaxdnn.version() needs.
-#include <cudnn.h>
 #include <cuda_runtime_api.h>
-
+#include <cudnn.h>
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
@@ -14,8 +13,8 @@
 #include <utility>
 
 #include "common/registry.h"
-#include "xla/ffi/api/ffi.h"
 #include "rnn.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
 
@@ -42,10 +41,12 @@ nb::capsule Capsule(const void* pointer) { return nb::capsule(const_cast<void*>(
 // register_host_placeholders), it lets XLA compile a program lowered for CUDA on a machine
 // without a GPU, which runs the SPMD partitioner: the partitioned program can then be read
 // (the sharding tests do). Never a way to compute anything.
-XLA_FFI_DEFINE_HANDLER(kHostPlaceholder,
-                       [](xla::ffi::RemainingArgs, xla::ffi::RemainingRets,
-                          xla::ffi::Dictionary) { return xla::ffi::Error::Success(); },
-                       xla::ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs());
+XLA_FFI_DEFINE_HANDLER(
+    kHostPlaceholder,
+    [](xla::ffi::RemainingArgs, xla::ffi::RemainingRets, xla::ffi::Dictionary) {
+      return xla::ffi::Error::Success();
+    },
+    xla::ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs());
 
 // The value of a query, or a RuntimeError carrying its message.
 template <typename T>
@@ -75,28 +76,35 @@ jaxdnn::RnnQuery MakeRnnQuery(std::string mode, std::string input_mode, std::str
 NB_MODULE(_jaxdnn_cuda, m) {
   m.doc() = "jaxdnn's cuDNN FFI handlers";
 
-  m.def("registrations", [] {
-    nb::dict targets;
-    for (const auto& h : AllOps().handlers) {
-      nb::dict stages;
-      stages["instantiate"] = Capsule(reinterpret_cast<const void*>(h.instantiate));
-      stages["initialize"] = Capsule(reinterpret_cast<const void*>(h.initialize));
-      stages["execute"] = Capsule(reinterpret_cast<const void*>(h.execute));
-      targets[h.name.c_str()] = stages;
-    }
-    return targets;
-  }, "FFI target name -> {stage: handler capsule}, for jax.ffi.register_ffi_target.");
+  m.def(
+      "registrations",
+      [] {
+        nb::dict targets;
+        for (const auto& h : AllOps().handlers) {
+          nb::dict stages;
+          stages["instantiate"] = Capsule(reinterpret_cast<const void*>(h.instantiate));
+          stages["initialize"] = Capsule(reinterpret_cast<const void*>(h.initialize));
+          stages["execute"] = Capsule(reinterpret_cast<const void*>(h.execute));
+          targets[h.name.c_str()] = stages;
+        }
+        return targets;
+      },
+      "FFI target name -> {stage: handler capsule}, for jax.ffi.register_ffi_target.");
 
-  m.def("host_placeholder", [] { return Capsule(reinterpret_cast<const void*>(kHostPlaceholder)); },
-        "A CPU handler that accepts any call and computes nothing (reading partitioned "
-        "CUDA programs on a machine without a GPU).");
+  m.def(
+      "host_placeholder", [] { return Capsule(reinterpret_cast<const void*>(kHostPlaceholder)); },
+      "A CPU handler that accepts any call and computes nothing (reading partitioned "
+      "CUDA programs on a machine without a GPU).");
 
-  m.def("state_types", [] {
-    nb::list types;
-    for (const auto& t : AllOps().state_types)
-      types.append(nb::make_tuple(t.name, Capsule(t.type_id), Capsule(t.type_info)));
-    return types;
-  }, "(name, type_id capsule, type_info capsule) for jax.ffi.register_ffi_type.");
+  m.def(
+      "state_types",
+      [] {
+        nb::list types;
+        for (const auto& t : AllOps().state_types)
+          types.append(nb::make_tuple(t.name, Capsule(t.type_id), Capsule(t.type_info)));
+        return types;
+      },
+      "(name, type_id capsule, type_info capsule) for jax.ffi.register_ffi_type.");
 
   m.def(
       "rnn_temp_space_sizes",
@@ -110,8 +118,8 @@ NB_MODULE(_jaxdnn_cuda, m) {
       },
       nb::kw_only(), nb::arg("mode"), nb::arg("input_mode"), nb::arg("algo"),
       nb::arg("hidden_size"), nb::arg("num_layers"), nb::arg("bidirectional"),
-      nb::arg("allow_tf32"), nb::arg("dtype"), nb::arg("max_seq_length"),
-      nb::arg("batch_size"), nb::arg("input_dim"), nb::arg("training"),
+      nb::arg("allow_tf32"), nb::arg("dtype"), nb::arg("max_seq_length"), nb::arg("batch_size"),
+      nb::arg("input_dim"), nb::arg("training"),
       "(workspace, reserve) bytes cudnnGetRNNTempSpaceSizes gives one RNN configuration "
       "on the current device (reserve 0 unless training).");
   m.def(
@@ -126,7 +134,8 @@ NB_MODULE(_jaxdnn_cuda, m) {
         for (const auto& p : layout.params) {
           nb::list dims;
           for (int64_t d : p.dims) dims.append(d);
-          params.append(nb::make_tuple(p.pseudo_layer, p.lin_id, p.kind, p.offset, nb::tuple(dims)));
+          params.append(
+              nb::make_tuple(p.pseudo_layer, p.lin_id, p.kind, p.offset, nb::tuple(dims)));
         }
         return nb::make_tuple(layout.weight_bytes, params);
       },
@@ -136,13 +145,18 @@ NB_MODULE(_jaxdnn_cuda, m) {
       "(weight_space_bytes, [(pseudo_layer, lin_id, kind, offset_in_elements, dims)]) from "
       "cudnnGetRNNWeightParams, on the current device.");
 
-  m.def("cudnn_runtime_version", [] { return static_cast<int64_t>(cudnnGetVersion()); },
-        "cudnnGetVersion() of the loaded library (9.19.0 -> 91900).");
-  m.def("cudnn_compiled_version", [] { return static_cast<int64_t>(CUDNN_VERSION); },
-        "CUDNN_VERSION of the headers jaxdnn was built against.");
-  m.def("cuda_runtime_version", [] {
-    int version = 0;
-    cudaRuntimeGetVersion(&version);
-    return version;
-  }, "The CUDA runtime version linked into jaxdnn (13000 = 13.0).");
+  m.def(
+      "cudnn_runtime_version", [] { return static_cast<int64_t>(cudnnGetVersion()); },
+      "cudnnGetVersion() of the loaded library (9.19.0 -> 91900).");
+  m.def(
+      "cudnn_compiled_version", [] { return static_cast<int64_t>(CUDNN_VERSION); },
+      "CUDNN_VERSION of the headers jaxdnn was built against.");
+  m.def(
+      "cuda_runtime_version",
+      [] {
+        int version = 0;
+        cudaRuntimeGetVersion(&version);
+        return version;
+      },
+      "The CUDA runtime version linked into jaxdnn (13000 = 13.0).");
 }

@@ -9,9 +9,9 @@
 // "sum"), layout, window, stride, pad (int64 arrays, one entry per spatial axis).
 // 'sum' is average_inc_pad scaled by the window size through cuDNN's alpha.
 #include <memory>
-#include <utility>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/cache.h"
@@ -57,7 +57,8 @@ using Ints = ffi::Span<const int64_t>;
 
 template <typename Binding>
 auto WithAttributes(Binding binding) {
-  return std::move(binding).template Attr<std::string_view>("mode")
+  return std::move(binding)
+      .template Attr<std::string_view>("mode")
       .template Attr<std::string_view>("layout")
       .template Attr<Ints>("window")
       .template Attr<Ints>("stride")
@@ -100,8 +101,8 @@ ffi::ErrorOr<std::unique_ptr<PoolingState>> Instantiate(std::string_view mode,
 
 // Reserves a cuDNN handle and fetches the descriptors for an input of `input` dims pooled to
 // `output` dims.
-ffi::Error Initialize(const char* op, int device, PoolingState* state,
-                      const ffi::AnyBuffer& input, Ints output_dims) {
+ffi::Error Initialize(const char* op, int device, PoolingState* state, const ffi::AnyBuffer& input,
+                      Ints output_dims) {
   return Guarded(op, [&]() -> ffi::Error {
     JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
     if (!state->descriptors.empty() || HasZeroSize(input.dimensions()) || HasZeroSize(output_dims))
@@ -113,15 +114,22 @@ ffi::Error Initialize(const char* op, int device, PoolingState* state,
     std::vector<int> in_dims = LogicalDims(input.dimensions(), state->layout);
     std::vector<int> out_dims = LogicalDims(output_dims, state->layout);
     CacheKey key;
-    key.Add(type).Add(static_cast<int64_t>(state->layout)).Add(state->mode).AddAll(in_dims)
-        .AddAll(out_dims).AddAll(state->window).AddAll(state->stride).AddAll(state->pad);
+    key.Add(type)
+        .Add(static_cast<int64_t>(state->layout))
+        .Add(state->mode)
+        .AddAll(in_dims)
+        .AddAll(out_dims)
+        .AddAll(state->window)
+        .AddAll(state->stride)
+        .AddAll(state->pad);
     std::shared_ptr<const PoolingDescriptors> descriptors;
     JAXDNN_RETURN_IF_ERROR(DescriptorCache().GetOrBuild(
         key,
         [&](PoolingDescriptors* d) -> ffi::Error {
           d->type = type;
           JAXDNN_RETURN_IF_ERROR(MakeTensorDescriptor(op, type, in_dims, state->layout, &d->input));
-          JAXDNN_RETURN_IF_ERROR(MakeTensorDescriptor(op, type, out_dims, state->layout, &d->output));
+          JAXDNN_RETURN_IF_ERROR(
+              MakeTensorDescriptor(op, type, out_dims, state->layout, &d->output));
           JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreatePoolingDescriptor, &d->pooling));
           // Padding never wins a max, like XLA's -inf padding; NaNs propagate, as in XLA.
           JAXDNN_RETURN_IF_CUDNN_ERROR(
@@ -146,8 +154,8 @@ ffi::Error InitializeFwd(cudaStream_t stream, int device, PoolingState* state, f
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer x,
-                      ffi::Result<ffi::AnyBuffer> y, std::string_view, std::string_view, Ints,
-                      Ints, Ints) {
+                      ffi::Result<ffi::AnyBuffer> y, std::string_view, std::string_view, Ints, Ints,
+                      Ints) {
   if (HasZeroSize(x.dimensions()) || HasZeroSize(y->dimensions())) return ffi::Error::Success();
   BorrowedCudnnHandle handle(kFwd, device, stream);
   JAXDNN_RETURN_IF_ERROR(handle.error());
@@ -155,9 +163,9 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, PoolingState* state, ffi:
   JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(kFwd, state->descriptors, &d));
   Scaling scaling(state->alpha);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      kFwd, cudnnPoolingForward(handle.get(), d->pooling.get(), scaling.alpha(d->type), d->input.get(),
-                                x.untyped_data(), scaling.beta(d->type), d->output.get(),
-                                y->untyped_data()));
+      kFwd, cudnnPoolingForward(handle.get(), d->pooling.get(), scaling.alpha(d->type),
+                                d->input.get(), x.untyped_data(), scaling.beta(d->type),
+                                d->output.get(), y->untyped_data()));
   return ffi::Error::Success();
 }
 
@@ -171,9 +179,9 @@ ffi::Error LaunchBackward(const char* op, cudaStream_t stream, int device, Pooli
   JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
   Scaling scaling(state->alpha);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnPoolingBackward(handle.get(), d->pooling.get(), scaling.alpha(d->type), d->output.get(), y,
-                               d->output.get(), dy, d->input.get(), x, scaling.beta(d->type),
-                               d->input.get(), dx));
+      op, cudnnPoolingBackward(handle.get(), d->pooling.get(), scaling.alpha(d->type),
+                               d->output.get(), y, d->output.get(), dy, d->input.get(), x,
+                               scaling.beta(d->type), d->input.get(), dx));
   return ffi::Error::Success();
 }
 
@@ -196,15 +204,15 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, PoolingState* state, ffi:
 // ---- jaxdnn_pool_bwd_linear: dy -> dx ----
 
 ffi::Error InitializeBwdLinear(cudaStream_t stream, int device, PoolingState* state,
-                               ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                               std::string_view, std::string_view, Ints, Ints, Ints) {
+                               ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx, std::string_view,
+                               std::string_view, Ints, Ints, Ints) {
   ffi::AnyBuffer input = *dx;
   return Initialize(kBwdLinear, device, state, input, dy.dimensions());
 }
 
-ffi::Error ExecuteBwdLinear(cudaStream_t stream, int device, PoolingState* state,
-                            ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx, std::string_view,
-                            std::string_view, Ints, Ints, Ints) {
+ffi::Error ExecuteBwdLinear(cudaStream_t stream, int device, PoolingState* state, ffi::AnyBuffer dy,
+                            ffi::Result<ffi::AnyBuffer> dx, std::string_view, std::string_view,
+                            Ints, Ints, Ints) {
   if (HasZeroSize(dx->dimensions())) return ffi::Error::Success();
   if (HasZeroSize(dy.dimensions())) {
     // No window touched the input: its gradient is zero.
@@ -228,7 +236,8 @@ XLA_FFI_DEFINE_HANDLER(kPoolFwdExecute, ExecuteFwd, (Binding<kExecuteStage, 1>()
 XLA_FFI_DEFINE_HANDLER(kPoolBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 3>()));
 XLA_FFI_DEFINE_HANDLER(kPoolBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 3>()),
                        {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearInitialize, InitializeBwdLinear, (Binding<kInitializeStage, 1>()));
+XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearInitialize, InitializeBwdLinear,
+                       (Binding<kInitializeStage, 1>()));
 XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearExecute, ExecuteBwdLinear, (Binding<kExecuteStage, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});
 
@@ -236,10 +245,12 @@ XLA_FFI_DEFINE_HANDLER(kPoolBwdLinearExecute, ExecuteBwdLinear, (Binding<kExecut
 
 void AddPoolingHandlers(Registry& registry) {
   registry.state_types.push_back({"jaxdnn_pooling_state", &PoolingState::id, &kPoolingStateInfo});
-  registry.handlers.push_back({"jaxdnn_pool_fwd", kPoolInstantiate, kPoolFwdInitialize, kPoolFwdExecute});
-  registry.handlers.push_back({"jaxdnn_pool_bwd", kPoolInstantiate, kPoolBwdInitialize, kPoolBwdExecute});
   registry.handlers.push_back(
-      {"jaxdnn_pool_bwd_linear", kPoolInstantiate, kPoolBwdLinearInitialize, kPoolBwdLinearExecute});
+      {"jaxdnn_pool_fwd", kPoolInstantiate, kPoolFwdInitialize, kPoolFwdExecute});
+  registry.handlers.push_back(
+      {"jaxdnn_pool_bwd", kPoolInstantiate, kPoolBwdInitialize, kPoolBwdExecute});
+  registry.handlers.push_back({"jaxdnn_pool_bwd_linear", kPoolInstantiate, kPoolBwdLinearInitialize,
+                               kPoolBwdLinearExecute});
 }
 
 }  // namespace jaxdnn

@@ -89,16 +89,16 @@ struct RnnShape {
 
 // Everything a call needs, built once per (device, config, shape) and then only read.
 struct RnnDescriptors {
-  RnnConfig config;           // what they were built for
+  RnnConfig config;  // what they were built for
   RnnShape shape;
   DropoutDescriptor dropout;  // dropout 0: cuDNN wants a descriptor all the same
   RnnDescriptor rnn;
-  RnnDataDescriptor x, y;     // x and dx; y and dy
-  TensorDescriptor state;     // hx, hy, cx, cy and their gradients
+  RnnDataDescriptor x, y;  // x and dx; y and dy
+  TensorDescriptor state;  // hx, hy, cx, cy and their gradients
   size_t weight_bytes = 0;
   size_t inference_workspace_bytes = 0;
   size_t training_workspace_bytes = 0;
-  size_t reserve_bytes = 0;   // of a training forward
+  size_t reserve_bytes = 0;  // of a training forward
 };
 
 KeyedCache<RnnDescriptors>& DescriptorCache() {
@@ -109,19 +109,32 @@ KeyedCache<RnnDescriptors>& DescriptorCache() {
 ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64_t hidden_size,
                        int64_t num_layers, int64_t bidirectional, int64_t allow_tf32,
                        RnnConfig* c) {
-  if (mode == "rnn_relu") c->cell = CUDNN_RNN_RELU;
-  else if (mode == "rnn_tanh") c->cell = CUDNN_RNN_TANH;
-  else if (mode == "lstm") c->cell = CUDNN_LSTM;
-  else if (mode == "gru") c->cell = CUDNN_GRU;
-  else return InvalidArgument(op, "unknown mode '" + std::string(mode) + "'");
-  if (input_mode == "linear") c->input_mode = CUDNN_LINEAR_INPUT;
-  else if (input_mode == "skip") c->input_mode = CUDNN_SKIP_INPUT;
-  else return InvalidArgument(op, "unknown input_mode '" + std::string(input_mode) + "'");
-  if (algo == "standard") c->algo = CUDNN_RNN_ALGO_STANDARD;
-  else if (algo == "persist_static") c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC;
-  else if (algo == "persist_static_small_h") c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H;
-  else if (algo == "persist_dynamic") c->algo = CUDNN_RNN_ALGO_PERSIST_DYNAMIC;
-  else return InvalidArgument(op, "unknown algo '" + std::string(algo) + "'");
+  if (mode == "rnn_relu")
+    c->cell = CUDNN_RNN_RELU;
+  else if (mode == "rnn_tanh")
+    c->cell = CUDNN_RNN_TANH;
+  else if (mode == "lstm")
+    c->cell = CUDNN_LSTM;
+  else if (mode == "gru")
+    c->cell = CUDNN_GRU;
+  else
+    return InvalidArgument(op, "unknown mode '" + std::string(mode) + "'");
+  if (input_mode == "linear")
+    c->input_mode = CUDNN_LINEAR_INPUT;
+  else if (input_mode == "skip")
+    c->input_mode = CUDNN_SKIP_INPUT;
+  else
+    return InvalidArgument(op, "unknown input_mode '" + std::string(input_mode) + "'");
+  if (algo == "standard")
+    c->algo = CUDNN_RNN_ALGO_STANDARD;
+  else if (algo == "persist_static")
+    c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC;
+  else if (algo == "persist_static_small_h")
+    c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H;
+  else if (algo == "persist_dynamic")
+    c->algo = CUDNN_RNN_ALGO_PERSIST_DYNAMIC;
+  else
+    return InvalidArgument(op, "unknown algo '" + std::string(algo) + "'");
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   if (hidden_size < 1 || hidden_size > kIntMax || num_layers < 1 || num_layers > kIntMax)
     return InvalidArgument(op, "hidden_size and num_layers must be positive ints");
@@ -168,11 +181,11 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   cudnnMathType_t math;
   MathFor(c, s.type, &precision, &math);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDescriptor_v8(
-              d->rnn.get(), c.algo, c.cell, CUDNN_RNN_DOUBLE_BIAS,
-              c.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL, c.input_mode, s.type,
-              precision, math, s.input_size, c.hidden_size, /*projSize=*/c.hidden_size,
-              c.num_layers, d->dropout.get(), CUDNN_RNN_PADDED_IO_ENABLED));
+      op, cudnnSetRNNDescriptor_v8(d->rnn.get(), c.algo, c.cell, CUDNN_RNN_DOUBLE_BIAS,
+                                   c.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
+                                   c.input_mode, s.type, precision, math, s.input_size,
+                                   c.hidden_size, /*projSize=*/c.hidden_size, c.num_layers,
+                                   d->dropout.get(), CUDNN_RNN_PADDED_IO_ENABLED));
   if (c.algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC)  // compiles kernels for this batch size
     JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnBuildRNNDynamic(handle, d->rnn.get(), s.batch));
 
@@ -187,15 +200,16 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->y));
   JAXDNN_RETURN_IF_CUDNN_ERROR(
       op, cudnnSetRNNDataDescriptor(d->y.get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
-                                    s.steps, s.batch, Directions(c) * c.hidden_size,
-                                    lengths.data(), &zero));
+                                    s.steps, s.batch, Directions(c) * c.hidden_size, lengths.data(),
+                                    &zero));
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateTensorDescriptor, &d->state));
   const int dims[3] = {c.num_layers * Directions(c), s.batch, c.hidden_size};
   const int strides[3] = {s.batch * c.hidden_size, c.hidden_size, 1};
   JAXDNN_RETURN_IF_CUDNN_ERROR(
       op, cudnnSetTensorNdDescriptor(d->state.get(), s.type, 3, dims, strides));
 
-  JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnGetRNNWeightSpaceSize(handle, d->rnn.get(), &d->weight_bytes));
+  JAXDNN_RETURN_IF_CUDNN_ERROR(op,
+                               cudnnGetRNNWeightSpaceSize(handle, d->rnn.get(), &d->weight_bytes));
   size_t unused_reserve = 0;
   JAXDNN_RETURN_IF_CUDNN_ERROR(
       op, cudnnGetRNNTempSpaceSizes(handle, d->rnn.get(), CUDNN_FWD_MODE_INFERENCE, d->x.get(),
@@ -210,21 +224,34 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
 ffi::Error CachedDescriptors(const char* op, cudnnHandle_t handle, int device, const RnnConfig& c,
                              const RnnShape& s, std::shared_ptr<const RnnDescriptors>* out) {
   CacheKey key;
-  key.Add(device).Add(static_cast<int64_t>(s.type)).Add(static_cast<int64_t>(c.cell))
-      .Add(static_cast<int64_t>(c.input_mode)).Add(static_cast<int64_t>(c.algo))
-      .Add(c.hidden_size).Add(c.num_layers).Add(static_cast<int64_t>(c.bidirectional))
-      .Add(static_cast<int64_t>(c.allow_tf32)).Add(s.steps).Add(s.batch).Add(s.input_size)
+  key.Add(device)
+      .Add(static_cast<int64_t>(s.type))
+      .Add(static_cast<int64_t>(c.cell))
+      .Add(static_cast<int64_t>(c.input_mode))
+      .Add(static_cast<int64_t>(c.algo))
+      .Add(c.hidden_size)
+      .Add(c.num_layers)
+      .Add(static_cast<int64_t>(c.bidirectional))
+      .Add(static_cast<int64_t>(c.allow_tf32))
+      .Add(s.steps)
+      .Add(s.batch)
+      .Add(s.input_size)
       .AddAll(s.lengths);
   return DescriptorCache().GetOrBuild(
       key, [&](RnnDescriptors* d) { return BuildDescriptors(op, handle, c, s, d); }, out);
 }
 
 ffi::Error DataTypeNamed(const char* op, Str name, cudnnDataType_t* type) {
-  if (name == "float16") *type = CUDNN_DATA_HALF;
-  else if (name == "bfloat16") *type = CUDNN_DATA_BFLOAT16;
-  else if (name == "float32") *type = CUDNN_DATA_FLOAT;
-  else if (name == "float64") *type = CUDNN_DATA_DOUBLE;
-  else return InvalidArgument(op, "unsupported dtype '" + std::string(name) + "'");
+  if (name == "float16")
+    *type = CUDNN_DATA_HALF;
+  else if (name == "bfloat16")
+    *type = CUDNN_DATA_BFLOAT16;
+  else if (name == "float32")
+    *type = CUDNN_DATA_FLOAT;
+  else if (name == "float64")
+    *type = CUDNN_DATA_DOUBLE;
+  else
+    return InvalidArgument(op, "unsupported dtype '" + std::string(name) + "'");
   return ffi::Error::Success();
 }
 
@@ -236,8 +263,8 @@ size_t ElementBytes(cudnnDataType_t type) {
 ffi::Error CheckLengths(const char* op, const int32_t* lengths, size_t count, int steps) {
   for (size_t n = 0; n < count; ++n)
     if (lengths[n] < 1 || lengths[n] > steps)
-      return InvalidArgument(op, "seq_lengths[" + std::to_string(n) + "] = " +
-                                     std::to_string(lengths[n]) + " is outside [1, " +
+      return InvalidArgument(op, "seq_lengths[" + std::to_string(n) +
+                                     "] = " + std::to_string(lengths[n]) + " is outside [1, " +
                                      std::to_string(steps) + "]");
   return ffi::Error::Success();
 }
@@ -256,11 +283,11 @@ struct PinnedLengths {
 struct RnnState {
   static ffi::TypeId id;
   RnnConfig config;
-  bool training = true;          // rnn_fwd: cuDNN's training mode (writes the reserve space)
-  bool host_lengths = false;     // a *_host_lengths target
+  bool training = true;                 // rnn_fwd: cuDNN's training mode (writes the reserve space)
+  bool host_lengths = false;            // a *_host_lengths target
   std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
   DescriptorSlot<RnnDescriptors> descriptors;
-  PinnedLengths lengths;         // dynamic lengths: allocated at initialize (N entries)
+  PinnedLengths lengths;  // dynamic lengths: allocated at initialize (N entries)
   // Dynamic lengths: x's and y's data descriptors, created at initialize and set to each
   // call's lengths (cuDNN reads them on the host during the call, which returns before
   // the next call of this state re-sets them).
@@ -278,7 +305,8 @@ using Int32s = ffi::Span<const int32_t>;
 
 template <typename Binding>
 auto WithConfigAttributes(Binding&& binding) {
-  return std::move(binding).template Attr<Str>("mode")
+  return std::move(binding)
+      .template Attr<Str>("mode")
       .template Attr<Str>("input_mode")
       .template Attr<Str>("algo")
       .template Attr<int64_t>("hidden_size")
@@ -299,9 +327,8 @@ auto WithAttributes(Binding&& binding) {
 }
 
 ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, bool host_lengths, Str mode,
-                                                    Str input_mode, Str algo,
-                                                    int64_t hidden_size, int64_t num_layers,
-                                                    int64_t bidirectional,
+                                                    Str input_mode, Str algo, int64_t hidden_size,
+                                                    int64_t num_layers, int64_t bidirectional,
                                                     int64_t variable_lengths, int64_t allow_tf32,
                                                     Int32s static_lengths, int64_t training) {
   return Guarded(op, [&]() -> ffi::ErrorOr<std::unique_ptr<RnnState>> {
@@ -326,9 +353,8 @@ template <bool kHostLengths>
 ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateFwd(Str mode, Str input_mode, Str algo,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
-                                                       int64_t variable_lengths,
-                                                       int64_t allow_tf32, Int32s static_lengths,
-                                                       int64_t training) {
+                                                       int64_t variable_lengths, int64_t allow_tf32,
+                                                       Int32s static_lengths, int64_t training) {
   return Instantiate(kFwd, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
                      bidirectional, variable_lengths, allow_tf32, static_lengths, training);
 }
@@ -337,8 +363,8 @@ template <const char* kOp, bool kHostLengths>
 ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateBwd(Str mode, Str input_mode, Str algo,
                                                        int64_t hidden_size, int64_t num_layers,
                                                        int64_t bidirectional,
-                                                       int64_t variable_lengths,
-                                                       int64_t allow_tf32, Int32s static_lengths) {
+                                                       int64_t variable_lengths, int64_t allow_tf32,
+                                                       Int32s static_lengths) {
   return Instantiate(kOp, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
                      bidirectional, variable_lengths, allow_tf32, static_lengths,
                      /*training=*/1);
@@ -369,8 +395,9 @@ ffi::Error CheckOperands(const char* op, const RnnConfig& c, const CallOperands&
     return InvalidArgument(op, "hx must have shape (num_layers * directions, N, hidden_size)");
   const int64_t cell_size = c.cell == CUDNN_LSTM ? c.hidden_size : 0;
   if (!HasDims(in.cx, {states, x[1], cell_size}))
-    return InvalidArgument(op, "cx must have shape (num_layers * directions, N, hidden_size) "
-                               "for lstm and (num_layers * directions, N, 0) otherwise");
+    return InvalidArgument(op,
+                           "cx must have shape (num_layers * directions, N, hidden_size) "
+                           "for lstm and (num_layers * directions, N, 0) otherwise");
   if (in.seq_lengths.element_type() != ffi::DataType::S32 || !HasDims(in.seq_lengths, {x[1]}))
     return InvalidArgument(op, "seq_lengths must be int32 of shape (N,)");
   shape->steps = static_cast<int>(x[0]);
@@ -419,8 +446,9 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
     for (const Buffer* b : extra.y_like)
       if (b->element_type() != in.x.element_type() ||
           !HasDims(*b, {steps, batch, Directions(c) * c.hidden_size}))
-        return InvalidArgument(op, "y and dy must have shape (T, N, directions * hidden_size) "
-                                   "and x's dtype");
+        return InvalidArgument(op,
+                               "y and dy must have shape (T, N, directions * hidden_size) "
+                               "and x's dtype");
     for (const Buffer* b : extra.h_like)
       if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.hx.dimensions()))
         return InvalidArgument(op, "hy, dhy and dhx must have hx's shape and dtype");
@@ -523,38 +551,39 @@ const int32_t* Lengths(const Buffer& seq_lengths) {
 ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                          Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
                          Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s, int64_t) {
+                         int64_t, int64_t, Int32s, int64_t) {
   ExtraBuffers extra{{&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->training};
   return Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
-                      Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
-                      Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s, int64_t) {
-  return Execute(kFwd, stream, device, state, seq_lengths,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
-    const size_t reserve_bytes = reserve->size_bytes();
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kFwd, cudnnRNNForward(
-                  handle, d.rnn.get(),
-                  state->training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
-                  Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
-                  d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
-                  CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
-                  workspace->size_bytes(), workspace->untyped_data(), reserve_bytes,
-                  reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
-    return ffi::Error::Success();
-  });
+                      Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy, Out reserve,
+                      Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t,
+                      Int32s, int64_t) {
+  return Execute(
+      kFwd, stream, device, state, seq_lengths,
+      [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
+        const size_t reserve_bytes = reserve->size_bytes();
+        JAXDNN_RETURN_IF_CUDNN_ERROR(
+            kFwd,
+            cudnnRNNForward(handle, d.rnn.get(),
+                            state->training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
+                            Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
+                            d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
+                            CellData(state, cx), CellData(state, cy), w.size_bytes(),
+                            w.untyped_data(), workspace->size_bytes(), workspace->untyped_data(),
+                            reserve_bytes, reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
+        return ffi::Error::Success();
+      });
 }
 
 // ---- jaxdnn_rnn_bwd_data: ... -> dx, dhx, dcx, reserve (, workspace) ----
 
-ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x,
-                             Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
-                             Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx,
-                             Out dcx, Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s) {
+ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
+                             Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
+                             Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx,
+                             Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, Int32s) {
   if (reserve_out->size_bytes() != reserve.size_bytes())
     return InvalidArgument(kBwdData, "the reserve result must have the reserve operand's size");
   if (dx->element_type() != x.element_type() || !(dx->dimensions() == x.dimensions()))
@@ -564,29 +593,29 @@ ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, B
 }
 
 ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
-                          Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
-                          Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx,
-                          Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s) {
+                          Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy, Buffer dhy,
+                          Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx, Out reserve_out,
+                          Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          Int32s) {
   // cuDNN reads and updates the reserve space here; the operand is XLA's and must stay as
   // it is, so the call works on the result, a copy (a capture-safe async copy).
   if (reserve_out->untyped_data() != reserve.untyped_data() && reserve.size_bytes() > 0)
     JAXDNN_RETURN_IF_CUDA_ERROR(
         kBwdData, cudaMemcpyAsync(reserve_out->untyped_data(), reserve.untyped_data(),
                                   reserve.size_bytes(), cudaMemcpyDeviceToDevice, stream));
-  return Execute(kBwdData, stream, device, state, seq_lengths,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kBwdData, cudnnRNNBackwardData_v8(
-                      handle, d.rnn.get(), Lengths(seq_lengths), c.y, y.untyped_data(),
-                      dy.untyped_data(), c.x, dx->untyped_data(), d.state.get(),
-                      hx.untyped_data(), dhy.untyped_data(), dhx->untyped_data(), d.state.get(),
-                      CellData(state, cx), CellData(state, dcy), CellData(state, dcx),
-                      w.size_bytes(), w.untyped_data(), workspace->size_bytes(),
-                      workspace->untyped_data(), reserve_out->size_bytes(),
-                      reserve_out->untyped_data()));
-    return ffi::Error::Success();
-  });
+  return Execute(
+      kBwdData, stream, device, state, seq_lengths,
+      [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
+        JAXDNN_RETURN_IF_CUDNN_ERROR(
+            kBwdData,
+            cudnnRNNBackwardData_v8(
+                handle, d.rnn.get(), Lengths(seq_lengths), c.y, y.untyped_data(), dy.untyped_data(),
+                c.x, dx->untyped_data(), d.state.get(), hx.untyped_data(), dhy.untyped_data(),
+                dhx->untyped_data(), d.state.get(), CellData(state, cx), CellData(state, dcy),
+                CellData(state, dcx), w.size_bytes(), w.untyped_data(), workspace->size_bytes(),
+                workspace->untyped_data(), reserve_out->size_bytes(), reserve_out->untyped_data()));
+        return ffi::Error::Success();
+      });
 }
 
 // ---- jaxdnn_rnn_bwd_weights: ... -> dw (, workspace) ----
@@ -594,33 +623,33 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
 ffi::Error InitializeBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x,
                                 Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
                                 Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dw,
-                                Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s) {
+                                Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t,
+                                int64_t, Int32s) {
   if (dw->element_type() != w.element_type())
     return InvalidArgument(kBwdWeights, "dw must have w's dtype");
   ExtraBuffers extra{{&y, &dy}, {&dhy}, {&dcy}, &*dw, &*workspace, &reserve, true};
   return Initialize(kBwdWeights, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
 }
 
-ffi::Error ExecuteBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x,
-                             Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
-                             Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dw,
-                             Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-    int64_t, int64_t, Int32s) {
+ffi::Error ExecuteBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
+                             Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
+                             Buffer dhy, Buffer dcy, Buffer reserve, Out dw, Out workspace, Str,
+                             Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t, Int32s) {
   // cuDNN adds the weight gradient into dw (CUDNN_WGRAD_MODE_ADD): start from zero.
-  JAXDNN_RETURN_IF_CUDA_ERROR(
-      kBwdWeights, cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream));
-  return Execute(kBwdWeights, stream, device, state, seq_lengths,
-                 [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        kBwdWeights, cudnnRNNBackwardWeights_v8(
-                         handle, d.rnn.get(), CUDNN_WGRAD_MODE_ADD, Lengths(seq_lengths),
-                         c.x, x.untyped_data(), d.state.get(), hx.untyped_data(),
-                         c.y, y.untyped_data(), dw->size_bytes(), dw->untyped_data(),
-                         workspace->size_bytes(), workspace->untyped_data(),
-                         reserve.size_bytes(), const_cast<void*>(reserve.untyped_data())));
-    return ffi::Error::Success();
-  });
+  JAXDNN_RETURN_IF_CUDA_ERROR(kBwdWeights,
+                              cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream));
+  return Execute(
+      kBwdWeights, stream, device, state, seq_lengths,
+      [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
+        JAXDNN_RETURN_IF_CUDNN_ERROR(
+            kBwdWeights, cudnnRNNBackwardWeights_v8(
+                             handle, d.rnn.get(), CUDNN_WGRAD_MODE_ADD, Lengths(seq_lengths), c.x,
+                             x.untyped_data(), d.state.get(), hx.untyped_data(), c.y,
+                             y.untyped_data(), dw->size_bytes(), dw->untyped_data(),
+                             workspace->size_bytes(), workspace->untyped_data(),
+                             reserve.size_bytes(), const_cast<void*>(reserve.untyped_data())));
+        return ffi::Error::Success();
+      });
 }
 
 template <bool kForward, ffi::ExecutionStage stage, size_t kOperands, size_t kResults>
@@ -668,8 +697,8 @@ XLA_FFI_DEFINE_HANDLER(kBwdWeightsHostLengthsExecute, ExecuteBwdWeights,
 ffi::Error QueryDescriptors(const char* op, const RnnQuery& q, int steps, int batch,
                             std::shared_ptr<const RnnDescriptors>* out) {
   RnnConfig c;
-  JAXDNN_RETURN_IF_ERROR(ParseConfig(op, q.mode, q.input_mode, q.algo, q.hidden_size,
-                                     q.num_layers, q.bidirectional, q.allow_tf32, &c));
+  JAXDNN_RETURN_IF_ERROR(ParseConfig(op, q.mode, q.input_mode, q.algo, q.hidden_size, q.num_layers,
+                                     q.bidirectional, q.allow_tf32, &c));
   RnnShape s;
   JAXDNN_RETURN_IF_ERROR(DataTypeNamed(op, q.dtype, &s.type));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
@@ -708,21 +737,20 @@ ffi::Error AppendWeightParams(const char* op, cudnnHandle_t handle, const RnnDes
       void* matrix_address = nullptr;
       void* bias_address = nullptr;
       JAXDNN_RETURN_IF_CUDNN_ERROR(
-          op, cudnnGetRNNWeightParams(handle, d.rnn.get(), layer, d.weight_bytes, space.data,
-                                      lin_id, matrix.get(), &matrix_address, bias.get(),
-                                      &bias_address));
-      for (auto [address, descriptor, kind] :
-           {std::tuple{matrix_address, matrix.get(), "matrix"},
-            std::tuple{bias_address, bias.get(), "bias"}}) {
+          op,
+          cudnnGetRNNWeightParams(handle, d.rnn.get(), layer, d.weight_bytes, space.data, lin_id,
+                                  matrix.get(), &matrix_address, bias.get(), &bias_address));
+      for (auto [address, descriptor, kind] : {std::tuple{matrix_address, matrix.get(), "matrix"},
+                                               std::tuple{bias_address, bias.get(), "bias"}}) {
         if (address == nullptr) continue;  // absent (skip input's input matrices)
         cudnnDataType_t type;
         int rank = 0, dims[8], strides[8];
         JAXDNN_RETURN_IF_CUDNN_ERROR(
             op, cudnnGetTensorNdDescriptor(descriptor, 8, &type, &rank, dims, strides));
-        RnnWeightParam param{layer, lin_id, kind,
-                             static_cast<int64_t>((static_cast<const char*>(address) - base) /
-                                                  element_bytes),
-                             std::vector<int64_t>(dims, dims + rank)};
+        RnnWeightParam param{
+            layer, lin_id, kind,
+            static_cast<int64_t>((static_cast<const char*>(address) - base) / element_bytes),
+            std::vector<int64_t>(dims, dims + rank)};
         out->push_back(std::move(param));
       }
     }
@@ -738,7 +766,8 @@ ffi::ErrorOr<std::pair<int64_t, int64_t>> RnnTempSpaceSizes(const RnnQuery& quer
   return Guarded(kQuery, [&]() -> ffi::ErrorOr<std::pair<int64_t, int64_t>> {
     constexpr int64_t kIntMax = std::numeric_limits<int>::max();
     if (max_seq_length > kIntMax || batch_size > kIntMax)
-      return ffi::Unexpected(InvalidArgument(kQuery, "max_seq_length and batch_size must fit an int"));
+      return ffi::Unexpected(
+          InvalidArgument(kQuery, "max_seq_length and batch_size must fit an int"));
     std::shared_ptr<const RnnDescriptors> d;
     ffi::Error error = QueryDescriptors(kQuery, query, static_cast<int>(max_seq_length),
                                         static_cast<int>(batch_size), &d);

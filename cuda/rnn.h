@@ -21,9 +21,9 @@ struct RnnQuery {
 // One matrix or bias of the weight space, as cudnnGetRNNWeightParams describes it.
 struct RnnWeightParam {
   int64_t pseudo_layer, lin_id;
-  std::string kind;              // "matrix" or "bias"
-  int64_t offset;                // in elements from the start of the weight space
-  std::vector<int64_t> dims;     // the descriptor's dims
+  std::string kind;           // "matrix" or "bias"
+  int64_t offset;             // in elements from the start of the weight space
+  std::vector<int64_t> dims;  // the descriptor's dims
 };
 
 struct RnnWeightLayout {

@@ -3,9 +3,9 @@
 // (y, dy -> dx). Attributes: algo ("fast" | "accurate" | "log"), mode ("channel" |
 // "instance"), layout ("NCHW" | "NHWC"); buffers are 4-D.
 #include <memory>
-#include <utility>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "common/cache.h"
 #include "common/descriptors.h"
@@ -42,22 +42,31 @@ const XLA_FFI_TypeInfo kSoftmaxStateInfo = ffi::MakeTypeInfo<SoftmaxState>();
 
 template <typename Binding>
 auto WithAttributes(Binding binding) {
-  return std::move(binding).template Attr<std::string_view>("algo")
+  return std::move(binding)
+      .template Attr<std::string_view>("algo")
       .template Attr<std::string_view>("mode")
       .template Attr<std::string_view>("layout");
 }
 
-ffi::ErrorOr<std::unique_ptr<SoftmaxState>> Instantiate(std::string_view algo, std::string_view mode,
+ffi::ErrorOr<std::unique_ptr<SoftmaxState>> Instantiate(std::string_view algo,
+                                                        std::string_view mode,
                                                         std::string_view layout) {
   return Guarded(kFwd, [&]() -> ffi::ErrorOr<std::unique_ptr<SoftmaxState>> {
     auto state = std::make_unique<SoftmaxState>();
-    if (algo == "fast") state->algo = CUDNN_SOFTMAX_FAST;
-    else if (algo == "accurate") state->algo = CUDNN_SOFTMAX_ACCURATE;
-    else if (algo == "log") state->algo = CUDNN_SOFTMAX_LOG;
-    else return ffi::Unexpected(InvalidArgument(kFwd, "unknown algo '" + std::string(algo) + "'"));
-    if (mode == "channel") state->mode = CUDNN_SOFTMAX_MODE_CHANNEL;
-    else if (mode == "instance") state->mode = CUDNN_SOFTMAX_MODE_INSTANCE;
-    else return ffi::Unexpected(InvalidArgument(kFwd, "unknown mode '" + std::string(mode) + "'"));
+    if (algo == "fast")
+      state->algo = CUDNN_SOFTMAX_FAST;
+    else if (algo == "accurate")
+      state->algo = CUDNN_SOFTMAX_ACCURATE;
+    else if (algo == "log")
+      state->algo = CUDNN_SOFTMAX_LOG;
+    else
+      return ffi::Unexpected(InvalidArgument(kFwd, "unknown algo '" + std::string(algo) + "'"));
+    if (mode == "channel")
+      state->mode = CUDNN_SOFTMAX_MODE_CHANNEL;
+    else if (mode == "instance")
+      state->mode = CUDNN_SOFTMAX_MODE_INSTANCE;
+    else
+      return ffi::Unexpected(InvalidArgument(kFwd, "unknown mode '" + std::string(mode) + "'"));
     ffi::Error error = ParseLayout(kFwd, layout, &state->layout);
     if (error.failure()) return ffi::Unexpected(std::move(error));
     return state;
@@ -65,8 +74,7 @@ ffi::ErrorOr<std::unique_ptr<SoftmaxState>> Instantiate(std::string_view algo, s
 }
 
 // Reserves a cuDNN handle and fetches the tensor descriptor for `x` (any of the op's buffers).
-ffi::Error Initialize(const char* op, int device, SoftmaxState* state,
-                      ffi::AnyBuffer x) {
+ffi::Error Initialize(const char* op, int device, SoftmaxState* state, ffi::AnyBuffer x) {
   return Guarded(op, [&]() -> ffi::Error {
     JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
     if (!state->descriptors.empty() || HasZeroSize(x.dimensions())) return ffi::Error::Success();
@@ -127,10 +135,10 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, SoftmaxState* state, ffi:
   JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(kBwd, state->descriptors, &d));
   Scaling scaling;
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      kBwd, cudnnSoftmaxBackward(handle.get(), state->algo, state->mode, scaling.alpha(d->type),
-                                 d->tensor.get(), y.untyped_data(), d->tensor.get(),
-                                 dy.untyped_data(), scaling.beta(d->type), d->tensor.get(),
-                                 dx->untyped_data()));
+      kBwd,
+      cudnnSoftmaxBackward(handle.get(), state->algo, state->mode, scaling.alpha(d->type),
+                           d->tensor.get(), y.untyped_data(), d->tensor.get(), dy.untyped_data(),
+                           scaling.beta(d->type), d->tensor.get(), dx->untyped_data()));
   return ffi::Error::Success();
 }
 
@@ -139,7 +147,8 @@ auto Binding() {
   return WithAttributes(LegacyOpBinding<SoftmaxState, stage, kOperands>());
 }
 
-XLA_FFI_DEFINE_HANDLER(kSoftmaxInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));
+XLA_FFI_DEFINE_HANDLER(kSoftmaxInstantiate, Instantiate,
+                       WithAttributes(ffi::Ffi::BindInstantiate()));
 XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdInitialize, InitializeFwd, (Binding<kInitializeStage, 1>()));
 XLA_FFI_DEFINE_HANDLER(kSoftmaxFwdExecute, ExecuteFwd, (Binding<kExecuteStage, 1>()),
                        {ffi::Traits::kCmdBufferCompatible});

@@ -62,7 +62,9 @@ using Buffers = std::initializer_list<ffi::AnyBuffer>;
 
 ffi::ErrorOr<std::unique_ptr<StnState>> InstantiateGrid(Ints out_dims) {
   return Guarded(kGridFwd, [&]() -> ffi::ErrorOr<std::unique_ptr<StnState>> {
-    auto fail = [](const char* message) { return ffi::Unexpected(InvalidArgument(kGridFwd, message)); };
+    auto fail = [](const char* message) {
+      return ffi::Unexpected(InvalidArgument(kGridFwd, message));
+    };
     if (out_dims.size() != 4) return fail("out_dims must have 4 entries (N, C, H, W)");
     auto state = std::make_unique<StnState>();
     for (int64_t d : out_dims) {
@@ -151,9 +153,8 @@ ffi::Error Initialize(const char* op, int device, StnState* state, Buffers buffe
           JAXDNN_RETURN_IF_ERROR(
               CreateDescriptor(op, cudnnCreateSpatialTransformerDescriptor, &d->transformer));
           JAXDNN_RETURN_IF_CUDNN_ERROR(
-              op, cudnnSetSpatialTransformerNdDescriptor(d->transformer.get(),
-                                                         CUDNN_SAMPLER_BILINEAR, type, 4,
-                                                         shapes.out.data()));
+              op, cudnnSetSpatialTransformerNdDescriptor(
+                      d->transformer.get(), CUDNN_SAMPLER_BILINEAR, type, 4, shapes.out.data()));
           if (shapes.img.empty()) return ffi::Error::Success();
           JAXDNN_RETURN_IF_ERROR(
               MakeTensorDescriptor(op, type, shapes.img, Layout::kChannelsFirst, &d->img));
@@ -189,14 +190,14 @@ ffi::Error InitializeGridFwd(cudaStream_t stream, int device, StnState* state, f
 
 ffi::Error ExecuteGridFwd(cudaStream_t stream, int device, StnState* state, ffi::AnyBuffer theta,
                           ffi::Result<ffi::AnyBuffer> grid, Ints) {
-  return Execute(kGridFwd, stream, device, state, {theta, *grid},
-                 [&](cudnnHandle_t handle, const StnDescriptors& d) -> ffi::Error {
-                   JAXDNN_RETURN_IF_CUDNN_ERROR(
-                       kGridFwd, cudnnSpatialTfGridGeneratorForward(handle, d.transformer.get(),
-                                                                    theta.untyped_data(),
-                                                                    grid->untyped_data()));
-                   return ffi::Error::Success();
-                 });
+  return Execute(
+      kGridFwd, stream, device, state, {theta, *grid},
+      [&](cudnnHandle_t handle, const StnDescriptors& d) -> ffi::Error {
+        JAXDNN_RETURN_IF_CUDNN_ERROR(
+            kGridFwd, cudnnSpatialTfGridGeneratorForward(
+                          handle, d.transformer.get(), theta.untyped_data(), grid->untyped_data()));
+        return ffi::Error::Success();
+      });
 }
 
 // ---- jaxdnn_stn_grid_bwd: dgrid -> dtheta ----
@@ -222,8 +223,9 @@ ffi::Error ExecuteGridBwd(cudaStream_t stream, int device, StnState* state, ffi:
 
 // ---- jaxdnn_stn_sampler_fwd: img, grid -> out ----
 
-ffi::Error InitializeSamplerFwd(cudaStream_t stream, int device, StnState* state, ffi::AnyBuffer img,
-                                ffi::AnyBuffer grid, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error InitializeSamplerFwd(cudaStream_t stream, int device, StnState* state,
+                                ffi::AnyBuffer img, ffi::AnyBuffer grid,
+                                ffi::Result<ffi::AnyBuffer> out) {
   return Initialize(kSamplerFwd, device, state, {img, grid, *out}, [&](Shapes* shapes) {
     return SamplerShapes(kSamplerFwd, img, grid, *out, shapes);
   });
@@ -235,27 +237,27 @@ ffi::Error ExecuteSamplerFwd(cudaStream_t stream, int device, StnState* state, f
                  [&](cudnnHandle_t handle, const StnDescriptors& d) -> ffi::Error {
                    Scaling scaling;
                    JAXDNN_RETURN_IF_CUDNN_ERROR(
-                       kSamplerFwd,
-                       cudnnSpatialTfSamplerForward(handle, d.transformer.get(), scaling.alpha(d.type),
-                                                    d.img.get(), img.untyped_data(),
-                                                    grid.untyped_data(), scaling.beta(d.type),
-                                                    d.out.get(), out->untyped_data()));
+                       kSamplerFwd, cudnnSpatialTfSamplerForward(
+                                        handle, d.transformer.get(), scaling.alpha(d.type),
+                                        d.img.get(), img.untyped_data(), grid.untyped_data(),
+                                        scaling.beta(d.type), d.out.get(), out->untyped_data()));
                    return ffi::Error::Success();
                  });
 }
 
 // ---- jaxdnn_stn_sampler_bwd: img, grid, dout -> dimg, dgrid ----
 
-ffi::Error InitializeSamplerBwd(cudaStream_t stream, int device, StnState* state, ffi::AnyBuffer img,
-                                ffi::AnyBuffer grid, ffi::AnyBuffer dout,
-                                ffi::Result<ffi::AnyBuffer> dimg, ffi::Result<ffi::AnyBuffer> dgrid) {
-  return Initialize(kSamplerBwd, device, state, {img, grid, dout, *dimg, *dgrid},
-                    [&](Shapes* shapes) -> ffi::Error {
-                      if (!(dimg->dimensions() == img.dimensions() &&
-                            dgrid->dimensions() == grid.dimensions()))
-                        return InvalidArgument(kSamplerBwd, "dimg and dgrid must match img and grid");
-                      return SamplerShapes(kSamplerBwd, img, grid, dout, shapes);
-                    });
+ffi::Error InitializeSamplerBwd(cudaStream_t stream, int device, StnState* state,
+                                ffi::AnyBuffer img, ffi::AnyBuffer grid, ffi::AnyBuffer dout,
+                                ffi::Result<ffi::AnyBuffer> dimg,
+                                ffi::Result<ffi::AnyBuffer> dgrid) {
+  return Initialize(
+      kSamplerBwd, device, state, {img, grid, dout, *dimg, *dgrid},
+      [&](Shapes* shapes) -> ffi::Error {
+        if (!(dimg->dimensions() == img.dimensions() && dgrid->dimensions() == grid.dimensions()))
+          return InvalidArgument(kSamplerBwd, "dimg and dgrid must match img and grid");
+        return SamplerShapes(kSamplerBwd, img, grid, dout, shapes);
+      });
 }
 
 ffi::Error ExecuteSamplerBwd(cudaStream_t stream, int device, StnState* state, ffi::AnyBuffer img,
@@ -266,13 +268,12 @@ ffi::Error ExecuteSamplerBwd(cudaStream_t stream, int device, StnState* state, f
                    // beta = betaDgrid = 0: XLA's result buffers hold garbage to overwrite.
                    Scaling scaling;
                    JAXDNN_RETURN_IF_CUDNN_ERROR(
-                       kSamplerBwd,
-                       cudnnSpatialTfSamplerBackward(
-                           handle, d.transformer.get(), scaling.alpha(d.type), d.img.get(),
-                           img.untyped_data(), scaling.beta(d.type), d.img.get(),
-                           dimg->untyped_data(), scaling.alpha(d.type), d.out.get(),
-                           dout.untyped_data(), grid.untyped_data(), scaling.beta(d.type),
-                           dgrid->untyped_data()));
+                       kSamplerBwd, cudnnSpatialTfSamplerBackward(
+                                        handle, d.transformer.get(), scaling.alpha(d.type),
+                                        d.img.get(), img.untyped_data(), scaling.beta(d.type),
+                                        d.img.get(), dimg->untyped_data(), scaling.alpha(d.type),
+                                        d.out.get(), dout.untyped_data(), grid.untyped_data(),
+                                        scaling.beta(d.type), dgrid->untyped_data()));
                    return ffi::Error::Success();
                  });
 }

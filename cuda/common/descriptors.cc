@@ -6,12 +6,21 @@ namespace jaxdnn {
 
 ffi::Error CudnnDataType(const char* op, ffi::DataType dtype, cudnnDataType_t* out) {
   switch (dtype) {
-    case ffi::DataType::F16: *out = CUDNN_DATA_HALF; break;
-    case ffi::DataType::BF16: *out = CUDNN_DATA_BFLOAT16; break;
-    case ffi::DataType::F32: *out = CUDNN_DATA_FLOAT; break;
-    case ffi::DataType::F64: *out = CUDNN_DATA_DOUBLE; break;
+    case ffi::DataType::F16:
+      *out = CUDNN_DATA_HALF;
+      break;
+    case ffi::DataType::BF16:
+      *out = CUDNN_DATA_BFLOAT16;
+      break;
+    case ffi::DataType::F32:
+      *out = CUDNN_DATA_FLOAT;
+      break;
+    case ffi::DataType::F64:
+      *out = CUDNN_DATA_DOUBLE;
+      break;
     default:
-      return InvalidArgument(op, "unsupported dtype (expected float16, bfloat16, float32 or float64)");
+      return InvalidArgument(op,
+                             "unsupported dtype (expected float16, bfloat16, float32 or float64)");
   }
   return ffi::Error::Success();
 }

@@ -43,8 +43,12 @@ ffi::Error CudnnDataType(const char* op, ffi::DataType dtype, cudnnDataType_t* o
 struct Scaling {
   explicit Scaling(double alpha = 1.0, double beta = 0.0)
       : f{static_cast<float>(alpha), static_cast<float>(beta)}, d{alpha, beta} {}
-  const void* alpha(cudnnDataType_t type) const { return type == CUDNN_DATA_DOUBLE ? (const void*)&d[0] : &f[0]; }
-  const void* beta(cudnnDataType_t type) const { return type == CUDNN_DATA_DOUBLE ? (const void*)&d[1] : &f[1]; }
+  const void* alpha(cudnnDataType_t type) const {
+    return type == CUDNN_DATA_DOUBLE ? (const void*)&d[0] : &f[0];
+  }
+  const void* beta(cudnnDataType_t type) const {
+    return type == CUDNN_DATA_DOUBLE ? (const void*)&d[1] : &f[1];
+  }
   float f[2];
   double d[2];
 };

@@ -26,29 +26,39 @@ inline ffi::Error FrontendError(const char* op, const char* call, fe::error_t er
                     std::string("jaxdnn ") + op + ": " + call + " failed: " + error.get_message());
 }
 
-#define JAXDNN_RETURN_IF_FE_ERROR(op, expr)                                                 \
-  do {                                                                                      \
-    auto jaxdnn_fe_status_ = (expr);                                                        \
-    if (jaxdnn_fe_status_.is_bad())                                                         \
-      return ::jaxdnn::FrontendError((op), #expr, jaxdnn_fe_status_);                       \
+#define JAXDNN_RETURN_IF_FE_ERROR(op, expr)                           \
+  do {                                                                \
+    auto jaxdnn_fe_status_ = (expr);                                  \
+    if (jaxdnn_fe_status_.is_bad())                                   \
+      return ::jaxdnn::FrontendError((op), #expr, jaxdnn_fe_status_); \
   } while (0)
 
 inline ffi::Error FrontendType(const char* op, std::string_view name, fe::DataType_t* out) {
-  if (name == "float16") *out = fe::DataType_t::HALF;
-  else if (name == "bfloat16") *out = fe::DataType_t::BFLOAT16;
-  else if (name == "float32") *out = fe::DataType_t::FLOAT;
-  else if (name == "float64") *out = fe::DataType_t::DOUBLE;
-  else return InvalidArgument(op, "unsupported dtype " + std::string(name));
+  if (name == "float16")
+    *out = fe::DataType_t::HALF;
+  else if (name == "bfloat16")
+    *out = fe::DataType_t::BFLOAT16;
+  else if (name == "float32")
+    *out = fe::DataType_t::FLOAT;
+  else if (name == "float64")
+    *out = fe::DataType_t::DOUBLE;
+  else
+    return InvalidArgument(op, "unsupported dtype " + std::string(name));
   return ffi::Error::Success();
 }
 
 inline std::string_view DtypeName(ffi::DataType dtype) {
   switch (dtype) {
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    default: return "unsupported";
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::F64:
+      return "float64";
+    default:
+      return "unsupported";
   }
 }
 
@@ -60,7 +70,8 @@ struct TensorShape {
 
 inline TensorShape ShapeOf(ffi::Span<const int64_t> buffer_dims, Layout layout) {
   std::vector<int64_t> memory(buffer_dims.begin(), buffer_dims.end());
-  if (memory.size() == 3) memory.insert(memory.begin() + (layout == Layout::kChannelsLast ? 1 : 2), 1);
+  if (memory.size() == 3)
+    memory.insert(memory.begin() + (layout == Layout::kChannelsLast ? 1 : 2), 1);
   const size_t rank = memory.size();
   // Memory order as logical axis indices: N C S... or N S... C.
   std::vector<size_t> order(rank);

@@ -9,8 +9,8 @@
 // driver's own teardown, and there are few of them.
 #pragma once
 
-#include <cudnn.h>
 #include <cuda_runtime_api.h>
+#include <cudnn.h>
 
 #include "common/status.h"
 

@@ -2,8 +2,8 @@
 // from crossing the FFI boundary (a C ABI: an exception there aborts the process).
 #pragma once
 
-#include <cudnn.h>
 #include <cuda_runtime_api.h>
+#include <cudnn.h>
 
 #include <exception>
 #include <string>
@@ -26,15 +26,13 @@ inline std::string CallName(const char* call) {
 }
 
 inline ffi::Error CudnnError(const char* op, const char* call, cudnnStatus_t status) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " +
-                                                   CallName(call) + " failed: " +
-                                                   CudnnStatusMessage(status));
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + CallName(call) +
+                                                   " failed: " + CudnnStatusMessage(status));
 }
 
 inline ffi::Error CudaError(const char* op, const char* call, cudaError_t status) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " +
-                                                   CallName(call) + " failed: " +
-                                                   cudaGetErrorName(status) + ": " +
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxdnn ") + op + ": " + CallName(call) +
+                                                   " failed: " + cudaGetErrorName(status) + ": " +
                                                    cudaGetErrorString(status));
 }
 
@@ -67,22 +65,21 @@ auto Guarded(const char* op, Body&& body) noexcept -> decltype(body()) {
 }  // namespace jaxdnn
 
 // Early-return the error of a failed cuDNN / CUDA call, naming the op and the call.
-#define JAXDNN_RETURN_IF_CUDNN_ERROR(op, expr)                                 \
-  do {                                                                          \
-    cudnnStatus_t jaxdnn_status_ = (expr);                                      \
-    if (jaxdnn_status_ != CUDNN_STATUS_SUCCESS)                                 \
-      return ::jaxdnn::CudnnError((op), #expr, jaxdnn_status_);                 \
+#define JAXDNN_RETURN_IF_CUDNN_ERROR(op, expr)                  \
+  do {                                                          \
+    cudnnStatus_t jaxdnn_status_ = (expr);                      \
+    if (jaxdnn_status_ != CUDNN_STATUS_SUCCESS)                 \
+      return ::jaxdnn::CudnnError((op), #expr, jaxdnn_status_); \
   } while (0)
 
-#define JAXDNN_RETURN_IF_CUDA_ERROR(op, expr)                                  \
-  do {                                                                          \
-    cudaError_t jaxdnn_status_ = (expr);                                        \
-    if (jaxdnn_status_ != cudaSuccess)                                          \
-      return ::jaxdnn::CudaError((op), #expr, jaxdnn_status_);                  \
+#define JAXDNN_RETURN_IF_CUDA_ERROR(op, expr)                                                   \
+  do {                                                                                          \
+    cudaError_t jaxdnn_status_ = (expr);                                                        \
+    if (jaxdnn_status_ != cudaSuccess) return ::jaxdnn::CudaError((op), #expr, jaxdnn_status_); \
   } while (0)
 
-#define JAXDNN_RETURN_IF_ERROR(expr)                                            \
-  do {                                                                          \
-    ::xla::ffi::Error jaxdnn_error_ = (expr);                                   \
-    if (jaxdnn_error_.failure()) return jaxdnn_error_;                          \
+#define JAXDNN_RETURN_IF_ERROR(expr)                   \
+  do {                                                 \
+    ::xla::ffi::Error jaxdnn_error_ = (expr);          \
+    if (jaxdnn_error_.failure()) return jaxdnn_error_; \
   } while (0)
