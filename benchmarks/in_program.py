@@ -87,7 +87,7 @@ def has_other_route(case) -> bool:
     with kernels larger than 1x1 (pointwise kernels keep their layout whatever the
     policy)."""
     return (case.op == "conv" and not is_channels_last(case.layout)
-            and not jaxdnn.conv._pointwise(case.operands[0][0]))
+            and not all(k == 1 for k in case.operands[0][0][2:]))
 
 
 @contextlib.contextmanager
@@ -95,12 +95,9 @@ def other_route(case):
     """Within: jaxdnn takes the route its policy does not take for the case's dtype
     (channels-last through transposes, or the image's own layout), for functions traced
     there. How that policy was chosen."""
-    default = jaxdnn.conv.CHANNELS_LAST_DTYPES
-    try:
-        jaxdnn.conv.CHANNELS_LAST_DTYPES = default ^ {case.dtype}
+    policy = case.dtype in jaxdnn.conv.CHANNELS_LAST_DTYPES
+    with jaxdnn.config.override(**{"dnn.conv.layout_route": "own" if policy else "channels_last"}):
         yield
-    finally:
-        jaxdnn.conv.CHANNELS_LAST_DTYPES = default
 
 
 def _other_route_ms(case, fn, fn_args, args) -> float | None:
@@ -173,7 +170,7 @@ def main(argv=None) -> int:
         row["vs_best"] = min(peers) / row["jaxdnn_ms"]
         rows.append(row)
         print(f"[{number + 1}/{len(chosen_cases)}] {case.label} {case.dtype} {case.layout} "
-              f"{pass_}: " + ", ".join(f"{key} {bench._ms(value)}" for key, value in row.items()
+              f"{pass_}: " + ", ".join(f"{key} {bench.format_ms(value)}" for key, value in row.items()
                                        if key.endswith("_ms")), flush=True)
     device = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
@@ -183,7 +180,7 @@ def main(argv=None) -> int:
     lines = [f"{device}, {date}, jax {jax.__version__}, jaxdnn {jaxdnn.__version__}, "
              f"{args.copies} copies per program, flags {_conv_flags()}", "",
              header, "|" + "---|" * 14]
-    fmt = bench._ms
+    fmt = bench.format_ms
     for r in rows:
         lines.append(f"| {r['case']} | {r['pass']} | {r['dtype']} | {r['layout']} | "
                      f"{fmt(r['jaxdnn_ms'])} | {fmt(r['xla_ms'])} | {fmt(r['torch_ms'])} | "

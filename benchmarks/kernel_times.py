@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         for side, measure in sides.items():
             result = measure()
             busy, span = result["busy_us"], result["span_us"]
-            lines.append(f"| **{side}** | {bench._ms(busy)} | {bench._ms(span)} | | | |")
+            lines.append(f"| **{side}** | {bench.format_ms(busy)} | {bench.format_ms(span)} | | | |")
             for k in result["kernels"]:
                 lines.append(f"| | | | `{_short(k['name'])}` | {k['launches']:.2f} | "
                              f"{k['us']:.2f} |")

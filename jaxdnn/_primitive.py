@@ -31,13 +31,14 @@ import jax
 import numpy as np
 
 from jaxdnn import _extension, config
-from jaxdnn._compat import (Primitive, ShapedArray, apply_primitive, batching, match_varying,
-                            mlir, requires_devices_during_lowering, typed_like_operands)
+from jaxdnn._compat import (Primitive, ShapedArray, ad, apply_primitive, batching,
+                            match_varying, mlir, requires_devices_during_lowering,
+                            typed_like_operands)
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._sharding import Partitioning, partitioned_lowering, result_specs
 
-__all__ = ["define_primitive", "fold_into_batch", "fold_into_batch_resizing", "choose_impl",
-           "reference_differentiable"]
+__all__ = ["define_primitive", "define_linear_pair", "fold_into_batch",
+           "fold_into_batch_resizing", "choose_impl", "reference_differentiable"]
 
 
 def define_primitive(
@@ -163,6 +164,40 @@ def fold_into_batch_resizing(*shape_params: str) -> Callable:
             params[name] = (size * shape[0],) + tuple(shape[1:])
         return fold_into_batch(prim, args, dims, **params)
     return rule
+
+
+def define_linear_pair(forward: Primitive, backward: Primitive, *,
+                       backward_params: Callable[[dict, ShapedArray], dict] = lambda p, a: p,
+                       forward_params: Callable[[dict], dict] = lambda p: p,
+                       check_jvp: Callable[[dict], None] | None = None) -> None:
+    """JVP and transpose rules for two primitives linear in their one operand and each
+    other's transpose (pooling and its linear backward, the grid generator and its
+    backward): jvp, jacfwd and gradients of any order then stay on these primitives.
+
+    backward_params(params, operand_aval): the backward's parameters, from the forward's
+    and the forward operand's type (pooling adds the input shape); forward_params(params):
+    the forward's, from the backward's. check_jvp(params) raises where a mode of the
+    forward is not linear (max pooling)."""
+    def jvp(prim, primals, tangents, **params):
+        if check_jvp is not None:
+            check_jvp(params)
+        (x,), (t,) = primals, tangents
+        return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
+
+    def transpose_forward(ct, x, **params):
+        if type(ct) is ad.Zero:
+            return [ad.Zero(x.aval)]
+        return [backward.bind(ct, **backward_params(params, x.aval))]
+
+    def transpose_backward(ct, dy, **params):
+        if type(ct) is ad.Zero:
+            return [ad.Zero(dy.aval)]
+        return [forward.bind(ct, **forward_params(params))]
+
+    ad.primitive_jvps[forward] = functools.partial(jvp, forward)
+    ad.primitive_jvps[backward] = functools.partial(jvp, backward)
+    ad.primitive_transposes[forward] = transpose_forward
+    ad.primitive_transposes[backward] = transpose_backward
 
 
 def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str] = ()) -> str:

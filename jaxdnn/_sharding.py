@@ -276,7 +276,7 @@ def partitioned_lowering(bind_local: Callable, spec_fn: Callable[..., Partitioni
                 found = plan(mesh, arg_shapes)
             except Exception as e:  # never raise into XLA: run the call whole instead
                 warnings.warn(f"jaxdnn: {name} could not be partitioned ({e}); it runs on "
-                              "whole (gathered) operands")
+                              "whole (gathered) operands", stacklevel=2)
                 found = None
             return found if found is not None else replicated_plan(mesh, arg_shapes)
 

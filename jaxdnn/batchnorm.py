@@ -50,7 +50,7 @@ from jaxdnn._compat import ShapedArray, batching, cotangent_like
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
 from jaxdnn._sharding import Partitioning, layout_factors
-from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis
+from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis, data_format_is_channels_last
 from jaxdnn.reference import batchnorm as reference
 
 __all__ = ["dnn_batch_normalization_train", "dnn_batch_normalization_test", "bn_fwd_train_p",
@@ -291,23 +291,6 @@ def _mode(op: str, mode) -> str:
     return "per-activation" if mode == "peractivation" else mode
 
 
-def _channels_last(op: str, data_format, rank: int) -> bool:
-    """Whether `data_format` names a channels-last layout: any channels-first name ('NCHW',
-    'NCDHW', 'NCW', 'NC', 'bc01', 'channels_first') means channels-first whatever the rank,
-    any channels-last name channels-last (for 2-D (N, C) inputs both mean the same)."""
-    first = set(CHANNELS_FIRST.values()) | {"NC", "bc01", "bc012", "channels_first"}
-    last = set(CHANNELS_LAST.values()) | {"b01c", "b012c", "channels_last"}
-    if isinstance(data_format, str):
-        if data_format in first:
-            return False
-        if data_format in last:
-            return True
-    raise ValueError(
-        f"{op}: data_format={data_format!r} is not an image layout for {rank}-D inputs; "
-        f"expected {CHANNELS_FIRST.get(rank, 'NCHW')!r} (channels-first, the default) or "
-        f"{CHANNELS_LAST.get(rank, 'NHWC')!r} (channels-last)")
-
-
 def _check_array(op: str, arg: str, value) -> None:
     if value is None:
         raise TypeError(f"{op}: {arg} must be an array; got None")
@@ -387,7 +370,7 @@ def _prepare(op, mode, inputs, data_format, epsilon, params: dict):
                          " ((N, C) or a batch of 1-D, 2-D or 3-D images)")
     _check_array(op, "inputs", inputs)
     rank = np.ndim(inputs)
-    channels_last = _channels_last(op, data_format, rank)
+    channels_last = data_format_is_channels_last(data_format, rank, op=op, any_rank=True)
     normalized = _normalized_axes(mode, channels_last, rank)
     expected = tuple(1 if a in normalized else s for a, s in enumerate(np.shape(inputs)))
     for arg, value in params.items():

@@ -32,7 +32,7 @@ from jaxdnn.reference import rnn as rnn_reference
 
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
            "run", "time_ms", "steady_time_ms", "measure_bandwidth", "lowered_path",
-           "default_size", "on_gpu", "format_table"]
+           "default_size", "on_gpu", "format_table", "format_ms"]
 
 OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
@@ -623,7 +623,8 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
 
 # --- presentation ---------------------------------------------------------------------------
 
-def _ms(value) -> str:
+def format_ms(value) -> str:
+    """A time in milliseconds to 4 significant digits; '-' for None (not measured)."""
     return "-" if value is None else f"{value:.4g}"
 
 
@@ -631,13 +632,13 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The rows as an aligned text table (or a Markdown one). A torch_ms column appears when
     the rows carry one, the HBM columns when the floor was measured."""
     columns = [("case", "case", str), ("pass", "pass", str), ("dtype", "dtype", str),
-               ("layout", "layout", str), ("jaxdnn ms", "jaxdnn_ms", _ms),
-               ("cuDNN-forced ms", "cudnn_ms", _ms), ("XLA ms", "xla_ms", _ms)]
+               ("layout", "layout", str), ("jaxdnn ms", "jaxdnn_ms", format_ms),
+               ("cuDNN-forced ms", "cudnn_ms", format_ms), ("XLA ms", "xla_ms", format_ms)]
     if any(row.get("torch_ms") is not None for row in rows):
-        columns.append(("torch ms", "torch_ms", _ms))
+        columns.append(("torch ms", "torch_ms", format_ms))
     columns.append(("speedup", "ratio", lambda r: f"{r:.2f}x"))
     if any(row.get("hbm_floor_ms") is not None for row in rows):
-        columns += [("HBM floor ms", "hbm_floor_ms", _ms),
+        columns += [("HBM floor ms", "hbm_floor_ms", format_ms),
                     ("of HBM", "hbm_fraction", lambda f: "-" if f is None else f"{f:.0%}")]
     columns.append(("path", "path", str))
     header = [title for title, _, _ in columns]

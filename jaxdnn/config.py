@@ -18,9 +18,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import jax
+
 from jaxdnn._compat import define_trace_state
 
-__all__ = ["update", "read", "override", "flags", "describe"]
+__all__ = ["update", "read", "override", "flags", "describe", "allows_tf32"]
 
 _GUESS_TIME = ("guess_once", "guess_on_shape_change", "time_once", "time_on_shape_change")
 ALGO_FWD = ("small", "none", "large", "fft", "fft_tiling", "winograd") + _GUESS_TIME
@@ -31,6 +33,7 @@ ALGO_BWD = tuple(a for a in ALGO_BWD_DATA if a in ALGO_BWD_FILTER)
 PRECISIONS = ("as_input_f32", "as_input", "float16", "float32", "float64")
 # cuDNN's cudnnRNNAlgo_t: the persistent kernels keep the recurrent weights on chip.
 RNN_ALGOS = ("standard", "persist_static", "persist_static_small_h", "persist_dynamic")
+LAYOUT_ROUTES = ("auto", "channels_last", "own")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -106,6 +109,10 @@ _FLAGS = {f.name: f for f in (
          "Compute type of convolutions: as_input_f32 computes float16/bfloat16 in float32."),
     Flag("dnn.conv.workspace_limit", 1 << 30, _bytes,
          "Most bytes of workspace one convolution may use; 'none'/'small'/'large' scale within it."),
+    Flag("dnn.conv.layout_route", "auto", _choice(LAYOUT_ROUTES),
+         "How a channels-first convolution reaches cuDNN: 'auto' as measured fastest "
+         "(jaxdnn.conv.CHANNELS_LAST_DTYPES), 'channels_last' through transposes, 'own' in "
+         "the image's layout. Pointwise (1x1) kernels always keep the image's layout."),
     Flag("dnn.rnn.algo", "standard", _choice(RNN_ALGOS),
          "cuDNN RNN algorithm of RNNBlock: 'standard', or one of cuDNN's persistent kernels "
          "(limited to some sizes and types; cuDNN refuses the others at trace time)."),
@@ -133,6 +140,14 @@ def _current() -> dict[str, Any]:
 
 def _snapshot(values: dict[str, Any]) -> tuple:
     return tuple(sorted(values.items()))
+
+
+def allows_tf32() -> bool:
+    """Whether float32 convolutions and RNNs may compute in TF32: unless
+    `jax.default_matmul_precision` asks for full float32 ('highest' or 'float32'), as
+    XLA's own float32 convolutions and matmuls."""
+    precision = jax.config.jax_default_matmul_precision
+    return str(precision).lower() not in ("highest", "float32")
 
 
 def flags() -> tuple[str, ...]:

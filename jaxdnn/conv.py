@@ -20,7 +20,6 @@ gradient of a stride-1 depthwise convolution runs as a forward convolution
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,7 @@ from jaxdnn._compat import ShapedArray, ad, batching
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._primitive import choose_impl, define_primitive
 from jaxdnn._sharding import Partitioning, layout_factors
-from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis, is_channels_last
+from jaxdnn.layout import CHANNELS_LAST, channel_axis, is_channels_last, normalize_data_format
 from jaxdnn.reference import conv as reference
 
 __all__ = ["dnn_conv", "dnn_conv3d", "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d",
@@ -274,20 +273,6 @@ ad.defbilinear(conv_bwd_filter_p, _filter_transpose_img, _filter_transpose_topgr
 
 # ---- argument handling -------------------------------------------------------------------
 
-def _layout(op: str, data_format, rank: int) -> str:
-    """The layout of a rank-`rank` image. 3-D tensors (1-D convolutions) also take the 2-D
-    names, dnn_conv's defaults: 'NCHW' means 'NCW' there and 'NHWC' 'NWC'."""
-    aliases = {"bc01": "NCHW", "bc012": "NCDHW"}
-    fmt = aliases.get(data_format, data_format)
-    if rank == 3:
-        fmt = {"NCHW": "NCW", "NHWC": "NWC"}.get(fmt, fmt)
-    if fmt in (CHANNELS_FIRST.get(rank), CHANNELS_LAST.get(rank)):
-        return fmt
-    raise ValueError(f"{op}: data_format={data_format!r} is not an image layout for {rank}-D "
-                     f"tensors; expected {CHANNELS_FIRST.get(rank, 'NCHW')!r} or "
-                     f"{CHANNELS_LAST.get(rank, 'NHWC')!r}")
-
-
 def _per_axis(op: str, arg: str, value, nd: int) -> tuple[int, ...]:
     """An int or one int per spatial axis; the all-ones default of another rank (the
     seed's (1, 1) given to a 1-D or 3-D convolution) means ones."""
@@ -333,12 +318,6 @@ def _compute_dtype(op: str, precision, dtype) -> str:
     return precision
 
 
-def _allows_tf32() -> bool:
-    """TF32 (for float32 data) unless jax.default_matmul_precision asks for full float32."""
-    precision = jax.config.jax_default_matmul_precision
-    return str(precision).lower() not in ("highest", "float32")
-
-
 def _cudnn_computes(dtype, compute_dtype: str) -> bool:
     """Whether jaxdnn sends `dtype` data computed in `compute_dtype` to cuDNN: the data's own
     type, or float32 for half-precision data. Not float64: on an H100 with cuDNN 9.19 the
@@ -382,7 +361,7 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
         raise ValueError(f"{op}: {kerns_arg} must be {rank}-D like {img_arg}, (K, C/num_groups, "
                          f"spatial...); got shape {tuple(kerns_shape)}")
     nd = rank - 2
-    layout = _layout(op, data_format, rank)
+    layout = normalize_data_format(data_format, rank, op=op)
     strides = _per_axis(op, "subsample", subsample, nd)
     dilation = _per_axis(op, "dilation", dilation, nd)
     _validate.check_choice(op, "conv_mode", conv_mode, CONV_MODES)
@@ -403,7 +382,7 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
                   compute_dtype=_compute_dtype(op, precision, dtype),
                   algos=_algorithms(op, pass_, algo, workmem),
                   deterministic=bool(config.read("dnn.deterministic")),
-                  allow_tf32=_allows_tf32(),
+                  allow_tf32=config.allows_tf32(),
                   workspace_limit=int(config.read("dnn.conv.workspace_limit")))
     out_shape = reference.output_shape(tuple(img_shape),
                                        reference.kernel_shape_for(kerns_shape, layout), **params)
@@ -440,10 +419,10 @@ def _pointwise(kerns_shape) -> bool:
 def _channels_last_params(params: dict, dtype, kerns_shape) -> dict | None:
     """The parameters of the channels-last call that serves a channels-first one on the
     cuDNN path, or None where the call keeps its layout."""
-    layout = params["layout"]
-    if (params["impl"] != "cudnn" or is_channels_last(layout)
-            or jnp.dtype(dtype).name not in CHANNELS_LAST_DTYPES
-            or _pointwise(kerns_shape)):
+    layout, route = params["layout"], config.read("dnn.conv.layout_route")
+    if params["impl"] != "cudnn" or is_channels_last(layout) or _pointwise(kerns_shape):
+        return None
+    if route == "own" or (route == "auto" and jnp.dtype(dtype).name not in CHANNELS_LAST_DTYPES):
         return None
     return dict(params, layout=CHANNELS_LAST[len(layout)])
 

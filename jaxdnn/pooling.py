@@ -17,9 +17,10 @@ import jax
 import numpy as np
 
 from jaxdnn import _validate, config
-from jaxdnn._compat import ShapedArray, ad
-from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
-                               fold_into_batch_resizing, reference_differentiable)
+from jaxdnn._compat import ShapedArray
+from jaxdnn._primitive import (choose_impl, define_linear_pair, define_primitive,
+                               fold_into_batch, fold_into_batch_resizing,
+                               reference_differentiable)
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format, spatial_axes
 from jaxdnn.reference import pooling as reference
@@ -93,31 +94,18 @@ pool_bwd_linear_p = define_primitive(
 
 
 # Linear modes: JVP and transpose rules on the primitives themselves.
-def _linear_jvp(prim, primals, tangents, **params):
+def _linear_modes_only(params):
     if params["mode"] in MAX_MODES:
         raise NotImplementedError(
             "jaxdnn max pooling has no forward-mode derivative (it is differentiated in "
             "reverse mode only); the linear modes average_* and sum support jvp")
-    (x,), (t,) = primals, tangents
-    return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
 
 
-def _fwd_transpose(ct, x, **params):
-    if type(ct) is ad.Zero:
-        return [ad.Zero(x.aval)]
-    return [pool_bwd_linear_p.bind(ct, input_shape=tuple(x.aval.shape), **params)]
-
-
-def _bwd_linear_transpose(ct, dy, *, input_shape, **params):
-    if type(ct) is ad.Zero:
-        return [ad.Zero(dy.aval)]
-    return [pool_fwd_p.bind(ct, **params)]
-
-
-ad.primitive_jvps[pool_fwd_p] = functools.partial(_linear_jvp, pool_fwd_p)
-ad.primitive_jvps[pool_bwd_linear_p] = functools.partial(_linear_jvp, pool_bwd_linear_p)
-ad.primitive_transposes[pool_fwd_p] = _fwd_transpose
-ad.primitive_transposes[pool_bwd_linear_p] = _bwd_linear_transpose
+define_linear_pair(
+    pool_fwd_p, pool_bwd_linear_p,
+    backward_params=lambda params, x: dict(params, input_shape=tuple(x.shape)),
+    forward_params=lambda params: {k: v for k, v in params.items() if k != "input_shape"},
+    check_jvp=_linear_modes_only)
 
 
 # Max modes: a custom VJP through the cuDNN pooling backward.
@@ -165,7 +153,8 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
     _validate.check_choice(op, "mode", mode, MODES)
     _validate.check_rank(op, "img", img, (nd + 2,), f" for {nd}-D pooling (len(ws) == {nd})")
     _validate.check_floating(op, "img", img)
-    layout = normalize_data_format(data_format or ("NCHW" if nd == 2 else "NCDHW"), nd + 2)
+    layout = normalize_data_format(data_format or ("NCHW" if nd == 2 else "NCDHW"), nd + 2,
+                                   op=op)
     if any(w <= 0 for w in ws):
         raise ValueError(f"{op}: ws={ws} must be positive")
     if any(s <= 0 for s in stride):

@@ -93,10 +93,9 @@ from jax import lax
 from jaxdnn import _extension, _validate
 from jaxdnn import config as config_module
 from jaxdnn._batching import merge_into, split_from
-from jaxdnn._compat import ShapedArray, batching, cotangent_like
+from jaxdnn._compat import ShapedArray, cotangent_like
 from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
 from jaxdnn._sharding import Partitioning
-from jaxdnn.conv import _allows_tf32
 from jaxdnn.reference import rnn as reference
 from jaxdnn.reference.rnn import WeightEntry, weight_layout
 
@@ -758,7 +757,7 @@ class RNNBlock:
         lengths = (jnp.full((x.shape[1],), x.shape[0], jnp.int32) if seq_lengths is None
                    else seq_lengths)
         config = _Config(**self._cell, algo=config_module.read("dnn.rnn.algo"),
-                         variable_lengths=seq_lengths is not None, allow_tf32=_allows_tf32(),
+                         variable_lengths=seq_lengths is not None, allow_tf32=config_module.allows_tf32(),
                          static_lengths=static_lengths, impl=impl)
         y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),
                                w.astype(work), lengths, config)

@@ -75,7 +75,7 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     _validate.check_choice(op, "mode", mode, MODES)
     _validate.check_rank(op, "x", x, (2, 4), " ((N, C) or an image batch)")
     _validate.check_floating(op, "x", x)
-    layout = normalize_data_format(data_format, 4)
+    layout = normalize_data_format(data_format, 4, op=op)
     if x.ndim == 2:  # (N, C) is the same whatever the layout: a batch of 1x1 images
         return dnn_softmax(x[:, :, None, None], algo, mode, "NCHW")[:, :, 0, 0]
     spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:3]

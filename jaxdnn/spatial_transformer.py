@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn import _validate, config
-from jaxdnn._compat import ShapedArray, ad
-from jaxdnn._primitive import (choose_impl, define_primitive, fold_into_batch,
+from jaxdnn._compat import ShapedArray
+from jaxdnn._primitive import (choose_impl, define_linear_pair, define_primitive, fold_into_batch,
                                fold_into_batch_resizing, reference_differentiable)
 from jaxdnn._sharding import Partitioning
 from jaxdnn.reference import spatial_transformer as reference
@@ -159,27 +159,7 @@ stn_sampler_bwd_p = define_primitive(
 
 
 # The grid generator is linear: JVP and transpose rules on the primitives themselves.
-def _linear_jvp(prim, primals, tangents, **params):
-    (x,), (t,) = primals, tangents
-    return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
-
-
-def _grid_fwd_transpose(ct, theta, **params):
-    if type(ct) is ad.Zero:
-        return [ad.Zero(theta.aval)]
-    return [stn_grid_bwd_p.bind(ct, **params)]
-
-
-def _grid_bwd_transpose(ct, dgrid, **params):
-    if type(ct) is ad.Zero:
-        return [ad.Zero(dgrid.aval)]
-    return [stn_grid_fwd_p.bind(ct, **params)]
-
-
-ad.primitive_jvps[stn_grid_fwd_p] = functools.partial(_linear_jvp, stn_grid_fwd_p)
-ad.primitive_jvps[stn_grid_bwd_p] = functools.partial(_linear_jvp, stn_grid_bwd_p)
-ad.primitive_transposes[stn_grid_fwd_p] = _grid_fwd_transpose
-ad.primitive_transposes[stn_grid_bwd_p] = _grid_bwd_transpose
+define_linear_pair(stn_grid_fwd_p, stn_grid_bwd_p)
 
 
 # The sampler: a custom VJP through stn_sampler_bwd (differentiable again through XLA).

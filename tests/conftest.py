@@ -9,13 +9,12 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 os.environ["NVIDIA_TF32_OVERRIDE"] = "0"  # before jax is imported
 
-# The helpers beside this file (references.py) import as top-level modules whatever
+# The modules beside this file (helpers.py, oracles/) import as top-level modules whatever
 # pytest's import mode.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -25,7 +24,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -35,65 +33,8 @@ except ImportError:  # not installed: test the source tree this file sits in
     sys.path.insert(0, os.path.dirname(_HERE))
     import jaxdnn  # noqa: E402
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-# Relative tolerance of a comparison, in float64, of a result computed in `dtype` against
-# the float64 reference (computed from the same, already-rounded, inputs).
-_TOLERANCES = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-5, "float64": 1e-12}
-
-
-def tolerance(dtype) -> float:
-    """Relative tolerance for results computed in `dtype`."""
-    return _TOLERANCES[jnp.dtype(dtype).name]
-
-
-def to_f64(a) -> np.ndarray:
-    """Any array (jax or numpy, bfloat16 included) as a float64 NumPy array."""
-    return np.asarray(a).astype(np.float64)
-
-
-def assert_close(actual, expected, dtype, *, factor: float = 1.0, err_msg: str = ""):
-    """Compare in float64 with `dtype`'s tolerance: rtol = tol, atol = tol * max(1, |expected|)."""
-    actual, expected = to_f64(actual), to_f64(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    tol = tolerance(dtype) * factor
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=err_msg)
-
-
-def cast(x, dtype):
-    """(x as a jax array of `dtype`, the same rounded values as a float64 NumPy array)."""
-    xj = jnp.asarray(np.asarray(x, dtype=np.float64), dtype=dtype)
-    return xj, to_f64(xj)
-
-
-@contextlib.contextmanager
-def xla_path():
-    """Run jaxdnn ops through the XLA reference path (`dnn.enabled=False`)."""
-    with jaxdnn.config.override(**{"dnn.enabled": False}):
-        yield
-
-
-def run_xla(fn, *args, **kwargs):
-    """fn(*args, **kwargs), traced under `dnn.enabled=False`. Pass a fresh function (not
-    one jit has already traced): flags are read at trace time."""
-    with xla_path():
-        return fn(*args, **kwargs)
-
-
-def jit_run(fn, *args, xla=False):
-    """Trace a fresh jit of fn and run it: on the XLA path when `xla`, else with the flags in
-    force (in `gpu` tests: cuDNN). Fresh, because flags are read at trace time."""
-    jitted = jax.jit(lambda *a: fn(*a))
-    if xla:
-        with xla_path():
-            return jitted(*args)
-    return jitted(*args)
-
-
-def run_default(fn, *args, **kwargs):
-    """fn(*args, **kwargs) under the flags in force (in `gpu` tests: dnn.enabled=True)."""
-    return fn(*args, **kwargs)
+from helpers import (assert_close, run_default, run_xla, tolerance,  # noqa: E402
+                     use_cudnn_path_on_cpu, xla_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,6 +108,13 @@ def _run_default_fixture():
 def run_path(request):
     """Parametrizes a test over both paths: a runner `run_path(fn, *args, **kwargs)`."""
     return run_default if request.param == "default" else run_xla
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+    """As on a GPU machine: dnn.enabled=True takes the cuDNN path, whose primitives lower
+    to their references on the CPU (helpers.use_cudnn_path_on_cpu)."""
+    use_cudnn_path_on_cpu(monkeypatch)
 
 
 @pytest.fixture

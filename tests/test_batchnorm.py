@@ -1,5 +1,5 @@
 """dnn_batch_normalization_train / _test against independent NumPy float64 loop references
-(bn_references.py), on CPU through the XLA path and, in the `gpu`-marked tests, through
+(tests/oracles/batchnorm.py), on CPU through the XLA path and, in the `gpu`-marked tests, through
 cuDNN against the XLA path and the references."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import bn_references as ref
+from oracles import batchnorm as ref
 import jaxdnn
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
-from conftest import jit_run as _jit_run
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn.batchnorm import (FFI_TARGETS, bn_bwd_p, bn_fwd_infer_p, bn_fwd_train_p,
                               dnn_batch_normalization_test, dnn_batch_normalization_train)

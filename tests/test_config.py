@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxdnn
-import references as ref
+from oracles import pooling_softmax as ref
 from jaxdnn import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +25,7 @@ CHOICES = {
     + GUESS_TIME,
     "dnn.conv.algo_bwd_filter": ("none", "deterministic", "fft", "small") + GUESS_TIME,
     "dnn.conv.precision": ("as_input_f32", "as_input", "float16", "float32", "float64"),
+    "dnn.conv.layout_route": ("auto", "channels_last", "own"),
     "dnn.rnn.algo": ("standard", "persist_static", "persist_static_small_h", "persist_dynamic"),
 }
 DEFAULTS = {
@@ -35,6 +36,7 @@ DEFAULTS = {
     "dnn.conv.algo_bwd_filter": "none",
     "dnn.conv.precision": "as_input_f32",
     "dnn.conv.workspace_limit": 1 << 30,
+    "dnn.conv.layout_route": "auto",
     "dnn.rnn.algo": "standard",
 }
 ALL_FLAGS = tuple(DEFAULTS) + ("dnn.conv.algo_bwd",)

@@ -1,5 +1,5 @@
 """dnn_conv, dnn_conv3d, dnn_gradinput(3d) and dnn_gradweight(3d) against independent NumPy
-float64 loop references (conv_references.py), on CPU through the XLA path and, in the
+float64 loop references (tests/oracles/conv.py), on CPU through the XLA path and, in the
 `gpu`-marked tests, through cuDNN against the XLA path and the references."""
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import pytest
 import scipy.signal
 from jax.test_util import check_grads
 
-import conv_references as cref
+from oracles import conv as cref
 import jaxdnn
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, tolerance, xla_path
-from conftest import jit_run as _jit_run
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, tolerance, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import (dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d, dnn_gradweight,
                     dnn_gradweight3d)
 from jaxdnn.config import ALGO_BWD_DATA, ALGO_BWD_FILTER, ALGO_FWD, PRECISIONS

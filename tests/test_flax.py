@@ -311,7 +311,7 @@ def test_pools_match_flax(shape, window, strides, padding, grads):
     def both(x):
         results = []
         for lib in (0, 1):
-            for name, (*pool, kwargs) in pools.items():
+            for *pool, kwargs in pools.values():
                 f = lambda x: pool[lib](x, window, strides, padding, **kwargs)
                 # Windows wholly in the padding give -inf (max) / NaN (exc avg) in both;
                 # the gradient is taken of the finite outputs.

@@ -231,6 +231,20 @@ def test_channels_first_convolutions_run_channels_last(dtype, cudnn_forced):
     assert len(calls) == 2 and all('layout = "NCHW"' in c[1] for c in calls)
 
 
+@pytest.mark.parametrize("route,dtype,layout", [("own", jnp.float32, "NCHW"),
+                                                ("own", jnp.bfloat16, "NCHW"),
+                                                ("channels_last", jnp.float32, "NHWC"),
+                                                ("auto", jnp.float32, "NHWC")])
+def test_layout_route_flag_picks_the_layout_cudnn_sees(route, dtype, layout, cudnn_forced):
+    """dnn.conv.layout_route overrides the measured policy (CHANNELS_LAST_DTYPES)."""
+    x, w = jnp.ones((2, 4, 9, 7), dtype), jnp.ones((6, 4, 3, 5), dtype)
+    jaxdnn.config.update("dnn.conv.layout_route", route)
+    f = lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half").astype(jnp.float32).sum()
+    calls = custom_calls(cuda_hlo(f, x, w))
+    assert [c[0] for c in calls] == ["jaxdnn_conv_fwd"], calls
+    assert f'layout = "{layout}"' in calls[0][1]
+
+
 def test_stride_one_depthwise_input_gradients_run_as_forward_convolutions(cudnn_forced):
     # jaxdnn/conv.py, _bwd_data_as_forward: the input gradient of a stride-1 depthwise
     # convolution is a forward convolution of dy, the other conv_mode, padded by the

@@ -11,9 +11,9 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxdnn
-import references as ref
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
-from conftest import jit_run as _jit_run
+from oracles import pooling_softmax as ref
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import dnn_pool
 
 MODES = ("max", "max_deterministic", "average_inc_pad", "average_exc_pad", "sum")

@@ -1,4 +1,4 @@
-"""RNNBlock against the NumPy float64 loops in rnn_references.py: cuDNN's weight layout,
+"""RNNBlock against the NumPy float64 loops in tests/oracles/rnn.py: cuDNN's weight layout,
 split/merge, forward values for every cell, direction, input mode and depth, with and
 without variable lengths, gradients (check_grads), jit/grad/vmap, errors. The cuDNN path's
 primitives (custom VJP, batching rules, reserve-space plumbing, CUDA lowering) are also run
@@ -18,9 +18,9 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxdnn
-import rnn_references as ref
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
-from conftest import jit_run as _jit_run
+from oracles import rnn as ref
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn import rnn as rnn_module
 from jaxdnn.rnn import FFI_TARGETS, RNNBlock, WeightEntry, weight_layout
@@ -383,22 +383,6 @@ def test_check_grads(rng, mode, direction, input_mode, depth, variable):
 # Transformations, on the XLA path and on the cuDNN path's primitives (run on the CPU
 # through their reference lowerings)
 # ---------------------------------------------------------------------------------------
-def fake_temp_space_sizes(*, batch_size, max_seq_length, training, **config):
-    """Sizes as cuDNN might give them: the reserve grows with the batch, not by a multiple
-    of any vmapped batch size (the folded reserve's padding is exercised)."""
-    return 64 + batch_size, (7 * batch_size * max_seq_length + 5) if training else 0
-
-
-@pytest.fixture
-def cudnn_on_cpu(monkeypatch):
-    """As on a GPU machine whose extension registers the RNN handlers: dnn.enabled=True
-    takes the cuDNN path, whose primitives lower to their references on the CPU."""
-    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(_extension, "has_targets", lambda *names: True)
-    monkeypatch.setattr(rnn_module, "temp_space_sizes", fake_temp_space_sizes)
-    jaxdnn.config.update("dnn.enabled", True)
-
-
 @pytest.fixture(params=["xla", "cudnn_on_cpu"])
 def path(request):
     """Runs a test on the XLA path and on the cuDNN path's primitives."""

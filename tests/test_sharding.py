@@ -21,7 +21,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxdnn
 from jaxdnn import _extension
-from test_rnn import cudnn_on_cpu  # noqa: F401  (the fixture, shared)
 
 if len(jax.devices("cpu")) < 8:
     pytest.skip("needs 8 host devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "

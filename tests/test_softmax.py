@@ -10,9 +10,9 @@ import pytest
 import scipy.special
 from jax.test_util import check_grads
 
-import references as ref
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
-from conftest import jit_run as _jit_run
+from oracles import pooling_softmax as ref
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import dnn_log_softmax, dnn_softmax
 
 ALGOS = ("fast", "accurate", "log")

@@ -1,5 +1,5 @@
 """The spatial transformer (dnn_spatialtf, dnn_affine_grid, dnn_grid_sampler) against the
-NumPy float64 loop references in stn_references.py, and hand-checked cases; `gpu`-marked
+NumPy float64 loop references in tests/oracles/spatial_transformer.py, and hand-checked cases; `gpu`-marked
 tests compare the cuDNN path with the XLA path and float64."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxdnn
-import stn_references as ref
-from conftest import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
-from conftest import jit_run as _jit_run
+from oracles import spatial_transformer as ref
+from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn.reference import spatial_transformer as xla_reference
 from jaxdnn.spatial_transformer import dnn_affine_grid, dnn_grid_sampler, dnn_spatialtf
@@ -493,15 +493,19 @@ BAD = [
     (dnn_spatialtf, (jnp.ones((2, 3, 4, 5), jnp.int32), THETA), {}, TypeError, r"dnn_spatialtf: img must be float"),
     (dnn_spatialtf, (IMG, jnp.ones((2, 2, 3), jnp.int32)), {}, TypeError, r"dnn_spatialtf: theta must be float"),
     (dnn_spatialtf, (IMG, jnp.ones((2, 2, 3), jnp.complex64)), {}, TypeError, r"dnn_spatialtf: theta must be float"),
-    (dnn_grid_sampler, (IMG, jnp.ones((2, 3, 3, 3))), {}, ValueError, r"dnn_grid_sampler: grid must have shape \(N, H_out, W_out, 2\)"),
+    (dnn_grid_sampler, (IMG, jnp.ones((2, 3, 3, 3))), {}, ValueError,
+     r"dnn_grid_sampler: grid must have shape \(N, H_out, W_out, 2\)"),
     (dnn_grid_sampler, (IMG, jnp.ones((2, 3, 2))), {}, ValueError, r"dnn_grid_sampler: grid must be 4-D"),
-    (dnn_grid_sampler, (IMG, jnp.ones((1, 3, 3, 2))), {}, ValueError, r"dnn_grid_sampler: grid holds 1 .* img holds 2"),
+    (dnn_grid_sampler, (IMG, jnp.ones((1, 3, 3, 2))), {}, ValueError,
+     r"dnn_grid_sampler: grid holds 1 .* img holds 2"),
     (dnn_grid_sampler, (jnp.ones((2, 4, 5)), GRID), {}, ValueError, r"dnn_grid_sampler: img must be 4-D"),
     (dnn_grid_sampler, (IMG, jnp.ones((2, 3, 3, 2), jnp.int8)), {}, TypeError, r"dnn_grid_sampler: grid must be float"),
-    (dnn_grid_sampler, (jnp.ones((2, 3, 4, 5), jnp.uint8), GRID), {}, TypeError, r"dnn_grid_sampler: img must be float"),
+    (dnn_grid_sampler, (jnp.ones((2, 3, 4, 5), jnp.uint8), GRID), {}, TypeError,
+     r"dnn_grid_sampler: img must be float"),
     (dnn_affine_grid, (jnp.ones((2, 2, 2)), (2, 3, 4, 5)), {}, ValueError, r"dnn_affine_grid: theta must have shape"),
     (dnn_affine_grid, (jnp.ones((2, 3)), (2, 3, 4, 5)), {}, ValueError, r"dnn_affine_grid: theta must be 3-D"),
-    (dnn_affine_grid, (jnp.ones((2, 2, 3), jnp.int32), (2, 3, 4, 5)), {}, TypeError, r"dnn_affine_grid: theta must be float"),
+    (dnn_affine_grid, (jnp.ones((2, 2, 3), jnp.int32), (2, 3, 4, 5)), {}, TypeError,
+     r"dnn_affine_grid: theta must be float"),
     (dnn_affine_grid, (THETA, (2, 4, 5)), {}, ValueError, r"dnn_affine_grid: out_dims=.* must have 4 entries"),
     (dnn_affine_grid, (THETA, (3, 3, 4, 5)), {}, ValueError, r"dnn_affine_grid: out_dims=.* has N=3 but theta holds 2"),
     (dnn_affine_grid, (THETA, (2, 3, 4.0, 5)), {}, TypeError, r"dnn_affine_grid: out_dims must hold static ints"),

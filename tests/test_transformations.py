@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxdnn
-import references as ref
+from oracles import pooling_softmax as ref
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 from jax import lax
 
-from jaxdnn.flax import (_kernel_size, avg_pool, batch_norm_apply, check_batch_norm_options,
-                         conv_apply, conv_transpose_apply, identity_affine_init, max_pool,
-                         spatial_transform_apply)
+from jaxdnn.flax._core import (avg_pool, batch_norm_apply, check_batch_norm_options,
+                               check_kernel_size, conv_apply, conv_transpose_apply,
+                               identity_affine_init, max_pool, spatial_transform_apply)
 from jaxdnn.flax.recurrent import initial_weights, recurrent_apply
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "LSTM", "GRU",
@@ -91,7 +91,7 @@ class Conv(nnx.Module):
                  bias_metadata: Mapping[str, Any] = NO_METADATA):
         _check_flax_only("Conv", "conv_general_dilated", conv_general_dilated,
                          (None, lax.conv_general_dilated))
-        kernel_size = _kernel_size("Conv", kernel_size)
+        kernel_size = check_kernel_size("Conv", kernel_size)
         if (not isinstance(feature_group_count, int) or feature_group_count < 1
                 or in_features % feature_group_count):
             raise ValueError(f"Conv: feature_group_count={feature_group_count!r} must be a "
@@ -143,7 +143,7 @@ class ConvTranspose(nnx.Module):
                  preferred_element_type: Any = None, rngs: nnx.Rngs,
                  kernel_metadata: Mapping[str, Any] = NO_METADATA,
                  bias_metadata: Mapping[str, Any] = NO_METADATA):
-        kernel_size = _kernel_size("ConvTranspose", kernel_size)
+        kernel_size = check_kernel_size("ConvTranspose", kernel_size)
         self.kernel_shape = kernel_size + ((out_features, in_features) if transpose_kernel
                                            else (in_features, out_features))
         _kernel_and_bias("ConvTranspose", self, self.kernel_shape, out_features,
