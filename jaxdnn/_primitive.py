@@ -28,6 +28,7 @@ import functools
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn import _extension, config
@@ -120,8 +121,26 @@ def define_primitive(
         requires_devices_during_lowering(prim)
         mlir.register_lowering(prim, partitioned_lowering(bind_local, spec_fn, name))
     if batch_rule is not None:
-        batching.primitive_batchers[prim] = functools.partial(batch_rule, prim)
+        batching.primitive_batchers[prim] = functools.partial(_batch_unless_empty, batch_rule,
+                                                              prim)
     return prim
+
+
+def _batch_unless_empty(batch_rule: Callable, prim: Primitive, args, dims, **params):
+    """`batch_rule`, except over a vmapped axis of size 0: no call at all, but empty results
+    of the shapes one call on an instance would give (folding zero instances into N could
+    not be undone: N * 0 hides N)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if size:
+        return batch_rule(prim, args, dims, **params)
+    instance = [jax.ShapeDtypeStruct(a.shape if d is None else a.shape[:d] + a.shape[d + 1:],
+                                     a.dtype) for a, d in zip(args, dims)]
+    outs = jax.eval_shape(functools.partial(prim.bind, **params), *instance)
+    empty = [jnp.zeros((0, *o.shape), o.dtype) for o in (outs if prim.multiple_results
+                                                          else [outs])]
+    if prim.multiple_results:
+        return empty, [0] * len(empty)
+    return empty[0], 0
 
 
 class _Primitive(Primitive):

@@ -507,9 +507,11 @@ def _seq_lengths(op: str, seq_lengths, steps: int, batch: int):
         values = np.asarray(seq_lengths if host_data else lengths)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         values = None
-    if values is not None and values.size and not (values.min() >= 1 and values.max() <= steps):
-        raise ValueError(f"{op}: seq_lengths must lie in [1, {steps}] (the timesteps of x); "
-                         f"got {values.tolist()}")
+    shortest = min(1, steps)  # x of no timesteps holds sequences of length 0
+    if values is not None and values.size and not (shortest <= values.min()
+                                                   and values.max() <= steps):
+        raise ValueError(f"{op}: seq_lengths must lie in [{shortest}, {steps}] (the timesteps "
+                         f"of x); got {values.tolist()}")
     static = tuple(int(v) for v in values) if host_data and values is not None else ()
     return lengths.astype(jnp.int32), static
 

@@ -40,7 +40,8 @@ def softmax_forward(x, *, algo: str, mode: str, layout: str):
     first; the reference always subtracts it (the safe choice, equal where 'fast' is finite)."""
     axes = reduction_axes(mode, layout, x.ndim)
     xc = x.astype(_compute_dtype(x.dtype))
-    shifted = xc - jnp.max(xc, axis=axes, keepdims=True)
+    # initial: the maximum of no element (a channel axis of size 0) is -inf, not an error
+    shifted = xc - jnp.max(xc, axis=axes, keepdims=True, initial=-jnp.inf)
     if algo == "log":
         y = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
     else:
