@@ -25,6 +25,7 @@ FFI attributes, converted by the op's `attributes` function.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -219,7 +220,23 @@ def define_linear_pair(forward: Primitive, backward: Primitive, *,
     ad.primitive_transposes[backward] = transpose_backward
 
 
-def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str] = ()) -> str:
+# cuDNN's tensor descriptors take 32-bit sizes and strides: an array of more elements than
+# this is not sent to cuDNN (XLA's path computes it; dnn.enabled=True raises).
+MAX_CUDNN_ELEMENTS = 2**31 - 1
+
+
+def too_large_for_cudnn(shapes: Sequence[Sequence[int]]) -> str | None:
+    """Why cuDNN cannot take arrays of these shapes, or None."""
+    for shape in shapes:
+        if math.prod(shape) > MAX_CUDNN_ELEMENTS:
+            return (f"an array of shape {tuple(shape)} has {math.prod(shape)} elements, more "
+                    f"than the {MAX_CUDNN_ELEMENTS} that cuDNN's 32-bit sizes and strides "
+                    "address")
+    return None
+
+
+def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str] = (),
+                shapes: Sequence[Sequence[int]] = ()) -> str:
     """'cudnn' or 'xla' for an op traced now, from the `dnn.enabled` flag.
 
     'auto' takes cuDNN whenever the extension is loaded (on a machine without a GPU the
@@ -227,10 +244,17 @@ def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str]
     own lowering faster for the case at hand (`xla_is_faster`); True demands the cuDNN
     path and raises here, at trace time, when it cannot run; False always takes XLA.
     `ffi_targets`: the handlers the op needs; where this build lacks one, the op cannot run
-    on cuDNN.
+    on cuDNN. `shapes`: the shapes of the call's operands and results; one too large for
+    cuDNN (MAX_CUDNN_ELEMENTS) takes XLA, or raises a ValueError under True.
     """
     enabled = config.read("dnn.enabled")
     if enabled is False:
+        return "xla"
+    too_large = too_large_for_cudnn(shapes)
+    if too_large is not None:
+        if enabled is True:
+            raise ValueError(f"jaxdnn {op}: dnn.enabled=True requires cuDNN, but {too_large}; "
+                             "with dnn.enabled='auto' this call takes XLA's path")
         return "xla"
     missing = [t for t in ffi_targets if not _extension.has_targets(t)]
     if enabled is True:

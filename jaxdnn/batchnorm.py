@@ -441,11 +441,13 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
     operands = (_to_primitive(x, unit_axes, x.dtype), _to_primitive(gamma, unit_axes, pdtype),
                 _to_primitive(beta, unit_axes, pdtype))
     if axis_name is None:
-        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS)
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS,
+                           shapes=[x.shape])
         prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
         out, mean, invstd = _bn_train(*operands, prim_params)
     else:
-        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS)
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS,
+                           shapes=[x.shape])
         out, mean, invstd = _bn_train_across(*operands, axis_name=axis_name, mode=mode,
                                              layout=layout, epsilon=eps, impl=impl)
         m = m * jax.lax.psum(1, axis_name)
@@ -480,7 +482,8 @@ def dnn_batch_normalization_test(inputs, gamma, beta, mean, var, mode: str = "pe
         op, mode, inputs, data_format, epsilon,
         {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
     pdtype = reference.compute_dtype(x.dtype)
-    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS)
+    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS,
+                       shapes=[x.shape])
     args = [_to_primitive(x, unit_axes, x.dtype)] + [
         _to_primitive(p, unit_axes, pdtype) for p in (gamma, beta, mean, var)]
     out = _bn_infer(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)

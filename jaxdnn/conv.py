@@ -393,7 +393,8 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
                          f"{[p for p, _ in padding]}")
     # 'auto' takes cuDNN for every layout (H100, BENCHMARKS.md): forward+backward measured
     # 1.01-36x XLA's; forward alone 0.89-2.8x (channels-last forward the weakest).
-    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS,
+                       shapes=[tuple(img_shape), tuple(kerns_shape), out_shape])
     params["impl"] = impl if _cudnn_computes(dtype, params["compute_dtype"]) else "xla"
     return params, out_shape
 

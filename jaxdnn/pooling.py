@@ -172,14 +172,15 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
         mode = "average_inc_pad"
     if mode == "max" and config.read("dnn.deterministic"):
         mode = "max_deterministic"
-    forward_impl, backward_impl = _implementations(op, mode, jax.numpy.dtype(img.dtype), nd)
+    forward_impl, backward_impl = _implementations(op, mode, jax.numpy.dtype(img.dtype), nd,
+                                                   img.shape)
     params = dict(mode=mode, ws=ws, stride=stride, pad=pad, layout=layout, impl=forward_impl)
     if mode in MAX_MODES:
         return _max_pool(img, tuple(sorted(params.items())), backward_impl)
     return pool_fwd_p.bind(img, **params)
 
 
-def _implementations(op, mode, dtype, nd) -> tuple[str, str]:
+def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:
     """(forward, backward) implementation: under dnn.enabled='auto', each half of the op
     takes whichever of cuDNN and XLA measured faster for the case (H100, BENCHMARKS.md):
 
@@ -196,7 +197,7 @@ def _implementations(op, mode, dtype, nd) -> tuple[str, str]:
     """
     cudnn_backward = mode == "max_deterministic" or (
         mode == "max" and nd == 2 and dtype == np.dtype(np.float32))
-    return (choose_impl(op, xla_is_faster=True),
-            choose_impl(op, xla_is_faster=not cudnn_backward))
+    return (choose_impl(op, xla_is_faster=True, shapes=[shape]),
+            choose_impl(op, xla_is_faster=not cudnn_backward, shapes=[shape]))
 
 

@@ -452,8 +452,8 @@ def _cudnn_rnn_bwd(config, residuals, cotangents):
 _cudnn_rnn.defvjp(_cudnn_rnn_fwd, _cudnn_rnn_bwd)
 
 
-def _implementation(op: str) -> str:
-    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
+def _implementation(op: str, *shapes) -> str:
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS, shapes=shapes)
     if impl == "cudnn" and _extension.unavailable_reason() is not None:
         # 'auto' with the handlers built but no GPU: cuDNN cannot size the reserve space
         return "xla"
@@ -743,7 +743,8 @@ class RNNBlock:
         if steps == 0 or batch == 0:  # no step to take: the states stay the initial ones
             y = jnp.zeros((steps, batch, self.num_directions * self.hidden_size), dtype)
             return (y, hx, cx) if lstm else (y, hx)
-        impl = _implementation(op)
+        impl = _implementation(op, x.shape, (steps, batch, self.num_directions * self.hidden_size),
+                               w.shape)
         if impl == "xla":
             y, hy, cy = reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
         else:

@@ -84,7 +84,8 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
         # speed there while its channel mode is 1.7x slower forward and ~200x slower
         # backward (8192x4096 float32 on an H100, BENCHMARKS.md).
         mode = "instance"
-    return _softmax(x, algo, mode, layout, choose_impl(op, _xla_is_faster(mode, layout, spatial)))
+    return _softmax(x, algo, mode, layout, choose_impl(op, _xla_is_faster(mode, layout, spatial),
+                                                       shapes=[x.shape]))
 
 
 def _xla_is_faster(mode: str, layout: str, spatial) -> bool:

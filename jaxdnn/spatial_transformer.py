@@ -185,13 +185,13 @@ def _sample_bwd(forward_impl, backward_impl, deterministic, residuals, dout):
 _sample.defvjp(_sample_fwd, _sample_bwd)
 
 
-def _implementations(op: str) -> tuple[str, str, bool]:
+def _implementations(op: str, *shapes) -> tuple[str, str, bool]:
     """(sampler-forward impl, impl of the reductions, deterministic). 'auto' takes cuDNN
     wherever its handlers exist. Under dnn.deterministic the sampler backward and the grid
     generator (whose backward is a reduction over the grid, for which cuDNN documents no
     reproducibility guarantee either) run on the deterministic XLA path whatever
     dnn.enabled says; the forward sampler stays where it is."""
-    impl = choose_impl(op, ffi_targets=FFI_TARGETS)
+    impl = choose_impl(op, ffi_targets=FFI_TARGETS, shapes=shapes)
     deterministic = bool(config.read("dnn.deterministic"))
     return impl, ("xla" if deterministic else impl), deterministic
 
@@ -282,7 +282,7 @@ def dnn_affine_grid(theta, out_dims):
         raise ValueError(f"{op}: out_dims={out_dims} has N={out_dims[0]} but theta holds "
                          f"{theta.shape[0]} matrices (shape {tuple(theta.shape)})")
     dtype, work = _working_dtype(theta)
-    _, grid_impl, _ = _implementations(op)
+    _, grid_impl, _ = _implementations(op, (*out_dims[:1], out_dims[2], out_dims[3], 2))
     return _affine_grid(theta.astype(work), out_dims, grid_impl).astype(dtype)
 
 
@@ -308,7 +308,8 @@ def dnn_grid_sampler(img, grid):
         raise ValueError(f"{op}: grid holds {grid.shape[0]} grids (shape {tuple(grid.shape)}) "
                          f"but img holds {img.shape[0]} images (shape {tuple(img.shape)})")
     dtype, work = _working_dtype(img, grid)
-    out = _grid_sampler(img.astype(work), grid.astype(work), _implementations(op))
+    impls = _implementations(op, img.shape, grid.shape, (*img.shape[:2], *grid.shape[1:3]))
+    out = _grid_sampler(img.astype(work), grid.astype(work), impls)
     return out.astype(dtype)
 
 
@@ -335,6 +336,6 @@ def dnn_spatialtf(img, theta, scale_width=1, scale_height=1):
     n, c, height, width = img.shape
     out_dims = (n, c, math.ceil(height * sh), math.ceil(width * sw))
     dtype, work = _working_dtype(img, theta)
-    impls = _implementations(op)
+    impls = _implementations(op, img.shape, out_dims, (n, out_dims[2], out_dims[3], 2))
     grid = _affine_grid(theta.astype(work), out_dims, impls[1])
     return _grid_sampler(img.astype(work), grid, impls).astype(dtype)

@@ -7,7 +7,8 @@
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
-# graphs bench rnnbench flaxbench inprogram examples") picks which stages run;
+# graphs fuzz sharding bench rnnbench flaxbench inprogram scaling examples") picks which
+# stages run;
 # "alltests" runs the whole suite on the GPU too (the CPU tests then exercise jaxdnn's
 # default path there).
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
@@ -17,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
 mkdir -p "$LOG_DIR"
-STAGES=${STAGES:-"build info tests graphs sharding bench rnnbench flaxbench inprogram scaling examples"}
+STAGES=${STAGES:-"build info tests graphs fuzz sharding bench rnnbench flaxbench inprogram scaling examples"}
 PYTHON=${PYTHON:-python3}
 read -r -a TESTS <<<"${TESTS:-tests}"
 export PYTHONUNBUFFERED=1
@@ -50,6 +51,10 @@ run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+# Differential fuzzing on cuDNN (tests/test_fuzz.py): FUZZ_CASES random configurations of
+# each op family, each against the float64 oracles and the XLA path.
+run_stage fuzz env JAXDNN_FUZZ_CASES="${FUZZ_CASES:-200}" \
+  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_fuzz.py
 # The sharding tests on 8 forced host devices (CPU), beside the GPU: the partitioned
 # programs and sharded numbers, on the machine's own jax.
 run_stage sharding env XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -60,7 +65,7 @@ run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH
 run_stage rnnbench "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR"
 run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # Convolutions and pooling timed inside one program (no per-call dispatch), beside XLA and
-# PyTorch; convolutions with time_once on all three passes, as issue 3's targets ask.
+# PyTorch; convolutions with time_once on all three passes.
 run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
 # Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per

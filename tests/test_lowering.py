@@ -358,3 +358,36 @@ def test_workspace_is_an_explicit_u8_result_dropped_after_the_call(monkeypatch):
     assert re.search(r"custom_call @jaxdnn_test_workspace\(%arg0\).*scale = 4 : i64.*"
                      r"-> \(tensor<2x3xf32>, tensor<24xui8>\)", text)
     np.testing.assert_allclose(jax.jit(lambda x: prim.bind(x, scale=4, impl="cudnn") * 2)(x), 4.0)
+
+
+# ---- arrays too large for cuDNN's 32-bit sizes and strides ----------------------------
+BIG = (2, 1024, 1024, 1025)  # 2**31 + 2**21 elements: only traced and lowered, never made
+SMALL = (2, 4, 6, 6)
+
+
+def _big_cases(shape):
+    f32 = lambda s: jax.ShapeDtypeStruct(s, jnp.float16)
+    n, c = shape[0], shape[1]
+    params = f32((1, c, 1, 1))
+    theta = jax.ShapeDtypeStruct((n, 2, 3), jnp.float32)
+    return {
+        "softmax": (lambda x: jaxdnn.dnn_softmax(x), (f32(shape),)),
+        "pool": (lambda x: jaxdnn.dnn_pool(x, (2, 2), mode="max_deterministic"), (f32(shape),)),
+        "conv": (lambda x, w: jaxdnn.dnn_conv(x, w, border_mode="half"),
+                 (f32(shape), f32((c, c, 1, 1)))),
+        "batch_norm": (lambda x, g, b: jaxdnn.dnn_batch_normalization_train(
+            x, g, b, mode="spatial")[0], (f32(shape), params, params)),
+        "spatial_transformer": (lambda x, t: jaxdnn.dnn_spatialtf(x.astype(jnp.float32), t),
+                                (f32(shape), theta)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_big_cases(SMALL)))
+def test_arrays_too_large_for_cudnn_take_xla_or_raise(name, cudnn_forced):
+    fn, args = _big_cases(SMALL)[name]
+    assert any(c[0].startswith("jaxdnn_") for c in custom_calls(cuda_hlo(fn, *args)))
+    fn, args = _big_cases(BIG)[name]
+    with pytest.raises(ValueError, match="cuDNN's 32-bit sizes and strides"):
+        cuda_hlo(fn, *args)
+    jaxdnn.config.update("dnn.enabled", "auto")  # the same call on XLA's path, no error
+    assert not any(c[0].startswith("jaxdnn_") for c in custom_calls(cuda_hlo(fn, *args)))

@@ -89,6 +89,18 @@ def test_forward(rng, dtype, algo, mode, layout):
     assert_close(y, ref.softmax(x64, algo, mode, fmt), dtype)
 
 
+@pytest.mark.parametrize("algo", ["accurate", "log"])
+def test_channels_last_single_pixel_column_normalizes_channels(algo):
+    """Found by tests/test_fuzz.py (softmax seed 33): an NHWC batch of H x 1 images with one
+    channel, whose shape (N, H, 1, 1) looks like NCHW 1x1 images, was normalized over H on
+    the XLA path instead of over its single channel."""
+    x = np.random.default_rng(33).standard_normal((3, 3, 1, 1))
+    expected = ref.softmax(x, algo, "channel", "NHWC")  # 1 (accurate) / 0 (log) everywhere
+    with xla_path():
+        got = dnn_softmax(jnp.asarray(x), algo=algo, data_format="NHWC")
+    np.testing.assert_allclose(to_f64(got), expected, atol=1e-12)
+
+
 def test_defaults_are_accurate_channel_nchw(rng):
     x = _data(rng, (2, 3, 2, 2))
     np.testing.assert_allclose(to_f64(dnn_softmax(jnp.asarray(x))),

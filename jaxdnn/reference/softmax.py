@@ -5,7 +5,7 @@ import math
 
 import jax.numpy as jnp
 
-from jaxdnn.layout import channel_axis
+from jaxdnn.layout import channel_axis, spatial_axes
 
 
 def reduction_axes(mode: str, layout: str, ndim: int = 4) -> tuple[int, ...]:
@@ -21,7 +21,8 @@ def _over_rows(fn):
     array far faster than axis 1 of an (N, C, 1, 1) array, on CPU especially."""
     def wrapped(*arrays, algo, mode, layout):
         x = arrays[0]
-        if mode == "instance" or x.shape[1:] == (x.shape[1], 1, 1) or x.shape[1:] == (1, 1, x.shape[-1]):
+        one_pixel = all(x.shape[a] == 1 for a in spatial_axes(layout, x.ndim))
+        if mode == "instance" or one_pixel:
             # not reshape(N, -1): -1 cannot be inferred when N == 0
             rows = [a.reshape(a.shape[0], math.prod(a.shape[1:])) for a in arrays]
             return fn(*rows, algo=algo, mode="channel", layout="NC").reshape(x.shape)
