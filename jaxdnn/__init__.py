@@ -13,6 +13,7 @@ from jaxdnn.rnn import RNNBlock
 from jaxdnn.softmax import dnn_log_softmax, dnn_softmax
 from jaxdnn.spatial_transformer import dnn_affine_grid, dnn_grid_sampler, dnn_spatialtf
 from jaxdnn import primitives
+from jaxdnn import nn
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ __all__ = ["config", "version", "is_available", "unavailable_reason", "primitive
            "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d", "dnn_gradweight3d",
            "dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler",
            "dnn_batch_normalization_train", "dnn_batch_normalization_test"]
-__all__ += ["RNNBlock"]
+__all__ += ["RNNBlock", "nn"]

@@ -31,9 +31,14 @@ def check_choice(op: str, arg: str, value, choices: Iterable[str]) -> None:
         raise ValueError(f"{op}: {arg}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool: what every static int argument must be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def int_tuple(op: str, arg: str, value, length: int) -> tuple[int, ...]:
     """`value` as a tuple of `length` Python ints (an int is repeated)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         return (int(value),) * length
     try:
         items = tuple(value)
@@ -41,6 +46,6 @@ def int_tuple(op: str, arg: str, value, length: int) -> tuple[int, ...]:
         raise TypeError(f"{op}: {arg} must be an int or a sequence of {length} ints; got {value!r}") from None
     if len(items) != length:
         raise ValueError(f"{op}: {arg}={value!r} must have {length} entries, one per spatial axis")
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+    if not all(is_int(v) for v in items):
         raise TypeError(f"{op}: {arg} must hold ints; got {value!r}")
     return tuple(int(v) for v in items)

@@ -30,6 +30,7 @@ from jaxdnn._primitive import choose_impl, define_primitive
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import CHANNELS_LAST, channel_axis, is_channels_last, normalize_data_format
 from jaxdnn.reference import conv as reference
+from jaxdnn.reference.dtypes import compute_dtype
 
 __all__ = ["dnn_conv", "dnn_conv3d", "dnn_gradinput", "dnn_gradweight", "dnn_gradinput3d",
            "dnn_gradweight3d", "conv_fwd_p", "conv_bwd_data_p", "conv_bwd_filter_p"]
@@ -312,7 +313,7 @@ def _compute_dtype(op: str, precision, dtype) -> str:
     precision = config.read("dnn.conv.precision") if precision is None else precision
     _validate.check_choice(op, "precision", precision, config.PRECISIONS)
     if precision == "as_input_f32":
-        return "float32" if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype).name
+        return compute_dtype(dtype).name
     if precision == "as_input":
         return jnp.dtype(dtype).name
     return precision
@@ -365,7 +366,7 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
     strides = _per_axis(op, "subsample", subsample, nd)
     dilation = _per_axis(op, "dilation", dilation, nd)
     _validate.check_choice(op, "conv_mode", conv_mode, CONV_MODES)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+    if not _validate.is_int(num_groups) or num_groups < 1:
         raise ValueError(f"{op}: num_groups={num_groups!r} must be a positive int")
     channels = img_shape[channel_axis(layout, rank)]
     out_channels, kernel_channels = kerns_shape[0], kerns_shape[1]

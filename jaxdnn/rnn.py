@@ -462,12 +462,8 @@ def _implementation(op: str, *shapes) -> str:
 
 # ---- argument handling --------------------------------------------------------------------
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _positive_int(op: str, arg: str, value) -> int:
-    if not _is_int(value):
+    if not _validate.is_int(value):
         raise TypeError(f"{op}: {arg} must be a positive int; got {value!r}")
     if value < 1:
         raise ValueError(f"{op}: {arg}={value!r} must be a positive int")
@@ -579,7 +575,7 @@ class RNNBlock:
         except (TypeError, ValueError):
             raise TypeError(f"{op}: input_size must be (batch_size, input_dim); "
                             f"got {input_size!r}") from None
-        if not (_is_int(batch_size) and _is_int(input_dim)):
+        if not (_validate.is_int(batch_size) and _validate.is_int(input_dim)):
             raise TypeError(f"{op}: input_size must hold two ints (batch_size, input_dim); "
                             f"got {input_size!r}")
         if batch_size < 0 or input_dim < 1:
@@ -649,7 +645,7 @@ class RNNBlock:
 
     def _layer_index(self, op: str, layer) -> int:
         layers = self.num_layers * self.num_directions
-        if not _is_int(layer):
+        if not _validate.is_int(layer):
             raise TypeError(f"{op}: layer must be an int; got {layer!r}")
         if not 0 <= layer < layers:
             raise ValueError(f"{op}: layer={layer} must lie in [0, {layers}) "

@@ -223,7 +223,7 @@ def _out_dims(op: str, out_dims) -> tuple[int, int, int, int]:
                         f"got {out_dims!r}") from None
     if len(items) != 4:
         raise ValueError(f"{op}: out_dims={out_dims!r} must have 4 entries (N, C, H, W)")
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+    if not all(_validate.is_int(v) for v in items):
         raise TypeError(f"{op}: out_dims must hold static ints (N, C, H, W); got {out_dims!r}")
     items = tuple(int(v) for v in items)
     if any(v < 0 for v in items):

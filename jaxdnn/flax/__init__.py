@@ -31,9 +31,9 @@ Flax's too, up to floating-point rounding:
 * `SpatialTransformer` runs a localization network and samples with `dnn_spatialtf`.
 
 The shared functional core (`conv_apply`, `conv_transpose_apply`, `batch_norm_apply`,
-`pool_apply`, `spatial_transform_apply`, in `jaxdnn/flax/_core.py`) takes arrays and
-static options and is what the linen modules here and the NNX modules of
-`jaxdnn.flax.nnx` call.
+`pool_apply`, `spatial_transform_apply`, in `jaxdnn/_functional.py`, which `jaxdnn.nn`
+shares) takes arrays and static options and is what the linen modules here and the NNX
+modules of `jaxdnn.flax.nnx` call.
 
 Not matched: `input_dilation` != 1 (raises; use `ConvTranspose`), `axis_index_groups` /
 `mask` of `BatchNorm` (raise: grouped-device and masked statistics),
@@ -53,10 +53,10 @@ import numpy as np
 from flax.linen import dtypes as linen_dtypes
 from flax.linen import initializers
 
-from jaxdnn.flax._core import (Array, PaddingLike, avg_pool, batch_norm_apply,
-                               check_batch_norm_options, check_kernel_size, conv_apply,
-                               conv_transpose_apply, feature_axes_of, identity_affine_init,
-                               max_pool, pool_apply, spatial_transform_apply)
+from jaxdnn._functional import (Array, PaddingLike, avg_pool, batch_norm_apply,
+                                check_batch_norm_options, check_kernel_size, conv_apply,
+                                conv_transpose_apply, feature_axes_of, identity_affine_init,
+                                max_pool, pool_apply, spatial_transform_apply)
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "max_pool", "avg_pool", "SpatialTransformer",
            "identity_affine_init", "conv_apply", "conv_transpose_apply", "batch_norm_apply",

@@ -25,9 +25,10 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 from jax import lax
 
-from jaxdnn.flax._core import (avg_pool, batch_norm_apply, check_batch_norm_options,
-                               check_kernel_size, conv_apply, conv_transpose_apply,
-                               identity_affine_init, max_pool, spatial_transform_apply)
+from jaxdnn import _validate
+from jaxdnn._functional import (avg_pool, batch_norm_apply, check_batch_norm_options,
+                                check_kernel_size, conv_apply, conv_transpose_apply,
+                                identity_affine_init, max_pool, spatial_transform_apply)
 from jaxdnn.flax.recurrent import initial_weights, recurrent_apply
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "LSTM", "GRU",
@@ -92,7 +93,7 @@ class Conv(nnx.Module):
         _check_flax_only("Conv", "conv_general_dilated", conv_general_dilated,
                          (None, lax.conv_general_dilated))
         kernel_size = check_kernel_size("Conv", kernel_size)
-        if (not isinstance(feature_group_count, int) or feature_group_count < 1
+        if (not _validate.is_int(feature_group_count) or feature_group_count < 1
                 or in_features % feature_group_count):
             raise ValueError(f"Conv: feature_group_count={feature_group_count!r} must be a "
                              f"positive int dividing in_features={in_features}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdnn.layout import channel_axis
+from jaxdnn.reference.dtypes import compute_dtype
 
 MODES = ("per-activation", "spatial")
 
@@ -34,10 +35,6 @@ def count(shape, mode: str, layout: str) -> int:
     """m: the number of elements each statistic is taken over."""
     return math.prod(shape[a] for a in reduction_axes(mode, layout, len(shape)))
 
-
-def compute_dtype(dtype):
-    """float32 for half-precision images (cuDNN's statistics type for them), else the dtype."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
 def batch_statistics(x, *, mode: str, layout: str, axis_name=None):

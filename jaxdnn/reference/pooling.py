@@ -9,6 +9,7 @@ from jax import lax
 
 from jaxdnn._compat import zeros_varying_like
 from jaxdnn.layout import spatial_axes
+from jaxdnn.reference.dtypes import compute_dtype
 
 MAX_MODES = ("max", "max_deterministic")
 
@@ -31,7 +32,7 @@ def pool_forward(x, *, mode: str, ws, stride, pad, layout: str):
     padding = tuple(zip(_window(pad, layout, nd, 0), _window(pad, layout, nd, 0)))
     if mode in MAX_MODES:
         return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding).astype(x.dtype)
-    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    acc = compute_dtype(x.dtype)
     sums = lax.reduce_window(x.astype(acc), 0.0, lax.add, window, strides, padding)
     if mode == "sum":
         out = sums

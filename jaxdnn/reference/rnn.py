@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdnn.reference.dtypes import compute_dtype
+
 __all__ = ["MODES", "GATES", "WeightEntry", "weight_layout", "param_size", "layer_input_size",
            "compute_dtype", "rnn", "forward", "backward_data", "backward_weights"]
 
@@ -196,11 +198,6 @@ def _run_layer(mode, inputs, h0, c0, params: _LayerParams, seq_lengths):
         per_direction.append(_reverse_sequences(outputs[:, 1], seq_lengths))
     return jnp.concatenate(per_direction, axis=-1), h_last, c_last
 
-
-def compute_dtype(dtype):
-    """The dtype the arithmetic runs in: float32 for the 16-bit types, else the dtype."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def rnn(x, hx, cx, w, seq_lengths=None, *, mode: str, input_mode: str, hidden_size: int,

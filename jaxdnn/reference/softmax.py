@@ -6,6 +6,7 @@ import math
 import jax.numpy as jnp
 
 from jaxdnn.layout import channel_axis, spatial_axes
+from jaxdnn.reference.dtypes import compute_dtype
 
 
 def reduction_axes(mode: str, layout: str, ndim: int = 4) -> tuple[int, ...]:
@@ -30,17 +31,13 @@ def _over_rows(fn):
     return wrapped
 
 
-def _compute_dtype(dtype):
-    # cuDNN accumulates half-precision softmax in float32; so does the reference.
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
-
 
 @_over_rows
 def softmax_forward(x, *, algo: str, mode: str, layout: str):
     """algo 'fast' and 'accurate' differ in cuDNN only in whether the maximum is subtracted
     first; the reference always subtracts it (the safe choice, equal where 'fast' is finite)."""
     axes = reduction_axes(mode, layout, x.ndim)
-    xc = x.astype(_compute_dtype(x.dtype))
+    xc = x.astype(compute_dtype(x.dtype))
     # initial: the maximum of no element (a channel axis of size 0) is -inf, not an error
     shifted = xc - jnp.max(xc, axis=axes, keepdims=True, initial=-jnp.inf)
     if algo == "log":
@@ -55,7 +52,7 @@ def softmax_forward(x, *, algo: str, mode: str, layout: str):
 def softmax_backward(y, dy, *, algo: str, mode: str, layout: str):
     """Gradient with respect to x, given the output y and its cotangent dy."""
     axes = reduction_axes(mode, layout, y.ndim)
-    ct = _compute_dtype(y.dtype)
+    ct = compute_dtype(y.dtype)
     yc, dyc = y.astype(ct), dy.astype(ct)
     if algo == "log":
         dx = dyc - jnp.exp(yc) * jnp.sum(dyc, axis=axes, keepdims=True)

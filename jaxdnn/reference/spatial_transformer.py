@@ -26,14 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdnn.reference.dtypes import compute_dtype
+
 __all__ = ["grid_forward", "grid_backward", "sampler_forward", "sampler_backward",
            "compute_dtype", "target_coordinates"]
 
-
-def compute_dtype(dtype):
-    """The dtype the arithmetic runs in: float32 for the 16-bit types, else the dtype."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def target_coordinates(height: int, width: int, dtype):

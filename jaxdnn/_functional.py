@@ -1,8 +1,9 @@
-"""The functional core of jaxdnn's Flax modules: arrays and static options in, arrays out.
+"""The functional core of `jaxdnn.nn` and of the Flax modules: arrays and static options
+in, arrays out, with Flax's (and `jax.lax`'s) conventions.
 
-`jaxdnn.flax` (linen) and `jaxdnn.flax.nnx` (NNX) both build on these functions, so the
-two module families compute the same numbers by one code path; `jaxdnn.flax`'s docstring
-says how each matches Flax's own modules.
+`jaxdnn.nn`, `jaxdnn.flax` (linen) and `jaxdnn.flax.nnx` (NNX) all build on these
+functions, so they compute the same numbers by one code path; `jaxdnn.flax`'s docstring
+says how each matches Flax's own modules. Nothing here imports flax.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import dtypes as linen_dtypes
 from jax import lax
 
+from jaxdnn import _validate
 from jaxdnn.batchnorm import (MIN_EPSILON, dnn_batch_normalization_test,
                               dnn_batch_normalization_train)
 from jaxdnn.conv import dnn_conv, dnn_conv3d, dnn_gradinput, dnn_gradinput3d
@@ -31,8 +32,20 @@ CONV_PAD_STRINGS = PAD_STRINGS + ("CIRCULAR", "REFLECT", "CAUSAL")
 
 # ---- argument handling -------------------------------------------------------------------
 
+def canonical_dtype(*args, dtype=None):
+    """Flax's canonicalize_dtype: `dtype`, else the arrays' promoted type, at least a
+    floating type (integers promote with float32)."""
+    if dtype is None:
+        dtype = jnp.result_type(*args)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.promote_types(jnp.float32, dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(f"dtype must be a floating type; got {dtype}")
+    return jnp.dtype(dtype)
+
+
 def check_kernel_size(op: str, kernel_size) -> tuple[int, ...]:
-    size = (kernel_size,) if isinstance(kernel_size, (int, np.integer)) else tuple(kernel_size)
+    size = (kernel_size,) if _validate.is_int(kernel_size) else tuple(kernel_size)
     if len(size) not in (1, 2, 3):
         raise ValueError(f"{op}: kernel_size={kernel_size!r} must have 1, 2 or 3 entries "
                          "(cuDNN convolves 1-D, 2-D and 3-D images)")
@@ -43,7 +56,7 @@ def _per_axis(op: str, arg: str, value, nd: int) -> tuple[int, ...]:
     """Flax's maybe_broadcast: None and ints broadcast (None meaning 1)."""
     if value is None:
         value = 1
-    if isinstance(value, (int, np.integer)):
+    if _validate.is_int(value):
         return (int(value),) * nd
     values = tuple(int(v) for v in value)
     if len(values) != nd:
@@ -58,7 +71,7 @@ def _padding_spec(op: str, padding, nd: int, strings=PAD_STRINGS):
             raise ValueError(f"{op}: padding={padding!r} is not one of "
                              f"{', '.join(map(repr, strings))} or explicit (low, high) pairs")
         return padding
-    if isinstance(padding, (int, np.integer)):
+    if _validate.is_int(padding):
         return [(int(padding), int(padding))] * nd
     try:
         items = list(padding)
@@ -67,7 +80,7 @@ def _padding_spec(op: str, padding, nd: int, strings=PAD_STRINGS):
     if items is not None and len(items) == nd:
         pairs = []
         for p in items:
-            if isinstance(p, (int, np.integer)):
+            if _validate.is_int(p):
                 pairs.append((int(p), int(p)))
             elif isinstance(p, Sequence) and len(p) == 2:
                 pairs.append((int(p[0]), int(p[1])))
@@ -150,7 +163,7 @@ def conv_apply(inputs, kernel, bias=None, *, strides=1, padding="SAME", input_di
     dilation = _per_axis(op, "kernel_dilation", kernel_dilation, nd)
     x, restore = _flatten_batch(op, inputs, nd)
     in_features = x.shape[-1]
-    if (not isinstance(feature_group_count, (int, np.integer)) or feature_group_count < 1
+    if (not _validate.is_int(feature_group_count) or feature_group_count < 1
             or in_features % feature_group_count):
         raise ValueError(f"{op}: feature_group_count={feature_group_count!r} must be a positive "
                          f"int dividing the {in_features} input features")
@@ -319,8 +332,7 @@ def batch_norm_apply(x, scale, bias, *, axis=-1, epsilon: float = 1e-5, mean=Non
     float32, as Flax's _compute_stats) or None with given statistics."""
     feature_axes = feature_axes_of(op, x.ndim, axis)
     features = tuple(x.shape[a] for a in feature_axes)
-    out_dtype = linen_dtypes.canonicalize_dtype(
-        *[a for a in (x, scale, bias) if a is not None], dtype=dtype)
+    out_dtype = canonical_dtype(*[a for a in (x, scale, bias) if a is not None], dtype=dtype)
     # Flax's statistics: at least float32, from `dtype` or else x's.
     stat_dtype = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
     # Compute in the wider of x's and the result's types: Flax normalizes float16 inputs
