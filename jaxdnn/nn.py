@@ -59,6 +59,20 @@ def _to_channels_last(lhs, rhs, dn: lax.ConvDimensionNumbers):
             tuple(int(i) for i in np.argsort(out_perm)))
 
 
+def _channels_last_call(apply, lhs, rhs, dimension_numbers, strides, padding, rhs_dilation,
+                        **options):
+    """apply(x, kernel, ...) (a functional-core convolution on (N, spatial..., C) images
+    and HWIO kernels) on operands laid out as `dimension_numbers` says, the result in the
+    output layout it names."""
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    x, kernel, out_perm = _to_channels_last(lhs, rhs, dn)
+    y = apply(x, kernel, strides=tuple(strides),
+              padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
+              kernel_dilation=(1,) * (lhs.ndim - 2) if rhs_dilation is None
+              else tuple(rhs_dilation), **options)
+    return _transpose(y, out_perm)
+
+
 def _transpose(x, perm):
     return x if tuple(perm) == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
@@ -71,22 +85,16 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
     """`jax.lax.conv_general_dilated` on cuDNN (same arguments, same result)."""
     op = "jaxdnn.nn.conv_general_dilated"
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    nd = lhs.ndim - 2
     xla = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
                             lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                             batch_group_count, precision, preferred_element_type)
     if (not _cudnn_takes(op, lhs, rhs, precision) or batch_group_count != 1
             or (lhs_dilation is not None and any(d != 1 for d in lhs_dilation))):
         return xla()
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    x, kernel, out_perm = _to_channels_last(lhs, rhs, dn)
-    y = _functional.conv_apply(
-        x, kernel, strides=tuple(window_strides),
-        padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
-        kernel_dilation=(1,) * nd if rhs_dilation is None else tuple(rhs_dilation),
-        feature_group_count=feature_group_count, precision=precision,
-        preferred_element_type=preferred_element_type, op=op)
-    return _transpose(y, out_perm)
+    return _channels_last_call(_functional.conv_apply, lhs, rhs, dimension_numbers,
+                               window_strides, padding, rhs_dilation, op=op,
+                               feature_group_count=feature_group_count, precision=precision,
+                               preferred_element_type=preferred_element_type)
 
 
 def conv_transpose(lhs, rhs, strides: Sequence[int], padding,
@@ -102,19 +110,13 @@ def conv_transpose(lhs, rhs, strides: Sequence[int], padding,
                             preferred_element_type, use_consistent_padding)
     if not _cudnn_takes(op, lhs, rhs, precision) or use_consistent_padding:
         return xla()
-    nd = lhs.ndim - 2
     if dimension_numbers is None:  # lax.conv_transpose's defaults
         dimension_numbers = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"),
-                             3: ("NHWDC", "HWDIO", "NHWDC")}[nd]
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    x, kernel, out_perm = _to_channels_last(lhs, rhs, dn)
-    y = _functional.conv_transpose_apply(
-        x, kernel, strides=tuple(strides),
-        padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
-        kernel_dilation=(1,) * nd if rhs_dilation is None else tuple(rhs_dilation),
-        transpose_kernel=transpose_kernel, precision=precision,
-        preferred_element_type=preferred_element_type, op=op)
-    return _transpose(y, out_perm)
+                             3: ("NHWDC", "HWDIO", "NHWDC")}[lhs.ndim - 2]
+    return _channels_last_call(_functional.conv_transpose_apply, lhs, rhs, dimension_numbers,
+                               strides, padding, rhs_dilation, op=op,
+                               transpose_kernel=transpose_kernel, precision=precision,
+                               preferred_element_type=preferred_element_type)
 
 
 def _normalized(x, axis, where, jax_fn, dnn_fn):
