@@ -63,7 +63,9 @@ def define_primitive(
     workspace_bytes(*avals_in, **params) -> size of the workspace result, if any.
     batch_rule(primitive, args, dims, **params) -> (outs, out_dims).
     ffi_target: the FFI target's name, or ffi_target(**params) -> name where the
-    parameters pick one of several targets.
+    parameters pick one of several targets; None for a primitive cuDNN has no pass for:
+    its reference is its only lowering, and its `impl` is that of the passes derived from
+    it (its transpose).
     partitioning(*avals, **params) -> Partitioning: how a call splits across devices.
     """
     prim = _Primitive(name)
@@ -94,7 +96,7 @@ def define_primitive(
     reference_lowering = mlir.lower_fun(_reference, multiple_results=multiple_results)
 
     def _cuda_lowering(ctx, *args, impl, **params):
-        if impl != "cudnn":
+        if impl != "cudnn" or ffi_target is None:
             return reference_lowering(ctx, *args, impl=impl, **params)
         ffi_rule = jax.ffi.ffi_lowering(ffi_target(**params) if callable(ffi_target)
                                         else ffi_target)

@@ -1,8 +1,10 @@
 """Softmax and log-softmax: `dnn_softmax`, `dnn_log_softmax` (cudnnSoftmaxForward/Backward).
 
-The primitives always see 4-D images (a 2-D (N, C) input is taken as (N, C, 1, 1)); their
-gradient is a primitive of its own (`softmax_bwd`, cudnnSoftmaxBackward) that needs only
-the output y as residual.
+The primitives always see 4-D images (a 2-D (N, C) input is taken as (N, C, 1, 1)). Both
+modes of AD work to any order: the forward's tangent is a primitive linear in the tangent
+(`softmax_bwd`, cudnnSoftmaxBackward, whose Jacobian is symmetric; for log-softmax
+`softmax_tangent`, on XLA), and reverse mode transposes it into `softmax_bwd`, which needs
+only the output y as residual.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import functools
 import jax
 
 from jaxdnn import _validate
-from jaxdnn._compat import ShapedArray
-from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch, reference_differentiable
+from jaxdnn._compat import ShapedArray, ad
+from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format
 from jaxdnn.reference import softmax as reference
 
-__all__ = ["dnn_softmax", "dnn_log_softmax", "softmax_fwd_p", "softmax_bwd_p"]
+__all__ = ["dnn_softmax", "dnn_log_softmax", "softmax_fwd_p", "softmax_bwd_p",
+           "softmax_tangent_p"]
 
 ALGOS = ("fast", "accurate", "log")
 MODES = ("channel", "instance")
@@ -42,24 +45,69 @@ softmax_bwd_p = define_primitive(
     "jaxdnn_softmax_bwd", abstract_eval=_same_as_first, reference=reference.softmax_backward,
     ffi_target="jaxdnn_softmax_bwd", batch_rule=fold_into_batch, partitioning=_partitioning)
 
-_softmax_backward = reference_differentiable(softmax_bwd_p, reference.softmax_backward)
+# The forward derivative of log-softmax, J t (on XLA whatever its impl: cuDNN has no such
+# pass; impl is its transpose's); softmax's own is softmax_bwd_p, J being symmetric there.
+softmax_tangent_p = define_primitive(
+    "jaxdnn_softmax_tangent", abstract_eval=_same_as_first, reference=reference.softmax_tangent,
+    ffi_target=None, batch_rule=fold_into_batch, partitioning=_partitioning)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _softmax(x, algo, mode, layout, impl):
-    return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
+# ---- differentiation: JVP rules on the primitives; reverse mode transposes them --------------
+# softmax_fwd_p's tangent is J t, linear in t: softmax_bwd_p (J^T = J) or, for log-softmax,
+# softmax_tangent_p. Reverse mode transposes that tangent into J^T ct, which is
+# softmax_bwd_p, the cuDNN backward, in every algo. The passes' derivatives in y (second
+# order) are their references' (XLA).
+
+def _tangent(y, t, *, algo, mode, layout, impl):
+    """J t."""
+    if algo == "log":
+        return softmax_tangent_p.bind(y, t, algo=algo, mode=mode, layout=layout, impl=impl)
+    return softmax_bwd_p.bind(y, t, algo=algo, mode=mode, layout=layout, impl=impl)
 
 
-def _softmax_fwd(x, algo, mode, layout, impl):
-    y = _softmax(x, algo, mode, layout, impl)
-    return y, y
+def _cotangent(y, ct, *, algo, mode, layout, impl):
+    """J^T ct: the cuDNN softmax backward."""
+    return softmax_bwd_p.bind(y, ct, algo=algo, mode=mode, layout=layout, impl=impl)
 
 
-def _softmax_bwd(algo, mode, layout, impl, y, dy):
-    return (_softmax_backward(y, dy, algo=algo, mode=mode, layout=layout, impl=impl),)
+def _fwd_jvp(primals, tangents, **params):
+    (x,), (t,) = primals, tangents
+    y = softmax_fwd_p.bind(x, **params)
+    if type(t) is ad.Zero:
+        return y, ad.Zero.from_primal_value(y)
+    return y, _tangent(y, t, **params)
 
 
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+def _pass_jvp(prim, reference_pass, primals, tangents, **params):
+    """JVP of a pass p(y, v), linear in v: p(y, tv) plus the reference's derivative in y."""
+    (y, v), (ty, tv) = primals, tangents
+    out = prim.bind(y, v, **params)
+    parts = []
+    if type(tv) is not ad.Zero:
+        parts.append(prim.bind(y, tv, **params))
+    if type(ty) is not ad.Zero:
+        kwargs = {k: p for k, p in params.items() if k != "impl"}
+        parts.append(jax.jvp(lambda a: reference_pass(a, v, **kwargs), (y,), (ty,))[1])
+    if not parts:
+        return out, ad.Zero.from_primal_value(out)
+    return out, functools.reduce(jax.numpy.add, parts)
+
+
+def _pass_transpose(transposed, ct, y, v, **params):
+    """The transpose, in v, of a pass linear in v: `transposed` (J for J^T and back)."""
+    assert not ad.is_undefined_primal(y), "a softmax pass is linear in its second operand only"
+    if type(ct) is ad.Zero:
+        return [None, ad.Zero(v.aval)]
+    return [None, transposed(y, ct, **params)]
+
+
+ad.primitive_jvps[softmax_fwd_p] = _fwd_jvp
+ad.primitive_jvps[softmax_bwd_p] = functools.partial(_pass_jvp, softmax_bwd_p,
+                                                     reference.softmax_backward)
+ad.primitive_jvps[softmax_tangent_p] = functools.partial(_pass_jvp, softmax_tangent_p,
+                                                         reference.softmax_tangent)
+ad.primitive_transposes[softmax_bwd_p] = functools.partial(_pass_transpose, _tangent)
+ad.primitive_transposes[softmax_tangent_p] = functools.partial(_pass_transpose, _cotangent)
 
 
 def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: str = "NCHW"):
@@ -84,8 +132,8 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
         # speed there while its channel mode is 1.7x slower forward and ~200x slower
         # backward (8192x4096 float32 on an H100, BENCHMARKS.md).
         mode = "instance"
-    return _softmax(x, algo, mode, layout, choose_impl(op, _xla_is_faster(mode, layout, spatial),
-                                                       shapes=[x.shape]))
+    impl = choose_impl(op, _xla_is_faster(mode, layout, spatial), shapes=[x.shape])
+    return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
 
 
 def _xla_is_faster(mode: str, layout: str, spatial) -> bool:

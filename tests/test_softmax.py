@@ -213,7 +213,7 @@ def test_check_grads_first_order(rng, algo, mode, layout):
 def test_check_grads_second_order(rng, algo, mode, layout):
     shape, fmt = SMALL_LAYOUTS[layout]
     x = jnp.asarray(_data(rng, shape, 1.0))
-    check_grads(_softmax_fn(algo, mode, fmt), (x,), order=2, modes=["rev"])
+    check_grads(_softmax_fn(algo, mode, fmt), (x,), order=2, modes=["fwd", "rev"])
 
 
 @algos
@@ -238,13 +238,42 @@ def test_hessian_vs_finite_difference_of_reference_gradient(rng, algo, mode):
     np.testing.assert_allclose(hess, fd, rtol=1e-5, atol=1e-7)
 
 
-def test_forward_mode_is_refused_clearly(rng):
-    # dnn_softmax is a jax.custom_vjp (its backward is the cuDNN softmax backward), and JAX
-    # has no forward mode for those: jax.jvp / jax.hessian raise. Reverse-over-reverse
-    # (above) is the supported second order.
+@algos
+@modes
+@small_layouts
+def test_jvp_vs_central_difference_of_the_oracle(rng, algo, mode, layout):
+    """Forward mode: J t against (softmax(x + eps t) - softmax(x - eps t)) / 2 eps."""
+    shape, fmt = SMALL_LAYOUTS[layout]
+    x, t = _data(rng, shape, 1.0), rng.standard_normal(shape)
+    y, tangent = jax.jit(lambda x, t: jax.jvp(_softmax_fn(algo, mode, fmt), (x,), (t,)))(
+        jnp.asarray(x), jnp.asarray(t))
+    eps = 1e-6
+    fd = (ref.softmax(x + eps * t, algo, mode, fmt) - ref.softmax(x - eps * t, algo, mode, fmt))
+    np.testing.assert_allclose(to_f64(y), ref.softmax(x, algo, mode, fmt), rtol=1e-12)
+    np.testing.assert_allclose(to_f64(tangent), fd / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@algos
+def test_forward_over_reverse_hessian(rng, algo):
+    """jax.hessian (forward over reverse) equals reverse over reverse, which the test above
+    checks against the oracle's central differences."""
     x = jnp.asarray(_data(rng, (1, 3, 1, 2), 1.0))
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(dnn_softmax, (x,), (x,))
+    w = jnp.asarray(rng.standard_normal((1, 3, 1, 2)))
+    loss = lambda t: jnp.sum(dnn_softmax(t, algo=algo) * w)
+    np.testing.assert_allclose(to_f64(jax.jit(jax.hessian(loss))(x)),
+                               to_f64(jax.jit(jax.jacrev(jax.grad(loss)))(x)), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_reverse_mode_runs_the_softmax_backward_pass(rng):
+    """The gradient transposes the forward's tangent into softmax_bwd (cudnnSoftmaxBackward
+    on the cuDNN path), for log-softmax too: no other primitive in the backward."""
+    x = jnp.ones((2, 3, 4, 5), jnp.float32)
+    for algo in ALGOS:
+        text = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(jnp.sin(
+            dnn_softmax(x, algo=algo)))))(x))
+        assert "jaxdnn_softmax_bwd" in text and "jaxdnn_softmax_tangent" not in text, text
+        assert "impl=xla" in text and "impl=cudnn" not in text  # the forward's, kept
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,3 +59,18 @@ def softmax_backward(y, dy, *, algo: str, mode: str, layout: str):
     else:
         dx = yc * (dyc - jnp.sum(dyc * yc, axis=axes, keepdims=True))
     return dx.astype(y.dtype)
+
+
+@_over_rows
+def softmax_tangent(y, t, *, algo: str, mode: str, layout: str):
+    """The forward derivative J t of the softmax whose output is y, in the direction t. For
+    softmax J is symmetric (J t is softmax_backward(y, t)); for log-softmax J t =
+    t - sum(exp(y) * t), whose transpose is softmax_backward's g - exp(y) * sum(g)."""
+    axes = reduction_axes(mode, layout, y.ndim)
+    ct = compute_dtype(y.dtype)
+    yc, tc = y.astype(ct), t.astype(ct)
+    if algo == "log":
+        dy = tc - jnp.sum(jnp.exp(yc) * tc, axis=axes, keepdims=True)
+    else:
+        dy = yc * (tc - jnp.sum(tc * yc, axis=axes, keepdims=True))
+    return dy.astype(y.dtype)
