@@ -78,6 +78,12 @@ def cotangent_like(ct, primal):
     return ct
 
 
+def zero_tangent_like(value):
+    """The symbolic zero tangent of a primal value (a JVP rule's tangent where its input
+    tangent is a symbolic zero)."""
+    return ad.Zero(jax.typeof(value).to_tangent_aval())
+
+
 def define_trace_state(name: str, default, help: str):
     """A JAX config state that is part of the jit cache key and trace context, as JAX's own
     trace-time flags are: changing it makes `jax.jit` trace again instead of reusing a
@@ -89,4 +95,5 @@ def define_trace_state(name: str, default, help: str):
 __all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "cotangent_like",
            "define_trace_state",
            "extend_axis_env", "match_varying", "mlir", "replicated_like",
-           "requires_devices_during_lowering", "zeros_varying_like", "typed_like_operands"]
+           "requires_devices_during_lowering", "zeros_varying_like", "typed_like_operands",
+           "zero_tangent_like"]

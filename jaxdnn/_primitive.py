@@ -190,19 +190,15 @@ def fold_into_batch_resizing(*shape_params: str) -> Callable:
 
 def define_linear_pair(forward: Primitive, backward: Primitive, *,
                        backward_params: Callable[[dict, ShapedArray], dict] = lambda p, a: p,
-                       forward_params: Callable[[dict], dict] = lambda p: p,
-                       check_jvp: Callable[[dict], None] | None = None) -> None:
+                       forward_params: Callable[[dict], dict] = lambda p: p) -> None:
     """JVP and transpose rules for two primitives linear in their one operand and each
     other's transpose (pooling and its linear backward, the grid generator and its
     backward): jvp, jacfwd and gradients of any order then stay on these primitives.
 
     backward_params(params, operand_aval): the backward's parameters, from the forward's
     and the forward operand's type (pooling adds the input shape); forward_params(params):
-    the forward's, from the backward's. check_jvp(params) raises where a mode of the
-    forward is not linear (max pooling)."""
+    the forward's, from the backward's."""
     def jvp(prim, primals, tangents, **params):
-        if check_jvp is not None:
-            check_jvp(params)
         (x,), (t,) = primals, tangents
         return prim.bind(x, **params), prim.bind(ad.instantiate_zeros(t), **params)
 

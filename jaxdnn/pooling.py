@@ -1,10 +1,10 @@
 """Pooling: `dnn_pool` over 2 or 3 spatial axes (cudnnPoolingForward/Backward).
 
-Max modes are differentiated with a custom VJP whose backward is the cuDNN pooling
-backward (residuals x and y). The linear modes (average_inc_pad, average_exc_pad, sum)
-are linear primitives with JVP and transpose rules, so jvp, jacfwd and gradients of any
-order work and stay on cuDNN: the transpose of pooling is `pool_bwd_linear`, whose
-transpose is pooling again. 'sum' is cuDNN's average_inc_pad scaled by the window size
+Every mode has JVP rules, so jvp, jacfwd, hessian and gradients of any order work. The
+linear modes (average_inc_pad, average_exc_pad, sum) are linear primitives and stay on
+cuDNN: the transpose of pooling is `pool_bwd_linear`, whose transpose is pooling again.
+The max modes' tangent is `pool_max_tangent` (XLA), linear in the tangent, whose
+transpose is `pool_bwd`, the cuDNN pooling backward (residuals x and y). 'sum' is cuDNN's average_inc_pad scaled by the window size
 (alpha of the cuDNN call), as Theano did it.
 """
 from __future__ import annotations
@@ -17,15 +17,15 @@ import jax
 import numpy as np
 
 from jaxdnn import _validate, config
-from jaxdnn._compat import ShapedArray
+from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
 from jaxdnn._primitive import (choose_impl, define_linear_pair, define_primitive,
-                               fold_into_batch, fold_into_batch_resizing,
-                               reference_differentiable)
+                               fold_into_batch, fold_into_batch_resizing)
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format, spatial_axes
 from jaxdnn.reference import pooling as reference
 
-__all__ = ["dnn_pool", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p", "pooled_shape"]
+__all__ = ["dnn_pool", "pool_fwd_p", "pool_bwd_p", "pool_bwd_linear_p", "pool_max_tangent_p",
+           "pooled_shape"]
 
 MODES = ("max", "max_deterministic", "average_inc_pad", "average_exc_pad", "sum", "average")
 MAX_MODES = reference.MAX_MODES
@@ -93,41 +93,69 @@ pool_bwd_linear_p = define_primitive(
     partitioning=_bwd_linear_partitioning)
 
 
-# Linear modes: JVP and transpose rules on the primitives themselves.
-def _linear_modes_only(params):
-    if params["mode"] in MAX_MODES:
-        raise NotImplementedError(
-            "jaxdnn max pooling has no forward-mode derivative (it is differentiated in "
-            "reverse mode only); the linear modes average_* and sum support jvp")
+def _tangent_abstract(x, y, t, **params):
+    return ShapedArray(y.shape, t.dtype)
 
 
+def _tangent_partitioning(x, y, t, *, layout, **params):
+    image, pooled = layout_factors(layout), layout_factors(layout, spatial_suffix="o")
+    return Partitioning((image, pooled, image), (pooled,), _SHARDABLE)
+
+
+# The forward derivative of max pooling (on XLA whatever its impl: cuDNN has no such pass;
+# impl is its transpose's, pool_bwd).
+pool_max_tangent_p = define_primitive(
+    "jaxdnn_pool_max_tangent", abstract_eval=_tangent_abstract,
+    reference=reference.pool_max_tangent, ffi_target=None, batch_rule=fold_into_batch,
+    partitioning=_tangent_partitioning)
+
+
+# ---- differentiation: JVP rules on the primitives; reverse mode transposes them --------------
+# Linear modes: pooling and pool_bwd_linear are each other's transposes. Max modes: the
+# forward's tangent is pool_max_tangent(x, y, t), linear in t, and reverse mode transposes
+# it into pool_bwd, the cuDNN backward, with the implementation chosen for the backward
+# half when the derivative is taken (_implementations). pool_bwd and pool_max_tangent are
+# linear in their last operand and piecewise constant in x and y (the maxima move only
+# where x has ties): their derivatives in x and y are zero.
 define_linear_pair(
     pool_fwd_p, pool_bwd_linear_p,
     backward_params=lambda params, x: dict(params, input_shape=tuple(x.shape)),
-    forward_params=lambda params: {k: v for k, v in params.items() if k != "input_shape"},
-    check_jvp=_linear_modes_only)
+    forward_params=lambda params: {k: v for k, v in params.items() if k != "input_shape"})
+_linear_jvp = ad.primitive_jvps[pool_fwd_p]
 
 
-# Max modes: a custom VJP through the cuDNN pooling backward.
-_max_pool_backward = reference_differentiable(pool_bwd_p, reference.pool_backward)
+def _fwd_jvp(primals, tangents, **params):
+    if params["mode"] not in MAX_MODES:
+        return _linear_jvp(primals, tangents, **params)
+    (x,), (t,) = primals, tangents
+    y = pool_fwd_p.bind(x, **params)
+    if type(t) is ad.Zero:
+        return y, zero_tangent_like(y)
+    _, backward_impl = _implementations("dnn_pool", params["mode"], np.dtype(x.dtype),
+                                        len(params["ws"]), x.shape)
+    return y, pool_max_tangent_p.bind(x, y, t, **{**params, "impl": backward_impl})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool(x, params, backward_impl):
-    return pool_fwd_p.bind(x, **dict(params))
+def _last_operand_jvp(prim, primals, tangents, **params):
+    *fixed, v = primals
+    out = prim.bind(*fixed, v, **params)
+    if type(tangents[-1]) is ad.Zero:
+        return out, zero_tangent_like(out)
+    return out, prim.bind(*fixed, tangents[-1], **params)
 
 
-def _max_pool_fwd(x, params, backward_impl):
-    y = _max_pool(x, params, backward_impl)
-    return y, (x, y)
+def _last_operand_transpose(transposed, ct, x, y, v, **params):
+    assert not (ad.is_undefined_primal(x) or ad.is_undefined_primal(y)), \
+        "a max-pooling pass is linear in its last operand only"
+    if type(ct) is ad.Zero:
+        return [None, None, ad.Zero(v.aval)]
+    return [None, None, transposed.bind(x, y, ct, **params)]
 
 
-def _max_pool_bwd(params, backward_impl, residuals, dy):
-    x, y = residuals
-    return (_max_pool_backward(x, y, dy, **{**dict(params), "impl": backward_impl}),)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+ad.primitive_jvps[pool_fwd_p] = _fwd_jvp
+for _prim, _transposed in ((pool_bwd_p, pool_max_tangent_p), (pool_max_tangent_p, pool_bwd_p)):
+    ad.primitive_jvps[_prim] = functools.partial(_last_operand_jvp, _prim)
+    ad.primitive_transposes[_prim] = functools.partial(_last_operand_transpose, _transposed)
 
 
 def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str | None = None):
@@ -174,10 +202,9 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
         mode = "max_deterministic"
     forward_impl, backward_impl = _implementations(op, mode, jax.numpy.dtype(img.dtype), nd,
                                                    img.shape)
-    params = dict(mode=mode, ws=ws, stride=stride, pad=pad, layout=layout, impl=forward_impl)
-    if mode in MAX_MODES:
-        return _max_pool(img, tuple(sorted(params.items())), backward_impl)
-    return pool_fwd_p.bind(img, **params)
+    del backward_impl  # chosen again where the derivative is taken (_fwd_jvp)
+    return pool_fwd_p.bind(img, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout,
+                           impl=forward_impl)
 
 
 def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import functools
 import jax
 
 from jaxdnn import _validate
-from jaxdnn._compat import ShapedArray, ad
+from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
 from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format
@@ -74,7 +74,7 @@ def _fwd_jvp(primals, tangents, **params):
     (x,), (t,) = primals, tangents
     y = softmax_fwd_p.bind(x, **params)
     if type(t) is ad.Zero:
-        return y, ad.Zero.from_primal_value(y)
+        return y, zero_tangent_like(y)
     return y, _tangent(y, t, **params)
 
 
@@ -89,7 +89,7 @@ def _pass_jvp(prim, reference_pass, primals, tangents, **params):
         kwargs = {k: p for k, p in params.items() if k != "impl"}
         parts.append(jax.jvp(lambda a: reference_pass(a, v, **kwargs), (y,), (ty,))[1])
     if not parts:
-        return out, ad.Zero.from_primal_value(out)
+        return out, zero_tangent_like(out)
     return out, functools.reduce(jax.numpy.add, parts)
 
 

@@ -285,6 +285,44 @@ def _reference_jacobian(shape, ws, stride, pad, mode, fmt):
 @pytest.mark.parametrize("config,layout", [("2d-w33-s22-p11", "channels_first"),
                                            ("2d-w23-s12-p01", "channels_last"),
                                            ("3d-w222-s211-p100", "channels_first")])
+@pytest.mark.parametrize("mode", ["max", "max_deterministic"])
+def test_max_modes_jvp_jacfwd_and_hessian(rng, config, mode, layout):
+    """Forward mode of max pooling: the tangent at each window's maximum. jacfwd equals the
+    oracle's gradient rows (distinct values: one maximum per window), and
+    check_grads passes in both modes to second order."""
+    cf_shape, ws, stride, pad = CONFIGS[config]
+    fmt = _fmt(len(ws), layout)
+    shape = _shape((1, 1) + cf_shape[2:], fmt)
+    x = ref.distinct_values(rng, shape, fmt)
+    t = rng.standard_normal(shape)
+    f = _pool_fn(ws, stride, pad, mode, fmt)
+    y, ty = jax.jit(lambda a, b: jax.jvp(f, (a,), (b,)))(jnp.asarray(x), jnp.asarray(t))
+    np.testing.assert_allclose(to_f64(y), ref.pool(x, ws, stride, pad, mode, fmt), rtol=1e-12)
+    eps = 1e-7  # smaller than any gap between values: the maxima do not move
+    fd = (ref.pool(x + eps * t, ws, stride, pad, mode, fmt)
+          - ref.pool(x - eps * t, ws, stride, pad, mode, fmt)) / (2 * eps)
+    np.testing.assert_allclose(to_f64(ty), fd, rtol=1e-6, atol=1e-8)
+    jac = to_f64(jax.jit(jax.jacfwd(f))(jnp.asarray(x))).reshape(-1, x.size)
+    rows = []
+    for i in range(int(np.prod(y.shape))):
+        e = np.zeros(y.shape)
+        e.flat[i] = 1.0
+        rows.append(ref.pool_grad(x, e, ws, stride, pad, mode, fmt).ravel())
+    np.testing.assert_allclose(jac, np.stack(rows), rtol=1e-12, atol=1e-14)
+    check_grads(f, (jnp.asarray(x),), order=2, modes=["fwd", "rev"], eps=1e-4)
+
+
+def test_max_pool_gradient_runs_the_pooling_backward_pass():
+    """Reverse mode transposes the max-pool tangent into pool_bwd (cudnnPoolingBackward on
+    the cuDNN path); the XLA tangent primitive stays out of the gradient."""
+    x = jnp.ones((2, 3, 6, 6), jnp.float32)
+    text = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(jnp.sin(dnn_pool(x, (2, 2))))))(x))
+    assert "jaxdnn_pool_bwd" in text and "jaxdnn_pool_max_tangent" not in text, text
+
+
+@pytest.mark.parametrize("config,layout", [("2d-w33-s22-p11", "channels_first"),
+                                           ("2d-w23-s12-p01", "channels_last"),
+                                           ("3d-w222-s211-p100", "channels_first")])
 @linear_modes
 def test_linear_modes_jvp_and_jacfwd(rng, config, mode, layout):
     cf_shape, ws, stride, pad = CONFIGS[config]

@@ -59,3 +59,11 @@ def pool_backward_linear(dy, *, mode: str, ws, stride, pad, layout: str, input_s
     forward = lambda t: pool_forward(t, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout)
     (dx,) = jax.linear_transpose(forward, zeros_varying_like(input_shape, dy.dtype, dy))(dy)
     return dx
+
+
+def pool_max_tangent(x, y, t, *, mode: str, ws, stride, pad, layout: str):
+    """The forward derivative of max pooling at x in the direction t: each window's
+    tangent at its maximum (XLA's select-and-gather). Its transpose is pool_backward."""
+    del y
+    forward = lambda a: pool_forward(a, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout)
+    return jax.jvp(forward, (x,), (t,))[1]
