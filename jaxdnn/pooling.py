@@ -4,8 +4,8 @@ Every mode has JVP rules, so jvp, jacfwd, hessian and gradients of any order wor
 linear modes (average_inc_pad, average_exc_pad, sum) are linear primitives and stay on
 cuDNN: the transpose of pooling is `pool_bwd_linear`, whose transpose is pooling again.
 The max modes' tangent is `pool_max_tangent` (XLA), linear in the tangent, whose
-transpose is `pool_bwd`, the cuDNN pooling backward (residuals x and y). 'sum' is cuDNN's average_inc_pad scaled by the window size
-(alpha of the cuDNN call), as Theano did it.
+transpose is `pool_bwd`, the cuDNN pooling backward (residuals x and y). 'sum' is cuDNN's
+average_inc_pad scaled by the window size (alpha of the cuDNN call), as Theano did it.
 """
 from __future__ import annotations
 
