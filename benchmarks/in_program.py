@@ -18,7 +18,7 @@ dispatch before the GPU starts and the wait for the last result, drops out of th
 sides as CUDA events leave it out of PyTorch's. The "run" columns keep the simpler
 timing (n programs from the first dispatch to the last result, divided by n), which
 charges that once-per-run cost to the JAX sides alone: 4-35 us per op on an H200
-(BENCHMARKS.md, session 5).
+(BENCHMARKS.md, the steady-stream run).
 
     python benchmarks/in_program.py [OUT_DIR] [--ops conv pool] [--copies 8]
                                     [--match tconv] [--dtype float32] [--pass fwd]

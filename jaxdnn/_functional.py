@@ -122,7 +122,7 @@ def _flatten_batch(op: str, inputs, nd: int):
     return x, lambda y: y.reshape(batch_shape + y.shape[1:])
 
 
-def _full_float32(op: str, precision) -> bool:
+def full_float32(op: str, precision) -> bool:
     """Whether a lax precision asks for more than DEFAULT (XLA's GPU convolutions then give
     up TF32; cuDNN's only other float32 mode is full float32)."""
     if precision is None:
@@ -139,7 +139,7 @@ def _full_float32(op: str, precision) -> bool:
 
 def _math_mode(op: str, precision):
     """jaxdnn reads jax.default_matmul_precision at trace time to allow or forbid TF32."""
-    if _full_float32(op, precision):
+    if full_float32(op, precision):
         return jax.default_matmul_precision("float32")
     return contextlib.nullcontext()
 

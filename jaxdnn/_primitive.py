@@ -35,11 +35,11 @@ import numpy as np
 from jaxdnn import _extension, config
 from jaxdnn._compat import (Primitive, ShapedArray, ad, apply_primitive, batching,
                             match_varying, mlir, requires_devices_during_lowering,
-                            typed_like_operands)
+                            typed_like_operands, zero_tangent_like)
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._sharding import Partitioning, partitioned_lowering, result_specs
 
-__all__ = ["define_primitive", "define_linear_pair", "fold_into_batch",
+__all__ = ["define_primitive", "define_linear_pair", "define_linear_in_last", "fold_into_batch",
            "fold_into_batch_resizing", "choose_impl", "reference_differentiable"]
 
 
@@ -216,6 +216,41 @@ def define_linear_pair(forward: Primitive, backward: Primitive, *,
     ad.primitive_jvps[backward] = functools.partial(jvp, backward)
     ad.primitive_transposes[forward] = transpose_forward
     ad.primitive_transposes[backward] = transpose_backward
+
+
+def define_linear_in_last(prim: Primitive, transposed: Callable, *,
+                          reference: Callable | None = None) -> None:
+    """JVP and transpose rules for a pass linear in its last operand (a backward pass in its
+    cotangent, a forward derivative in its tangent) and not in the others (x, y).
+
+    The JVP is `prim` applied to the last operand's tangent, plus the derivative in the
+    others: that of `reference` (the pass in pure JAX), or none where reference is None
+    (the pass is piecewise constant in them, as max pooling's is). The transpose in the
+    last operand is transposed(*others, ct, **params)."""
+    def jvp(primals, tangents, **params):
+        *others, v = primals
+        *t_others, tv = tangents
+        out = prim.bind(*others, v, **params)
+        parts = [] if type(tv) is ad.Zero else [prim.bind(*others, tv, **params)]
+        if reference is not None and any(type(t) is not ad.Zero for t in t_others):
+            kwargs = {k: p for k, p in params.items() if k != "impl"}
+            parts.append(jax.jvp(lambda *a: reference(*a, v, **kwargs), tuple(others),
+                                 tuple(ad.instantiate_zeros(t) for t in t_others))[1])
+        if not parts:
+            return out, zero_tangent_like(out)
+        return out, functools.reduce(jnp.add, parts)
+
+    def transpose(ct, *operands, **params):
+        *others, v = operands
+        assert not any(ad.is_undefined_primal(o) for o in others), \
+            f"{prim.name} is linear in its last operand only"
+        none = [None] * len(others)
+        if type(ct) is ad.Zero:
+            return [*none, ad.Zero(v.aval)]
+        return [*none, transposed(*others, ct, **params)]
+
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
 
 
 # cuDNN's tensor descriptors take 32-bit sizes and strides: an array of more elements than

@@ -140,7 +140,7 @@ def _transposed_conv_case(n, c_in, c_out, size, nd, kernel, stride, pad, dtype, 
                 operands=((kerns, dtype),))
 
 
-# name, (C, K, size) full and small, kernel, stride, pad, the ANCHORS.md (dtype, layout)
+# name, (C, K, size) full and small, kernel, stride, pad, the anchor (dtype, layout)
 _CONV_SHAPES = (
     ("res2", (64, 64, 56), (4, 4, 8), 3, 1, 1, ("float32", "NHWC")),
     ("res4", (256, 256, 14), (8, 8, 4), 3, 1, 1, ("bfloat16", "NHWC")),
@@ -148,7 +148,7 @@ _CONV_SHAPES = (
     ("", (256, 64, 56), (8, 4, 8), 1, 1, 0, ("bfloat16", "NCHW")),
 )
 _CONV_VARIANTS = tuple((d, l) for d in ("float32", "bfloat16") for l in ("NCHW", "NHWC"))
-# Beyond ANCHORS.md, two convolutions JAX users report slower than PyTorch's (jax#23713, a
+# Beyond the anchor shapes, two convolutions JAX users report slower than PyTorch's (jax#23713, a
 # depthwise 3x3 in flax.nnx.Conv; jax#29875, 1-D convolutions), in the same variants:
 # name, (C, K, size) full and small, kernel, stride, pad, groups ('depthwise': C), spatial
 # dims, the small preset's (dtype, layout)
@@ -188,7 +188,7 @@ def _rnn_case(mode, steps, n, input_dim, hidden, layers, dtype):
 
 
 def cases(size: str = "small", ops=None) -> list[Case]:
-    """The cases of a preset: 'full' holds the ANCHORS.md shapes, 'small' the same
+    """The cases of a preset: 'full' holds the anchor shapes, 'small' the same
     variants on shapes tiny enough for a CPU."""
     if size not in SIZES:
         raise ValueError(f"size={size!r}; expected one of {', '.join(SIZES)}")
@@ -217,8 +217,8 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         _pool_case("max", **pool2d, dtype="float16"),
         _pool_case("max", **pool2d, layout="NHWC"),
         _pool_case("max", (2, 2, 2), 2, 0, n3, c3, (d3, d3, d3)),
-        # The ANCHORS.md ResNet-50 shapes; the full preset times each in float32 and
-        # bfloat16, NCHW and NHWC (the small one in its ANCHORS.md dtype and layout).
+        # The anchor ResNet-50 shapes; the full preset times each in float32 and
+        # bfloat16, NCHW and NHWC (the small one in its anchor dtype and layout).
         *(_conv_case(name, conv_n, *pick(full_shape, small_shape), kernel, stride, pad,
                      dtype, layout)
           for name, full_shape, small_shape, kernel, stride, pad, anchor in _CONV_SHAPES
@@ -238,7 +238,7 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         *(_batchnorm_case(**bn, dtype=dtype, layout=layout)
           for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC")),
         _stn_case(*pick((64, 32, 128), (2, 4, 8))),
-        # The ANCHORS.md recurrent networks (time-major x), float32 and bfloat16.
+        # The anchor recurrent networks (time-major x), float32 and bfloat16.
         *(_rnn_case(mode, *pick((128, 64, 512, 512, 2), (8, 4, 16, 16, 2)), dtype)
           for mode in ("lstm", "gru") for dtype in ("float32", "bfloat16")),
     ]
@@ -334,7 +334,7 @@ def _conv_functions(case: Case) -> tuple[Callable, Callable]:
 
 
 def _xla_batchnorm(x, gamma, beta, *, axes, epsilon):
-    """The plain-JAX training batch norm that XLA fuses (ANCHORS.md's 'XLA fusion'), with
+    """The plain-JAX training batch norm that XLA fuses (the anchors' 'XLA fusion' peer), with
     the statistics in float32 as cuDNN computes them for half-precision images."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(axes, keepdims=True)
@@ -369,7 +369,7 @@ def _xla_affine_grid(theta, height, width):
 
 def _xla_grid_sample(img, grid):
     """Bilinear sampling of img (N, C, H, W) at grid (N, H_out, W_out, 2), zero outside the
-    image, written with gathers: the anchors' pure-JAX peer (ANCHORS.md)."""
+    image, written with gathers: the anchors' pure-JAX peer."""
     _, _, height, width = img.shape
     x = (grid[..., 0] + 1) * (width - 1) / 2
     y = (grid[..., 1] + 1) * (height - 1) / 2

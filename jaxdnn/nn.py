@@ -43,7 +43,7 @@ def _cudnn_takes(op: str, lhs, rhs, precision) -> bool:
     if lhs.dtype != rhs.dtype or not jnp.issubdtype(lhs.dtype, jnp.floating):
         return False
     try:
-        _functional._full_float32(op, precision)
+        _functional.full_float32(op, precision)
     except ValueError:  # a dot algorithm: XLA's own
         return False
     return True

@@ -9,7 +9,6 @@ average_inc_pad scaled by the window size (alpha of the cuDNN call), as Theano d
 """
 from __future__ import annotations
 
-import functools
 
 import warnings
 
@@ -18,8 +17,8 @@ import numpy as np
 
 from jaxdnn import _validate, config
 from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
-from jaxdnn._primitive import (choose_impl, define_linear_pair, define_primitive,
-                               fold_into_batch, fold_into_batch_resizing)
+from jaxdnn._primitive import (choose_impl, define_linear_in_last, define_linear_pair,
+                               define_primitive, fold_into_batch, fold_into_batch_resizing)
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format, spatial_axes
 from jaxdnn.reference import pooling as reference
@@ -136,26 +135,9 @@ def _fwd_jvp(primals, tangents, **params):
     return y, pool_max_tangent_p.bind(x, y, t, **{**params, "impl": backward_impl})
 
 
-def _last_operand_jvp(prim, primals, tangents, **params):
-    *fixed, v = primals
-    out = prim.bind(*fixed, v, **params)
-    if type(tangents[-1]) is ad.Zero:
-        return out, zero_tangent_like(out)
-    return out, prim.bind(*fixed, tangents[-1], **params)
-
-
-def _last_operand_transpose(transposed, ct, x, y, v, **params):
-    assert not (ad.is_undefined_primal(x) or ad.is_undefined_primal(y)), \
-        "a max-pooling pass is linear in its last operand only"
-    if type(ct) is ad.Zero:
-        return [None, None, ad.Zero(v.aval)]
-    return [None, None, transposed.bind(x, y, ct, **params)]
-
-
 ad.primitive_jvps[pool_fwd_p] = _fwd_jvp
-for _prim, _transposed in ((pool_bwd_p, pool_max_tangent_p), (pool_max_tangent_p, pool_bwd_p)):
-    ad.primitive_jvps[_prim] = functools.partial(_last_operand_jvp, _prim)
-    ad.primitive_transposes[_prim] = functools.partial(_last_operand_transpose, _transposed)
+define_linear_in_last(pool_bwd_p, pool_max_tangent_p.bind)
+define_linear_in_last(pool_max_tangent_p, pool_bwd_p.bind)
 
 
 def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str | None = None):

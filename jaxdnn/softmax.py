@@ -8,13 +8,12 @@ only the output y as residual.
 """
 from __future__ import annotations
 
-import functools
 
-import jax
 
 from jaxdnn import _validate
 from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
-from jaxdnn._primitive import choose_impl, define_primitive, fold_into_batch
+from jaxdnn._primitive import (choose_impl, define_linear_in_last, define_primitive,
+                               fold_into_batch)
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import normalize_data_format
 from jaxdnn.reference import softmax as reference
@@ -78,36 +77,9 @@ def _fwd_jvp(primals, tangents, **params):
     return y, _tangent(y, t, **params)
 
 
-def _pass_jvp(prim, reference_pass, primals, tangents, **params):
-    """JVP of a pass p(y, v), linear in v: p(y, tv) plus the reference's derivative in y."""
-    (y, v), (ty, tv) = primals, tangents
-    out = prim.bind(y, v, **params)
-    parts = []
-    if type(tv) is not ad.Zero:
-        parts.append(prim.bind(y, tv, **params))
-    if type(ty) is not ad.Zero:
-        kwargs = {k: p for k, p in params.items() if k != "impl"}
-        parts.append(jax.jvp(lambda a: reference_pass(a, v, **kwargs), (y,), (ty,))[1])
-    if not parts:
-        return out, zero_tangent_like(out)
-    return out, functools.reduce(jax.numpy.add, parts)
-
-
-def _pass_transpose(transposed, ct, y, v, **params):
-    """The transpose, in v, of a pass linear in v: `transposed` (J for J^T and back)."""
-    assert not ad.is_undefined_primal(y), "a softmax pass is linear in its second operand only"
-    if type(ct) is ad.Zero:
-        return [None, ad.Zero(v.aval)]
-    return [None, transposed(y, ct, **params)]
-
-
 ad.primitive_jvps[softmax_fwd_p] = _fwd_jvp
-ad.primitive_jvps[softmax_bwd_p] = functools.partial(_pass_jvp, softmax_bwd_p,
-                                                     reference.softmax_backward)
-ad.primitive_jvps[softmax_tangent_p] = functools.partial(_pass_jvp, softmax_tangent_p,
-                                                         reference.softmax_tangent)
-ad.primitive_transposes[softmax_bwd_p] = functools.partial(_pass_transpose, _tangent)
-ad.primitive_transposes[softmax_tangent_p] = functools.partial(_pass_transpose, _cotangent)
+define_linear_in_last(softmax_bwd_p, _tangent, reference=reference.softmax_backward)
+define_linear_in_last(softmax_tangent_p, _cotangent, reference=reference.softmax_tangent)
 
 
 def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: str = "NCHW"):
