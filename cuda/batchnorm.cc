@@ -1,64 +1,51 @@
-// Batch normalization through cudnnBatchNormalizationForwardTraining /
-// cudnnBatchNormalizationForwardInference / cudnnBatchNormalizationBackward (legacy API;
-// deprecated in cuDNN 9, kept behind this file like pooling), modes
-// CUDNN_BATCHNORM_PER_ACTIVATION and CUDNN_BATCHNORM_SPATIAL.
+// Batch normalization through cudnnBatchNormalizationForwardTraining / ForwardInference /
+// Backward (legacy API; deprecated in cuDNN 9, kept behind this file like pooling), modes
+// CUDNN_BATCHNORM_PER_ACTIVATION and CUDNN_BATCHNORM_SPATIAL. Targets (jaxdnn/batchnorm.py
+// is the contract; 4-D or 5-D images, either layout through strides):
+//   jaxdnn_bn_fwd_train  x, gamma, beta -> out, mean, invstd, workspace (batch statistics)
+//   jaxdnn_bn_fwd_infer  x, gamma, beta, mean, var -> out             (given statistics)
+//   jaxdnn_bn_bwd        x, dy, gamma, mean, invstd -> dx, dgamma, dbeta, workspace
+// The parameter and statistics buffers take the descriptor cudnnDeriveBNTensorDescriptor
+// derives, logical (1,C,1,1[,1]) or (1,C,H,W[,D]); a spatial channels-last buffer
+// (1,1,1,C) holds the same C contiguous values as (1,C,1,1), so it fits too. cuDNN's
+// running averages are not used (NULL, allowed when both are): Python computes them.
 //
-// FFI targets (4-D or 5-D images, channels-first or channels-last through strides):
-//   jaxdnn_bn_fwd_train  x, gamma, beta -> out, mean, invstd   (the batch statistics)
-//   jaxdnn_bn_fwd_infer  x, gamma, beta, mean, var -> out      (given statistics)
-//   jaxdnn_bn_bwd        x, dy, gamma, mean, invstd -> dx, dgamma, dbeta
-// Attributes: mode ("per-activation" | "peractivation" | "spatial"), layout ("NCHW" |
-// "NHWC" | "NCDHW" | "NDHWC"), epsilon (double, >= CUDNN_BN_MIN_EPSILON).
-// out, dy and dx have x's shape and dtype. The parameters and statistics (gamma, beta,
-// mean, var, invstd, dgamma, dbeta) have x's rank with 1 on the normalized axes and the
-// type cudnnDeriveBNTensorDescriptor derives (float32 for half images, x's dtype
-// otherwise); their descriptor is that derived one, logical (1,C,1,1[,1]) or (1,C,H,W[,D]).
-// A spatial channels-last buffer (1,1,1,C) holds the same C contiguous values as
-// (1,C,1,1), so the derived (packed) descriptor fits it too; per-activation mode must be
-// channels-first (jaxdnn/batchnorm.py always passes the channels-first name).
+// Spatial mode on channels-last images takes the frontend graph API (batchnorm and
+// batchnorm_backward nodes): the legacy kernels read NHWC through strides, far slower than
+// XLA's fusion there (BENCHMARKS.md); the workspace results serve it (empty where the
+// legacy calls run). Where the graph API has no engine (float64, say), those calls fall
+// back to the legacy ones, with a warning.
 //
-// cuDNN's running averages are not used (resultRunningMean/Variance are NULL, which cuDNN
-// allows when both are): jaxdnn/batchnorm.py computes them functionally in JAX.
-//
-// Spatial mode on channels-last images takes the frontend graph API instead (batchnorm and
-// batchnorm_backward nodes): the legacy kernels read NHWC through strides and measured
-// 15-30x slower than XLA's fusion there (H100, BENCHMARKS.md). The training forward and the
-// backward therefore carry a trailing u8 workspace result (sized in jaxdnn/batchnorm.py;
-// empty where the legacy calls run). Where the graph API has no engine for a case (float64,
-// say), those calls fall back to the legacy ones, with a warning.
-//
-// CUDNN_BATCHNORM_SPATIAL_PERSISTENT has faster kernels (notably for NHWC half), but cuDNN
-// documents that it "imposes some limits on the range of values" (on NCHW a scaled
-// atomic-integer reduction that can overflow to Inf/NaN where SPATIAL stays finite,
-// reported only through cudnnQueryRuntimeError). It is not numerically equivalent to
-// SPATIAL in general, so it is not used; an opt-in attribute restricted to NHWC half
-// inputs would be the way to add it.
+// CUDNN_BATCHNORM_SPATIAL_PERSISTENT is not used: cuDNN documents that it "imposes some
+// limits on the range of values" (a scaled atomic-integer reduction on NCHW that can
+// overflow to Inf/NaN where SPATIAL stays finite, reported only through
+// cudnnQueryRuntimeError), so it is not numerically equivalent to SPATIAL.
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
-#include <initializer_list>
-#include <memory>
-#include <string>
-#include <string_view>
 #include <unordered_map>
-#include <utility>
-#include <vector>
 
-#include "common/cache.h"
 #include "common/descriptors.h"
 #include "common/frontend.h"
-#include "common/handles.h"
-#include "common/legacy_op.h"
-#include "common/registry.h"
-#include "common/status.h"
+#include "common/staged_op.h"
+
+#define JAXDNN_BN_ATTRS(X)                                                 \
+  X(std::string_view, mode) /* per-activation | peractivation | spatial */ \
+  X(std::string_view, layout)                                              \
+  X(double, epsilon) /* >= CUDNN_BN_MIN_EPSILON */
+JAXDNN_DEFINE_ATTRS(BatchNormAttrs, JAXDNN_BN_ATTRS);
 
 namespace jaxdnn {
 namespace {
 
-constexpr char kName[] = "batchnorm";
 constexpr char kTrain[] = "bn_fwd_train";
 constexpr char kInfer[] = "bn_fwd_infer";
 constexpr char kBwd[] = "bn_bwd";
+
+struct BatchNormConfig {
+  cudnnBatchNormMode_t mode;
+  Layout layout;
+  double epsilon;
+};
 
 struct BatchNormDescriptors {
   cudnnDataType_t type;        // x's type: it picks the type of alpha/beta
@@ -68,72 +55,45 @@ struct BatchNormDescriptors {
   TensorDescriptor param;      // gamma, beta, mean, var, invstd, dgamma, dbeta
 };
 
-KeyedCache<BatchNormDescriptors>& DescriptorCache() {
-  static auto* cache = new KeyedCache<BatchNormDescriptors>();
-  return *cache;
-}
-
-// One state for the three targets: they take the same attributes and descriptors.
-struct BatchNormState {
-  static ffi::TypeId id;
-  cudnnBatchNormMode_t mode;
-  Layout layout;
-  double epsilon;
-  DescriptorSlot<BatchNormDescriptors> descriptors;
-#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
-  // Spatial channels-last only: the graph-API plan, or one without a graph when the graph
-  // API cannot run the case (the legacy calls then run).
-  DescriptorSlot<FrontendPlan> plan;
+#ifndef JAXDNN_HAVE_CUDNN_FRONTEND
+struct FrontendPlan {};  // without the frontend headers every call takes the legacy path
 #endif
+
+struct BatchNormPrepared {
+  std::shared_ptr<const BatchNormDescriptors> legacy;
+  // Spatial channels-last only: the graph-API plan; null, or without a graph, where the
+  // graph API cannot run the case and the legacy calls run.
+  std::shared_ptr<const FrontendPlan> graph;
 };
-ffi::TypeId BatchNormState::id = {};
-const XLA_FFI_TypeInfo kBatchNormStateInfo = ffi::MakeTypeInfo<BatchNormState>();
 
-using Buffer = ffi::AnyBuffer;
-using Out = ffi::Result<ffi::AnyBuffer>;
-using Str = std::string_view;
+using BatchNormState = StagedState<BatchNormConfig, BatchNormPrepared>;
 
-template <typename Binding>
-auto WithAttributes(Binding binding) {
-  return std::move(binding)
-      .template Attr<Str>("mode")
-      .template Attr<Str>("layout")
-      .template Attr<double>("epsilon");
+ffi::Error Parse(const BatchNormAttrs& a, BatchNormConfig* c) {
+  JAXDNN_RETURN_IF_ERROR(
+      ParseChoice<cudnnBatchNormMode_t>(kTrain, "mode", a.mode,
+                                        {{"per-activation", CUDNN_BATCHNORM_PER_ACTIVATION},
+                                         {"peractivation", CUDNN_BATCHNORM_PER_ACTIVATION},
+                                         {"spatial", CUDNN_BATCHNORM_SPATIAL}},
+                                        &c->mode));
+  JAXDNN_RETURN_IF_ERROR(ParseLayout(kTrain, a.layout, &c->layout));
+  // The derived per-activation descriptor is packed channels-first, (1,C,H,W): a
+  // channels-last parameter buffer (1,H,W,C) would be read in the wrong order.
+  if (c->mode == CUDNN_BATCHNORM_PER_ACTIVATION && c->layout == Layout::kChannelsLast)
+    return InvalidArgument(kTrain, "per-activation mode needs a channels-first layout");
+  if (!(a.epsilon >= CUDNN_BN_MIN_EPSILON) || !std::isfinite(a.epsilon))
+    return InvalidArgument(kTrain, "epsilon must be finite and >= CUDNN_BN_MIN_EPSILON");
+  c->epsilon = a.epsilon;
+  return ffi::Error::Success();
 }
 
-ffi::ErrorOr<std::unique_ptr<BatchNormState>> Instantiate(Str mode, Str layout, double epsilon) {
-  return Guarded(kName, [&]() -> ffi::ErrorOr<std::unique_ptr<BatchNormState>> {
-    auto fail = [](const std::string& message) {
-      return ffi::Unexpected(InvalidArgument(kName, message));
-    };
-    auto state = std::make_unique<BatchNormState>();
-    if (mode == "per-activation" || mode == "peractivation")
-      state->mode = CUDNN_BATCHNORM_PER_ACTIVATION;
-    else if (mode == "spatial")
-      state->mode = CUDNN_BATCHNORM_SPATIAL;
-    else
-      return fail("unknown mode '" + std::string(mode) + "'");
-    ffi::Error error = ParseLayout(kName, layout, &state->layout);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    // The derived per-activation descriptor is packed channels-first, (1,C,H,W): a
-    // channels-last parameter buffer (1,H,W,C) would be read in the wrong order.
-    if (state->mode == CUDNN_BATCHNORM_PER_ACTIVATION && state->layout == Layout::kChannelsLast)
-      return fail("per-activation mode needs a channels-first layout");
-    if (!(epsilon >= CUDNN_BN_MIN_EPSILON) || !std::isfinite(epsilon))
-      return fail("epsilon must be finite and >= CUDNN_BN_MIN_EPSILON");
-    state->epsilon = epsilon;
-    return state;
-  });
-}
-
-// Builds the x descriptor and the parameter descriptor cuDNN derives from it.
-ffi::Error BuildDescriptors(const char* op, const BatchNormState& state, cudnnDataType_t type,
+// The x descriptor and the parameter descriptor cuDNN derives from it.
+ffi::Error BuildDescriptors(const char* op, const BatchNormConfig& c, cudnnDataType_t type,
                             const std::vector<int>& dims, BatchNormDescriptors* d) {
   d->type = type;
-  JAXDNN_RETURN_IF_ERROR(MakeTensorDescriptor(op, type, dims, state.layout, &d->x));
+  JAXDNN_RETURN_IF_ERROR(MakeTensorDescriptor(op, type, dims, c.layout, &d->x));
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateTensorDescriptor, &d->param));
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnDeriveBNTensorDescriptor(d->param.get(), d->x.get(), state.mode));
+  JAXDNN_RETURN_IF_CUDNN_ERROR(op,
+                               cudnnDeriveBNTensorDescriptor(d->param.get(), d->x.get(), c.mode));
   // Read back what was derived, to check the parameter buffers against it.
   int rank = 0;
   std::vector<int> param_dims(dims.size()), param_strides(dims.size());
@@ -149,11 +109,10 @@ ffi::Error BuildDescriptors(const char* op, const BatchNormState& state, cudnnDa
 // would not notice a float16 gamma for a float16 image, say, and cuDNN would read it as
 // float32.
 ffi::Error CheckParameters(const char* op, const BatchNormDescriptors& d,
-                           std::initializer_list<Buffer> params) {
-  for (const Buffer& param : params) {
-    cudnnDataType_t type;
-    JAXDNN_RETURN_IF_ERROR(CudnnDataType(op, param.element_type(), &type));
-    if (type != d.param_type)
+                           std::initializer_list<ffi::AnyBuffer> params) {
+  for (const ffi::AnyBuffer& param : params) {
+    JAXDNN_ASSIGN_OR_RETURN(FloatType type, FloatTypeOf(op, param.element_type()));
+    if (type.cudnn != d.param_type)
       return InvalidArgument(op,
                              "parameters and statistics must have the type "
                              "cudnnDeriveBNTensorDescriptor derives for the image (float32 "
@@ -166,87 +125,13 @@ ffi::Error CheckParameters(const char* op, const BatchNormDescriptors& d,
   return ffi::Error::Success();
 }
 
-// Reserves a cuDNN handle and fetches the descriptors for image `x` and its parameter and
-// statistics buffers `params`.
-ffi::Error Initialize(const char* op, int device, BatchNormState* state, const Buffer& x,
-                      std::initializer_list<Buffer> params) {
-  return Guarded(op, [&]() -> ffi::Error {
-    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
-    if (!state->descriptors.empty() || HasZeroSize(x.dimensions())) return ffi::Error::Success();
-    const size_t rank = x.dimensions().size();
-    if (rank != 4 && rank != 5) return InvalidArgument(op, "expected a 4-D or 5-D image");
-    cudnnDataType_t type;
-    JAXDNN_RETURN_IF_ERROR(CudnnDataType(op, x.element_type(), &type));
-    std::vector<int> dims = LogicalDims(x.dimensions(), state->layout);
-    CacheKey key;
-    key.Add(type).Add(static_cast<int64_t>(state->layout)).Add(state->mode).AddAll(dims);
-    std::shared_ptr<const BatchNormDescriptors> descriptors;
-    JAXDNN_RETURN_IF_ERROR(DescriptorCache().GetOrBuild(
-        key, [&](BatchNormDescriptors* d) { return BuildDescriptors(op, *state, type, dims, d); },
-        &descriptors));
-    JAXDNN_RETURN_IF_ERROR(CheckParameters(op, *descriptors, params));
-    state->descriptors.Set(std::move(descriptors));
-    return ffi::Error::Success();
-  });
-}
-
-// Borrows a handle and runs `launch(handle, descriptors)`, which makes the cuDNN call.
-template <typename Launch>
-ffi::Error Execute(const char* op, cudaStream_t stream, int device, BatchNormState* state,
-                   Launch&& launch) {
-  BorrowedCudnnHandle handle(op, device, stream);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  const BatchNormDescriptors* d;
-  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
-  return launch(handle.get(), *d);
-}
-
-// An empty image has no statistics to compute, but its parameter-shaped results may
-// be non-empty (spatial mode with N = 0): fill them with `byte` repeated, as XLA would
-// compute them (0xFF: NaN in float32 and float64, the mean of nothing; 0: a sum of
-// nothing).
-ffi::Error FillEmpty(const char* op, cudaStream_t stream, int byte,
-                     std::initializer_list<Buffer> results) {
-  for (const Buffer& result : results)
-    JAXDNN_RETURN_IF_CUDA_ERROR(
-        op, cudaMemsetAsync(result.untyped_data(), byte, result.size_bytes(), stream));
-  return ffi::Error::Success();
-}
-
-#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
 // ---- the graph-API path (spatial mode, channels-last images) ----
 
 // Tensor uids of the graphs, for the variant packs.
 enum GraphUid : int64_t { kX = 1, kScale, kBias, kY, kMean, kInvstd, kDy, kDx, kDscale, kDbias };
+using VariantPack = std::unordered_map<int64_t, void*>;
 
-bool UsesGraph(const BatchNormState& state) {
-  return state.mode == CUDNN_BATCHNORM_SPATIAL && state.layout == Layout::kChannelsLast;
-}
-
-KeyedCache<FrontendPlan>& PlanCache() {
-  static auto* cache = new KeyedCache<FrontendPlan>();
-  return *cache;
-}
-
-std::shared_ptr<fe::graph::Tensor_attributes> GraphTensor(fe::graph::Graph& graph, int64_t uid,
-                                                          const TensorShape& shape,
-                                                          fe::DataType_t type) {
-  return graph.tensor(fe::graph::Tensor_attributes()
-                          .set_uid(uid)
-                          .set_name(std::to_string(uid))
-                          .set_dim(shape.dims)
-                          .set_stride(shape.strides)
-                          .set_data_type(type));
-}
-
-void SetOutput(const std::shared_ptr<fe::graph::Tensor_attributes>& tensor, int64_t uid,
-               const TensorShape& shape, fe::DataType_t type) {
-  tensor->set_output(true)
-      .set_uid(uid)
-      .set_dim(shape.dims)
-      .set_stride(shape.strides)
-      .set_data_type(type);
-}
+#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
 
 // The training forward (`backward` false) or the backward of spatial batch norm over the
 // channels-last image `x`, built into `plan`; a plan without a graph when no engine runs it.
@@ -262,31 +147,28 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
   graph->set_io_data_type(io)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  auto image = GraphTensor(*graph, kX, x, io);
-  auto scale = GraphTensor(*graph, kScale, param, param_type);
+  auto image = GraphInput(*graph, kX, x, io);
+  auto scale = GraphInput(*graph, kScale, param, param_type);
   if (!backward) {
-    auto bias = GraphTensor(*graph, kBias, param, param_type);
+    auto bias = GraphInput(*graph, kBias, param, param_type);
     auto eps = graph->tensor(fe::graph::Tensor_attributes(static_cast<float>(epsilon)));
     auto outputs =
         graph->batchnorm(image, scale, bias, fe::graph::Batchnorm_attributes().set_epsilon(eps));
-    SetOutput(outputs[0], kY, x, io);
-    SetOutput(outputs[1], kMean, param, param_type);
-    SetOutput(outputs[2], kInvstd, param, param_type);
+    MarkOutput(outputs[0], kY, x, io);
+    MarkOutput(outputs[1], kMean, param, param_type);
+    MarkOutput(outputs[2], kInvstd, param, param_type);
   } else {
-    auto dy = GraphTensor(*graph, kDy, x, io);
-    auto mean = GraphTensor(*graph, kMean, param, param_type);
-    auto invstd = GraphTensor(*graph, kInvstd, param, param_type);
+    auto dy = GraphInput(*graph, kDy, x, io);
+    auto mean = GraphInput(*graph, kMean, param, param_type);
+    auto invstd = GraphInput(*graph, kInvstd, param, param_type);
     auto outputs = graph->batchnorm_backward(
         dy, image, scale,
         fe::graph::Batchnorm_backward_attributes().set_saved_mean_and_inv_variance(mean, invstd));
-    SetOutput(outputs[0], kDx, x, io);
-    SetOutput(outputs[1], kDscale, param, param_type);
-    SetOutput(outputs[2], kDbias, param, param_type);
+    MarkOutput(outputs[0], kDx, x, io);
+    MarkOutput(outputs[1], kDscale, param, param_type);
+    MarkOutput(outputs[2], kDbias, param, param_type);
   }
-  fe::error_t status = graph->validate();
-  if (status.is_good()) status = graph->build_operation_graph(handle);
-  if (status.is_good())
-    status = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+  fe::error_t status = CreatePlans(*graph, handle, {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
   if (status.is_good()) {
     graph->deselect_workspace_greater_than(workspace_bytes);
     status = graph->check_support();
@@ -304,203 +186,199 @@ ffi::Error BuildGraphPlan(const char* op, cudnnHandle_t handle, bool backward, f
   return ffi::Error::Success();
 }
 
-// Fetches (or builds) the graph plan of a spatial channels-last call into the state.
-ffi::Error InitializeGraph(const char* op, cudaStream_t stream, int device, BatchNormState* state,
-                           bool backward, const Buffer& x, const Buffer& param,
-                           const Buffer& workspace) {
-  if (!UsesGraph(*state) || !state->plan.empty() || HasZeroSize(x.dimensions()))
+// The graph plan of a spatial channels-last call (null for other calls).
+ffi::Error GraphPlan(const char* op, cudnnHandle_t handle, int device, const BatchNormConfig& c,
+                     bool backward, const ffi::AnyBuffer& x, const ffi::AnyBuffer& param,
+                     const ffi::AnyBuffer& workspace, std::shared_ptr<const FrontendPlan>* out) {
+  if (c.mode != CUDNN_BATCHNORM_SPATIAL || c.layout != Layout::kChannelsLast)
     return ffi::Error::Success();
-  fe::DataType_t io, param_type;
-  JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(x.element_type()), &io));
-  JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(param.element_type()), &param_type));
-  TensorShape shape = ShapeOf(x.dimensions(), state->layout);
+  JAXDNN_ASSIGN_OR_RETURN(fe::DataType_t io, FrontendType(op, x.element_type()));
+  JAXDNN_ASSIGN_OR_RETURN(fe::DataType_t param_type, FrontendType(op, param.element_type()));
+  TensorShape shape = ShapeOf(x.dimensions(), c.layout);
   int64_t workspace_bytes = static_cast<int64_t>(workspace.size_bytes());
   CacheKey key;
-  key.Add(op)
-      .Add(static_cast<int64_t>(cudnnGetVersion()))
-      .Add(device)
-      .Add(DtypeName(x.element_type()))
-      .Add(DtypeName(param.element_type()))
-      .AddAll(shape.dims)
-      .AddAll(shape.strides)
-      .Add(std::to_string(state->epsilon))
-      .Add(workspace_bytes);
-  BorrowedCudnnHandle handle(op, device, stream);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  std::shared_ptr<const FrontendPlan> plan;
-  JAXDNN_RETURN_IF_ERROR(PlanCache().GetOrBuild(
+  key.Add(op).Add(static_cast<int64_t>(cudnnGetVersion())).Add(device);
+  key.Add(static_cast<int64_t>(x.element_type())).Add(static_cast<int64_t>(param.element_type()));
+  key.AddAll(shape.dims).AddAll(shape.strides).Add(std::to_string(c.epsilon)).Add(workspace_bytes);
+  return ProcessCache<FrontendPlan>().GetOrBuild(
       key,
       [&](FrontendPlan* p) {
-        return BuildGraphPlan(op, handle.get(), backward, io, param_type, shape, state->epsilon,
+        return BuildGraphPlan(op, handle, backward, io, param_type, shape, c.epsilon,
                               workspace_bytes, p);
       },
-      &plan));
-  state->plan.Set(std::move(plan));
-  return ffi::Error::Success();
+      out);
 }
 
 // The graph plan to run, or null where the legacy calls run.
-const FrontendPlan* GraphPlan(BatchNormState* state) {
-  const FrontendPlan* plan = UsesGraph(*state) ? state->plan.get() : nullptr;
-  return plan != nullptr && plan->graph != nullptr ? plan : nullptr;
+const FrontendPlan* GraphOf(const BatchNormPrepared& p) {
+  return p.graph != nullptr && p.graph->graph != nullptr ? p.graph.get() : nullptr;
 }
 
-ffi::Error ExecuteGraph(const char* op, cudaStream_t stream, int device, const FrontendPlan& plan,
-                        std::unordered_map<int64_t, void*> pack, const Buffer& workspace) {
-  BorrowedCudnnHandle handle(op, device, stream);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  return ExecutePlan(op, plan, handle.get(), pack, workspace.untyped_data());
+ffi::Error ExecuteGraph(const char* op, cudnnHandle_t handle, const FrontendPlan& plan,
+                        VariantPack pack, const ffi::AnyBuffer& workspace) {
+  return ExecutePlan(op, plan, handle, pack, workspace.untyped_data());
 }
 #else
-// Without the frontend headers every call takes the legacy path.
-struct FrontendPlan {};
-ffi::Error InitializeGraph(const char*, cudaStream_t, int, BatchNormState*, bool, const Buffer&,
-                           const Buffer&, const Buffer&) {
+ffi::Error GraphPlan(const char*, cudnnHandle_t, int, const BatchNormConfig&, bool,
+                     const ffi::AnyBuffer&, const ffi::AnyBuffer&, const ffi::AnyBuffer&,
+                     std::shared_ptr<const FrontendPlan>*) {
   return ffi::Error::Success();
 }
-const FrontendPlan* GraphPlan(BatchNormState*) { return nullptr; }
+const FrontendPlan* GraphOf(const BatchNormPrepared&) { return nullptr; }
+ffi::Error ExecuteGraph(const char*, cudnnHandle_t, const FrontendPlan&, VariantPack,
+                        const ffi::AnyBuffer&) {
+  return ffi::Error::Success();
+}
 #endif
 
-// ---- jaxdnn_bn_fwd_train: x, gamma, beta -> out, mean, invstd (+ workspace) ----
+// Prepares the descriptors for image `x` and its parameter and statistics buffers
+// `params`, and for the training forward (`graph_backward` false) and the backward
+// (true) the graph plan where it applies.
+ffi::Error Initialize(const char* op, cudaStream_t stream, int device, BatchNormState* state,
+                      const ffi::AnyBuffer& x, std::initializer_list<ffi::AnyBuffer> params,
+                      const ffi::AnyBuffer* workspace = nullptr, bool graph_backward = false) {
+  const BatchNormConfig& c = state->config;
+  return InitializeState(
+      op, stream, device, state, [&](cudnnHandle_t handle, auto* out) -> ffi::Error {
+        if (HasZeroSize(x.dimensions())) return ffi::Error::Success();
+        const size_t rank = x.dimensions().size();
+        if (rank != 4 && rank != 5) return InvalidArgument(op, "expected a 4-D or 5-D image");
+        JAXDNN_ASSIGN_OR_RETURN(FloatType type, FloatTypeOf(op, x.element_type()));
+        std::vector<int> dims = LogicalDims(x.dimensions(), c.layout);
+        CacheKey key;
+        key.Add(type.name).Add(static_cast<int64_t>(c.layout)).Add(c.mode).AddAll(dims);
+        auto prepared = std::make_shared<BatchNormPrepared>();
+        JAXDNN_RETURN_IF_ERROR(ProcessCache<BatchNormDescriptors>().GetOrBuild(
+            key,
+            [&](BatchNormDescriptors* d) { return BuildDescriptors(op, c, type.cudnn, dims, d); },
+            &prepared->legacy));
+        JAXDNN_RETURN_IF_ERROR(CheckParameters(op, *prepared->legacy, params));
+        if (workspace != nullptr)
+          JAXDNN_RETURN_IF_ERROR(GraphPlan(op, handle, device, c, graph_backward, x,
+                                           *params.begin(), *workspace, &prepared->graph));
+        *out = std::move(prepared);
+        return ffi::Error::Success();
+      });
+}
+
+// An empty image has no statistics to compute, but its parameter-shaped results may
+// be non-empty (spatial mode with N = 0): fill them with `byte` repeated, as XLA would
+// compute them (0xFF: NaN in float32 and float64, the mean of nothing; 0: a sum of
+// nothing).
+ffi::Error FillEmpty(const char* op, cudaStream_t stream, int byte,
+                     std::initializer_list<ffi::AnyBuffer> results) {
+  for (const ffi::AnyBuffer& result : results)
+    JAXDNN_RETURN_IF_CUDA_ERROR(
+        op, cudaMemsetAsync(result.untyped_data(), byte, result.size_bytes(), stream));
+  return ffi::Error::Success();
+}
+
+using Buffer = ffi::AnyBuffer;
+using Out = ffi::Result<ffi::AnyBuffer>;
+
+// ---- jaxdnn_bn_fwd_train: x, gamma, beta -> out, mean, invstd, workspace ----
 
 ffi::Error InitializeTrain(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                           Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Out workspace,
-                           Str, Str, double) {
-  JAXDNN_RETURN_IF_ERROR(Initialize(kTrain, device, state, x, {gamma, beta, *mean, *invstd}));
-  return Guarded(kTrain, [&] {
-    return InitializeGraph(kTrain, stream, device, state, false, x, gamma, *workspace);
-  });
+                           Buffer gamma, Buffer beta, Out, Out mean, Out invstd, Out workspace) {
+  return Initialize(kTrain, stream, device, state, x, {gamma, beta, *mean, *invstd}, &*workspace);
 }
 
 ffi::Error ExecuteTrain(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                        Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Out workspace,
-                        Str, Str, double) {
+                        Buffer gamma, Buffer beta, Out out, Out mean, Out invstd, Out workspace) {
   if (HasZeroSize(x.dimensions())) return FillEmpty(kTrain, stream, 0xFF, {*mean, *invstd});
-#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
-  if (const FrontendPlan* plan = GraphPlan(state)) {
-    return ExecuteGraph(kTrain, stream, device, *plan,
-                        {{kX, x.untyped_data()},
-                         {kScale, gamma.untyped_data()},
-                         {kBias, beta.untyped_data()},
-                         {kY, out->untyped_data()},
-                         {kMean, mean->untyped_data()},
-                         {kInvstd, invstd->untyped_data()}},
-                        *workspace);
-  }
-#endif
-  return Execute(kTrain, stream, device, state,
-                 [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-                   Scaling scaling;
-                   JAXDNN_RETURN_IF_CUDNN_ERROR(
-                       kTrain, cudnnBatchNormalizationForwardTraining(
-                                   handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
-                                   d.x.get(), x.untyped_data(), d.x.get(), out->untyped_data(),
-                                   d.param.get(), gamma.untyped_data(), beta.untyped_data(),
-                                   /*exponentialAverageFactor=*/0.0, /*resultRunningMean=*/nullptr,
-                                   /*resultRunningVariance=*/nullptr, state->epsilon,
-                                   mean->untyped_data(), invstd->untyped_data()));
-                   return ffi::Error::Success();
-                 });
+  const BatchNormConfig& c = state->config;
+  return ExecuteState(kTrain, stream, device, state, [&](cudnnHandle_t handle, const auto& p) {
+    if (const FrontendPlan* plan = GraphOf(p))
+      return ExecuteGraph(kTrain, handle, *plan,
+                          {{kX, x.untyped_data()},
+                           {kScale, gamma.untyped_data()},
+                           {kBias, beta.untyped_data()},
+                           {kY, out->untyped_data()},
+                           {kMean, mean->untyped_data()},
+                           {kInvstd, invstd->untyped_data()}},
+                          *workspace);
+    const BatchNormDescriptors& d = *p.legacy;
+    Scaling scaling;
+    return JAXDNN_CUDNN_CALL(
+        kTrain, cudnnBatchNormalizationForwardTraining(
+                    handle, c.mode, scaling.alpha(d.type), scaling.beta(d.type), d.x.get(),
+                    x.untyped_data(), d.x.get(), out->untyped_data(), d.param.get(),
+                    gamma.untyped_data(), beta.untyped_data(), /*exponentialAverageFactor=*/0.0,
+                    /*resultRunningMean=*/nullptr, /*resultRunningVariance=*/nullptr, c.epsilon,
+                    mean->untyped_data(), invstd->untyped_data()));
+  });
 }
 
 // ---- jaxdnn_bn_fwd_infer: x, gamma, beta, mean, var -> out ----
 
 ffi::Error InitializeInfer(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                           Buffer gamma, Buffer beta, Buffer mean, Buffer var, Out out, Str, Str,
-                           double) {
-  return Initialize(kInfer, device, state, x, {gamma, beta, mean, var});
+                           Buffer gamma, Buffer beta, Buffer mean, Buffer var, Out) {
+  return Initialize(kInfer, stream, device, state, x, {gamma, beta, mean, var});
 }
 
 ffi::Error ExecuteInfer(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                        Buffer gamma, Buffer beta, Buffer mean, Buffer var, Out out, Str, Str,
-                        double) {
+                        Buffer gamma, Buffer beta, Buffer mean, Buffer var, Out out) {
   if (HasZeroSize(x.dimensions())) return ffi::Error::Success();
-  return Execute(kInfer, stream, device, state,
-                 [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-                   Scaling scaling;
-                   JAXDNN_RETURN_IF_CUDNN_ERROR(
-                       kInfer, cudnnBatchNormalizationForwardInference(
-                                   handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
-                                   d.x.get(), x.untyped_data(), d.x.get(), out->untyped_data(),
-                                   d.param.get(), gamma.untyped_data(), beta.untyped_data(),
-                                   mean.untyped_data(), var.untyped_data(), state->epsilon));
-                   return ffi::Error::Success();
-                 });
+  const BatchNormConfig& c = state->config;
+  return ExecuteState(kInfer, stream, device, state, [&](cudnnHandle_t handle, const auto& p) {
+    const BatchNormDescriptors& d = *p.legacy;
+    Scaling scaling;
+    return JAXDNN_CUDNN_CALL(
+        kInfer,
+        cudnnBatchNormalizationForwardInference(
+            handle, c.mode, scaling.alpha(d.type), scaling.beta(d.type), d.x.get(),
+            x.untyped_data(), d.x.get(), out->untyped_data(), d.param.get(), gamma.untyped_data(),
+            beta.untyped_data(), mean.untyped_data(), var.untyped_data(), c.epsilon));
+  });
 }
 
-// ---- jaxdnn_bn_bwd: x, dy, gamma, mean, invstd -> dx, dgamma, dbeta ----
+// ---- jaxdnn_bn_bwd: x, dy, gamma, mean, invstd -> dx, dgamma, dbeta, workspace ----
 
-ffi::Error InitializeBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x,
-                         Buffer dy, Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma,
-                         Out dbeta, Out workspace, Str, Str, double) {
-  JAXDNN_RETURN_IF_ERROR(
-      Initialize(kBwd, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta}));
-  return Guarded(kBwd, [&] {
-    return InitializeGraph(kBwd, stream, device, state, true, x, gamma, *workspace);
-  });
+ffi::Error InitializeBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x, Buffer,
+                         Buffer gamma, Buffer mean, Buffer invstd, Out, Out dgamma, Out dbeta,
+                         Out workspace) {
+  return Initialize(kBwd, stream, device, state, x, {gamma, mean, invstd, *dgamma, *dbeta},
+                    &*workspace, /*graph_backward=*/true);
 }
 
 ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Buffer x, Buffer dy,
                       Buffer gamma, Buffer mean, Buffer invstd, Out dx, Out dgamma, Out dbeta,
-                      Out workspace, Str, Str, double) {
+                      Out workspace) {
   if (HasZeroSize(x.dimensions())) return FillEmpty(kBwd, stream, 0, {*dgamma, *dbeta});
-#ifdef JAXDNN_HAVE_CUDNN_FRONTEND
-  if (const FrontendPlan* plan = GraphPlan(state)) {
-    return ExecuteGraph(kBwd, stream, device, *plan,
-                        {{kX, x.untyped_data()},
-                         {kDy, dy.untyped_data()},
-                         {kScale, gamma.untyped_data()},
-                         {kMean, mean.untyped_data()},
-                         {kInvstd, invstd.untyped_data()},
-                         {kDx, dx->untyped_data()},
-                         {kDscale, dgamma->untyped_data()},
-                         {kDbias, dbeta->untyped_data()}},
-                        *workspace);
-  }
-#endif
-  return Execute(
-      kBwd, stream, device, state,
-      [&](cudnnHandle_t handle, const BatchNormDescriptors& d) -> ffi::Error {
-        // beta = 0 for both the data and the parameter gradients: the results are overwritten,
-        // never accumulated into. The saved statistics are the forward's, so cuDNN does not
-        // recompute them (epsilon is then unused, but cuDNN asks for the forward's).
-        Scaling scaling;
-        JAXDNN_RETURN_IF_CUDNN_ERROR(
-            kBwd, cudnnBatchNormalizationBackward(
-                      handle, state->mode, scaling.alpha(d.type), scaling.beta(d.type),
-                      scaling.alpha(d.type), scaling.beta(d.type), d.x.get(), x.untyped_data(),
-                      d.x.get(), dy.untyped_data(), d.x.get(), dx->untyped_data(), d.param.get(),
-                      gamma.untyped_data(), dgamma->untyped_data(), dbeta->untyped_data(),
-                      state->epsilon, mean.untyped_data(), invstd.untyped_data()));
-        return ffi::Error::Success();
-      });
+  const BatchNormConfig& c = state->config;
+  return ExecuteState(kBwd, stream, device, state, [&](cudnnHandle_t handle, const auto& p) {
+    if (const FrontendPlan* plan = GraphOf(p))
+      return ExecuteGraph(kBwd, handle, *plan,
+                          {{kX, x.untyped_data()},
+                           {kDy, dy.untyped_data()},
+                           {kScale, gamma.untyped_data()},
+                           {kMean, mean.untyped_data()},
+                           {kInvstd, invstd.untyped_data()},
+                           {kDx, dx->untyped_data()},
+                           {kDscale, dgamma->untyped_data()},
+                           {kDbias, dbeta->untyped_data()}},
+                          *workspace);
+    // beta = 0 for both the data and the parameter gradients: the results are overwritten,
+    // never accumulated into. The saved statistics are the forward's, so cuDNN does not
+    // recompute them (epsilon is then unused, but cuDNN asks for the forward's).
+    const BatchNormDescriptors& d = *p.legacy;
+    Scaling scaling;
+    return JAXDNN_CUDNN_CALL(
+        kBwd, cudnnBatchNormalizationBackward(
+                  handle, c.mode, scaling.alpha(d.type), scaling.beta(d.type),
+                  scaling.alpha(d.type), scaling.beta(d.type), d.x.get(), x.untyped_data(),
+                  d.x.get(), dy.untyped_data(), d.x.get(), dx->untyped_data(), d.param.get(),
+                  gamma.untyped_data(), dgamma->untyped_data(), dbeta->untyped_data(), c.epsilon,
+                  mean.untyped_data(), invstd.untyped_data()));
+  });
 }
-
-template <ffi::ExecutionStage stage, size_t kOperands, size_t kResults>
-auto Binding() {
-  return WithAttributes(LegacyOpBinding<BatchNormState, stage, kOperands, kResults>());
-}
-
-XLA_FFI_DEFINE_HANDLER(kBnInstantiate, Instantiate, WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBnTrainInitialize, InitializeTrain, (Binding<kInitializeStage, 3, 4>()));
-XLA_FFI_DEFINE_HANDLER(kBnTrainExecute, ExecuteTrain, (Binding<kExecuteStage, 3, 4>()),
-                       {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBnInferInitialize, InitializeInfer, (Binding<kInitializeStage, 5, 1>()));
-XLA_FFI_DEFINE_HANDLER(kBnInferExecute, ExecuteInfer, (Binding<kExecuteStage, 5, 1>()),
-                       {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBnBwdInitialize, InitializeBwd, (Binding<kInitializeStage, 5, 4>()));
-XLA_FFI_DEFINE_HANDLER(kBnBwdExecute, ExecuteBwd, (Binding<kExecuteStage, 5, 4>()),
-                       {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace
 
 void AddBatchNormHandlers(Registry& registry) {
-  registry.state_types.push_back({"jaxdnn_bn_state", &BatchNormState::id, &kBatchNormStateInfo});
-  registry.handlers.push_back(
-      {"jaxdnn_bn_fwd_train", kBnInstantiate, kBnTrainInitialize, kBnTrainExecute});
-  registry.handlers.push_back(
-      {"jaxdnn_bn_fwd_infer", kBnInstantiate, kBnInferInitialize, kBnInferExecute});
-  registry.handlers.push_back({"jaxdnn_bn_bwd", kBnInstantiate, kBnBwdInitialize, kBnBwdExecute});
+  registry.Add<Parse, InitializeTrain, ExecuteTrain>("jaxdnn_bn_fwd_train");
+  registry.Add<Parse, InitializeInfer, ExecuteInfer>("jaxdnn_bn_fwd_infer");
+  registry.Add<Parse, InitializeBwd, ExecuteBwd>("jaxdnn_bn_bwd");
 }
 
 }  // namespace jaxdnn

@@ -1,30 +1,24 @@
 // Convolution forward, backward-data and backward-filter (2-D, 3-D, and 1-D as 2-D with a
 // unit axis) through the cuDNN frontend graph API: conv_fprop, conv_dgrad, conv_wgrad.
-//
-// FFI targets (each with a trailing u8 workspace result, sized in Python by the
-// dnn.conv.workspace_limit policy; only plans that fit it are considered):
+// Targets (jaxdnn/conv.py is the contract; each with a trailing u8 workspace result, sized
+// in Python by the dnn.conv.workspace_limit policy; only plans that fit it are considered):
 //   jaxdnn_conv_fwd         img, kerns      -> out
 //   jaxdnn_conv_bwd_data    kerns, topgrad  -> img gradient
 //   jaxdnn_conv_bwd_filter  img, topgrad    -> kernel gradient
-// Images are (N, C, spatial...) or channels-last per `layout`; kernels follow the same
-// layout: (K, C/groups, spatial...) or (K, spatial..., C/groups), the order cuDNN's fast
-// NHWC engines read (jaxdnn/conv.py reorders the user's kernels). Attributes: pre_padding,
-// post_padding, strides, dilation (int64 per spatial axis), flip (1: convolution, 0:
-// cross-correlation), layout, compute_dtype, algo (the seed's name for this pass), deterministic,
-// allow_tf32.
+// Kernels follow the images' layout: (K, C/groups, spatial...) or (K, spatial..., C/groups).
 //
 // How an algo name becomes a plan (the README's table says the same):
 //   none, small, large  heuristic order, no FFT or Winograd engines; they differ in the
 //               workspace Python grants (none and small a capped amount, large the whole
 //               limit). 'none' does not mean "no workspace": cuDNN 9's engines that need
-//               none measured 100x slower than the heuristic's choice for backward passes
-//               on an H100 (BENCHMARKS.md), and 'none' is the backward flags' default.
+//               none are far slower than the heuristic's choice for backward passes
+//               (BENCHMARKS.md), and 'none' is the backward flags' default.
 //   fft, fft_tiling  engines with cuDNN's FFT numerical note
 //   winograd    engines with the Winograd note
 //   deterministic / guess_*  heuristic order (deterministic already excludes atomics)
 //   time_*      every heuristic candidate (modes A, B and fallback) built and timed once
-//               at initialize; the
-//               winner is kept for the process and, under JAXDNN_CACHE_DIR, on disk.
+//               at initialize; the winner is kept for the process and, under
+//               JAXDNN_CACHE_DIR, on disk.
 // deterministic=1 removes engines with the NONDETERMINISTIC note; allow_tf32=0 removes
 // tensor-core engines for float32 data (they compute in TF32). A name that leaves no
 // engine for a convolution falls back to the heuristic choice with a warning (once: the
@@ -46,12 +40,22 @@
 #include <unordered_map>
 #include <vector>
 
-#include "common/cache.h"
-#include "common/descriptors.h"
 #include "common/frontend.h"
-#include "common/handles.h"
-#include "common/legacy_op.h"
-#include "common/status.h"
+#include "common/staged_op.h"
+
+using Ints = xla::ffi::Span<const int64_t>;
+#define JAXDNN_CONV_ATTRS(X)                                                    \
+  X(Ints, pre_padding) /* one entry per spatial axis, like the next three */    \
+  X(Ints, post_padding)                                                         \
+  X(Ints, strides)                                                              \
+  X(Ints, dilation)                                                             \
+  X(int64_t, flip) /* 1: convolution, 0: cross-correlation */                   \
+  X(std::string_view, layout)                                                   \
+  X(std::string_view, compute_dtype)                                            \
+  X(std::string_view, algo) /* Theano's algorithm name for this pass (above) */ \
+  X(int64_t, deterministic)                                                     \
+  X(int64_t, allow_tf32)
+JAXDNN_DEFINE_ATTRS(ConvAttrs, JAXDNN_CONV_ATTRS);
 
 namespace jaxdnn {
 namespace {
@@ -81,18 +85,7 @@ struct ConvConfig {
   bool deterministic, allow_tf32;
 };
 
-KeyedCache<FrontendPlan>& PlanCache() {
-  static auto* cache = new KeyedCache<FrontendPlan>();
-  return *cache;
-}
-
-struct ConvState {
-  static ffi::TypeId id;
-  ConvConfig config;
-  DescriptorSlot<FrontendPlan> plan;
-};
-ffi::TypeId ConvState::id = {};
-const XLA_FFI_TypeInfo kConvStateInfo = ffi::MakeTypeInfo<ConvState>();
+using ConvState = StagedState<ConvConfig, FrontendPlan>;
 
 // Per-spatial-axis parameters of a 1-D convolution gain the unit axis's (value `unit`).
 std::vector<int64_t> Spatial(const std::vector<int64_t>& values, int64_t unit) {
@@ -112,19 +105,6 @@ Attributes ConvAttributes(const ConvConfig& c) {
                                    : fe::ConvolutionMode_t::CROSS_CORRELATION);
 }
 
-// Every tensor states its data type: left unset, the frontend would give the result the
-// graph's intermediate type (float32), which is wrong for float64 convolutions.
-std::shared_ptr<fe::graph::Tensor_attributes> Tensor(fe::graph::Graph& graph, const char* name,
-                                                     int64_t uid, const TensorShape& shape,
-                                                     fe::DataType_t type) {
-  return graph.tensor(fe::graph::Tensor_attributes()
-                          .set_name(name)
-                          .set_uid(uid)
-                          .set_dim(shape.dims)
-                          .set_stride(shape.strides)
-                          .set_data_type(type));
-}
-
 // The buffers of one call in cuDNN's terms.
 struct ConvBuffers {
   TensorShape image, kernel, output;  // output: the forward's output (topgrad's shape)
@@ -141,29 +121,25 @@ std::shared_ptr<fe::graph::Graph> MakeGraph(const ConvConfig& c, const ConvBuffe
   std::shared_ptr<fe::graph::Tensor_attributes> result;
   TensorShape result_shape;
   if (c.pass == Pass::kFwd) {
-    auto x = Tensor(*graph, "image", kImageUid, b.image, b.io_type);
-    auto w = Tensor(*graph, "kernel", kKernelUid, b.kernel, b.io_type);
+    auto x = GraphInput(*graph, kImageUid, b.image, b.io_type);
+    auto w = GraphInput(*graph, kKernelUid, b.kernel, b.io_type);
     result = graph->conv_fprop(x, w, ConvAttributes<fe::graph::Conv_fprop_attributes>(c));
     result_shape = b.output;
   } else if (c.pass == Pass::kBwdData) {
-    auto w = Tensor(*graph, "kernel", kKernelUid, b.kernel, b.io_type);
-    auto dy = Tensor(*graph, "topgrad", kOutputUid, b.output, b.io_type);
+    auto w = GraphInput(*graph, kKernelUid, b.kernel, b.io_type);
+    auto dy = GraphInput(*graph, kOutputUid, b.output, b.io_type);
     result = graph->conv_dgrad(dy, w, ConvAttributes<fe::graph::Conv_dgrad_attributes>(c));
     result_shape = b.image;
   } else {
-    auto x = Tensor(*graph, "image", kImageUid, b.image, b.io_type);
-    auto dy = Tensor(*graph, "topgrad", kOutputUid, b.output, b.io_type);
+    auto x = GraphInput(*graph, kImageUid, b.image, b.io_type);
+    auto dy = GraphInput(*graph, kOutputUid, b.output, b.io_type);
     result = graph->conv_wgrad(dy, x, ConvAttributes<fe::graph::Conv_wgrad_attributes>(c));
     result_shape = b.kernel;
   }
   int64_t result_uid = c.pass == Pass::kFwd       ? kOutputUid
                        : c.pass == Pass::kBwdData ? kImageUid
                                                   : kKernelUid;
-  result->set_output(true)
-      .set_uid(result_uid)
-      .set_dim(result_shape.dims)
-      .set_stride(result_shape.strides)
-      .set_data_type(b.io_type);
+  MarkOutput(result, result_uid, result_shape, b.io_type);
   return graph;
 }
 
@@ -319,9 +295,7 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
     fe::error_t status;
     for (const Modes& modes : mode_sets) {
       graph = MakeGraph(c, b, compute_type);
-      status = graph->validate();
-      if (status.is_good()) status = graph->build_operation_graph(handle);
-      if (status.is_good()) status = graph->create_execution_plans(modes);
+      status = CreatePlans(*graph, handle, modes);
       if (status.is_good()) break;
     }
     if (status.is_bad()) return status;
@@ -380,44 +354,25 @@ ffi::Error BuildPlan(const char* op, cudnnHandle_t handle, const ConvConfig& c,
 
 // ---- stages -------------------------------------------------------------------------------
 
-ffi::Error ParseConfig(Pass pass, ffi::Span<const int64_t> pre_padding,
-                       ffi::Span<const int64_t> post_padding, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> dilation, int64_t flip, std::string_view layout,
-                       std::string_view compute_dtype, std::string_view algo, int64_t deterministic,
-                       int64_t allow_tf32, ConvConfig* c) {
-  const char* op = PassName(pass);
-  auto vec = [](ffi::Span<const int64_t> s) { return std::vector<int64_t>(s.begin(), s.end()); };
+template <Pass pass>
+ffi::Error Parse(const ConvAttrs& a, ConvConfig* c) {
+  auto vec = [](Ints s) { return std::vector<int64_t>(s.begin(), s.end()); };
   c->pass = pass;
-  c->pre_padding = vec(pre_padding);
-  c->post_padding = vec(post_padding);
-  c->strides = vec(strides);
-  c->dilation = vec(dilation);
+  c->pre_padding = vec(a.pre_padding);
+  c->post_padding = vec(a.post_padding);
+  c->strides = vec(a.strides);
+  c->dilation = vec(a.dilation);
   size_t nd = c->strides.size();
   if (nd < 1 || nd > 3 || c->pre_padding.size() != nd || c->post_padding.size() != nd ||
       c->dilation.size() != nd)
     return InvalidArgument(
-        op, "padding, strides and dilation need one value per spatial axis (1 to 3)");
-  c->flip = flip != 0;
-  c->compute_dtype = std::string(compute_dtype);
-  c->algo = std::string(algo);
-  c->deterministic = deterministic != 0;
-  c->allow_tf32 = allow_tf32 != 0;
-  return ParseLayout(op, layout, &c->layout);
-}
-
-template <Pass pass>
-ffi::ErrorOr<std::unique_ptr<ConvState>> Instantiate(
-    ffi::Span<const int64_t> pre_padding, ffi::Span<const int64_t> post_padding,
-    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation, int64_t flip,
-    std::string_view layout, std::string_view compute_dtype, std::string_view algo,
-    int64_t deterministic, int64_t allow_tf32) {
-  return Guarded(PassName(pass), [&]() -> ffi::ErrorOr<std::unique_ptr<ConvState>> {
-    auto state = std::make_unique<ConvState>();
-    ffi::Error error = ParseConfig(pass, pre_padding, post_padding, strides, dilation, flip, layout,
-                                   compute_dtype, algo, deterministic, allow_tf32, &state->config);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    return state;
-  });
+        PassName(pass), "padding, strides and dilation need one value per spatial axis (1 to 3)");
+  c->flip = a.flip != 0;
+  c->compute_dtype = std::string(a.compute_dtype);
+  c->algo = std::string(a.algo);
+  c->deterministic = a.deterministic != 0;
+  c->allow_tf32 = a.allow_tf32 != 0;
+  return ParseLayout(PassName(pass), a.layout, &c->layout);
 }
 
 // The image, kernel and forward-output buffers of a call, whichever pass it is.
@@ -436,158 +391,93 @@ CallBuffers Arrange(Pass pass, ffi::AnyBuffer first, ffi::AnyBuffer second, ffi:
   }
 }
 
-bool AnyEmpty(const CallBuffers& c) {
-  return HasZeroSize(c.image.dimensions()) || HasZeroSize(c.kernel.dimensions()) ||
-         HasZeroSize(c.output.dimensions());
-}
-
 ffi::Error Initialize(cudaStream_t stream, int device, ConvState* state, ffi::AnyBuffer first,
-                      ffi::AnyBuffer second, ffi::AnyBuffer result, ffi::AnyBuffer workspace) {
+                      ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,
+                      ffi::Result<ffi::AnyBuffer> workspace) {
   const ConvConfig& c = state->config;
   const char* op = PassName(c.pass);
-  return Guarded(op, [&]() -> ffi::Error {
-    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
-    CallBuffers call = Arrange(c.pass, first, second, result);
-    if (!state->plan.empty() || AnyEmpty(call)) return ffi::Error::Success();
-    size_t rank = call.image.dimensions().size();
-    if (rank != c.strides.size() + 2 || call.kernel.dimensions().size() != rank ||
-        call.output.dimensions().size() != rank)
-      return InvalidArgument(op, "buffers of ranks that do not match the spatial parameters");
-    for (const auto& buffer : {call.kernel, call.output})
-      if (buffer.element_type() != call.image.element_type())
-        return InvalidArgument(op, "image, kernels and output must share one dtype");
-    ConvBuffers b{ShapeOf(call.image.dimensions(), c.layout),
-                  ShapeOf(call.kernel.dimensions(), c.layout),
-                  ShapeOf(call.output.dimensions(), c.layout), fe::DataType_t::NOT_SET};
-    JAXDNN_RETURN_IF_ERROR(FrontendType(op, DtypeName(call.image.element_type()), &b.io_type));
-    fe::DataType_t compute_type;
-    JAXDNN_RETURN_IF_ERROR(FrontendType(op, c.compute_dtype, &compute_type));
-    int64_t workspace_bytes = static_cast<int64_t>(workspace.size_bytes());
-    int64_t element_size = static_cast<int64_t>(ffi::ByteWidth(call.image.element_type()));
-
-    int cc_major = 0, cc_minor = 0;
-    JAXDNN_RETURN_IF_CUDA_ERROR(
-        op, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
-    JAXDNN_RETURN_IF_CUDA_ERROR(
-        op, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
-    // Everything that shapes the plan. The persisted (on-disk) key leaves out the device
-    // ordinal, so that every device of one model shares a timed result.
-    CacheKey persisted_key;
-    persisted_key.Add(op)
-        .Add(static_cast<int64_t>(cudnnGetVersion()))
-        .Add(cc_major * 10 + cc_minor)
-        .Add(DtypeName(call.image.element_type()))
-        .Add(c.compute_dtype)
-        .AddAll(b.image.dims)
-        .AddAll(b.image.strides)
-        .AddAll(b.kernel.dims)
-        .AddAll(b.output.dims)
-        .AddAll(b.output.strides)
-        .AddAll(c.pre_padding)
-        .AddAll(c.post_padding)
-        .AddAll(c.strides)
-        .AddAll(c.dilation)
-        .Add(static_cast<int64_t>(c.flip))
-        .Add(c.algo)
-        .Add(static_cast<int64_t>(c.deterministic))
-        .Add(static_cast<int64_t>(c.allow_tf32))
-        .Add(workspace_bytes);
-    CacheKey key = persisted_key;
-    key.Add(device);
-
-    BorrowedCudnnHandle handle(op, device, stream);
-    JAXDNN_RETURN_IF_ERROR(handle.error());
-    std::shared_ptr<const FrontendPlan> plan;
-    JAXDNN_RETURN_IF_ERROR(PlanCache().GetOrBuild(
-        key,
-        [&](FrontendPlan* p) {
-          return BuildPlan(op, handle.get(), c, b, compute_type, workspace_bytes, element_size,
-                           persisted_key.str(), p);
-        },
-        &plan));
-    state->plan.Set(std::move(plan));
-    return ffi::Error::Success();
-  });
+  CallBuffers call = Arrange(c.pass, first, second, *result);
+  return InitializeState(
+      op, stream, device, state, [&](cudnnHandle_t handle, auto* out) -> ffi::Error {
+        if (AnyEmpty({call.image, call.kernel, call.output})) return ffi::Error::Success();
+        size_t rank = call.image.dimensions().size();
+        if (rank != c.strides.size() + 2 || call.kernel.dimensions().size() != rank ||
+            call.output.dimensions().size() != rank)
+          return InvalidArgument(op, "buffers of ranks that do not match the spatial parameters");
+        for (const auto& buffer : {call.kernel, call.output})
+          if (buffer.element_type() != call.image.element_type())
+            return InvalidArgument(op, "image, kernels and output must share one dtype");
+        ConvBuffers b{ShapeOf(call.image.dimensions(), c.layout),
+                      ShapeOf(call.kernel.dimensions(), c.layout),
+                      ShapeOf(call.output.dimensions(), c.layout), fe::DataType_t::NOT_SET};
+        JAXDNN_ASSIGN_OR_RETURN(FloatType io, FloatTypeOf(op, call.image.element_type()));
+        JAXDNN_ASSIGN_OR_RETURN(b.io_type, FrontendType(op, io.dtype));
+        JAXDNN_ASSIGN_OR_RETURN(FloatType compute, FloatTypeNamed(op, c.compute_dtype));
+        JAXDNN_ASSIGN_OR_RETURN(fe::DataType_t compute_type, FrontendType(op, compute.dtype));
+        int64_t workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
+        int64_t element_size = static_cast<int64_t>(ffi::ByteWidth(io.dtype));
+        int cc_major = 0, cc_minor = 0;
+        JAXDNN_RETURN_IF_CUDA_ERROR(
+            op, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+        JAXDNN_RETURN_IF_CUDA_ERROR(
+            op, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+        // Everything that shapes the plan. The persisted (on-disk) key leaves out the device
+        // ordinal, so that every device of one model shares a timed result.
+        CacheKey persisted_key;
+        persisted_key.Add(op)
+            .Add(static_cast<int64_t>(cudnnGetVersion()))
+            .Add(cc_major * 10 + cc_minor);
+        persisted_key.Add(io.name)
+            .Add(c.compute_dtype)
+            .AddAll(b.image.dims)
+            .AddAll(b.image.strides);
+        persisted_key.AddAll(b.kernel.dims).AddAll(b.output.dims).AddAll(b.output.strides);
+        persisted_key.AddAll(c.pre_padding)
+            .AddAll(c.post_padding)
+            .AddAll(c.strides)
+            .AddAll(c.dilation);
+        persisted_key.Add(static_cast<int64_t>(c.flip)).Add(c.algo);
+        persisted_key.Add(static_cast<int64_t>(c.deterministic))
+            .Add(static_cast<int64_t>(c.allow_tf32));
+        persisted_key.Add(workspace_bytes);
+        CacheKey key = persisted_key;
+        key.Add(device);
+        return ProcessCache<FrontendPlan>().GetOrBuild(
+            key,
+            [&](FrontendPlan* p) {
+              return BuildPlan(op, handle, c, b, compute_type, workspace_bytes, element_size,
+                               persisted_key.str(), p);
+            },
+            out);
+      });
 }
 
 ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBuffer first,
-                   ffi::AnyBuffer second, ffi::AnyBuffer result, ffi::AnyBuffer workspace) {
+                   ffi::AnyBuffer second, ffi::Result<ffi::AnyBuffer> result,
+                   ffi::Result<ffi::AnyBuffer> workspace) {
   const char* op = PassName(state->config.pass);
-  CallBuffers call = Arrange(state->config.pass, first, second, result);
-  if (AnyEmpty(call)) {
+  CallBuffers call = Arrange(state->config.pass, first, second, *result);
+  if (AnyEmpty({call.image, call.kernel, call.output})) {
     // An empty reduction (no images, no channels, no output pixels) gives zeros.
-    if (result.size_bytes() > 0)
+    if (result->size_bytes() > 0)
       JAXDNN_RETURN_IF_CUDA_ERROR(
-          op, cudaMemsetAsync(result.untyped_data(), 0, result.size_bytes(), stream));
+          op, cudaMemsetAsync(result->untyped_data(), 0, result->size_bytes(), stream));
     return ffi::Error::Success();
   }
-  BorrowedCudnnHandle handle(op, device, stream);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  const FrontendPlan* plan;
-  JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->plan, &plan));
-  std::unordered_map<int64_t, void*> pack = {{kImageUid, call.image.untyped_data()},
-                                             {kKernelUid, call.kernel.untyped_data()},
-                                             {kOutputUid, call.output.untyped_data()}};
-  JAXDNN_RETURN_IF_ERROR(ExecutePlan(op, *plan, handle.get(), pack, workspace.untyped_data()));
-  return ffi::Error::Success();
+  return ExecuteState(op, stream, device, state, [&](cudnnHandle_t handle, const auto& plan) {
+    std::unordered_map<int64_t, void*> pack = {{kImageUid, call.image.untyped_data()},
+                                               {kKernelUid, call.kernel.untyped_data()},
+                                               {kOutputUid, call.output.untyped_data()}};
+    return ExecutePlan(op, plan, handle, pack, workspace->untyped_data());
+  });
 }
-
-// Stream, device, State, two operands, the result and the workspace, then the attributes.
-template <typename Binding>
-auto WithAttributes(Binding binding) {
-  return std::move(binding)
-      .template Attr<ffi::Span<const int64_t>>("pre_padding")
-      .template Attr<ffi::Span<const int64_t>>("post_padding")
-      .template Attr<ffi::Span<const int64_t>>("strides")
-      .template Attr<ffi::Span<const int64_t>>("dilation")
-      .template Attr<int64_t>("flip")
-      .template Attr<std::string_view>("layout")
-      .template Attr<std::string_view>("compute_dtype")
-      .template Attr<std::string_view>("algo")
-      .template Attr<int64_t>("deterministic")
-      .template Attr<int64_t>("allow_tf32");
-}
-
-template <ffi::ExecutionStage stage>
-auto Binding() {
-  return WithAttributes(LegacyOpBinding<ConvState, stage, 2, 2>());
-}
-
-// The attributes only shape the State (instantiate); the stages read them from there.
-#define JAXDNN_CONV_STAGE_PARAMETERS                                                              \
-  cudaStream_t stream, int device, ConvState *state, ffi::AnyBuffer first, ffi::AnyBuffer second, \
-      ffi::Result<ffi::AnyBuffer> result, ffi::Result<ffi::AnyBuffer> workspace,                  \
-      ffi::Span<const int64_t>, ffi::Span<const int64_t>, ffi::Span<const int64_t>,               \
-      ffi::Span<const int64_t>, int64_t, std::string_view, std::string_view, std::string_view,    \
-      int64_t, int64_t
-
-ffi::Error InitializeStage(JAXDNN_CONV_STAGE_PARAMETERS) {
-  return Initialize(stream, device, state, first, second, *result, *workspace);
-}
-
-ffi::Error ExecuteStage(JAXDNN_CONV_STAGE_PARAMETERS) {
-  return Execute(stream, device, state, first, second, *result, *workspace);
-}
-
-XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, Instantiate<Pass::kFwd>,
-                       WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, Instantiate<Pass::kBwdData>,
-                       WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdFilterInstantiate, Instantiate<Pass::kBwdFilter>,
-                       WithAttributes(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kConvInitialize, InitializeStage, (Binding<kInitializeStage>()));
-XLA_FFI_DEFINE_HANDLER(kConvExecute, ExecuteStage, (Binding<kExecuteStage>()),
-                       {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace
 
 void AddConvHandlers(Registry& registry) {
-  registry.state_types.push_back({"jaxdnn_conv_state", &ConvState::id, &kConvStateInfo});
-  registry.handlers.push_back({"jaxdnn_conv_fwd", kFwdInstantiate, kConvInitialize, kConvExecute});
-  registry.handlers.push_back(
-      {"jaxdnn_conv_bwd_data", kBwdDataInstantiate, kConvInitialize, kConvExecute});
-  registry.handlers.push_back(
-      {"jaxdnn_conv_bwd_filter", kBwdFilterInstantiate, kConvInitialize, kConvExecute});
+  registry.Add<Parse<Pass::kFwd>, Initialize, Execute>("jaxdnn_conv_fwd");
+  registry.Add<Parse<Pass::kBwdData>, Initialize, Execute>("jaxdnn_conv_bwd_data");
+  registry.Add<Parse<Pass::kBwdFilter>, Initialize, Execute>("jaxdnn_conv_bwd_filter");
 }
 
 }  // namespace jaxdnn

@@ -1,68 +1,48 @@
 // Recurrent networks through cuDNN's RNN v8 API: cudnnRNNForward, cudnnRNNBackwardData_v8
 // and cudnnRNNBackwardWeights_v8 (rnn_relu, rnn_tanh, lstm, gru; linear or skip input; uni-
 // or bidirectional; any depth; CUDNN_RNN_DOUBLE_BIAS, no projection, no dropout).
-//
-// FFI targets (jaxdnn/rnn.py's docstring is the contract; every floating buffer of one call
-// has one dtype, float16, bfloat16, float32 or float64; each target has a trailing u8
-// workspace result sized in Python by rnn_temp_space_sizes):
-//   jaxdnn_rnn_fwd          x, hx, cx, w, seq_lengths                    -> y, hy, cy, reserve
-//   jaxdnn_rnn_bwd_data     x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve
-//                                                                         -> dx, dhx, dcx, reserve
-//   jaxdnn_rnn_bwd_weights  (the same operands)                           -> dw
-// and the same three with the suffix _host_lengths, for variable lengths (below).
-// x, y, dx, dy are sequence-major (T, N, features), CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED;
-// hx, cx and their kin (layers * directions, N, hidden); cx and its kin are (.., N, 0) for
-// cells without a cell state. seq_lengths is int32 (N,) on the device.
-// Attributes: mode, input_mode, algo (strings); hidden_size, num_layers, bidirectional,
-// variable_lengths, allow_tf32 (int64); static_lengths (int32[N] or empty); and, for
-// rnn_fwd, training (int64).
-//
-// Sequence lengths. cudnnSetRNNDataDescriptor takes the lengths on the host and the calls
-// take a device copy (devSeqLengths); cuDNN plans each call from the host lengths (measured
-// on an H200: with host lengths all T and shorter device lengths, the backward direction
-// starts at T and outputs past the ends are written). So there are two kinds of target:
-//   jaxdnn_rnn_*                every length T (no lengths given): the data descriptors
-//                               are built once, at initialize; execute only launches, and
-//                               is safe inside CUDA graphs (tested).
-//   jaxdnn_rnn_*_host_lengths   variable lengths. Known at trace time (static_lengths, the
-//                               values of the seq_lengths operand), they shape descriptors
-//                               built once at initialize and execute only launches; known
-//                               only to the device, execute copies them to pinned host
-//                               memory, synchronizes the stream, checks them (each in
-//                               [1, T]) and sets the state's own data descriptors to
-//                               them (host calls only). Neither is declared command-
-//                               buffer compatible: the sync cannot run inside a capture,
-//                               and cuDNN's variable-length calls failed inside CUDA
-//                               graphs on an H200 even with static lengths.
+// Targets: jaxdnn_rnn_fwd, jaxdnn_rnn_bwd_data, jaxdnn_rnn_bwd_weights, and the same three
+// with the suffix _host_lengths for variable lengths. jaxdnn/rnn.py's docstring is the
+// contract (buffers, dtypes, sequence lengths and why the _host_lengths targets exist);
+// initialize checks every buffer's shape and byte size against cuDNN's.
 //
 // Trace time: rnn_temp_space_sizes (workspace and reserve bytes) and rnn_weight_params
 // (cudnnGetRNNWeightParams's layout, which the GPU tests compare with jaxdnn/rnn.py's)
 // build the same descriptors, on the current device, through the same cache.
-#include "rnn.h"
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 
-#include <cstdint>
-#include <limits>
-#include <memory>
-#include <string>
-#include <string_view>
+#include <stdexcept>
 #include <tuple>
-#include <utility>
-#include <vector>
 
-#include "common/cache.h"
 #include "common/descriptors.h"
-#include "common/handles.h"
-#include "common/legacy_op.h"
-#include "common/registry.h"
-#include "common/status.h"
+#include "common/staged_op.h"
+
+#define JAXDNN_RNN_ATTRS(X)                                                                   \
+  X(std::string_view, mode)       /* rnn_relu | rnn_tanh | lstm | gru */                      \
+  X(std::string_view, input_mode) /* linear | skip */                                         \
+  X(std::string_view, algo)       /* standard | persist_static[_small_h] | persist_dynamic */ \
+  X(int64_t, hidden_size)                                                                     \
+  X(int64_t, num_layers)                                                                      \
+  X(int64_t, bidirectional)                                                                   \
+  X(int64_t, variable_lengths) /* 1 exactly for the _host_lengths targets */                  \
+  X(int64_t, allow_tf32)                                                                      \
+  X(xla::ffi::Span<const int32_t>, static_lengths) /* known at trace time, or empty */
+#define JAXDNN_RNN_FWD_ATTRS(X) \
+  JAXDNN_RNN_ATTRS(X)           \
+  X(int64_t, training) /* 0: cuDNN's inference mode, which writes no reserve space */
+JAXDNN_DEFINE_ATTRS(RnnAttrs, JAXDNN_RNN_ATTRS);
+JAXDNN_DEFINE_ATTRS(RnnFwdAttrs, JAXDNN_RNN_FWD_ATTRS);
 
 namespace jaxdnn {
 namespace {
 
+namespace nb = nanobind;
+
 constexpr char kFwd[] = "rnn_fwd";
 constexpr char kBwdData[] = "rnn_bwd_data";
 constexpr char kBwdWeights[] = "rnn_bwd_weights";
-constexpr char kQuery[] = "rnn_temp_space_sizes";
 
 using RnnDescriptor = Descriptor<cudnnRNNDescriptor_t, cudnnDestroyRNNDescriptor>;
 using RnnDataDescriptor = Descriptor<cudnnRNNDataDescriptor_t, cudnnDestroyRNNDataDescriptor>;
@@ -101,42 +81,26 @@ struct RnnDescriptors {
   size_t reserve_bytes = 0;  // of a training forward
 };
 
-KeyedCache<RnnDescriptors>& DescriptorCache() {
-  static auto* cache = new KeyedCache<RnnDescriptors>();
-  return *cache;
-}
-
 ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64_t hidden_size,
                        int64_t num_layers, int64_t bidirectional, int64_t allow_tf32,
                        RnnConfig* c) {
-  if (mode == "rnn_relu")
-    c->cell = CUDNN_RNN_RELU;
-  else if (mode == "rnn_tanh")
-    c->cell = CUDNN_RNN_TANH;
-  else if (mode == "lstm")
-    c->cell = CUDNN_LSTM;
-  else if (mode == "gru")
-    c->cell = CUDNN_GRU;
-  else
-    return InvalidArgument(op, "unknown mode '" + std::string(mode) + "'");
-  if (input_mode == "linear")
-    c->input_mode = CUDNN_LINEAR_INPUT;
-  else if (input_mode == "skip")
-    c->input_mode = CUDNN_SKIP_INPUT;
-  else
-    return InvalidArgument(op, "unknown input_mode '" + std::string(input_mode) + "'");
-  if (algo == "standard")
-    c->algo = CUDNN_RNN_ALGO_STANDARD;
-  else if (algo == "persist_static")
-    c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC;
-  else if (algo == "persist_static_small_h")
-    c->algo = CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H;
-  else if (algo == "persist_dynamic")
-    c->algo = CUDNN_RNN_ALGO_PERSIST_DYNAMIC;
-  else
-    return InvalidArgument(op, "unknown algo '" + std::string(algo) + "'");
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  if (hidden_size < 1 || hidden_size > kIntMax || num_layers < 1 || num_layers > kIntMax)
+  JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNMode_t>(op, "mode", mode,
+                                                     {{"rnn_relu", CUDNN_RNN_RELU},
+                                                      {"rnn_tanh", CUDNN_RNN_TANH},
+                                                      {"lstm", CUDNN_LSTM},
+                                                      {"gru", CUDNN_GRU}},
+                                                     &c->cell));
+  JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNInputMode_t>(
+      op, "input_mode", input_mode, {{"linear", CUDNN_LINEAR_INPUT}, {"skip", CUDNN_SKIP_INPUT}},
+      &c->input_mode));
+  JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNAlgo_t>(
+      op, "algo", algo,
+      {{"standard", CUDNN_RNN_ALGO_STANDARD},
+       {"persist_static", CUDNN_RNN_ALGO_PERSIST_STATIC},
+       {"persist_static_small_h", CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H},
+       {"persist_dynamic", CUDNN_RNN_ALGO_PERSIST_DYNAMIC}},
+      &c->algo));
+  if (hidden_size < 1 || !FitsInt(hidden_size) || num_layers < 1 || !FitsInt(num_layers))
     return InvalidArgument(op, "hidden_size and num_layers must be positive ints");
   c->hidden_size = static_cast<int>(hidden_size);
   c->num_layers = static_cast<int>(num_layers);
@@ -237,26 +201,8 @@ ffi::Error CachedDescriptors(const char* op, cudnnHandle_t handle, int device, c
       .Add(s.batch)
       .Add(s.input_size)
       .AddAll(s.lengths);
-  return DescriptorCache().GetOrBuild(
+  return ProcessCache<RnnDescriptors>().GetOrBuild(
       key, [&](RnnDescriptors* d) { return BuildDescriptors(op, handle, c, s, d); }, out);
-}
-
-ffi::Error DataTypeNamed(const char* op, Str name, cudnnDataType_t* type) {
-  if (name == "float16")
-    *type = CUDNN_DATA_HALF;
-  else if (name == "bfloat16")
-    *type = CUDNN_DATA_BFLOAT16;
-  else if (name == "float32")
-    *type = CUDNN_DATA_FLOAT;
-  else if (name == "float64")
-    *type = CUDNN_DATA_DOUBLE;
-  else
-    return InvalidArgument(op, "unsupported dtype '" + std::string(name) + "'");
-  return ffi::Error::Success();
-}
-
-size_t ElementBytes(cudnnDataType_t type) {
-  return type == CUDNN_DATA_DOUBLE ? 8 : type == CUDNN_DATA_FLOAT ? 4 : 2;
 }
 
 // Every length in [1, steps]: cuDNN's variable-length calls take no other.
@@ -271,6 +217,14 @@ ffi::Error CheckLengths(const char* op, const int32_t* lengths, size_t count, in
 
 // ---- the handlers -------------------------------------------------------------------------
 
+// What a target's attributes say.
+struct RnnCallConfig {
+  RnnConfig rnn;
+  bool training = true;                 // rnn_fwd: cuDNN's training mode (writes the reserve space)
+  bool host_lengths = false;            // a *_host_lengths target
+  std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
+};
+
 // Pinned host memory for the lengths of the host-lengths targets, freed with the state.
 struct PinnedLengths {
   int32_t* data = nullptr;
@@ -280,13 +234,7 @@ struct PinnedLengths {
   }
 };
 
-struct RnnState {
-  static ffi::TypeId id;
-  RnnConfig config;
-  bool training = true;                 // rnn_fwd: cuDNN's training mode (writes the reserve space)
-  bool host_lengths = false;            // a *_host_lengths target
-  std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
-  DescriptorSlot<RnnDescriptors> descriptors;
+struct RnnState : StagedState<RnnCallConfig, RnnDescriptors> {
   PinnedLengths lengths;  // dynamic lengths: allocated at initialize (N entries)
   // Dynamic lengths: x's and y's data descriptors, created at initialize and set to each
   // call's lengths (cuDNN reads them on the host during the call, which returns before
@@ -294,80 +242,36 @@ struct RnnState {
   RnnDataDescriptor call_x, call_y;
 
   // Lengths only the device knows: copied to the host at every execute.
-  bool dynamic_lengths() const { return host_lengths && static_lengths.empty(); }
+  bool dynamic_lengths() const { return config.host_lengths && config.static_lengths.empty(); }
 };
-ffi::TypeId RnnState::id = {};
-const XLA_FFI_TypeInfo kRnnStateInfo = ffi::MakeTypeInfo<RnnState>();
 
 using Buffer = ffi::AnyBuffer;
 using Out = ffi::Result<ffi::AnyBuffer>;
-using Int32s = ffi::Span<const int32_t>;
 
-template <typename Binding>
-auto WithConfigAttributes(Binding&& binding) {
-  return std::move(binding)
-      .template Attr<Str>("mode")
-      .template Attr<Str>("input_mode")
-      .template Attr<Str>("algo")
-      .template Attr<int64_t>("hidden_size")
-      .template Attr<int64_t>("num_layers")
-      .template Attr<int64_t>("bidirectional")
-      .template Attr<int64_t>("variable_lengths")
-      .template Attr<int64_t>("allow_tf32")
-      .template Attr<Int32s>("static_lengths");
-}
-
-template <bool kForward, typename Binding>
-auto WithAttributes(Binding&& binding) {
-  if constexpr (kForward) {
-    return WithConfigAttributes(std::move(binding)).template Attr<int64_t>("training");
-  } else {
-    return WithConfigAttributes(std::move(binding));
-  }
-}
-
-ffi::ErrorOr<std::unique_ptr<RnnState>> Instantiate(const char* op, bool host_lengths, Str mode,
-                                                    Str input_mode, Str algo, int64_t hidden_size,
-                                                    int64_t num_layers, int64_t bidirectional,
-                                                    int64_t variable_lengths, int64_t allow_tf32,
-                                                    Int32s static_lengths, int64_t training) {
-  return Guarded(op, [&]() -> ffi::ErrorOr<std::unique_ptr<RnnState>> {
-    auto state = std::make_unique<RnnState>();
-    ffi::Error error = ParseConfig(op, mode, input_mode, algo, hidden_size, num_layers,
-                                   bidirectional, allow_tf32, &state->config);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    // Lengths other than T need the host-lengths targets (see the top of the file).
-    if ((variable_lengths != 0) != host_lengths)
-      return ffi::Unexpected(InvalidArgument(
-          op, "variable_lengths=1 goes with the *_host_lengths targets, and only it"));
-    if (static_lengths.size() != 0 && variable_lengths == 0)
-      return ffi::Unexpected(InvalidArgument(op, "static_lengths need variable_lengths=1"));
-    state->static_lengths.assign(static_lengths.begin(), static_lengths.end());
-    state->host_lengths = host_lengths;
-    state->training = training != 0;
-    return state;
-  });
+template <const char* kOp, bool kHostLengths, typename Attrs>
+ffi::Error ParseCall(const Attrs& a, bool training, RnnCallConfig* c) {
+  JAXDNN_RETURN_IF_ERROR(ParseConfig(kOp, a.mode, a.input_mode, a.algo, a.hidden_size, a.num_layers,
+                                     a.bidirectional, a.allow_tf32, &c->rnn));
+  // Lengths other than T need the host-lengths targets.
+  if ((a.variable_lengths != 0) != kHostLengths)
+    return InvalidArgument(kOp,
+                           "variable_lengths=1 goes with the *_host_lengths targets, and only it");
+  if (a.static_lengths.size() != 0 && a.variable_lengths == 0)
+    return InvalidArgument(kOp, "static_lengths need variable_lengths=1");
+  c->static_lengths.assign(a.static_lengths.begin(), a.static_lengths.end());
+  c->host_lengths = kHostLengths;
+  c->training = training;
+  return ffi::Error::Success();
 }
 
 template <bool kHostLengths>
-ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateFwd(Str mode, Str input_mode, Str algo,
-                                                       int64_t hidden_size, int64_t num_layers,
-                                                       int64_t bidirectional,
-                                                       int64_t variable_lengths, int64_t allow_tf32,
-                                                       Int32s static_lengths, int64_t training) {
-  return Instantiate(kFwd, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
-                     bidirectional, variable_lengths, allow_tf32, static_lengths, training);
+ffi::Error ParseFwd(const RnnFwdAttrs& a, RnnCallConfig* c) {
+  return ParseCall<kFwd, kHostLengths>(a, a.training != 0, c);
 }
 
 template <const char* kOp, bool kHostLengths>
-ffi::ErrorOr<std::unique_ptr<RnnState>> InstantiateBwd(Str mode, Str input_mode, Str algo,
-                                                       int64_t hidden_size, int64_t num_layers,
-                                                       int64_t bidirectional,
-                                                       int64_t variable_lengths, int64_t allow_tf32,
-                                                       Int32s static_lengths) {
-  return Instantiate(kOp, kHostLengths, mode, input_mode, algo, hidden_size, num_layers,
-                     bidirectional, variable_lengths, allow_tf32, static_lengths,
-                     /*training=*/1);
+ffi::Error ParseBwd(const RnnAttrs& a, RnnCallConfig* c) {
+  return ParseCall<kOp, kHostLengths>(a, /*training=*/true, c);
 }
 
 bool HasDims(const Buffer& buffer, std::initializer_list<int64_t> dims) {
@@ -383,10 +287,10 @@ ffi::Error CheckOperands(const char* op, const RnnConfig& c, const CallOperands&
                          RnnShape* shape) {
   ffi::Span<const int64_t> x = in.x.dimensions();
   if (x.size() != 3) return InvalidArgument(op, "x must be 3-D (T, N, input_size)");
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   for (int64_t d : x)
-    if (d < 1 || d > kIntMax) return InvalidArgument(op, "x's dims must lie in [1, INT_MAX]");
-  JAXDNN_RETURN_IF_ERROR(CudnnDataType(op, in.x.element_type(), &shape->type));
+    if (d < 1 || !FitsInt(d)) return InvalidArgument(op, "x's dims must lie in [1, INT_MAX]");
+  JAXDNN_ASSIGN_OR_RETURN(FloatType type, FloatTypeOf(op, in.x.element_type()));
+  shape->type = type.cudnn;
   for (const Buffer* b : {&in.hx, &in.cx, &in.w})
     if (b->element_type() != in.x.element_type())
       return InvalidArgument(op, "x, hx, cx and w must share one dtype");
@@ -415,10 +319,9 @@ ffi::Error CheckBytes(const char* op, const char* what, const Buffer& buffer, si
                                  " bytes where cuDNN needs " + std::to_string(needed));
 }
 
-// Reserves a handle and fetches the descriptors for this call's operands, checking every
-// buffer the call passes to cuDNN: y-like buffers of (T, N, directions * hidden), hx-like
-// buffers of hx's shape, cx-like buffers of cx's, and the weight, workspace and reserve
-// bytes against cuDNN's sizes.
+// The buffers a call passes to cuDNN besides its CallOperands, checked at initialize:
+// y-like buffers of (T, N, directions * hidden), hx-like buffers of hx's shape, cx-like
+// buffers of cx's, and the weight, workspace and reserve bytes against cuDNN's sizes.
 struct ExtraBuffers {
   std::vector<const Buffer*> y_like, h_like, c_like;
   const Buffer* weights = nullptr;  // w (always) and dw
@@ -429,58 +332,57 @@ struct ExtraBuffers {
 
 ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState* state,
                       const CallOperands& in, const ExtraBuffers& extra) {
-  return Guarded(op, [&]() -> ffi::Error {
-    JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
-    if (!state->descriptors.empty()) return ffi::Error::Success();
-    const RnnConfig& c = state->config;
-    RnnShape shape;
-    JAXDNN_RETURN_IF_ERROR(CheckOperands(op, c, in, &shape));
-    const int64_t steps = shape.steps, batch = shape.batch;
-    if (!state->static_lengths.empty()) {
-      if (state->static_lengths.size() != static_cast<size_t>(batch))
-        return InvalidArgument(op, "static_lengths must hold one length per sequence (N)");
-      JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->static_lengths.data(),
-                                          state->static_lengths.size(), shape.steps));
-      shape.lengths.assign(state->static_lengths.begin(), state->static_lengths.end());
-    }
-    for (const Buffer* b : extra.y_like)
-      if (b->element_type() != in.x.element_type() ||
-          !HasDims(*b, {steps, batch, Directions(c) * c.hidden_size}))
-        return InvalidArgument(op,
-                               "y and dy must have shape (T, N, directions * hidden_size) "
-                               "and x's dtype");
-    for (const Buffer* b : extra.h_like)
-      if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.hx.dimensions()))
-        return InvalidArgument(op, "hy, dhy and dhx must have hx's shape and dtype");
-    for (const Buffer* b : extra.c_like)
-      if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.cx.dimensions()))
-        return InvalidArgument(op, "cy, dcy and dcx must have cx's shape and dtype");
-
-    BorrowedCudnnHandle handle(op, device, stream);
-    JAXDNN_RETURN_IF_ERROR(handle.error());
-    std::shared_ptr<const RnnDescriptors> d;
-    JAXDNN_RETURN_IF_ERROR(CachedDescriptors(op, handle.get(), device, c, shape, &d));
-    JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "w", in.w, d->weight_bytes, true));
-    if (extra.weights != nullptr)
-      JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "dw", *extra.weights, d->weight_bytes, true));
-    JAXDNN_RETURN_IF_ERROR(CheckBytes(
-        op, "the workspace", *extra.workspace,
-        extra.training ? d->training_workspace_bytes : d->inference_workspace_bytes, false));
-    // Python sizes the reserve for full-length sequences: at least what these lengths need.
-    if (extra.reserve != nullptr)
-      JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "the reserve space", *extra.reserve,
-                                        extra.training ? d->reserve_bytes : 0, false));
-    if (state->dynamic_lengths() && state->lengths.data == nullptr) {
-      void* pinned = nullptr;
-      JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMallocHost(&pinned, sizeof(int32_t) * shape.batch));
-      state->lengths.data = static_cast<int32_t*>(pinned);
-      state->lengths.size = static_cast<size_t>(shape.batch);
-      JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_x));
-      JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_y));
-    }
-    state->descriptors.Set(std::move(d));
-    return ffi::Error::Success();
-  });
+  const RnnCallConfig& config = state->config;
+  const RnnConfig& c = config.rnn;
+  return InitializeState(
+      op, stream, device, state, [&](cudnnHandle_t handle, auto* out) -> ffi::Error {
+        RnnShape shape;
+        JAXDNN_RETURN_IF_ERROR(CheckOperands(op, c, in, &shape));
+        const int64_t steps = shape.steps, batch = shape.batch;
+        if (!config.static_lengths.empty()) {
+          if (config.static_lengths.size() != static_cast<size_t>(batch))
+            return InvalidArgument(op, "static_lengths must hold one length per sequence (N)");
+          JAXDNN_RETURN_IF_ERROR(CheckLengths(op, config.static_lengths.data(),
+                                              config.static_lengths.size(), shape.steps));
+          shape.lengths.assign(config.static_lengths.begin(), config.static_lengths.end());
+        }
+        for (const Buffer* b : extra.y_like)
+          if (b->element_type() != in.x.element_type() ||
+              !HasDims(*b, {steps, batch, Directions(c) * c.hidden_size}))
+            return InvalidArgument(op,
+                                   "y and dy must have shape (T, N, directions * hidden_size) "
+                                   "and x's dtype");
+        for (const Buffer* b : extra.h_like)
+          if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.hx.dimensions()))
+            return InvalidArgument(op, "hy, dhy and dhx must have hx's shape and dtype");
+        for (const Buffer* b : extra.c_like)
+          if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.cx.dimensions()))
+            return InvalidArgument(op, "cy, dcy and dcx must have cx's shape and dtype");
+        std::shared_ptr<const RnnDescriptors> d;
+        JAXDNN_RETURN_IF_ERROR(CachedDescriptors(op, handle, device, c, shape, &d));
+        JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "w", in.w, d->weight_bytes, true));
+        if (extra.weights != nullptr)
+          JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "dw", *extra.weights, d->weight_bytes, true));
+        JAXDNN_RETURN_IF_ERROR(CheckBytes(
+            op, "the workspace", *extra.workspace,
+            extra.training ? d->training_workspace_bytes : d->inference_workspace_bytes, false));
+        // Python sizes the reserve for full-length sequences: at least what these lengths need.
+        if (extra.reserve != nullptr)
+          JAXDNN_RETURN_IF_ERROR(CheckBytes(op, "the reserve space", *extra.reserve,
+                                            extra.training ? d->reserve_bytes : 0, false));
+        if (state->dynamic_lengths() && state->lengths.data == nullptr) {
+          void* pinned = nullptr;
+          JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMallocHost(&pinned, sizeof(int32_t) * shape.batch));
+          state->lengths.data = static_cast<int32_t*>(pinned);
+          state->lengths.size = static_cast<size_t>(shape.batch);
+          JAXDNN_RETURN_IF_ERROR(
+              CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_x));
+          JAXDNN_RETURN_IF_ERROR(
+              CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &state->call_y));
+        }
+        *out = std::move(d);
+        return ffi::Error::Success();
+      });
 }
 
 // The data descriptors of one call: the shared ones, or for dynamic lengths the state's
@@ -514,76 +416,65 @@ ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
   return ffi::Error::Success();
 }
 
-// Borrows a handle and runs `launch(handle, descriptors, data descriptors)`.
+// Runs `launch(handle, descriptors, data descriptors)`.
 template <typename Launch>
 ffi::Error Execute(const char* op, cudaStream_t stream, int device, RnnState* state,
                    const Buffer& seq_lengths, Launch launch) {
-  return Guarded(op, [&]() -> ffi::Error {
-    const RnnDescriptors* d;
-    JAXDNN_RETURN_IF_ERROR(InitializedDescriptors(op, state->descriptors, &d));
-    CallData call;
-    if (state->dynamic_lengths()) {
-      JAXDNN_RETURN_IF_ERROR(HostLengthsData(op, stream, state, *d, seq_lengths, &call));
-    } else {
-      call.x = d->x.get();
-      call.y = d->y.get();
-    }
-    BorrowedCudnnHandle handle(op, device, stream);
-    JAXDNN_RETURN_IF_ERROR(handle.error());
-    return launch(handle.get(), *d, call);
+  return ExecuteState(op, stream, device, state, [&](cudnnHandle_t handle, const auto& d) {
+    CallData call{d.x.get(), d.y.get()};
+    if (state->dynamic_lengths())
+      JAXDNN_RETURN_IF_ERROR(HostLengthsData(op, stream, state, d, seq_lengths, &call));
+    return launch(handle, d, call);
   });
 }
 
 // The cell state's pointer, or null for cells without one (their cx buffers are empty).
 const void* CellData(const RnnState* state, const Buffer& b) {
-  return state->config.cell == CUDNN_LSTM ? b.untyped_data() : nullptr;
+  return state->config.rnn.cell == CUDNN_LSTM ? b.untyped_data() : nullptr;
 }
 void* CellData(const RnnState* state, Out& b) {
-  return state->config.cell == CUDNN_LSTM ? b->untyped_data() : nullptr;
+  return state->config.rnn.cell == CUDNN_LSTM ? b->untyped_data() : nullptr;
 }
 
 const int32_t* Lengths(const Buffer& seq_lengths) {
   return static_cast<const int32_t*>(seq_lengths.untyped_data());
 }
 
-// ---- jaxdnn_rnn_fwd: x, hx, cx, w, seq_lengths -> y, hy, cy, reserve (, workspace) ----
+// ---- jaxdnn_rnn_fwd: x, hx, cx, w, seq_lengths -> y, hy, cy, reserve, workspace ----
 
 ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                          Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy,
-                         Out reserve, Out workspace, Str, Str, Str, int64_t, int64_t, int64_t,
-                         int64_t, int64_t, Int32s, int64_t) {
-  ExtraBuffers extra{{&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->training};
+                         Out reserve, Out workspace) {
+  ExtraBuffers extra{
+      {&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->config.training};
   return Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                       Buffer cx, Buffer w, Buffer seq_lengths, Out y, Out hy, Out cy, Out reserve,
-                      Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t,
-                      Int32s, int64_t) {
+                      Out workspace) {
   return Execute(
       kFwd, stream, device, state, seq_lengths,
       [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
         const size_t reserve_bytes = reserve->size_bytes();
-        JAXDNN_RETURN_IF_CUDNN_ERROR(
-            kFwd,
-            cudnnRNNForward(handle, d.rnn.get(),
-                            state->training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
-                            Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
-                            d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
-                            CellData(state, cx), CellData(state, cy), w.size_bytes(),
-                            w.untyped_data(), workspace->size_bytes(), workspace->untyped_data(),
-                            reserve_bytes, reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
-        return ffi::Error::Success();
+        return JAXDNN_CUDNN_CALL(
+            kFwd, cudnnRNNForward(
+                      handle, d.rnn.get(),
+                      state->config.training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
+                      Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
+                      d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
+                      CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
+                      workspace->size_bytes(), workspace->untyped_data(), reserve_bytes,
+                      reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
       });
 }
 
-// ---- jaxdnn_rnn_bwd_data: ... -> dx, dhx, dcx, reserve (, workspace) ----
+// ---- jaxdnn_rnn_bwd_data: ... -> dx, dhx, dcx, reserve, workspace ----
 
 ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                              Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
                              Buffer dhy, Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx,
-                             Out reserve_out, Out workspace, Str, Str, Str, int64_t, int64_t,
-                             int64_t, int64_t, int64_t, Int32s) {
+                             Out reserve_out, Out workspace) {
   if (reserve_out->size_bytes() != reserve.size_bytes())
     return InvalidArgument(kBwdData, "the reserve result must have the reserve operand's size");
   if (dx->element_type() != x.element_type() || !(dx->dimensions() == x.dimensions()))
@@ -595,8 +486,7 @@ ffi::Error InitializeBwdData(cudaStream_t stream, int device, RnnState* state, B
 ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                           Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy, Buffer dhy,
                           Buffer dcy, Buffer reserve, Out dx, Out dhx, Out dcx, Out reserve_out,
-                          Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t,
-                          Int32s) {
+                          Out workspace) {
   // cuDNN reads and updates the reserve space here; the operand is XLA's and must stay as
   // it is, so the call works on the result, a copy (a capture-safe async copy).
   if (reserve_out->untyped_data() != reserve.untyped_data() && reserve.size_bytes() > 0)
@@ -606,7 +496,7 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
   return Execute(
       kBwdData, stream, device, state, seq_lengths,
       [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
-        JAXDNN_RETURN_IF_CUDNN_ERROR(
+        return JAXDNN_CUDNN_CALL(
             kBwdData,
             cudnnRNNBackwardData_v8(
                 handle, d.rnn.get(), Lengths(seq_lengths), c.y, y.untyped_data(), dy.untyped_data(),
@@ -614,17 +504,15 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
                 dhx->untyped_data(), d.state.get(), CellData(state, cx), CellData(state, dcy),
                 CellData(state, dcx), w.size_bytes(), w.untyped_data(), workspace->size_bytes(),
                 workspace->untyped_data(), reserve_out->size_bytes(), reserve_out->untyped_data()));
-        return ffi::Error::Success();
       });
 }
 
-// ---- jaxdnn_rnn_bwd_weights: ... -> dw (, workspace) ----
+// ---- jaxdnn_rnn_bwd_weights: ... -> dw, workspace ----
 
 ffi::Error InitializeBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x,
                                 Buffer hx, Buffer cx, Buffer w, Buffer seq_lengths, Buffer y,
                                 Buffer dy, Buffer dhy, Buffer dcy, Buffer reserve, Out dw,
-                                Out workspace, Str, Str, Str, int64_t, int64_t, int64_t, int64_t,
-                                int64_t, Int32s) {
+                                Out workspace) {
   if (dw->element_type() != w.element_type())
     return InvalidArgument(kBwdWeights, "dw must have w's dtype");
   ExtraBuffers extra{{&y, &dy}, {&dhy}, {&dcy}, &*dw, &*workspace, &reserve, true};
@@ -633,86 +521,67 @@ ffi::Error InitializeBwdWeights(cudaStream_t stream, int device, RnnState* state
 
 ffi::Error ExecuteBwdWeights(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
                              Buffer cx, Buffer w, Buffer seq_lengths, Buffer y, Buffer dy,
-                             Buffer dhy, Buffer dcy, Buffer reserve, Out dw, Out workspace, Str,
-                             Str, Str, int64_t, int64_t, int64_t, int64_t, int64_t, Int32s) {
+                             Buffer dhy, Buffer dcy, Buffer reserve, Out dw, Out workspace) {
   // cuDNN adds the weight gradient into dw (CUDNN_WGRAD_MODE_ADD): start from zero.
   JAXDNN_RETURN_IF_CUDA_ERROR(kBwdWeights,
                               cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream));
   return Execute(
       kBwdWeights, stream, device, state, seq_lengths,
       [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
-        JAXDNN_RETURN_IF_CUDNN_ERROR(
+        return JAXDNN_CUDNN_CALL(
             kBwdWeights, cudnnRNNBackwardWeights_v8(
                              handle, d.rnn.get(), CUDNN_WGRAD_MODE_ADD, Lengths(seq_lengths), c.x,
                              x.untyped_data(), d.state.get(), hx.untyped_data(), c.y,
                              y.untyped_data(), dw->size_bytes(), dw->untyped_data(),
                              workspace->size_bytes(), workspace->untyped_data(),
                              reserve.size_bytes(), const_cast<void*>(reserve.untyped_data())));
-        return ffi::Error::Success();
       });
 }
 
-template <bool kForward, ffi::ExecutionStage stage, size_t kOperands, size_t kResults>
-auto Binding() {
-  return WithAttributes<kForward>(LegacyOpBinding<RnnState, stage, kOperands, kResults>());
+// ---- trace-time queries (the extension module's rnn_* functions) -------------------------
+
+// An error as the Python exception nanobind raises for it (RuntimeError).
+void ThrowIfError(const ffi::Error& error) {
+  if (error.failure()) throw std::runtime_error(error.message());
 }
 
-// Instantiate and initialize are shared by both kinds of target; execute differs only in
-// its traits (see the top of the file).
-XLA_FFI_DEFINE_HANDLER(kFwdInstantiate, InstantiateFwd<false>,
-                       WithAttributes<true>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kFwdHostLengthsInstantiate, InstantiateFwd<true>,
-                       WithAttributes<true>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kFwdInitialize, InitializeFwd, (Binding<true, kInitializeStage, 5, 5>()));
-XLA_FFI_DEFINE_HANDLER(kFwdExecute, ExecuteFwd, (Binding<true, kExecuteStage, 5, 5>()),
-                       {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kFwdHostLengthsExecute, ExecuteFwd, (Binding<true, kExecuteStage, 5, 5>()));
-
-XLA_FFI_DEFINE_HANDLER(kBwdDataInstantiate, (InstantiateBwd<kBwdData, false>),
-                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdDataHostLengthsInstantiate, (InstantiateBwd<kBwdData, true>),
-                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdDataInitialize, InitializeBwdData,
-                       (Binding<false, kInitializeStage, 10, 5>()));
-XLA_FFI_DEFINE_HANDLER(kBwdDataExecute, ExecuteBwdData, (Binding<false, kExecuteStage, 10, 5>()),
-                       {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBwdDataHostLengthsExecute, ExecuteBwdData,
-                       (Binding<false, kExecuteStage, 10, 5>()));
-
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsInstantiate, (InstantiateBwd<kBwdWeights, false>),
-                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsHostLengthsInstantiate, (InstantiateBwd<kBwdWeights, true>),
-                       WithAttributes<false>(ffi::Ffi::BindInstantiate()));
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsInitialize, InitializeBwdWeights,
-                       (Binding<false, kInitializeStage, 10, 2>()));
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsExecute, ExecuteBwdWeights,
-                       (Binding<false, kExecuteStage, 10, 2>()),
-                       {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kBwdWeightsHostLengthsExecute, ExecuteBwdWeights,
-                       (Binding<false, kExecuteStage, 10, 2>()));
-
-// ---- trace-time queries -------------------------------------------------------------------
-
-// The descriptors of a configuration on the current device, for the queries below.
-ffi::Error QueryDescriptors(const char* op, const RnnQuery& q, int steps, int batch,
-                            std::shared_ptr<const RnnDescriptors>* out) {
-  RnnConfig c;
-  JAXDNN_RETURN_IF_ERROR(ParseConfig(op, q.mode, q.input_mode, q.algo, q.hidden_size, q.num_layers,
-                                     q.bidirectional, q.allow_tf32, &c));
-  RnnShape s;
-  JAXDNN_RETURN_IF_ERROR(DataTypeNamed(op, q.dtype, &s.type));
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  if (steps < 1 || batch < 1 || q.input_dim < 1 || q.input_dim > kIntMax)
-    return InvalidArgument(op, "max_seq_length, batch_size and input_dim must be positive ints");
-  s.steps = steps;
-  s.batch = batch;
-  s.input_size = static_cast<int>(q.input_dim);
+// The descriptors of the configuration Python names with the attributes' keywords (and
+// dtype, input_dim), for data of `steps` x `batch`, on the current device.
+struct Query {
   int device = 0;
-  JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaGetDevice(&device));
-  JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
-  BorrowedCudnnHandle handle(op, device, /*stream=*/nullptr);
-  JAXDNN_RETURN_IF_ERROR(handle.error());
-  return CachedDescriptors(op, handle.get(), device, c, s, out);
+  std::shared_ptr<const RnnDescriptors> descriptors;
+};
+
+Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch) {
+  const char* op = "rnn query";
+  auto text = [&](const char* key) { return nb::cast<std::string>(kw[key]); };
+  auto number = [&](const char* key) { return nb::cast<int64_t>(kw[key]); };
+  RnnConfig c;
+  ThrowIfError(ParseConfig(op, text("mode"), text("input_mode"), text("algo"),
+                           number("hidden_size"), number("num_layers"),
+                           nb::cast<bool>(kw["bidirectional"]), nb::cast<bool>(kw["allow_tf32"]),
+                           &c));
+  ffi::ErrorOr<FloatType> type = FloatTypeNamed(op, text("dtype"));
+  if (type.has_error()) ThrowIfError(type.error());
+  const int64_t input_dim = number("input_dim");
+  if (steps < 1 || batch < 1 || input_dim < 1 || !FitsInt(steps) || !FitsInt(batch) ||
+      !FitsInt(input_dim))
+    throw std::runtime_error(
+        "jaxdnn rnn query: max_seq_length, batch_size and input_dim must "
+        "be positive ints");
+  RnnShape s{type.value().cudnn,
+             static_cast<int>(steps),
+             static_cast<int>(batch),
+             static_cast<int>(input_dim),
+             {}};
+  Query q;
+  cudaError_t status = cudaGetDevice(&q.device);
+  if (status != cudaSuccess) ThrowIfError(CudaError(op, "cudaGetDevice", status));
+  ThrowIfError(ReserveCudnnHandle(op, q.device));
+  BorrowedCudnnHandle handle(op, q.device, /*stream=*/nullptr);
+  ThrowIfError(handle.error());
+  ThrowIfError(CachedDescriptors(op, handle.get(), q.device, c, s, &q.descriptors));
+  return q;
 }
 
 // Frees a cudaMalloc'd buffer when it goes out of scope.
@@ -723,9 +592,15 @@ struct DeviceBuffer {
   }
 };
 
+// (pseudo_layer, lin_id, kind, offset in elements, dims) of every matrix and bias.
 ffi::Error AppendWeightParams(const char* op, cudnnHandle_t handle, const RnnDescriptors& d,
-                              int pseudo_layers, int lin_ids, size_t element_bytes,
-                              std::vector<RnnWeightParam>* out) {
+                              nb::list* out) {
+  const RnnConfig& c = d.config;
+  const int pseudo_layers = c.num_layers * Directions(c);
+  const int lin_ids = 2 * (c.cell == CUDNN_LSTM ? 4 : c.cell == CUDNN_GRU ? 3 : 1);
+  const size_t element_bytes = d.shape.type == CUDNN_DATA_DOUBLE  ? 8
+                               : d.shape.type == CUDNN_DATA_FLOAT ? 4
+                                                                  : 2;
   DeviceBuffer space;  // cuDNN returns addresses inside a real weight space
   JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaMalloc(&space.data, d.weight_bytes));
   TensorDescriptor matrix, bias;
@@ -747,11 +622,10 @@ ffi::Error AppendWeightParams(const char* op, cudnnHandle_t handle, const RnnDes
         int rank = 0, dims[8], strides[8];
         JAXDNN_RETURN_IF_CUDNN_ERROR(
             op, cudnnGetTensorNdDescriptor(descriptor, 8, &type, &rank, dims, strides));
-        RnnWeightParam param{
-            layer, lin_id, kind,
-            static_cast<int64_t>((static_cast<const char*>(address) - base) / element_bytes),
-            std::vector<int64_t>(dims, dims + rank)};
-        out->push_back(std::move(param));
+        nb::list shape;
+        for (int i = 0; i < rank; ++i) shape.append(dims[i]);
+        const int64_t offset = (static_cast<const char*>(address) - base) / element_bytes;
+        out->append(nb::make_tuple(layer, lin_id, kind, offset, nb::tuple(shape)));
       }
     }
   }
@@ -760,59 +634,50 @@ ffi::Error AppendWeightParams(const char* op, cudnnHandle_t handle, const RnnDes
 
 }  // namespace
 
-ffi::ErrorOr<std::pair<int64_t, int64_t>> RnnTempSpaceSizes(const RnnQuery& query,
-                                                            int64_t max_seq_length,
-                                                            int64_t batch_size, bool training) {
-  return Guarded(kQuery, [&]() -> ffi::ErrorOr<std::pair<int64_t, int64_t>> {
-    constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-    if (max_seq_length > kIntMax || batch_size > kIntMax)
-      return ffi::Unexpected(
-          InvalidArgument(kQuery, "max_seq_length and batch_size must fit an int"));
-    std::shared_ptr<const RnnDescriptors> d;
-    ffi::Error error = QueryDescriptors(kQuery, query, static_cast<int>(max_seq_length),
-                                        static_cast<int>(batch_size), &d);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    if (!training) return std::pair<int64_t, int64_t>(d->inference_workspace_bytes, 0);
-    return std::pair<int64_t, int64_t>(d->training_workspace_bytes, d->reserve_bytes);
-  });
-}
-
-ffi::ErrorOr<RnnWeightLayout> RnnWeightParams(const RnnQuery& query) {
-  constexpr char op[] = "rnn_weight_params";
-  return Guarded(op, [&]() -> ffi::ErrorOr<RnnWeightLayout> {
-    std::shared_ptr<const RnnDescriptors> d;
-    ffi::Error error = QueryDescriptors(op, query, 1, 1, &d);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    const RnnConfig& c = d->config;
-    const int gates = c.cell == CUDNN_LSTM ? 4 : c.cell == CUDNN_GRU ? 3 : 1;
-    int device = 0;
-    cudaError_t status = cudaGetDevice(&device);
-    if (status != cudaSuccess) return ffi::Unexpected(CudaError(op, "cudaGetDevice", status));
-    BorrowedCudnnHandle handle(op, device, nullptr);  // QueryDescriptors reserved one
-    if (handle.error().failure()) return ffi::Unexpected(handle.error());
-    RnnWeightLayout layout;
-    layout.weight_bytes = static_cast<int64_t>(d->weight_bytes);
-    error = AppendWeightParams(op, handle.get(), *d, c.num_layers * Directions(c), 2 * gates,
-                               ElementBytes(d->shape.type), &layout.params);
-    if (error.failure()) return ffi::Unexpected(std::move(error));
-    return layout;
-  });
+void AddRnnQueries(nb::module_& m) {
+  m.def(
+      "rnn_temp_space_sizes",
+      [](nb::kwargs kw) {
+        Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
+                           nb::cast<int64_t>(kw["batch_size"]));
+        const RnnDescriptors& d = *q.descriptors;
+        if (!nb::cast<bool>(kw["training"]))
+          return std::pair<int64_t, int64_t>(d.inference_workspace_bytes, 0);
+        return std::pair<int64_t, int64_t>(d.training_workspace_bytes, d.reserve_bytes);
+      },
+      "(workspace, reserve) bytes cudnnGetRNNTempSpaceSizes gives one RNN configuration (the "
+      "attributes' keywords, dtype, input_dim, max_seq_length, batch_size, training) on the "
+      "current device; reserve 0 unless training.");
+  m.def(
+      "rnn_weight_params",
+      [](nb::kwargs kw) {
+        constexpr char op[] = "rnn_weight_params";
+        Query q = RunQuery(kw, 1, 1);
+        BorrowedCudnnHandle handle(op, q.device, nullptr);  // RunQuery reserved one
+        ThrowIfError(handle.error());
+        nb::list params;
+        ThrowIfError(AppendWeightParams(op, handle.get(), *q.descriptors, &params));
+        return nb::make_tuple(static_cast<int64_t>(q.descriptors->weight_bytes), params);
+      },
+      "(weight_space_bytes, [(pseudo_layer, lin_id, kind, offset_in_elements, dims)]) from "
+      "cudnnGetRNNWeightParams for one configuration (keywords as rnn_temp_space_sizes), on "
+      "the current device.");
 }
 
 void AddRnnHandlers(Registry& registry) {
-  registry.state_types.push_back({"jaxdnn_rnn_state", &RnnState::id, &kRnnStateInfo});
-  registry.handlers.push_back({"jaxdnn_rnn_fwd", kFwdInstantiate, kFwdInitialize, kFwdExecute});
-  registry.handlers.push_back({"jaxdnn_rnn_fwd_host_lengths", kFwdHostLengthsInstantiate,
-                               kFwdInitialize, kFwdHostLengthsExecute});
-  registry.handlers.push_back(
-      {"jaxdnn_rnn_bwd_data", kBwdDataInstantiate, kBwdDataInitialize, kBwdDataExecute});
-  registry.handlers.push_back({"jaxdnn_rnn_bwd_data_host_lengths", kBwdDataHostLengthsInstantiate,
-                               kBwdDataInitialize, kBwdDataHostLengthsExecute});
-  registry.handlers.push_back({"jaxdnn_rnn_bwd_weights", kBwdWeightsInstantiate,
-                               kBwdWeightsInitialize, kBwdWeightsExecute});
-  registry.handlers.push_back({"jaxdnn_rnn_bwd_weights_host_lengths",
-                               kBwdWeightsHostLengthsInstantiate, kBwdWeightsInitialize,
-                               kBwdWeightsHostLengthsExecute});
+  // Execute of a _host_lengths target is not graph-safe: it may synchronize, and cuDNN's
+  // variable-length calls failed inside CUDA graphs (jaxdnn/rnn.py).
+  constexpr bool kGraphUnsafe = false;
+  registry.Add<ParseFwd<false>, InitializeFwd, ExecuteFwd>("jaxdnn_rnn_fwd");
+  registry.Add<ParseFwd<true>, InitializeFwd, ExecuteFwd, kGraphUnsafe>(
+      "jaxdnn_rnn_fwd_host_lengths");
+  registry.Add<ParseBwd<kBwdData, false>, InitializeBwdData, ExecuteBwdData>("jaxdnn_rnn_bwd_data");
+  registry.Add<ParseBwd<kBwdData, true>, InitializeBwdData, ExecuteBwdData, kGraphUnsafe>(
+      "jaxdnn_rnn_bwd_data_host_lengths");
+  registry.Add<ParseBwd<kBwdWeights, false>, InitializeBwdWeights, ExecuteBwdWeights>(
+      "jaxdnn_rnn_bwd_weights");
+  registry.Add<ParseBwd<kBwdWeights, true>, InitializeBwdWeights, ExecuteBwdWeights, kGraphUnsafe>(
+      "jaxdnn_rnn_bwd_weights_host_lengths");
 }
 
 }  // namespace jaxdnn

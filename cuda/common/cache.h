@@ -1,6 +1,6 @@
-// The process-wide descriptor/plan cache: one map per op family, keyed by everything that
-// shapes the cached object (op, dtype, dims, layout, mode, flags), behind a mutex. Values
-// are immutable once built and shared by every compiled instance that needs them.
+// The process-wide caches of descriptors and plans: one map per value type, keyed by
+// everything that shapes the cached object (op, dtype, dims, layout, mode, flags), behind
+// a mutex. Values are immutable once built and shared by every compiled instance.
 #pragma once
 
 #include <cstdint>
@@ -43,7 +43,7 @@ class CacheKey {
 template <typename Value>
 class KeyedCache {
  public:
-  // Returns the cached value for `key`, building it with `build(Value*)` on a miss.
+  // The cached value for `key`, built with `build(Value*)` on a miss.
   ffi::Error GetOrBuild(const CacheKey& key, const std::function<ffi::Error(Value*)>& build,
                         std::shared_ptr<const Value>* out) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -61,5 +61,14 @@ class KeyedCache {
   std::mutex mutex_;
   std::unordered_map<std::string, std::shared_ptr<const Value>> entries_;
 };
+
+// The one cache of `Value`s in the process (keys of values shared by several ops, such
+// as frontend plans, begin with the op's name). Never destroyed: values may hold cuDNN
+// objects, which must not be destroyed after the driver's own teardown.
+template <typename Value>
+KeyedCache<Value>& ProcessCache() {
+  static auto* cache = new KeyedCache<Value>();
+  return *cache;
+}
 
 }  // namespace jaxdnn

@@ -4,36 +4,39 @@
 
 namespace jaxdnn {
 
-ffi::Error CudnnDataType(const char* op, ffi::DataType dtype, cudnnDataType_t* out) {
-  switch (dtype) {
-    case ffi::DataType::F16:
-      *out = CUDNN_DATA_HALF;
-      break;
-    case ffi::DataType::BF16:
-      *out = CUDNN_DATA_BFLOAT16;
-      break;
-    case ffi::DataType::F32:
-      *out = CUDNN_DATA_FLOAT;
-      break;
-    case ffi::DataType::F64:
-      *out = CUDNN_DATA_DOUBLE;
-      break;
-    default:
-      return InvalidArgument(op,
-                             "unsupported dtype (expected float16, bfloat16, float32 or float64)");
-  }
-  return ffi::Error::Success();
+namespace {
+constexpr FloatType kFloatTypes[] = {
+    {ffi::DataType::F16, "float16", CUDNN_DATA_HALF},
+    {ffi::DataType::BF16, "bfloat16", CUDNN_DATA_BFLOAT16},
+    {ffi::DataType::F32, "float32", CUDNN_DATA_FLOAT},
+    {ffi::DataType::F64, "float64", CUDNN_DATA_DOUBLE},
+};
+constexpr char kExpected[] = " (expected float16, bfloat16, float32 or float64)";
+}  // namespace
+
+ffi::ErrorOr<FloatType> FloatTypeOf(const char* op, ffi::DataType dtype) {
+  for (const FloatType& type : kFloatTypes)
+    if (type.dtype == dtype) return type;
+  return ffi::Unexpected(InvalidArgument(op, std::string("unsupported dtype") + kExpected));
+}
+
+ffi::ErrorOr<FloatType> FloatTypeNamed(const char* op, std::string_view name) {
+  for (const FloatType& type : kFloatTypes)
+    if (type.name == name) return type;
+  return ffi::Unexpected(
+      InvalidArgument(op, "unsupported dtype '" + std::string(name) + "'" + kExpected));
 }
 
 ffi::Error ParseLayout(const char* op, std::string_view text, Layout* out) {
-  if (text == "NCHW" || text == "NCDHW" || text == "NCW") {
-    *out = Layout::kChannelsFirst;
-  } else if (text == "NHWC" || text == "NDHWC" || text == "NWC") {
-    *out = Layout::kChannelsLast;
-  } else {
-    return InvalidArgument(op, "unknown layout '" + std::string(text) + "'");
-  }
-  return ffi::Error::Success();
+  constexpr Layout kFirst = Layout::kChannelsFirst, kLast = Layout::kChannelsLast;
+  return ParseChoice<Layout>(op, "layout", text,
+                             {{"NCHW", kFirst},
+                              {"NCDHW", kFirst},
+                              {"NCW", kFirst},
+                              {"NHWC", kLast},
+                              {"NDHWC", kLast},
+                              {"NWC", kLast}},
+                             out);
 }
 
 std::vector<int> LogicalDims(ffi::Span<const int64_t> dims, Layout layout) {

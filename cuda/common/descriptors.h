@@ -4,8 +4,12 @@
 #include <cudnn.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/status.h"
@@ -35,8 +39,19 @@ ffi::Error CreateDescriptor(const char* op, cudnnStatus_t (*create)(Handle*),
   return ffi::Error::Success();
 }
 
-// The cuDNN data type of an XLA buffer dtype (float16, bfloat16, float32, float64).
-ffi::Error CudnnDataType(const char* op, ffi::DataType dtype, cudnnDataType_t* out);
+// The floating types the handlers take: XLA's dtype, the name Python gives it (attributes,
+// trace-time queries, cache keys) and cuDNN's type. common/frontend.h maps them to the
+// frontend's types.
+struct FloatType {
+  ffi::DataType dtype;
+  std::string_view name;
+  cudnnDataType_t cudnn;
+};
+ffi::ErrorOr<FloatType> FloatTypeOf(const char* op, ffi::DataType dtype);
+ffi::ErrorOr<FloatType> FloatTypeNamed(const char* op, std::string_view name);
+
+// cuDNN's legacy calls take int sizes.
+inline bool FitsInt(int64_t value) { return value >= 0 && value <= INT32_MAX; }
 
 // alpha/beta scaling factors: cuDNN reads them as double for double tensors and as float
 // for every other type.
@@ -52,6 +67,18 @@ struct Scaling {
   float f[2];
   double d[2];
 };
+
+// `text` parsed as one of `choices`' names into its value, or an error naming `what`.
+template <typename T>
+ffi::Error ParseChoice(const char* op, const char* what, std::string_view text,
+                       std::initializer_list<std::pair<std::string_view, T>> choices, T* out) {
+  for (const auto& [name, value] : choices) {
+    if (name != text) continue;
+    *out = value;
+    return ffi::Error::Success();
+  }
+  return InvalidArgument(op, std::string("unknown ") + what + " '" + std::string(text) + "'");
+}
 
 enum class Layout { kChannelsFirst, kChannelsLast };
 
@@ -71,6 +98,13 @@ ffi::Error MakeTensorDescriptor(const char* op, cudnnDataType_t type,
 inline bool HasZeroSize(ffi::Span<const int64_t> dims) {
   for (int64_t d : dims)
     if (d == 0) return true;
+  return false;
+}
+
+// Whether any of a call's buffers is empty (cuDNN takes no zero-sized tensor).
+inline bool AnyEmpty(std::initializer_list<ffi::AnyBuffer> buffers) {
+  for (const ffi::AnyBuffer& buffer : buffers)
+    if (HasZeroSize(buffer.dimensions())) return true;
   return false;
 }
 

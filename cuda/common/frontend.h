@@ -1,5 +1,5 @@
-// What the ops built on cuDNN's frontend graph API share: errors, dtype and layout
-// mapping, and a built plan with its execution.
+// What the ops built on cuDNN's frontend graph API share: errors, dtypes, tensors in
+// either layout, and a built plan with its execution.
 #pragma once
 
 #ifdef JAXDNN_HAVE_CUDNN_FRONTEND
@@ -10,7 +10,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -33,32 +32,17 @@ inline ffi::Error FrontendError(const char* op, const char* call, fe::error_t er
       return ::jaxdnn::FrontendError((op), #expr, jaxdnn_fe_status_); \
   } while (0)
 
-inline ffi::Error FrontendType(const char* op, std::string_view name, fe::DataType_t* out) {
-  if (name == "float16")
-    *out = fe::DataType_t::HALF;
-  else if (name == "bfloat16")
-    *out = fe::DataType_t::BFLOAT16;
-  else if (name == "float32")
-    *out = fe::DataType_t::FLOAT;
-  else if (name == "float64")
-    *out = fe::DataType_t::DOUBLE;
-  else
-    return InvalidArgument(op, "unsupported dtype " + std::string(name));
-  return ffi::Error::Success();
-}
-
-inline std::string_view DtypeName(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::DataType::F16:
-      return "float16";
-    case ffi::DataType::BF16:
-      return "bfloat16";
-    case ffi::DataType::F32:
-      return "float32";
-    case ffi::DataType::F64:
-      return "float64";
+inline ffi::ErrorOr<fe::DataType_t> FrontendType(const char* op, ffi::DataType dtype) {
+  JAXDNN_ASSIGN_OR_RETURN(FloatType type, FloatTypeOf(op, dtype));
+  switch (type.cudnn) {
+    case CUDNN_DATA_HALF:
+      return fe::DataType_t::HALF;
+    case CUDNN_DATA_BFLOAT16:
+      return fe::DataType_t::BFLOAT16;
+    case CUDNN_DATA_DOUBLE:
+      return fe::DataType_t::DOUBLE;
     default:
-      return "unsupported";
+      return fe::DataType_t::FLOAT;
   }
 }
 
@@ -88,6 +72,39 @@ inline TensorShape ShapeOf(ffi::Span<const int64_t> buffer_dims, Layout layout) 
     stride *= memory[i];
   }
   return shape;
+}
+
+// A graph's input tensor `uid`. Every tensor states its data type: left unset, the frontend
+// would give it the graph's intermediate type (float32), wrong for float64 graphs.
+inline std::shared_ptr<fe::graph::Tensor_attributes> GraphInput(fe::graph::Graph& graph,
+                                                                int64_t uid,
+                                                                const TensorShape& shape,
+                                                                fe::DataType_t type) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_uid(uid)
+                          .set_name(std::to_string(uid))
+                          .set_dim(shape.dims)
+                          .set_stride(shape.strides)
+                          .set_data_type(type));
+}
+
+// Marks a node's result as the graph's output tensor `uid`.
+inline void MarkOutput(const std::shared_ptr<fe::graph::Tensor_attributes>& tensor, int64_t uid,
+                       const TensorShape& shape, fe::DataType_t type) {
+  tensor->set_output(true)
+      .set_uid(uid)
+      .set_dim(shape.dims)
+      .set_stride(shape.strides)
+      .set_data_type(type);
+}
+
+// validate, build the operation graph, and create the execution plans of `modes`.
+inline fe::error_t CreatePlans(fe::graph::Graph& graph, cudnnHandle_t handle,
+                               const std::vector<fe::HeurMode_t>& modes) {
+  fe::error_t status = graph.validate();
+  if (status.is_good()) status = graph.build_operation_graph(handle);
+  if (status.is_good()) status = graph.create_execution_plans(modes);
+  return status;
 }
 
 // A built execution plan, cached and shared by every call site of one configuration.

@@ -1,11 +1,16 @@
-// What each op file contributes to the extension module: its FFI handler bundles and the
-// State types they use. module.cc turns these into the capsules Python registers.
+// What each op file contributes to the extension module: its targets (FFI handler bundles)
+// and the State types they use, added with Registry::Add (common/staged_op.h). module.cc
+// turns them into the capsules Python registers.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "xla/ffi/api/c_api.h"
+
+namespace nanobind {
+class module_;
+}
 
 namespace jaxdnn {
 
@@ -25,6 +30,9 @@ struct StateType {
 struct Registry {
   std::vector<HandlerBundle> handlers;
   std::vector<StateType> state_types;
+
+  template <auto parse, auto initialize, auto execute, bool kGraphSafe = true>
+  void Add(const std::string& name);
 };
 
 void AddSoftmaxHandlers(Registry& registry);
@@ -33,5 +41,8 @@ void AddConvHandlers(Registry& registry);
 void AddBatchNormHandlers(Registry& registry);
 void AddSpatialTransformerHandlers(Registry& registry);
 void AddRnnHandlers(Registry& registry);
+
+// The RNN family's trace-time queries (rnn_temp_space_sizes, rnn_weight_params).
+void AddRnnQueries(nanobind::module_& module);
 
 }  // namespace jaxdnn

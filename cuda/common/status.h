@@ -40,6 +40,16 @@ inline ffi::Error InvalidArgument(const char* op, const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("jaxdnn ") + op + ": " + message);
 }
 
+// An error on its way out of a function returning ffi::Error or ffi::ErrorOr<T>.
+struct Failure {
+  ffi::Error error;
+  operator ffi::Error() && { return std::move(error); }  // NOLINT: implicit by design
+  template <typename T>
+  operator ffi::ErrorOr<T>() && {  // NOLINT
+    return ffi::Unexpected(std::move(error));
+  }
+};
+
 // Runs `body` (returning ffi::Error or ffi::ErrorOr<T>) and turns any exception it throws
 // (std::bad_alloc from a cache insertion, say) into an error naming the op.
 template <typename Body>
@@ -64,6 +74,14 @@ auto Guarded(const char* op, Body&& body) noexcept -> decltype(body()) {
 
 }  // namespace jaxdnn
 
+// The outcome of a cuDNN call as an ffi::Error naming the op and the call.
+#define JAXDNN_CUDNN_CALL(op, expr)                                 \
+  [&](cudnnStatus_t jaxdnn_status_) {                               \
+    return jaxdnn_status_ == CUDNN_STATUS_SUCCESS                   \
+               ? ::xla::ffi::Error::Success()                       \
+               : ::jaxdnn::CudnnError((op), #expr, jaxdnn_status_); \
+  }(expr)
+
 // Early-return the error of a failed cuDNN / CUDA call, naming the op and the call.
 #define JAXDNN_RETURN_IF_CUDNN_ERROR(op, expr)                  \
   do {                                                          \
@@ -83,3 +101,14 @@ auto Guarded(const char* op, Body&& body) noexcept -> decltype(body()) {
     ::xla::ffi::Error jaxdnn_error_ = (expr);          \
     if (jaxdnn_error_.failure()) return jaxdnn_error_; \
   } while (0)
+
+// `lhs = value of expr` (an ffi::ErrorOr), or early-return its error (from a function that
+// returns ffi::Error or any ffi::ErrorOr).
+#define JAXDNN_CONCAT_(a, b) a##b
+#define JAXDNN_CONCAT(a, b) JAXDNN_CONCAT_(a, b)
+#define JAXDNN_ASSIGN_OR_RETURN(lhs, expr) \
+  JAXDNN_ASSIGN_OR_RETURN_(JAXDNN_CONCAT(jaxdnn_or_, __LINE__), lhs, expr)
+#define JAXDNN_ASSIGN_OR_RETURN_(result, lhs, expr)                            \
+  auto result = (expr);                                                        \
+  if (result.has_error()) return ::jaxdnn::Failure{std::move(result.error())}; \
+  lhs = std::move(result.value())
