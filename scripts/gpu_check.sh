@@ -7,18 +7,21 @@
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
-# graphs fuzz sharding bench rnnbench flaxbench inprogram scaling examples") picks which
+# graphs fuzz sharding bench rnnbench flaxbench inprogram percall scaling examples") picks which
 # stages run;
 # "alltests" runs the whole suite on the GPU too (the CPU tests then exercise jaxdnn's
 # default path there).
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
+# BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
+# e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
+# per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
 mkdir -p "$LOG_DIR"
-STAGES=${STAGES:-"build info tests graphs fuzz sharding bench rnnbench flaxbench inprogram scaling examples"}
+STAGES=${STAGES:-"build info tests graphs fuzz sharding bench rnnbench flaxbench inprogram percall scaling examples"}
 PYTHON=${PYTHON:-python3}
 read -r -a TESTS <<<"${TESTS:-tests}"
 export PYTHONUNBUFFERED=1
@@ -45,6 +48,17 @@ build() {
     -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON || return 1
 }
 
+# The baseline's extension is replaced by this tree's when the build stage runs next.
+baseline() {
+  local dir=$LOG_DIR/baseline
+  mkdir -p "$dir" &&
+    (cd "$BASELINE_DIR" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
+      -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$dir/build.log" 2>&1) &&
+    (cd "$BASELINE_DIR" && JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
+      "$PYTHON" benchmarks/in_program.py "$dir" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}) &&
+    "$PYTHON" benchmarks/per_call.py "$dir"
+}
+run_stage baseline baseline
 run_stage build build
 run_stage info "$PYTHON" -m jaxdnn info
 run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@]}"
@@ -68,6 +82,8 @@ run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # PyTorch; convolutions with time_once on all three passes.
 run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
+# Host time per call: the smallest case of each op, jitted single calls beside XLA's.
+run_stage percall "$PYTHON" benchmarks/per_call.py "$LOG_DIR"
 # Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per
 # application of the cases KERNEL_TIMES_ARGS picks (benchmarks/kernel_times.py options).
 run_stage kerneltimes env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
