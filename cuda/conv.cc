@@ -63,14 +63,8 @@ namespace {
 enum class Pass { kFwd, kBwdData, kBwdFilter };
 
 const char* PassName(Pass pass) {
-  switch (pass) {
-    case Pass::kFwd:
-      return "conv_fwd";
-    case Pass::kBwdData:
-      return "conv_bwd_data";
-    default:
-      return "conv_bwd_filter";
-  }
+  constexpr const char* kNames[] = {"conv_fwd", "conv_bwd_data", "conv_bwd_filter"};
+  return kNames[static_cast<int>(pass)];
 }
 
 // Tensor uids in every graph: the variant pack maps them to buffers.
