@@ -62,6 +62,19 @@ NB_MODULE(_jaxdnn_cuda, m) {
       "FFI target name -> {stage: handler capsule}, for jax.ffi.register_ffi_target.");
 
   m.def(
+      "target_attributes",
+      [] {
+        nb::dict targets;
+        for (const auto& h : AllOps().handlers) {
+          nb::list names;
+          for (const auto& name : h.attributes) names.append(name);
+          targets[h.name.c_str()] = names;
+        }
+        return targets;
+      },
+      "FFI target name -> the attribute names its handlers decode (for tests).");
+
+  m.def(
       "host_placeholder", [] { return Capsule(reinterpret_cast<const void*>(kHostPlaceholder)); },
       "A CPU handler that accepts any call and computes nothing (reading partitioned "
       "CUDA programs on a machine without a GPU).");

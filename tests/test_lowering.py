@@ -391,3 +391,38 @@ def test_arrays_too_large_for_cudnn_take_xla_or_raise(name, cudnn_forced):
         cuda_hlo(fn, *args)
     jaxdnn.config.update("dnn.enabled", "auto")  # the same call on XLA's path, no error
     assert not any(c[0].startswith("jaxdnn_") for c in custom_calls(cuda_hlo(fn, *args)))
+
+
+def test_every_target_carries_the_attributes_its_handlers_decode(cudnn_on_cpu):
+    """Each custom call's attribute names are exactly those of the C++ attribute struct its
+    handlers decode (cuda/common/staged_op.h): XLA's FFI rejects any other set at
+    instantiate, on the GPU only, so the contract is checked here for all 21 targets."""
+    f32 = jnp.float32
+    x, w = jnp.ones((2, 3, 6, 6), f32), jnp.ones((4, 3, 3, 3), f32)
+    gamma = jnp.ones((1, 3, 1, 1), f32)
+    theta = jnp.tile(jnp.asarray([[1.0, 0, 0], [0, 1, 0]]), (2, 1, 1))
+    block = jaxdnn.RNNBlock("float32", 4, 1, "lstm")
+    w_rnn = jnp.zeros(block.get_param_size((2, 5)), f32)
+    seq, h = jnp.ones((3, 2, 5), f32), jnp.zeros((1, 2, 4), f32)
+    rnn_loss = lambda w, seq, *lengths: block.apply(w, seq, h, h, *lengths)[0].sum()
+    programs = [
+        (jax.grad(lambda x: jaxdnn.dnn_softmax(x).sum()), x),
+        (jax.grad(lambda x: jaxdnn.dnn_pool(x, (2, 2)).sum()), x),
+        (jax.grad(lambda x: jaxdnn.dnn_pool(x, (2, 2), mode="sum").sum()), x),
+        (jax.value_and_grad(lambda x, w: jaxdnn.dnn_conv(x, w).sum(), (0, 1)), x, w),
+        (jax.grad(lambda x, g: jaxdnn.dnn_batch_normalization_train(
+            x, g, g, "spatial")[0].sum(), (0, 1)), x, gamma),
+        (lambda x, g: jaxdnn.dnn_batch_normalization_test(x, g, g, g, g, "spatial"), x, gamma),
+        (jax.value_and_grad(lambda x, t: jaxdnn.dnn_spatialtf(x, t, 0.5, 0.5).sum(), (0, 1)),
+         x, theta),
+        (jax.grad(rnn_loss, (0, 1)), w_rnn, seq),
+        (jax.grad(rnn_loss, (0, 1)), w_rnn, seq, jnp.asarray([3, 1], jnp.int32)),
+    ]
+    carried = {}
+    for fn, *args in programs:
+        for target, attrs in custom_calls(cuda_hlo(fn, *args)):
+            carried.setdefault(target, set()).add(frozenset(re.findall(r"(\w+) = ", attrs)))
+    decoded = _extension.extension().target_attributes()
+    assert set(carried) == set(decoded)
+    for target, name_sets in carried.items():
+        assert name_sets == {frozenset(decoded[target])}, target

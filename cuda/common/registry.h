@@ -15,10 +15,11 @@ class module_;
 namespace jaxdnn {
 
 struct HandlerBundle {
-  std::string name;              // FFI target name, e.g. "jaxdnn_softmax_fwd"
-  XLA_FFI_Handler* instantiate;  // attributes -> per-instance State
-  XLA_FFI_Handler* initialize;   // outside graph capture: handles, descriptors, plans
-  XLA_FFI_Handler* execute;      // launches only
+  std::string name;                     // FFI target name, e.g. "jaxdnn_softmax_fwd"
+  XLA_FFI_Handler* instantiate;         // attributes -> per-instance State
+  XLA_FFI_Handler* initialize;          // outside graph capture: handles, descriptors, plans
+  XLA_FFI_Handler* execute;             // launches only
+  std::vector<std::string> attributes;  // the names instantiate decodes
 };
 
 struct StateType {

@@ -23,18 +23,21 @@
 #include "common/handles.h"
 #include "common/registry.h"
 
-// Declares `struct jaxdnn::Name` with one member per X(type, name) entry of LIST and lets
-// the FFI decode a call's attributes into it by name (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING),
-// so that an attribute is one line of C++. Use at global scope.
+// Declares `struct jaxdnn::Name` with one member per X(type, name) entry of LIST (and
+// kNames, the names, for jaxdnn's own tests) and lets the FFI decode a call's attributes
+// into it by name (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING), so that an attribute is one
+// line of C++. Use at global scope.
 #define JAXDNN_ATTR_MEMBER_(type, name) type name;
+#define JAXDNN_ATTR_NAME_(type, name) #name,
 #define JAXDNN_ATTR_DECODER_(type, name) , ::xla::ffi::StructMember<type>(#name)
 #define JAXDNN_REGISTER_ATTRS_(...) XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(__VA_ARGS__)
-#define JAXDNN_DEFINE_ATTRS(Name, LIST) \
-  namespace jaxdnn {                    \
-  struct Name {                         \
-    LIST(JAXDNN_ATTR_MEMBER_)           \
-  };                                    \
-  }                                     \
+#define JAXDNN_DEFINE_ATTRS(Name, LIST)                                        \
+  namespace jaxdnn {                                                           \
+  struct Name {                                                                \
+    LIST(JAXDNN_ATTR_MEMBER_)                                                  \
+    static constexpr const char* kNames[] = {LIST(JAXDNN_ATTR_NAME_) nullptr}; \
+  };                                                                           \
+  }                                                                            \
   JAXDNN_REGISTER_ATTRS_(::jaxdnn::Name LIST(JAXDNN_ATTR_DECODER_))
 
 namespace jaxdnn {
@@ -190,9 +193,14 @@ template <auto parse, auto initialize, auto execute, bool kGraphSafe>
 void Registry::Add(const std::string& name) {
   using State = typename StageSignature<decltype(initialize)>::State;
   static_assert(std::is_same_v<State, typename StageSignature<decltype(execute)>::State>);
+  using Attrs = typename ParseSignature<decltype(parse)>::Attrs;
+  std::vector<std::string> attributes;
+  for (const char* const* attribute = Attrs::kNames; *attribute != nullptr; ++attribute)
+    attributes.push_back(*attribute);
   handlers.push_back({name, InstantiateHandler<State, parse>,
                       StageHandler<initialize, ffi::ExecutionStage::kInitialize, false>,
-                      StageHandler<execute, ffi::ExecutionStage::kExecute, kGraphSafe>});
+                      StageHandler<execute, ffi::ExecutionStage::kExecute, kGraphSafe>,
+                      std::move(attributes)});
   for (const StateType& known : state_types)
     if (known.type_id == &State::id) return;
   state_types.push_back({name + "_state", &State::id, TypeInfoOf<State>()});
