@@ -169,3 +169,18 @@ def test_short_runs_write_the_figures_and_the_report(tmp_path, module):
     assert f"| **all** | **12** | 12 | 0 | 0 | 0 | |" in text
     assert f"| steps | {s['steps']} (cnn " in text
     assert "Not run (no huge.json or huge.xml)." in text
+
+
+@pytest.mark.parametrize("op", ["conv", "batch_norm", "rnn"])
+def test_fuzz_run_one_program_runs_both_paths(module, cudnn_on_cpu, op):
+    """The GPU profile's program: the configurations' passes with dnn.enabled=True and
+    again traced under dnn.enabled=False, in one jit (here the cuDNN primitives lower to
+    their references, as on a CPU they must); both sets of results meet the oracles."""
+    fuzz_run = module("fuzz_run")
+    cases = [make_case(op, seed) for seed in (0, 1)]
+    ran = fuzz_run.run_cases(cases, cudnn=True)
+    for case, (outs, xla) in zip(cases, ran):
+        assert xla is not None and len(xla) == len(case.passes)
+        assert fuzz_run._compare(case, outs, xla) == ("ok", "")
+    assert fuzz_run.check_group([(op, 0), ("invalid", 0), (op, 1)], cudnn=True) == [
+        ("ok", "")] * 3
