@@ -17,8 +17,11 @@ on cuDNN, all of them again on the XLA path, traced under dnn.enabled=False), so
 compilation per group, and where that program fails each configuration of the group runs
 alone, so that an error is pinned on its configuration; and W worker processes (default:
 the CPU cores less one, at most 12) compile and run groups side by side, sharing the
-device (each allocates as it goes: XLA_PYTHON_CLIENT_PREALLOCATE=false). The
-run stops starting configurations at --seconds.
+device (each allocates as it goes: XLA_PYTHON_CLIENT_PREALLOCATE=false). XLA's own
+autotuning is off in the workers (--xla_gpu_autotune_level=0; --xla-autotune turns it on):
+on a GPU it times candidate kernels for the XLA path's convolutions and matrix products at
+every compilation, and the choice changes no result beyond rounding. The run stops
+starting configurations at --seconds.
 
 Each worker writes one JSON line per configuration (started, then its result): `ok`,
 `mismatch` (a result outside the tolerance: the message names the pass, the result, the
@@ -60,6 +63,8 @@ def _parse(argv):
                    help="exactly these seeds of each op family (to reproduce a finding)")
     p.add_argument("--group", type=int, default=8,
                    help="configurations compiled together as one program (default 8)")
+    p.add_argument("--xla-autotune", action="store_true",
+                   help="let XLA time its GPU kernels at each compilation (off by default)")
     p.add_argument("--path", choices=("auto", "cudnn", "xla"), default="auto",
                    help="auto: cuDNN where jaxdnn can run it, else the XLA path")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -78,9 +83,12 @@ def schedule(args) -> list[tuple[str, int]]:
 
 # ---- a worker: runs configurations i, i + W, i + 2W, ... --------------------------------
 
-def _setup_jax():
+def _setup_jax(autotune: bool = True):
     os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")  # before jax loads
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not autotune and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_gpu_autotune_level=0").strip()
     sys.path.insert(0, os.path.abspath(TESTS))
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -162,7 +170,7 @@ def check_group(configs: list[tuple[str, int]], cudnn: bool) -> list[tuple[str, 
 
 
 def worker(args) -> int:
-    _setup_jax()
+    _setup_jax(autotune=args.xla_autotune)
     import jaxdnn
     cudnn = args.path == "cudnn" or (args.path == "auto" and jaxdnn.is_available())
     jaxdnn.config.update("dnn.enabled", True if cudnn else False)
@@ -210,6 +218,7 @@ def tally(records: list[dict], ops) -> dict:
     for op in ops:
         done = sum(per_op[op].values())
         per_op[op]["configurations"] = done
+        # a group's time is shared out evenly among its configurations
         per_op[op]["mean_seconds"] = round(seconds[op] / done, 4) if done else None
     return per_op
 
@@ -257,7 +266,7 @@ def main(argv=None) -> int:
     common = [sys.executable, os.path.abspath(__file__), args.out_dir, "--configs",
               str(args.configs), "--workers", str(workers), "--ops", *args.ops,
               "--first-seed", str(args.first_seed), "--path", args.path,
-              "--group", str(args.group)]
+              "--group", str(args.group)] + (["--xla-autotune"] if args.xla_autotune else [])
     if args.seeds is not None:
         common += ["--seeds", *map(str, args.seeds)]
     if deadline is not None:

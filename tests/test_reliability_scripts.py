@@ -166,7 +166,7 @@ def test_short_runs_write_the_figures_and_the_report(tmp_path, module):
     text = markdown.read_text()
     label = "GPU" if jax.default_backend() == "gpu" else "CPU"
     assert f"<!-- run: {label} -->" in text
-    assert f"| **all** | **12** | 12 | 0 | 0 | 0 | |" in text
+    assert "| **all** | **12** | 12 | 0 | 0 | 0 |" in text
     assert f"| steps | {s['steps']} (cnn " in text
     assert "Not run (no huge.json or huge.xml)." in text
 
