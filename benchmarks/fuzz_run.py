@@ -63,6 +63,9 @@ def _parse(argv):
                    help="exactly these seeds of each op family (to reproduce a finding)")
     p.add_argument("--group", type=int, default=8,
                    help="configurations compiled together as one program (default 8)")
+    p.add_argument("--xla-every", type=int, default=1,
+                   help="on cuDNN, compare with the XLA path too for seeds that are multiples "
+                   "of this (default 1: every configuration; the float64 oracle always)")
     p.add_argument("--xla-autotune", action="store_true",
                    help="let XLA time its GPU kernels at each compilation (off by default)")
     p.add_argument("--path", choices=("auto", "cudnn", "xla"), default="auto",
@@ -94,23 +97,25 @@ def _setup_jax(autotune: bool = True):
     jax.config.update("jax_enable_x64", True)
 
 
-def run_cases(cases, cudnn: bool):
-    """For each case, the results of its passes on jaxdnn's path and, when `cudnn`, on the
-    XLA path (float32 matmuls at full precision there): one jitted program for them all."""
+def run_cases(cases, cudnn: bool, with_xla=None):
+    """For each case, the results of its passes on jaxdnn's path and, when `cudnn` (and
+    with_xla[i], default all), on the XLA path (float32 matmuls at full precision there;
+    None where not run): one jitted program for them all."""
     import jax
 
     import jaxdnn
+    with_xla = [cudnn and (with_xla is None or with_xla[i]) for i in range(len(cases))]
 
     def passes(case, all_args):
         return [tuple(p.fn(*a)) for p, a in zip(case.passes, all_args)]
 
     def program(args_per_case):
         outs = [passes(c, a) for c, a in zip(cases, args_per_case)]
-        if not cudnn:
-            return outs, [None] * len(cases)
         with jaxdnn.config.override(**{"dnn.enabled": False}), \
                 jax.default_matmul_precision("highest"):
-            return outs, [passes(c, a) for c, a in zip(cases, args_per_case)]
+            xla = [passes(c, a) if x else None
+                   for c, a, x in zip(cases, args_per_case, with_xla)]
+        return outs, xla
 
     outs, xla = jax.block_until_ready(
         jax.jit(program)([[p.args for p in c.passes] for c in cases]))
@@ -141,9 +146,11 @@ def check_invalid(seed: int) -> tuple[str, str]:
     return ("mismatch", "; ".join(wrong)) if wrong else ("ok", "")
 
 
-def check_group(configs: list[tuple[str, int]], cudnn: bool) -> list[tuple[str, str]]:
+def check_group(configs: list[tuple[str, int]], cudnn: bool,
+                xla_every: int = 1) -> list[tuple[str, str]]:
     """(status, detail) of each configuration (op, seed) of a group, run as one program;
-    where that program fails, each configuration runs alone, so the error is its own."""
+    where that program fails, each configuration runs alone, so the error is its own. On
+    cuDNN the XLA path runs too for the seeds that are multiples of `xla_every`."""
     import fuzz_cases
     results: dict[int, tuple[str, str]] = {}
     cases = {}
@@ -156,12 +163,14 @@ def check_group(configs: list[tuple[str, int]], cudnn: bool) -> list[tuple[str, 
         except Exception as e:  # noqa: BLE001 - a generator or oracle failure: report it
             results[i] = _error(e)
     try:
-        ran = dict(zip(cases, run_cases(list(cases.values()), cudnn))) if cases else {}
+        with_xla = [c.seed % xla_every == 0 for c in cases.values()]
+        ran = (dict(zip(cases, run_cases(list(cases.values()), cudnn, with_xla)))
+               if cases else {})
     except Exception:  # noqa: BLE001 - find which configuration fails
         ran = {}
         for i, case in cases.items():
             try:
-                ran[i] = run_cases([case], cudnn)[0]
+                ran[i] = run_cases([case], cudnn, [case.seed % xla_every == 0])[0]
             except Exception as e:  # noqa: BLE001 - a valid configuration raised
                 results[i] = _error(e)
     for i, (outs, xla) in ran.items():
@@ -184,11 +193,12 @@ def worker(args) -> int:
                 print(json.dumps({"op": op, "seed": seed, "status": "started"}), file=log)
             log.flush()
             start = time.perf_counter()
-            results = check_group(group, cudnn)
+            results = check_group(group, cudnn, args.xla_every)
             seconds = (time.perf_counter() - start) / len(group)
             for (op, seed), (status, detail) in zip(group, results):
+                xla = cudnn and op != "invalid" and seed % args.xla_every == 0
                 print(json.dumps({"op": op, "seed": seed, "status": status, "detail": detail,
-                                  "seconds": round(seconds, 4)}), file=log)
+                                  "xla_compared": xla, "seconds": round(seconds, 4)}), file=log)
             log.flush()
     return 0
 
@@ -212,8 +222,11 @@ def environment(path: str) -> dict:
 def tally(records: list[dict], ops) -> dict:
     per_op = {op: {s: 0 for s in STATUSES} for op in ops}
     seconds = {op: 0.0 for op in ops}
+    for op in ops:
+        per_op[op]["xla_compared"] = 0
     for r in records:
         per_op[r["op"]][r["status"]] += 1
+        per_op[r["op"]]["xla_compared"] += bool(r.get("xla_compared"))
         seconds[r["op"]] += r.get("seconds", 0.0)
     for op in ops:
         done = sum(per_op[op].values())
@@ -266,7 +279,9 @@ def main(argv=None) -> int:
     common = [sys.executable, os.path.abspath(__file__), args.out_dir, "--configs",
               str(args.configs), "--workers", str(workers), "--ops", *args.ops,
               "--first-seed", str(args.first_seed), "--path", args.path,
-              "--group", str(args.group)] + (["--xla-autotune"] if args.xla_autotune else [])
+              "--group", str(args.group), "--xla-every", str(args.xla_every)]
+    if args.xla_autotune:
+        common.append("--xla-autotune")
     if args.seeds is not None:
         common += ["--seeds", *map(str, args.seeds)]
     if deadline is not None:
@@ -292,8 +307,10 @@ def main(argv=None) -> int:
     valid = [op for op in args.ops if op != "invalid"]
     totals = {s: sum(per_op[op][s] for op in valid) for s in STATUSES}
     totals["configurations"] = sum(per_op[op]["configurations"] for op in valid)
+    totals["xla_compared"] = sum(per_op[op]["xla_compared"] for op in valid)
     findings = [r for r in records if r["status"] not in ("ok", "timeout")]
     result = {"environment": env, "requested": len(plan), "workers": workers,
+              "group": args.group, "xla_every": args.xla_every,
               "seconds": round(seconds, 1), "configs_per_second":
               round(totals["configurations"] / seconds, 2) if seconds else None,
               "worker_exit_codes": returncodes, "per_op": per_op, "totals": totals,

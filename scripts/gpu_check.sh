@@ -17,7 +17,8 @@
 # "reliability" (not a default stage; about 6 minutes) runs the soak, the arrays past
 # 2**31 elements and the fuzz run, and writes RELIABILITY.md's GPU section into
 # LOG_DIR/RELIABILITY.md; SOAK_SECONDS (45), SOAK_THREADS (8), FUZZ_RUN_SECONDS (180),
-# FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program) and
+# FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program),
+# FUZZ_RUN_XLA_EVERY (1: every configuration also against the XLA path) and
 # FUZZ_RUN_WORKERS (cores less one, at most 12) bound it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,7 @@ reliability() {
     tests/test_huge.py || rc=1
   "$PYTHON" benchmarks/fuzz_run.py "$LOG_DIR" --configs "${FUZZ_RUN_CONFIGS:-12000}" \
     --seconds "${FUZZ_RUN_SECONDS:-180}" --group "${FUZZ_RUN_GROUP:-8}" \
+    --xla-every "${FUZZ_RUN_XLA_EVERY:-1}" \
     ${FUZZ_RUN_WORKERS:+--workers $FUZZ_RUN_WORKERS} || rc=1
   cp RELIABILITY.md "$LOG_DIR/RELIABILITY.md"
   "$PYTHON" scripts/reliability_report.py "$LOG_DIR" --markdown "$LOG_DIR/RELIABILITY.md"

@@ -47,7 +47,8 @@ def fuzz_section(data) -> list[str]:
     if data is None:
         return out + ["Not run (no fuzz_run.json).", ""]
     env, t = data["environment"], data["totals"]
-    other = ("cuDNN against the XLA path and the float64 oracles" if env["path"] == "cudnn"
+    other = (f"cuDNN against the float64 oracles, {t.get('xla_compared', 0)} of them also "
+             "against the XLA path" if env["path"] == "cudnn"
              else "the XLA path against the float64 oracles")
     out += [f"{t['configurations']} valid configurations on {env['card']} ({other}) in "
             f"{data['seconds']} s with {data['workers']} worker processes "

@@ -184,3 +184,5 @@ def test_fuzz_run_one_program_runs_both_paths(module, cudnn_on_cpu, op):
         assert fuzz_run._compare(case, outs, xla) == ("ok", "")
     assert fuzz_run.check_group([(op, 0), ("invalid", 0), (op, 1)], cudnn=True) == [
         ("ok", "")] * 3
+    (_, xla0), (_, xla1) = fuzz_run.run_cases(cases, cudnn=True, with_xla=[True, False])
+    assert xla0 is not None and xla1 is None
