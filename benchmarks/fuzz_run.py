@@ -215,6 +215,7 @@ def environment(path: str) -> dict:
     device = jax.devices()[0]
     cudnn = path == "cudnn" or (path == "auto" and info["extension"]["available"])
     return {**info, "card": device.device_kind, "platform": device.platform,
+            "cpu_count": os.cpu_count(),
             "path": "cudnn" if cudnn else "xla",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -545,6 +545,7 @@ def main(argv=None) -> int:
         k["recovered"] += r["ok"]
     result = {
         "environment": {**info, "card": jax.devices()[0].device_kind,
+                        "cpu_count": os.cpu_count(),
                         "platform": jax.devices()[0].platform,
                         "path": "cudnn" if cudnn else "xla",
                         "date": datetime.datetime.now().astimezone().isoformat(

@@ -38,6 +38,8 @@ def _versions(env: dict) -> str:
     cudnn = (env.get("cudnn") or {}).get("loaded")
     cudnn_text = (f"cuDNN {cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100}"
                   if isinstance(cudnn, int) and cudnn > 0 else "cuDNN not loaded")
+    if env.get("path") == "xla" and isinstance(cudnn, int) and cudnn > 0:
+        cudnn_text += " (loaded, not used)"
     return (f"Python {v.get('python')}, jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
             f"{cudnn_text}, jaxdnn {v.get('jaxdnn')}")
 
@@ -152,6 +154,12 @@ def section(log_dir: str, label: str | None) -> tuple[str, str]:
     card = env.get("card") or (huge or {}).get("card") or "unknown device"
     lines = [f"### {label}: {card}, {str(env.get('date', 'date unknown'))[:10]}", "",
              f"Versions: {_versions(env)}." if env else "Versions: unknown.", ""]
+    if env.get("path") == "xla":
+        lines += ["Without a cuDNN path every op ran on jaxdnn's XLA path: these figures test "
+                  "that path and the harness (the soak's checks compare the XLA path with "
+                  "itself), not cuDNN. Arrays past 2^31 elements are GPU tests; here the "
+                  "guard is tested on abstract shapes (`tests/test_lowering.py`, "
+                  "`tests/test_huge.py`).", ""]
     lines += fuzz_section(fuzz) + soak_section(soak) + huge_section(
         huge, os.path.join(log_dir, "huge.xml"))
     return label, "\n".join(lines).rstrip() + "\n"
