@@ -4,7 +4,7 @@ oracles and, on cuDNN, against jaxdnn's XLA path too.
 
     python benchmarks/fuzz_run.py OUT_DIR [--configs N] [--seconds S] [--workers W]
                                   [--ops conv pool ...] [--first-seed K] [--seeds 3 17]
-                                  [--path auto|cudnn|xla]
+                                  [--group G] [--xla-every K] [--path auto|cudnn|xla]
 
 The configurations and their oracles are tests/fuzz_cases.py's (the same generators as
 tests/test_fuzz.py); configuration k of the run is op family OPS[k % len(OPS)] with seed

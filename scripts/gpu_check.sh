@@ -72,7 +72,7 @@ run_stage sharding env XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 reliability() {
   local rc=0 soak_seconds=${SOAK_SECONDS:-45}
   # the warm-up (compilations, one round of injections) comes before the soak's clock
-  timeout $((soak_seconds + 240)) "$PYTHON" benchmarks/soak.py "$LOG_DIR" \
+  timeout $((soak_seconds + 300)) "$PYTHON" benchmarks/soak.py "$LOG_DIR" \
     --seconds "$soak_seconds" --threads "${SOAK_THREADS:-8}" || rc=1
   # most of the card for the arrays (4-8 GiB each, XLA's temporaries beside them)
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAXDNN_HUGE_JSON="$LOG_DIR/huge.json" \
