@@ -286,6 +286,19 @@ def spatial_transformer_case(seed: int) -> Case:
 
 # ---- RNN ----------------------------------------------------------------------------------
 
+def layers_f64(block, w64: np.ndarray, input_size, count: int) -> list:
+    """Every layer's [W0, b0, W1, b1, ...] as RNNBlock.split_params gives them (matrices as
+    x @ W), sliced from the float64 block `w64` by the block's public weight_layout in
+    NumPy (split_params slices with jax: a compilation per shape, most of a case's time)."""
+    gates = {"lstm": 4, "gru": 3}.get(block.rnn_mode, 1)
+    layers = [[None] * (4 * gates) for _ in range(count)]
+    for e in block.weight_layout(input_size):
+        piece = w64[e.offset:e.offset + e.size].reshape(e.shape)
+        layers[e.pseudo_layer][2 * e.lin_id + (e.kind == "bias")] = (
+            piece.T if e.kind == "matrix" else piece)
+    return layers
+
+
 def rnn_case(seed: int) -> Case:
     rng = rng_for("rnn", seed)
     mode = pick(rng, ("rnn_relu", "rnn_tanh", "lstm", "gru"))
@@ -298,8 +311,7 @@ def rnn_case(seed: int) -> Case:
     count = layers * (2 if bidirectional else 1)
     w_size = block.get_param_size((batch, input_dim))
     w = jnp.asarray(0.4 * rng.standard_normal(w_size), dtype)
-    oracle_layers = [[None if a is None else to_f64(a)
-                      for a in block.split_params(w, p, (batch, input_dim))] for p in range(count)]
+    oracle_layers = layers_f64(block, to_f64(w), (batch, input_dim), count)
     x, x64 = rounded(rng, (steps, batch, input_dim), dtype)
     hx, hx64 = rounded(rng, (count, batch, hidden), dtype, 0.5)
     cx, cx64 = rounded(rng, (count, batch, hidden), dtype, 0.5) if mode == "lstm" else (None, None)
