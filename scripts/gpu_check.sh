@@ -53,10 +53,11 @@ build() {
 
 run_stage build build
 run_stage info "$PYTHON" -m jaxdnn info
-run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@]}"
+# (The slow GPU tests, the arrays past 2**31 elements, run in the reliability stage.)
+run_stage tests "$PYTHON" -m pytest -m "gpu and not slow" -v -rs -p no:cacheprovider "${TESTS[@]}"
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+  "$PYTHON" -m pytest -m "gpu and not slow" -q -rs -p no:cacheprovider "${TESTS[@]}"
 # Differential fuzzing on cuDNN (tests/test_fuzz.py): FUZZ_CASES random configurations of
 # each op family, each against the float64 oracles and the XLA path.
 run_stage fuzz env JAXDNN_FUZZ_CASES="${FUZZ_CASES:-200}" \
