@@ -230,7 +230,8 @@ def tally(records: list[dict], ops) -> dict:
         per_op[r["op"]]["xla_compared"] += bool(r.get("xla_compared"))
         seconds[r["op"]] += r.get("seconds", 0.0)
     for op in ops:
-        done = sum(per_op[op].values())
+        # configurations checked to the end: a timeout (stopped at the limit) is not one
+        done = sum(per_op[op][s] for s in STATUSES if s != "timeout")
         per_op[op]["configurations"] = done
         # a group's time is shared out evenly among its configurations
         per_op[op]["mean_seconds"] = round(seconds[op] / done, 4) if done else None

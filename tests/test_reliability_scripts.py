@@ -59,6 +59,9 @@ def test_fuzz_run_counts_a_dead_worker_as_a_crash(module, tmp_path):
     per_op = fuzz_run.tally(died, ["conv", "pool"])
     assert per_op["conv"]["ok"] == 1 and per_op["pool"]["crash"] == 1
     assert per_op["pool"]["configurations"] == 1
+    per_op = fuzz_run.tally(stopped, ["conv", "pool"])  # a configuration cut off: not counted
+    assert per_op["pool"]["timeout"] == 1 and per_op["pool"]["configurations"] == 0
+    assert per_op["conv"]["configurations"] == 1
 
 
 def test_fuzz_run_schedule_reproduces_seeds(module):
