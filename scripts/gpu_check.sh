@@ -17,6 +17,12 @@
 # BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
 # e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
 # per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
+# "reliability" (not a default stage; about 6 minutes) runs the soak, the arrays past
+# 2**31 elements and the fuzz run, and writes RELIABILITY.md's GPU section into
+# LOG_DIR/RELIABILITY.md; SOAK_SECONDS (45), SOAK_THREADS (8), FUZZ_RUN_SECONDS (180),
+# FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program),
+# FUZZ_RUN_XLA_EVERY (1: every configuration also against the XLA path) and
+# FUZZ_RUN_WORKERS (cores less one, at most 12) bound it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
@@ -61,10 +67,11 @@ baseline() {
 run_stage baseline baseline
 run_stage build build
 run_stage info "$PYTHON" -m jaxdnn info
-run_stage tests "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider "${TESTS[@]}"
+# (The slow GPU tests, the arrays past 2**31 elements, run in the reliability stage.)
+run_stage tests "$PYTHON" -m pytest -m "gpu and not slow" -v -rs -p no:cacheprovider "${TESTS[@]}"
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
 run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+  "$PYTHON" -m pytest -m "gpu and not slow" -q -rs -p no:cacheprovider "${TESTS[@]}"
 # Differential fuzzing on cuDNN (tests/test_fuzz.py): FUZZ_CASES random configurations of
 # each op family, each against the float64 oracles and the XLA path.
 run_stage fuzz env JAXDNN_FUZZ_CASES="${FUZZ_CASES:-200}" \
@@ -73,6 +80,29 @@ run_stage fuzz env JAXDNN_FUZZ_CASES="${FUZZ_CASES:-200}" \
 # programs and sharded numbers, on the machine's own jax.
 run_stage sharding env XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_sharding.py
+# Reliability figures (RELIABILITY.md): benchmarks/soak.py (mixed training steps from
+# several threads, flags flipping, injected failures, memory tracked), tests/test_huge.py
+# (arrays past 2**31 elements) and benchmarks/fuzz_run.py (cuDNN vs XLA vs float64 on
+# thousands of random configurations), each capped in time, then the report.
+reliability() {
+  local rc=0 soak_seconds=${SOAK_SECONDS:-45}
+  # the warm-up (compilations, one round of injections) comes before the soak's clock
+  timeout $((soak_seconds + 300)) "$PYTHON" benchmarks/soak.py "$LOG_DIR" \
+    --seconds "$soak_seconds" --threads "${SOAK_THREADS:-8}" || rc=1
+  # most of the card for the arrays (4-8 GiB each, XLA's temporaries beside them)
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAXDNN_HUGE_JSON="$LOG_DIR/huge.json" \
+    timeout "${HUGE_TIMEOUT:-300}" \
+    "$PYTHON" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml "$LOG_DIR/huge.xml" \
+    tests/test_huge.py || rc=1
+  "$PYTHON" benchmarks/fuzz_run.py "$LOG_DIR" --configs "${FUZZ_RUN_CONFIGS:-12000}" \
+    --seconds "${FUZZ_RUN_SECONDS:-180}" --group "${FUZZ_RUN_GROUP:-8}" \
+    --xla-every "${FUZZ_RUN_XLA_EVERY:-1}" \
+    ${FUZZ_RUN_WORKERS:+--workers $FUZZ_RUN_WORKERS} || rc=1
+  cp RELIABILITY.md "$LOG_DIR/RELIABILITY.md"
+  "$PYTHON" scripts/reliability_report.py "$LOG_DIR" --markdown "$LOG_DIR/RELIABILITY.md"
+  return $rc
+}
+run_stage reliability reliability
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
 # Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.

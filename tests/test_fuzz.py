@@ -2,11 +2,10 @@
 against the float64 oracles in tests/oracles/, and random invalid ones, each of which must
 raise ValueError/TypeError at trace time.
 
-A configuration is drawn by a seeded generator (shapes with 1s and odd sizes, strides,
-dilations, paddings, groups, modes, dtypes, layouts, sequence lengths), so a failure names
-its seed and reproduces. Inputs are rounded to the dtype first and the oracle sees the
-rounded values; the tolerance is derived from the dtype and the size of the op's
-reduction (`fuzz_tolerance`).
+The configurations and their checks are drawn in tests/fuzz_cases.py (shared with
+benchmarks/fuzz_run.py, which runs thousands in one go): a seeded generator, so a
+failure names its seed and reproduces; the tolerance is derived from the dtype and the
+size of the op's reduction (`fuzz_tolerance`).
 
 Profiles: on the CPU (CI) jaxdnn's XLA path against the oracles, JAXDNN_FUZZ_CASES
 configurations per op family (default 10, bounded time); gpu-marked, the cuDNN path
@@ -15,46 +14,17 @@ JAXDNN_FUZZ_CASES higher).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from helpers import cast, to_f64
-from oracles import batchnorm as bn_oracle
-from oracles import conv as conv_oracle
-from oracles import pooling_softmax as ps_oracle
-from oracles import rnn as rnn_oracle
-from oracles import spatial_transformer as stn_oracle
+from fuzz_cases import (compare, fuzz_tolerance, invalid_call_error, invalid_calls,
+                        make_case, rng_for)
 
 import jaxdnn
 
 CASES = int(os.environ.get("JAXDNN_FUZZ_CASES", "10"))
 SEEDS = range(CASES)
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-# Unit roundoff of each type, and of the type cuDNN and the reference accumulate it in.
-_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
-_ACCUMULATES_IN = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
-                   "float64": "float64"}
-
-
-def fuzz_tolerance(dtype: str, reduction: int) -> float:
-    """Relative tolerance of a result of `dtype` that sums `reduction` rounded products:
-    the result's own rounding (a few units) plus the accumulation's error, which grows
-    like the square root of the number of terms for random signs (with a margin)."""
-    own = 8 * _EPS[dtype]
-    accumulation = 64 * _EPS[_ACCUMULATES_IN[dtype]] * math.sqrt(max(reduction, 1))
-    return own + accumulation
-
-
-def check(actual, expected, dtype, reduction, what):
-    actual, expected = to_f64(actual), to_f64(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    tol = fuzz_tolerance(dtype, reduction)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 @pytest.fixture(params=["xla", pytest.param("cudnn", marks=pytest.mark.gpu)])
@@ -78,297 +48,43 @@ def run(path, fn, *args):
         return out, jax.jit(lambda *a: fn(*a))(*args)
 
 
-def rng_for(op: str, seed: int) -> np.random.Generator:
-    return np.random.default_rng([seed, sum(map(ord, op))])
-
-
-def pick(rng, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def rounded(rng, shape, dtype, scale=1.0):
-    """(a jax array of dtype, its float64 copy): random normal values rounded to dtype."""
-    return cast(scale * rng.standard_normal(shape), dtype)
-
-
-def describe(**config) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items())
-
-
-# ---- convolution: forward, backward-data, backward-filter -------------------------------
-
-def conv_config(rng):
-    nd = pick(rng, (1, 2, 2, 3))
-    groups = pick(rng, (1, 1, 2, 3))
-    cg, kg = int(rng.integers(1, 4)), int(rng.integers(1, 3))
-    kernel = tuple(int(rng.integers(1, 4)) for _ in range(nd))
-    dilation = tuple(int(rng.integers(1, 3)) for _ in range(nd))
-    stride = tuple(int(rng.integers(1, 4)) for _ in range(nd))
-    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-    border = pick(rng, ("valid", "half", "full", "pads"))
-    if border == "pads":
-        border = tuple(int(rng.integers(0, e)) for e in extent)
-    pads = conv_oracle.border_pads(border, kernel, dilation)
-    lo = [p if isinstance(p, int) else p[0] for p in pads]
-    spatial = tuple(max(1, e - 2 * p) + int(rng.integers(0, 5)) for e, p in zip(extent, lo))
-    if nd == 3:  # smaller volumes: the oracle loops in Python
-        spatial = tuple(min(s, 5) for s in spatial)
-        spatial = tuple(max(s, e - 2 * p) for s, e, p in zip(spatial, extent, lo))
-    return dict(nd=nd, n=int(rng.integers(1, 4)), c=cg * groups, k=kg * groups, groups=groups,
-                kernel=kernel, dilation=dilation, stride=stride, border=border,
-                spatial=spatial, conv_mode=pick(rng, ("conv", "cross")),
-                channels_last=bool(rng.integers(2)), dtype=pick(rng, DTYPES))
+def fuzz(op, seed, path):
+    case = make_case(op, seed)
+    for p in case.passes:
+        got, xla = run(path, p.fn, *p.args)
+        compare(case, p, got)
+        if xla is not None:
+            compare(case, p, xla, " (XLA path)")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_convolution(seed, path):
-    rng = rng_for("conv", seed)
-    cfg = conv_config(rng)
-    nd, dtype = cfg["nd"], cfg["dtype"]
-    fmt = conv_oracle.data_format_for(nd, cfg["channels_last"])
-    img_shape = conv_oracle.layout_shape((cfg["n"], cfg["c"]) + cfg["spatial"], fmt)
-    kerns_shape = (cfg["k"], cfg["c"] // cfg["groups"]) + cfg["kernel"]
-    img, img64 = rounded(rng, img_shape, dtype)
-    kerns, kerns64 = rounded(rng, kerns_shape, dtype, 0.5)
-    options = dict(border_mode=cfg["border"], subsample=cfg["stride"], dilation=cfg["dilation"],
-                   conv_mode=cfg["conv_mode"], num_groups=cfg["groups"], data_format=fmt)
-    out_shape = conv_oracle.output_shape(img_shape, kerns_shape, cfg["border"], cfg["stride"],
-                                         cfg["dilation"], fmt)
-    dy, dy64 = rounded(rng, out_shape, dtype)
-    conv, gradinput, gradweight = ((jaxdnn.dnn_conv3d, jaxdnn.dnn_gradinput3d,
-                                    jaxdnn.dnn_gradweight3d) if nd == 3 else
-                                   (jaxdnn.dnn_conv, jaxdnn.dnn_gradinput, jaxdnn.dnn_gradweight))
-    what = describe(seed=seed, **cfg)
-    taps = math.prod(cfg["kernel"])
-    out_pixels = math.prod(out_shape) // (out_shape[0] * cfg["k"])
-    for name, fn, args, expected, reduction in (
-            ("forward", lambda a, b: conv(a, b, **options), (img, kerns),
-             conv_oracle.conv(img64, kerns64, cfg["border"], cfg["stride"], cfg["dilation"],
-                              cfg["conv_mode"], cfg["groups"], fmt),
-             kerns_shape[1] * taps),
-            ("backward-data", lambda b, d: gradinput(b, d, img_shape, **options), (kerns, dy),
-             conv_oracle.gradinput(kerns64, dy64, img_shape, cfg["border"], cfg["stride"],
-                                   cfg["dilation"], cfg["conv_mode"], cfg["groups"], fmt),
-             cfg["k"] // cfg["groups"] * taps),
-            ("backward-filter", lambda a, d: gradweight(a, d, kerns_shape, **options), (img, dy),
-             conv_oracle.gradweight(img64, dy64, kerns_shape, cfg["border"], cfg["stride"],
-                                    cfg["dilation"], cfg["conv_mode"], cfg["groups"], fmt),
-             cfg["n"] * out_pixels)):
-        got, xla = run(path, fn, *args)
-        check(got, expected, dtype, reduction, f"{name}: {what}")
-        if xla is not None:
-            check(xla, expected, dtype, reduction, f"{name} (XLA path): {what}")
+    fuzz("conv", seed, path)
 
-
-# ---- pooling ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_pooling(seed, path):
-    rng = rng_for("pool", seed)
-    nd = pick(rng, (2, 2, 3))
-    ws = tuple(int(rng.integers(1, 4)) for _ in range(nd))
-    stride = tuple(int(rng.integers(1, 4)) for _ in range(nd))
-    pad = tuple(int(rng.integers(0, w)) for w in ws)
-    spatial = tuple(max(1, w - 2 * p) + int(rng.integers(0, 5 if nd == 2 else 3))
-                    for w, p in zip(ws, pad))
-    mode = pick(rng, ("max", "average_inc_pad", "average_exc_pad", "sum"))
-    channels_last, dtype = bool(rng.integers(2)), pick(rng, DTYPES)
-    fmt = ("NHWC" if nd == 2 else "NDHWC") if channels_last else ("NCHW" if nd == 2 else "NCDHW")
-    n, c = int(rng.integers(1, 4)), int(rng.integers(1, 5))
-    shape = (n, *spatial, c) if channels_last else (n, c, *spatial)
-    # distinct values: a max pool's gradient is ambiguous between equal maxima
-    x64 = ps_oracle.distinct_values(rng, shape, fmt)
-    x, x64 = cast(x64, dtype)
-    if dtype in ("float16", "bfloat16") and mode == "max":
-        x, x64 = cast(np.arange(x64.size).reshape(shape) % 61 - 30 + rng.random(shape) * 0.5,
-                      dtype)  # distinct after rounding to a half type (within each window)
-    what = describe(seed=seed, ws=ws, stride=stride, pad=pad, mode=mode, fmt=fmt, shape=shape,
-                    dtype=dtype)
-    pool = lambda t: jaxdnn.dnn_pool(t, ws, stride=stride, mode=mode, pad=pad, data_format=fmt)
-    expected = ps_oracle.pool(x64, ws, stride, pad, mode, fmt)
-    got, xla = run(path, pool, x)
-    window = math.prod(ws)
-    check(got, expected, dtype, window, f"forward: {what}")
-    dy, dy64 = rounded(rng, expected.shape, dtype)
-    vjp = lambda t, d: jax.vjp(pool, t)[1](d)[0]
-    expected = ps_oracle.pool_grad(x64, dy64, ws, stride, pad, mode, fmt)
-    got_grad, xla_grad = run(path, vjp, x, dy)
-    check(got_grad, expected, dtype, window, f"backward: {what}")
-    for other, name in ((xla, "forward"), (xla_grad, "backward")):
-        if other is not None:
-            check(other, ps_oracle.pool(x64, ws, stride, pad, mode, fmt) if name == "forward"
-                  else expected, dtype, window, f"{name} (XLA path): {what}")
+    fuzz("pool", seed, path)
 
-
-# ---- softmax ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_softmax(seed, path):
-    rng = rng_for("softmax", seed)
-    algo, mode = pick(rng, ("fast", "accurate", "log")), pick(rng, ("channel", "instance"))
-    fmt, dtype = pick(rng, ("NCHW", "NHWC")), pick(rng, DTYPES)
-    if rng.integers(4) == 0:
-        shape = (int(rng.integers(1, 5)), int(rng.integers(1, 40)))
-    else:
-        shape = tuple(int(rng.integers(1, 7)) for _ in range(4))
-    x, x64 = rounded(rng, shape, dtype, 3.0)
-    dy, dy64 = rounded(rng, shape, dtype)
-    what = describe(seed=seed, algo=algo, mode=mode, fmt=fmt, shape=shape, dtype=dtype)
-    fn = lambda t: jaxdnn.dnn_softmax(t, algo=algo, mode=mode, data_format=fmt)
-    reduction = math.prod(shape[1:]) if mode == "instance" or len(shape) == 2 else (
-        shape[1] if fmt == "NCHW" else shape[3])
-    expected = ps_oracle.softmax(x64, algo, mode, fmt)
-    expected_grad = ps_oracle.softmax_grad(x64, dy64, algo, mode, fmt)
-    got, xla = run(path, fn, x)
-    got_grad, xla_grad = run(path, lambda t, d: jax.vjp(fn, t)[1](d)[0], x, dy)
-    for value, want, name in ((got, expected, "forward"), (xla, expected, "forward (XLA)"),
-                              (got_grad, expected_grad, "backward"),
-                              (xla_grad, expected_grad, "backward (XLA)")):
-        if value is not None:
-            check(value, want, dtype, reduction, f"{name}: {what}")
+    fuzz("softmax", seed, path)
 
-
-# ---- batch normalization ------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_batch_norm(seed, path):
-    rng = rng_for("bn", seed)
-    rank = pick(rng, (2, 4, 4, 5))
-    mode = pick(rng, ("spatial", "per-activation"))
-    fmt = pick(rng, ("NCHW", "NHWC")) if rank > 2 else "NCHW"
-    fmt = {5: {"NCHW": "NCDHW", "NHWC": "NDHWC"}[fmt]}.get(rank, fmt) if rank == 5 else fmt
-    dtype = pick(rng, DTYPES)
-    shape = tuple(int(rng.integers(1, 5)) for _ in range(rank))
-    shape = (max(shape[0], 2),) + shape[1:]  # a variance needs two samples at least
-    pshape = bn_oracle.param_shape(shape, mode, fmt)
-    epsilon = float(pick(rng, (1e-5, 1e-3, 0.1)))
-    x, x64 = rounded(rng, shape, dtype, 2.0)
-    gamma, gamma64 = rounded(rng, pshape, dtype)
-    beta, beta64 = rounded(rng, pshape, dtype)
-    dout, dout64 = rounded(rng, shape, dtype)
-    what = describe(seed=seed, mode=mode, fmt=fmt, shape=shape, dtype=dtype, epsilon=epsilon)
-    fn = lambda x, g, b: jaxdnn.dnn_batch_normalization_train(x, g, b, mode=mode,
-                                                            epsilon=epsilon, data_format=fmt)
-    out64, mean64, invstd64, _ = bn_oracle.bn_train(x64, gamma64, beta64, mode, epsilon, fmt)
-    grads64 = bn_oracle.bn_train_grad(x64, gamma64, dout64, mode, epsilon, fmt)
-    # The gradient subtracts two means over the m samples from dout, scaled by invstd:
-    # with few samples close together that cancellation costs more units than the sums.
-    m = 64 * bn_oracle.count(shape, mode, fmt)
-    outs = run(path, lambda x, g, b: fn(x, g, b)[:3], x, gamma, beta)
-    grads = run(path, lambda x, g, b, d: jax.vjp(lambda *a: fn(*a)[0], x, g, b)[1](d),
-                x, gamma, beta, dout)
-    for label, (values, grad_values) in (("", (outs[0], grads[0])),
-                                         (" (XLA)", (outs[1], grads[1]))):
-        if values is None:
-            continue
-        for name, a, e in zip(("out", "mean", "invstd"), values, (out64, mean64, invstd64)):
-            check(a, e, dtype, m, f"{name}{label}: {what}")
-        for name, a, e in zip(("dx", "dgamma", "dbeta"), grad_values, grads64):
-            check(a, e, dtype, m, f"{name}{label}: {what}")
+    fuzz("batch_norm", seed, path)
 
-
-# ---- spatial transformer ------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_spatial_transformer(seed, path):
-    rng = rng_for("stn", seed)
-    dtype = pick(rng, ("float32", "float64"))  # the sampler takes these (half types: XLA)
-    shape = (int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 7)),
-             int(rng.integers(1, 7)))
-    img, img64 = rounded(rng, shape, dtype)
-    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    theta, theta64 = cast(identity + 0.3 * rng.standard_normal((shape[0], 2, 3)), dtype)
-    dout, dout64 = rounded(rng, shape, dtype)
-    what = describe(seed=seed, shape=shape, dtype=dtype)
-    fn = lambda i, t: jaxdnn.dnn_spatialtf(i, t)
-    expected = stn_oracle.spatialtf(img64, theta64)
-    dimg64, dtheta64 = stn_oracle.spatialtf_grad(img64, theta64, dout64)
-    got, xla = run(path, fn, img, theta)
-    grads, xla_grads = run(path, lambda i, t, d: jax.vjp(fn, i, t)[1](d), img, theta, dout)
-    pixels = shape[2] * shape[3]
-    for label, value, grad in (("", got, grads), (" (XLA)", xla, xla_grads)):
-        if value is None:
-            continue
-        check(value, expected, dtype, 4, f"forward{label}: {what}")
-        check(grad[0], dimg64, dtype, 4, f"dimg{label}: {what}")
-        check(grad[1], dtheta64, dtype, 4 * pixels * shape[1], f"dtheta{label}: {what}")
+    fuzz("spatial_transformer", seed, path)
 
-
-# ---- RNN ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_rnn(seed, path):
-    rng = rng_for("rnn", seed)
-    mode = pick(rng, ("rnn_relu", "rnn_tanh", "lstm", "gru"))
-    layers, hidden = int(rng.integers(1, 3)), int(rng.integers(1, 6))
-    bidirectional = bool(rng.integers(2))
-    dtype = pick(rng, ("float16", "float32", "float64"))
-    steps, batch, input_dim = int(rng.integers(1, 6)), int(rng.integers(1, 5)), int(rng.integers(1, 5))
-    block = jaxdnn.RNNBlock(dtype, hidden, layers, mode,
-                            direction_mode="bidirectional" if bidirectional else "unidirectional")
-    count = layers * (2 if bidirectional else 1)
-    w_size = block.get_param_size((batch, input_dim))
-    w = jnp.asarray(0.4 * rng.standard_normal(w_size), dtype)
-    oracle_layers = [[None if a is None else to_f64(a)
-                      for a in block.split_params(w, p, (batch, input_dim))] for p in range(count)]
-    x, x64 = rounded(rng, (steps, batch, input_dim), dtype)
-    hx, hx64 = rounded(rng, (count, batch, hidden), dtype, 0.5)
-    cx, cx64 = rounded(rng, (count, batch, hidden), dtype, 0.5) if mode == "lstm" else (None, None)
-    lengths = (None if rng.integers(2) else
-               np.sort(rng.integers(1, steps + 1, batch))[::-1].astype(np.int32))
-    what = describe(seed=seed, mode=mode, layers=layers, hidden=hidden,
-                    bidirectional=bidirectional, dtype=dtype, steps=steps, batch=batch,
-                    lengths=None if lengths is None else lengths.tolist())
-    y64, hy64, cy64 = rnn_oracle.rnn(oracle_layers, x64, hx64, cx64, lengths, mode=mode,
-                                     bidirectional=bidirectional)
-    seq = None if lengths is None else jnp.asarray(lengths)
-    fn = lambda w, x, h, c: block.apply(w, x, h, c, seq_lengths=seq)
-    got, xla = run(path, fn, w, x, hx, cx)
-    # the recurrence compounds each step's rounding: the reduction is every product a
-    # result depends on
-    reduction = steps * layers * (input_dim + hidden) * 4
-    for label, values in (("", got), (" (XLA)", xla)):
-        if values is None:
-            continue
-        for name, a, e in zip(("y", "hy", "cy"), values, (y64, hy64, cy64)):
-            if e is not None:
-                check(a, e, dtype, reduction, f"{name}{label}: {what}")
-
-
-# ---- invalid configurations ---------------------------------------------------------------
-
-def _invalid_calls(rng):
-    """(description, function, its array arguments as ShapeDtypeStructs): calls that must
-    raise ValueError or TypeError at trace time."""
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    img, kerns, params = f32(2, 3, 6, 6), f32(4, 3, 3, 3), f32(1, 3, 1, 1)
-    bad_int = pick(rng, (0, -1, -3))
-    conv = lambda **kw: (lambda a, b: jaxdnn.dnn_conv(a, b, **kw))
-    yield "conv stride", conv(subsample=(bad_int, 1)), (img, kerns)
-    yield "conv dilation", conv(dilation=(1, bad_int)), (img, kerns)
-    yield "conv groups", conv(num_groups=pick(rng, (0, 2, 4))), (img, kerns)
-    yield "conv channels", conv(), (img, f32(4, int(rng.integers(4, 9)), 3, 3))
-    yield "conv kernel larger than image", conv(), (img, f32(4, 3, 7 + int(rng.integers(3)), 3))
-    yield "conv border", conv(border_mode=pick(rng, ("same!", -1))), (img, kerns)
-    yield "conv int image", conv(), (jax.ShapeDtypeStruct((2, 3, 6, 6), jnp.int32), kerns)
-    yield "conv rank", conv(), (f32(3, 6, 6), kerns)
-    pool = lambda ws, **kw: (lambda a: jaxdnn.dnn_pool(a, ws, **kw))
-    yield "pool window", pool((bad_int, 2)), (img,)
-    yield "pool pad", pool((2, 2), pad=(2 + int(rng.integers(3)), 0)), (img,)
-    yield "pool mode", pool((2, 2), mode=pick(rng, ("min", "avg", 1))), (img,)
-    yield "pool window larger than image", pool((7 + int(rng.integers(3)), 2)), (img,)
-    softmax = lambda **kw: (lambda a: jaxdnn.dnn_softmax(a, **kw))
-    yield "softmax mode", softmax(mode=pick(rng, ("pixel", None))), (img,)
-    yield "softmax algo", softmax(algo=pick(rng, ("exact", 3))), (img,)
-    yield "softmax rank", softmax(), (f32(2, 3, 4),)
-    bn = lambda **kw: (lambda x, g, b: jaxdnn.dnn_batch_normalization_train(x, g, b, **kw))
-    yield ("bn epsilon", bn(mode="spatial", epsilon=pick(rng, (0.0, 1e-7, -1.0))),
-           (img, params, params))
-    yield ("bn parameter shape", bn(mode="spatial"),
-           (img, f32(1, int(rng.integers(4, 8)), 1, 1), params))
-    yield "stn theta shape", jaxdnn.dnn_spatialtf, (img, f32(2, 3, 3))
-    yield "rnn hidden size", lambda: jaxdnn.RNNBlock("float32", bad_int, 1, "lstm"), ()
-    yield "rnn mode", lambda: jaxdnn.RNNBlock("float32", 4, 1, pick(rng, ("LSTM2", "relu"))), ()
+    fuzz("rnn", seed, path)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -376,8 +92,11 @@ def test_fuzz_invalid_configurations_raise_at_trace_time(seed):
     """Each call is traced only (jax.eval_shape): the error comes before any device work,
     and it is a ValueError or TypeError naming the op."""
     rng = rng_for("invalid", seed)
-    for name, fn, args in _invalid_calls(rng):
-        with pytest.raises((ValueError, TypeError)) as info:
-            jax.eval_shape(fn, *args)
-        message = str(info.value)
-        assert any(op in message for op in ("dnn_", "RNNBlock")), (name, message)
+    for name, fn, args in invalid_calls(rng):
+        assert invalid_call_error(fn, args) is None, (name, invalid_call_error(fn, args))
+
+
+def test_fuzz_tolerance_grows_with_the_reduction_and_the_type():
+    assert fuzz_tolerance("float32", 1) < fuzz_tolerance("float32", 10_000)
+    assert fuzz_tolerance("float64", 100) < fuzz_tolerance("float32", 100) < \
+        fuzz_tolerance("bfloat16", 100)
