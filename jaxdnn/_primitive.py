@@ -41,8 +41,7 @@ from jaxdnn._batching import merge_into, split_from
 from jaxdnn._sharding import Partitioning, partitioned_lowering, result_specs
 
 __all__ = ["define_primitive", "define_linear_pair", "define_linear_in_last",
-           "define_reference_jvp", "fold_into_batch", "fold_into_batch_resizing", "choose_impl",
-           "reference_differentiable"]
+           "define_reference_jvp", "fold_into_batch", "fold_into_batch_resizing", "choose_impl"]
 
 
 def define_primitive(
@@ -370,33 +369,3 @@ def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str]
     if _extension.extension() is None or xla_is_faster or missing:
         return "xla"
     return "cudnn"
-
-
-def reference_differentiable(prim: Primitive, reference: Callable) -> Callable:
-    """A function binding `prim` whose own VJP is that of `reference` (the same math in
-    pure JAX). The cuDNN backward passes are wrapped in this, so a gradient computed by
-    cuDNN can be differentiated again (second order goes through XLA)."""
-
-    # Results of a multiple-result primitive travel as tuples on both sides, so that the
-    # cotangent's structure matches the reference's outputs.
-    def as_results(out):
-        return tuple(out) if prim.multiple_results else out
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def call(params, *args):
-        return as_results(prim.bind(*args, **dict(params)))
-
-    def call_fwd(params, *args):
-        return call(params, *args), args
-
-    def call_bwd(params, args, cotangent):
-        kwargs = {k: v for k, v in params if k != "impl"}
-        _, vjp = jax.vjp(lambda *a: as_results(reference(*a, **kwargs)), *args)
-        return vjp(as_results(cotangent))
-
-    call.defvjp(call_fwd, call_bwd)
-
-    def bind(*args, **params):
-        return call(tuple(sorted(params.items())), *args)
-
-    return bind
