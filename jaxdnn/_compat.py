@@ -61,20 +61,22 @@ def zeros_varying_like(shape, dtype, like):
     return zeros
 
 
-def cotangent_like(ct, primal):
-    """`ct` typed as the cotangent a custom VJP must return for `primal`: summed over the
-    manual mesh axes it varies over and `primal` does not (under shard_map(check_vma=True)
-    an operand replicated over the devices gets the sum of their contributions, what JAX's
-    own transpose of the implicit pvary gives), and resharded as `primal` is where the
-    mesh's axes are Explicit (sharding is part of the type there)."""
+def cotangent_typed_as(ct, aval):
+    """`ct` typed as the cotangent a transpose rule must return for a linear operand of
+    type `aval`: summed over the manual mesh axes it varies over and `aval` does not (under
+    shard_map(check_vma=True) an operand replicated over the devices gets the sum of their
+    contributions, what JAX's own transpose of the implicit pvary gives), and resharded as
+    `aval` is where the mesh's axes are Explicit (sharding is part of the type there: a
+    backward pass gives a parameter's gradient the sharding of the statistics it reduces
+    to, which need not be that parameter's)."""
     if ct is None or not hasattr(ct, "shape"):  # None or a symbolic zero
         return ct
-    ct_type, primal_type = jax.typeof(ct), jax.typeof(primal)
-    extra = ct_type.manual_axis_type.varying - primal_type.manual_axis_type.varying
+    ct_type = jax.typeof(ct)
+    extra = ct_type.manual_axis_type.varying - aval.manual_axis_type.varying
     if extra:
         ct = jax.lax.psum(ct, tuple(sorted(extra)))
-    if primal_type.sharding.mesh.explicit_axes and ct_type.sharding.spec != primal_type.sharding.spec:
-        ct = jax.sharding.reshard(ct, primal_type.sharding.spec)
+    if aval.sharding.mesh.explicit_axes and ct_type.sharding.spec != aval.sharding.spec:
+        ct = jax.sharding.reshard(ct, aval.sharding.spec)
     return ct
 
 
@@ -92,7 +94,7 @@ def define_trace_state(name: str, default, help: str):
     return _jax_config.string_or_object_state(
         name, default, help, include_in_jit_key=True, include_in_trace_context=True)
 
-__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "cotangent_like",
+__all__ = ["Primitive", "ShapedArray", "ad", "apply_primitive", "batching", "cotangent_typed_as",
            "define_trace_state",
            "extend_axis_env", "match_varying", "mlir", "replicated_like",
            "requires_devices_during_lowering", "zeros_varying_like", "typed_like_operands",

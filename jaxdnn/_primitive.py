@@ -34,13 +34,14 @@ import numpy as np
 
 from jaxdnn import _extension, config
 from jaxdnn._compat import (Primitive, ShapedArray, ad, apply_primitive, batching,
-                            match_varying, mlir, requires_devices_during_lowering,
-                            typed_like_operands, zero_tangent_like)
+                            cotangent_typed_as, match_varying, mlir,
+                            requires_devices_during_lowering, typed_like_operands,
+                            zero_tangent_like)
 from jaxdnn._batching import merge_into, split_from
 from jaxdnn._sharding import Partitioning, partitioned_lowering, result_specs
 
-__all__ = ["define_primitive", "define_linear_pair", "define_linear_in_last", "fold_into_batch",
-           "fold_into_batch_resizing", "choose_impl", "reference_differentiable"]
+__all__ = ["define_primitive", "define_linear_pair", "define_linear_in_last",
+           "define_reference_jvp", "fold_into_batch", "fold_into_batch_resizing", "choose_impl"]
 
 
 def define_primitive(
@@ -218,36 +219,103 @@ def define_linear_pair(forward: Primitive, backward: Primitive, *,
     ad.primitive_transposes[backward] = transpose_backward
 
 
-def define_linear_in_last(prim: Primitive, transposed: Callable, *,
-                          reference: Callable | None = None) -> None:
-    """JVP and transpose rules for a pass linear in its last operand (a backward pass in its
-    cotangent, a forward derivative in its tangent) and not in the others (x, y).
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
 
-    The JVP is `prim` applied to the last operand's tangent, plus the derivative in the
+
+def _reference_tangent(reference: Callable, multiple_results: bool, operands, tangents,
+                       params: dict):
+    """The tangent of `reference` (a pass in pure JAX) at `operands` in the direction of the
+    operands' `tangents`, or None where no floating operand has a nonzero tangent. Integer
+    operands (sequence lengths) and bytes (the RNN's reserve space) are held fixed."""
+    moving = [i for i, (a, t) in enumerate(zip(operands, tangents))
+              if type(t) is not ad.Zero and jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if not moving:
+        return None
+    kwargs = {k: p for k, p in params.items() if k != "impl"}
+
+    def at(*moved):
+        args = list(operands)
+        for i, a in zip(moving, moved):
+            args[i] = a
+        out = reference(*args, **kwargs)
+        return list(out) if multiple_results else out
+
+    return jax.jvp(at, [operands[i] for i in moving], [tangents[i] for i in moving])[1]
+
+
+def _zeros_for_integers(prim: Primitive, out, tangent):
+    """`tangent` with symbolic zeros in place of the tangents of non-floating results (the
+    RNN's reserve space, whose tangent jax.jvp gives as float0)."""
+    if not prim.multiple_results:
+        return tangent
+    return [t if jnp.issubdtype(o.dtype, jnp.inexact) else zero_tangent_like(o)
+            for o, t in zip(out, tangent)]
+
+
+def define_reference_jvp(prim: Primitive, reference: Callable) -> None:
+    """A JVP rule for a pass whose derivative is its reference's (the pass in pure JAX): the
+    primal is `prim`'s own call (cuDNN where its impl says so), the tangent jax.jvp of
+    `reference` at the primal, plain JAX that reverse mode transposes. The backward passes of
+    batch norm and the RNN take this rule: their derivatives (second order) run on XLA."""
+    def jvp(primals, tangents, **params):
+        out = prim.bind(*primals, **params)
+        tangent = _reference_tangent(reference, prim.multiple_results, primals, tangents,
+                                     params)
+        if tangent is None:
+            return out, ([zero_tangent_like(o) for o in out] if prim.multiple_results
+                         else zero_tangent_like(out))
+        return out, _zeros_for_integers(prim, out, tangent)
+
+    ad.primitive_jvps[prim] = jvp
+
+
+def define_linear_in_last(prim: Primitive, transposed: Callable, *,
+                          reference: Callable | None = None, linear: int = 1) -> None:
+    """JVP and transpose rules for a pass linear in its last `linear` operands (a backward
+    pass in its cotangent, a forward derivative in its tangents) and not in the others (x,
+    y, statistics, the RNN's reserve space).
+
+    The JVP is `prim` applied to the linear operands' tangents, plus the derivative in the
     others: that of `reference` (the pass in pure JAX), or none where reference is None
     (the pass is piecewise constant in them, as max pooling's is). The transpose in the
-    last operand is transposed(*others, ct, **params)."""
+    linear operands is transposed(*others, ct, **params): the cotangent of the one linear
+    operand, or a sequence of `linear` of them; ct is the cotangent of the result, or the
+    list of the results' cotangents (symbolic zeros instantiated)."""
+    multiple = prim.multiple_results
+
     def jvp(primals, tangents, **params):
-        *others, v = primals
-        *t_others, tv = tangents
-        out = prim.bind(*others, v, **params)
-        parts = [] if type(tv) is ad.Zero else [prim.bind(*others, tv, **params)]
-        if reference is not None and any(type(t) is not ad.Zero for t in t_others):
-            kwargs = {k: p for k, p in params.items() if k != "impl"}
-            parts.append(jax.jvp(lambda *a: reference(*a, v, **kwargs), tuple(others),
-                                 tuple(ad.instantiate_zeros(t) for t in t_others))[1])
+        others, vs = primals[:-linear], primals[-linear:]
+        t_others, t_vs = tangents[:-linear], tangents[-linear:]
+        out = prim.bind(*primals, **params)
+        parts = []
+        if any(type(t) is not ad.Zero for t in t_vs):
+            parts.append(prim.bind(*others, *map(ad.instantiate_zeros, t_vs), **params))
+        if reference is not None:
+            part = _reference_tangent(lambda *a, **kw: reference(*a, *vs, **kw), multiple,
+                                      others, t_others, params)
+            if part is not None:
+                parts.append(part)
         if not parts:
-            return out, zero_tangent_like(out)
-        return out, functools.reduce(jnp.add, parts)
+            return out, ([zero_tangent_like(o) for o in out] if multiple
+                         else zero_tangent_like(out))
+        parts = [list(p) if multiple else p for p in parts]
+        return out, functools.reduce(_add, parts)
 
     def transpose(ct, *operands, **params):
-        *others, v = operands
+        others, vs = operands[:-linear], operands[-linear:]
         assert not any(ad.is_undefined_primal(o) for o in others), \
-            f"{prim.name} is linear in its last operand only"
+            f"{prim.name} is linear in its last {linear} operand(s) only"
         none = [None] * len(others)
-        if type(ct) is ad.Zero:
-            return [*none, ad.Zero(v.aval)]
-        return [*none, transposed(*others, ct, **params)]
+        cts = list(ct) if multiple else [ct]
+        if all(type(c) is ad.Zero for c in cts):
+            return [*none, *(ad.Zero(v.aval) if ad.is_undefined_primal(v) else None
+                             for v in vs)]
+        result = transposed(*others, [ad.instantiate_zeros(c) for c in cts] if multiple else ct,
+                            **params)
+        result = [result] if linear == 1 else list(result)
+        return [*none, *(cotangent_typed_as(r, v.aval) if ad.is_undefined_primal(v) else None
+                         for r, v in zip(result, vs))]
 
     ad.primitive_jvps[prim] = jvp
     ad.primitive_transposes[prim] = transpose
@@ -301,33 +369,3 @@ def choose_impl(op: str, xla_is_faster: bool = False, ffi_targets: Sequence[str]
     if _extension.extension() is None or xla_is_faster or missing:
         return "xla"
     return "cudnn"
-
-
-def reference_differentiable(prim: Primitive, reference: Callable) -> Callable:
-    """A function binding `prim` whose own VJP is that of `reference` (the same math in
-    pure JAX). The cuDNN backward passes are wrapped in this, so a gradient computed by
-    cuDNN can be differentiated again (second order goes through XLA)."""
-
-    # Results of a multiple-result primitive travel as tuples on both sides, so that the
-    # cotangent's structure matches the reference's outputs.
-    def as_results(out):
-        return tuple(out) if prim.multiple_results else out
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def call(params, *args):
-        return as_results(prim.bind(*args, **dict(params)))
-
-    def call_fwd(params, *args):
-        return call(params, *args), args
-
-    def call_bwd(params, args, cotangent):
-        kwargs = {k: v for k, v in params if k != "impl"}
-        _, vjp = jax.vjp(lambda *a: as_results(reference(*a, **kwargs)), *args)
-        return vjp(as_results(cotangent))
-
-    call.defvjp(call_fwd, call_bwd)
-
-    def bind(*args, **params):
-        return call(tuple(sorted(params.items())), *args)
-
-    return bind

@@ -2,12 +2,14 @@
 (cudnnBatchNormalizationForwardTraining/Inference/Backward, or the frontend's batchnorm,
 batchnorm_inference and dbn nodes).
 
-Three primitives:
+Four primitives:
 
 * `bn_fwd_train` (x, gamma, beta) -> (out, mean, invstd), the batch statistics of x;
 * `bn_bwd` (x, dy, gamma, mean, invstd) -> (dx, dgamma, dbeta): the VJP of `out`, from the
   statistics the forward saved (the residuals are x, gamma, mean and invstd only);
-* `bn_fwd_infer` (x, gamma, beta, mean, var) -> out, with given statistics.
+* `bn_fwd_infer` (x, gamma, beta, mean, var) -> out, with given statistics;
+* `bn_tangent` (x, gamma, mean, invstd, tx, tgamma, tbeta) -> the tangent of `out` (XLA
+  only: cuDNN has no such pass), linear in (tx, tgamma, tbeta), whose transpose is `bn_bwd`.
 
 What the primitives see, and the FFI handlers will get: 4-D or 5-D images (a 2-D (N, C)
 input runs as (N, C, 1, 1), a 3-D one with a unit spatial axis added), `layout` one of
@@ -20,10 +22,14 @@ float32; otherwise they have the image's dtype. The public functions cast to and
 caller's dtypes. The running averages are computed here, functionally, in plain JAX
 (never cuDNN's in-place running statistics).
 
-Gradients flow from all three outputs of the training forward: a custom VJP runs `bn_bwd`
-for the cotangent of `out` and adds, in plain JAX, what the cotangents of `mean` and
-`invstd` contribute (skipped when they are symbolic zeros, the usual case). `bn_bwd` and
-`bn_fwd_infer` are differentiable again through the reference (second order on XLA).
+Differentiation (both modes, any order) is JVP rules on the primitives. The training
+forward's tangent is `bn_tangent` for `out` plus, in plain JAX, those of `mean` and
+`invstd` (d mean = mean(tx), d invstd = -invstd**3 * mean((x - mean) * tx)); reverse mode
+transposes `bn_tangent` into `bn_bwd`, the cuDNN backward, and JAX transposes the plain-JAX
+statistics tangents (under jit nothing of them runs when their cotangents are zero, the
+usual case). `bn_bwd` and `bn_fwd_infer` are nonlinear and no cuDNN pass computes their
+tangents: those are jax.jvp of their references (XLA), which reverse mode transposes, as
+their VJPs were the references' before.
 
 Batching: the training statistics belong to each vmapped instance, so the vmapped axis
 is folded into the channel axis (spatial mode) or the feature axes (per-activation: axis
@@ -36,25 +42,24 @@ and the reference elsewhere; see `_xla_is_faster`. dnn.enabled=True forces cuDNN
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 from jaxdnn import _validate
-from jaxdnn._compat import ShapedArray, batching, cotangent_like
+from jaxdnn._compat import ShapedArray, ad, batching, zero_tangent_like
 from jaxdnn._batching import merge_into, split_from
-from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn._primitive import (choose_impl, define_linear_in_last, define_primitive,
+                               define_reference_jvp)
 from jaxdnn._sharding import Partitioning, layout_factors
 from jaxdnn.layout import CHANNELS_FIRST, CHANNELS_LAST, channel_axis, data_format_is_channels_last
 from jaxdnn.reference import batchnorm as reference
 
 __all__ = ["dnn_batch_normalization_train", "dnn_batch_normalization_test", "bn_fwd_train_p",
-           "bn_fwd_infer_p", "bn_bwd_p"]
+           "bn_fwd_infer_p", "bn_bwd_p", "bn_tangent_p"]
 
 TRAIN_FFI_TARGETS = ("jaxdnn_bn_fwd_train", "jaxdnn_bn_bwd")
 INFER_FFI_TARGETS = ("jaxdnn_bn_fwd_infer",)
@@ -77,6 +82,10 @@ def _infer_abstract(x, gamma, beta, mean, var, **params):
 def _bwd_abstract(x, dy, gamma, mean, invstd, **params):
     param = ShapedArray(gamma.shape, gamma.dtype)
     return [ShapedArray(x.shape, x.dtype), param, param]
+
+
+def _tangent_abstract(x, *operands, **params):
+    return ShapedArray(x.shape, x.dtype)
 
 
 def _attributes(*, mode, layout, epsilon):
@@ -181,6 +190,14 @@ def _global_backward(axes, bind, x, dy, gamma, mean, invstd, **params):
     return reference.bn_backward(x, dy, gamma, mean, invstd, axis_name=axes["n"], **params)
 
 
+def _global_tangent(axes, bind, x, gamma, mean, invstd, tx, tgamma, tbeta, **params):
+    if "n" not in axes:
+        return bind(x, gamma, mean, invstd, tx, tgamma, tbeta, **params)
+    params.pop("impl")
+    return [reference.bn_train_tangent(x, gamma, mean, invstd, tx, tgamma, tbeta,
+                                       axis_name=axes["n"], **params)]
+
+
 def _train_partitioning(x, gamma, beta, *, mode, layout, epsilon):
     image, stat, shardable = _factors(x, mode, layout)
     return Partitioning((image, stat, stat), (image, stat, stat), shardable, local=_global_train)
@@ -195,6 +212,12 @@ def _bwd_partitioning(x, dy, gamma, mean, invstd, *, mode, layout, epsilon):
     image, stat, shardable = _factors(x, mode, layout)
     return Partitioning((image, image, stat, stat, stat), (image, stat, stat), shardable,
                         local=_global_backward)
+
+
+def _tangent_partitioning(x, *operands, mode, layout, epsilon):
+    image, stat, shardable = _factors(x, mode, layout)
+    return Partitioning((image, stat, stat, stat, image, stat, stat), (image,), shardable,
+                        local=_global_tangent)
 
 
 bn_fwd_train_p = define_primitive(
@@ -213,63 +236,57 @@ bn_bwd_p = define_primitive(
     ffi_target="jaxdnn_bn_bwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
     batch_rule=_fold_into_features, partitioning=_bwd_partitioning, multiple_results=True)
 
-_bn_backward = reference_differentiable(bn_bwd_p, reference.bn_backward)
-_bn_infer = reference_differentiable(bn_fwd_infer_p, reference.bn_forward_infer)
+# On XLA whatever its impl (cuDNN has no such pass); impl is its transpose's, bn_bwd.
+bn_tangent_p = define_primitive(
+    "jaxdnn_bn_tangent", abstract_eval=_tangent_abstract, reference=reference.bn_train_tangent,
+    ffi_target=None, batch_rule=_fold_into_features, partitioning=_tangent_partitioning)
 
 
-# ---- training: custom VJP through bn_bwd -----------------------------------------------
+# ---- differentiation: JVP rules on the primitives; reverse mode transposes them ------------
+# bn_fwd_train's tangent: bn_tangent for out (transposed into bn_bwd, the cuDNN backward,
+# with the residuals x, gamma, mean and invstd as before) and plain JAX for the statistics.
+# bn_tangent is linear in its tangents; its derivative in x, gamma and the statistics
+# (second order) is its reference's. bn_bwd and bn_fwd_infer: their references' JVPs.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _bn_train(x, gamma, beta, params):
-    return tuple(bn_fwd_train_p.bind(x, gamma, beta, **dict(params)))
-
-
-def _bn_train_fwd(x, gamma, beta, params):
-    # symbolic_zeros: the differentiable arguments arrive as CustomVJPPrimal records.
-    x, gamma, beta = x.value, gamma.value, beta.value
-    out, mean, invstd = _bn_train(x, gamma, beta, params)  # itself: grad of grad sees it
-    return (out, mean, invstd), (x, gamma, beta, mean, invstd)
-
-
-def _is_zero(ct) -> bool:
-    return ct is None or isinstance(ct, SymbolicZero)
-
-
-def _statistics_cotangent(x, mean, invstd, dmean, dinvstd, *, mode, layout):
-    """What the cotangents of `mean` and `invstd` contribute to dx (in the compute dtype),
-    or None when both are symbolic zeros:
-        d mean / dx_i = 1 / m,  d invstd / dx_i = -invstd**3 * (x_i - mean) / m."""
-    if _is_zero(dmean) and _is_zero(dinvstd):
-        return None
+def _statistics_tangent(x, mean, invstd, tx, *, mode, layout):
+    """(d mean, d invstd) in the direction tx (in the statistics' dtype):
+        d mean = mean(tx),  d invstd = -invstd**3 * mean((x - mean) * tx)."""
+    axes = reference.reduction_axes(mode, layout, x.ndim)
     ct = reference.compute_dtype(x.dtype)
-    m = max(reference.count(x.shape, mode, layout), 1)
-    term = jnp.zeros(mean.shape, ct)
-    if not _is_zero(dmean):
-        term = dmean.astype(ct)
-    if not _is_zero(dinvstd):
-        inv = invstd.astype(ct)
-        term = term - (dinvstd.astype(ct) * inv * inv * inv) * (x.astype(ct) - mean.astype(ct))
-    return jnp.broadcast_to(term / m, x.shape)
+    txc = tx.astype(ct)
+    dmean = jnp.mean(txc, axis=axes, keepdims=True)
+    inv = invstd.astype(ct)
+    centred = x.astype(ct) - mean.astype(ct)
+    dinvstd = -(inv * inv * inv) * jnp.mean(centred * txc, axis=axes, keepdims=True)
+    return dmean.astype(mean.dtype), dinvstd.astype(invstd.dtype)
 
 
-def _bn_train_bwd(params, residuals, cotangents):
-    x, gamma, beta, mean, invstd = residuals
-    dout, dmean, dinvstd = cotangents
-    kwargs = dict(params)
-    if _is_zero(dout):
-        dx, dgamma, dbeta = None, jnp.zeros_like(gamma), jnp.zeros_like(gamma)
+def _train_jvp(primals, tangents, **params):
+    x, gamma, beta = primals
+    tx, tgamma, tbeta = tangents
+    out, mean, invstd = bn_fwd_train_p.bind(x, gamma, beta, **params)
+    if all(type(t) is ad.Zero for t in tangents):
+        return [out, mean, invstd], [zero_tangent_like(v) for v in (out, mean, invstd)]
+    tout = bn_tangent_p.bind(x, gamma, mean, invstd, *map(ad.instantiate_zeros, tangents),
+                             **params)
+    if type(tx) is ad.Zero:
+        tmean, tinvstd = zero_tangent_like(mean), zero_tangent_like(invstd)
     else:
-        dx, dgamma, dbeta = _bn_backward(x, dout.astype(x.dtype), gamma, mean, invstd, **kwargs)
-    extra = _statistics_cotangent(x, mean, invstd, dmean, dinvstd, mode=kwargs["mode"],
-                                  layout=kwargs["layout"])
-    if extra is not None:
-        dx = extra if dx is None else dx.astype(extra.dtype) + extra
-    if dx is None:
-        dx = jnp.zeros_like(x)
-    return dx.astype(x.dtype), cotangent_like(dgamma, gamma), cotangent_like(dbeta, beta)
+        tmean, tinvstd = _statistics_tangent(x, mean, invstd, tx, mode=params["mode"],
+                                             layout=params["layout"])
+    return [out, mean, invstd], [tout, tmean, tinvstd]
 
 
-_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+def _tangent_cotangent(x, gamma, mean, invstd, ct, **params):
+    """The transpose of bn_tangent: (dx, dgamma, dbeta) = bn_bwd, the cuDNN backward."""
+    return bn_bwd_p.bind(x, ct, gamma, mean, invstd, **params)
+
+
+ad.primitive_jvps[bn_fwd_train_p] = _train_jvp
+define_linear_in_last(bn_tangent_p, _tangent_cotangent, reference=reference.bn_train_tangent,
+                      linear=3)
+define_reference_jvp(bn_bwd_p, reference.bn_backward)
+define_reference_jvp(bn_fwd_infer_p, reference.bn_forward_infer)
 
 
 def _bn_train_across(x, gamma, beta, *, axis_name, mode, layout, epsilon, impl):
@@ -278,8 +295,8 @@ def _bn_train_across(x, gamma, beta, *, axis_name, mode, layout, epsilon, impl):
     differentiable primitives: AD carries the gradients across the devices (the pmeans'
     transposes)."""
     mean, var = reference.batch_statistics(x, mode=mode, layout=layout, axis_name=axis_name)
-    out = _bn_infer(x, gamma, beta, mean.astype(gamma.dtype), var.astype(gamma.dtype),
-                    mode=mode, layout=layout, epsilon=epsilon, impl=impl)
+    out = bn_fwd_infer_p.bind(x, gamma, beta, mean.astype(gamma.dtype), var.astype(gamma.dtype),
+                              mode=mode, layout=layout, epsilon=epsilon, impl=impl)
     invstd = jax.lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
     return out, mean.astype(gamma.dtype), invstd.astype(gamma.dtype)
 
@@ -443,8 +460,8 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
     if axis_name is None:
         impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS,
                            shapes=[x.shape])
-        prim_params = (("epsilon", eps), ("impl", impl), ("layout", layout), ("mode", mode))
-        out, mean, invstd = _bn_train(*operands, prim_params)
+        out, mean, invstd = bn_fwd_train_p.bind(*operands, mode=mode, layout=layout,
+                                                epsilon=eps, impl=impl)
     else:
         impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS,
                            shapes=[x.shape])
@@ -486,5 +503,5 @@ def dnn_batch_normalization_test(inputs, gamma, beta, mean, var, mode: str = "pe
                        shapes=[x.shape])
     args = [_to_primitive(x, unit_axes, x.dtype)] + [
         _to_primitive(p, unit_axes, pdtype) for p in (gamma, beta, mean, var)]
-    out = _bn_infer(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)
+    out = bn_fwd_infer_p.bind(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)
     return out.reshape(x.shape)

@@ -18,8 +18,14 @@ Two paths, chosen at trace time by `dnn.enabled`:
     rnn_bwd_data     x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve -> dx, dhx, dcx, reserve
     rnn_bwd_weights  x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve -> dw
 
-  tied by a custom VJP whose residuals are the inputs, y and cuDNN's reserve space. Each
-  primitive's own VJP is its reference's, so gradients of gradients run through XLA.
+  and their derivatives as JVP rules (both modes of AD, any order). rnn_fwd's tangent is a
+  fourth primitive, rnn_tangent (XLA only: cuDNN has no forward-mode pass; its reference
+  is jax.jvp of the XLA path's forward), linear in the tangents of x, hx, cx and w and
+  taking y and the reserve space as operands, so that reverse mode transposes it into
+  rnn_bwd_data and rnn_bwd_weights, the cuDNN backward, with the residuals (the inputs, y
+  and the reserve) of the custom VJP it replaces. Differentiated, the forward runs in
+  cuDNN's training mode (it writes the reserve); otherwise in inference mode. The
+  backward passes' tangents (second order) are jax.jvp of their references (XLA).
 
 What the cuDNN handlers (cuda/rnn.cc) receive:
 
@@ -78,6 +84,7 @@ Batching (the primitives' rules; the XLA path needs none):
   folding gives: it runs the forward, backward-data and backward-weights once per instance
   (`lax.map`, sequential). `jax.grad` of a vmapped RNN takes this path too (JAX sums the
   per-instance dw), so for training put the sequences on the batch axis N, not under vmap.
+* rnn_tangent (forward mode under vmap, jacfwd) computes on XLA: its reference is vmapped.
 """
 from __future__ import annotations
 
@@ -93,15 +100,16 @@ from jax import lax
 from jaxdnn import _extension, _validate
 from jaxdnn import config as config_module
 from jaxdnn._batching import merge_into, split_from
-from jaxdnn._compat import ShapedArray, cotangent_like
-from jaxdnn._primitive import choose_impl, define_primitive, reference_differentiable
+from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
+from jaxdnn._primitive import (choose_impl, define_linear_in_last, define_primitive,
+                               define_reference_jvp)
 from jaxdnn._sharding import Partitioning
 from jaxdnn.reference import rnn as reference
 from jaxdnn.reference.rnn import WeightEntry, weight_layout
 
 __all__ = ["RNNBlock", "weight_layout", "WeightEntry", "temp_space_sizes", "cudnn_weight_params",
            "rnn_fwd_p",
-           "rnn_bwd_data_p", "rnn_bwd_weights_p", "FFI_TARGETS"]
+           "rnn_bwd_data_p", "rnn_bwd_weights_p", "rnn_tangent_p", "FFI_TARGETS"]
 
 _BASE_TARGETS = ("jaxdnn_rnn_fwd", "jaxdnn_rnn_bwd_data", "jaxdnn_rnn_bwd_weights")
 # Variable lengths go to the *_host_lengths targets (see the module docstring).
@@ -262,6 +270,10 @@ def _backward_weights_abstract(x, hx, cx, w, *operands, **params):
     return ShapedArray(w.shape, w.dtype)
 
 
+def _tangent_abstract(x, hx, cx, w, seq_lengths, y, *operands, **params):
+    return [ShapedArray(a.shape, a.dtype) for a in (y, hx, cx)]
+
+
 # ---- partitioning (jaxdnn/_sharding.py) ---------------------------------------------------
 # The sequences of a batch are independent: N (axis 1 of the data, axis 0 of the lengths)
 # splits; the weights stay whole and their gradient, a sum over N, is psummed. The reserve
@@ -287,6 +299,11 @@ def _backward_data_partitioning(*avals, static_lengths, **params):
 
 def _backward_weights_partitioning(*avals, static_lengths, **params):
     return Partitioning(_BACKWARD_DATA, ("p",), _shardable(static_lengths), tied={"r": "n"})
+
+
+def _tangent_partitioning(*avals, static_lengths, **params):
+    return Partitioning(_DATA + ("t n o", "r", "t n i", "l n h", "l n hc", "p"),
+                        ("t n o", "l n h", "l n hc"), _shardable(static_lengths), tied={"r": "n"})
 
 
 def _attributes(*, workspace_bytes, reserve_bytes=None, static_lengths, **params):
@@ -422,34 +439,76 @@ rnn_bwd_weights_p = define_primitive(
     attributes=_attributes, workspace_bytes=_workspace_bytes,
     batch_rule=_batch_backward_weights, partitioning=_backward_weights_partitioning)
 
-_forward = reference_differentiable(rnn_fwd_p, reference.forward)
-_backward_data = reference_differentiable(rnn_bwd_data_p, reference.backward_data)
-_backward_weights = reference_differentiable(rnn_bwd_weights_p, reference.backward_weights)
+
+def _batch_tangent(prim, args, dims, **params):
+    """rnn_tangent computes on XLA whatever its impl: batching it batches its reference
+    (vmap of a lax.scan: native, no loop over the instances)."""
+    del prim
+    kwargs = {k: v for k, v in params.items() if k != "impl"}
+    out = jax.vmap(functools.partial(reference.forward_tangent, **kwargs), in_axes=dims)(*args)
+    return list(out), [0] * len(out)
 
 
-# Not differentiated, the forward runs in cuDNN's inference mode (no reserve space).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+# The forward's derivative (on XLA whatever its impl: cuDNN has no forward-mode pass; impl
+# and the other parameters are its transpose's, the backward passes'):
+#   x, hx, cx, w, seq_lengths, y, reserve, tx, thx, tcx, tw -> dy, dhy, dcy.
+rnn_tangent_p = define_primitive(
+    "jaxdnn_rnn_tangent", abstract_eval=_tangent_abstract, reference=reference.forward_tangent,
+    ffi_target=None, batch_rule=_batch_tangent, partitioning=_tangent_partitioning,
+    multiple_results=True)
+
+
+# ---- differentiation: JVP rules on the primitives; reverse mode transposes them -----------
+# rnn_fwd's tangent is rnn_tangent (linear in the tangents), whose transpose is
+# rnn_bwd_data then rnn_bwd_weights (cuDNN), given the forward's y and reserve space: what
+# the gradient ran before. The RNN is nonlinear and no cuDNN pass computes its tangent, so
+# forward mode computes it on XLA (jax.jvp of the reference, which runs the recurrence
+# again beside cuDNN's primal). The backward passes' and rnn_tangent's derivatives in
+# their nonlinear operands (second order) are their references' (XLA).
+
+def _config(params: dict) -> _Config:
+    return _Config(**{k: params[k] for k in _Config._fields})
+
+
+def _forward_jvp(primals, tangents, **params):
+    x = primals[0]
+    if all(type(t) is ad.Zero for t in tangents):
+        out = rnn_fwd_p.bind(*primals, **params)
+        return out, [zero_tangent_like(o) for o in out]
+    config = _config(params)
+    # Differentiated, the forward runs in cuDNN's training mode: it writes the reserve space
+    # the backward passes read (an undifferentiated call runs in inference mode, without).
+    training = params if params["training"] else _forward_params(config, x, True)
+    y, hy, cy, reserve = rnn_fwd_p.bind(*primals, **training)
+    floats = [ad.instantiate_zeros(t) for t in tangents[:4]]
+    dy, dhy, dcy = rnn_tangent_p.bind(*primals, y, reserve, *floats,
+                                      **_backward_params(config, x))
+    # The primal reserve is that of the call as bound (empty in inference mode).
+    primal_reserve = (reserve if params["training"]
+                      else jnp.zeros((params["reserve_bytes"],), np.uint8))
+    return [y, hy, cy, primal_reserve], [dy, dhy, dcy, zero_tangent_like(primal_reserve)]
+
+
+def _tangent_cotangent(x, hx, cx, w, seq_lengths, y, reserve, cts, **params):
+    """The transpose of rnn_tangent: [dx, dhx, dcx, dw] by cuDNN's backward passes (the
+    reserve rnn_bwd_data updates is the one rnn_bwd_weights reads)."""
+    operands = (x, hx, cx, w, seq_lengths, y, *cts)
+    dx, dhx, dcx, reserve = rnn_bwd_data_p.bind(*operands, reserve, **params)
+    dw = rnn_bwd_weights_p.bind(*operands, reserve, **params)
+    return dx, dhx, dcx, dw
+
+
+ad.primitive_jvps[rnn_fwd_p] = _forward_jvp
+define_linear_in_last(rnn_tangent_p, _tangent_cotangent, reference=reference.forward_tangent,
+                      linear=4)
+define_reference_jvp(rnn_bwd_data_p, reference.backward_data)
+define_reference_jvp(rnn_bwd_weights_p, reference.backward_weights)
+
+
 def _cudnn_rnn(x, hx, cx, w, seq_lengths, config: _Config):
-    y, hy, cy, _ = _forward(x, hx, cx, w, seq_lengths, **_forward_params(config, x, False))
+    """The cuDNN path: rnn_fwd in inference mode (its JVP rule runs training mode)."""
+    y, hy, cy, _ = rnn_fwd_p.bind(x, hx, cx, w, seq_lengths, **_forward_params(config, x, False))
     return y, hy, cy
-
-
-def _cudnn_rnn_fwd(x, hx, cx, w, seq_lengths, config):
-    y, hy, cy, reserve = _forward(x, hx, cx, w, seq_lengths, **_forward_params(config, x, True))
-    return (y, hy, cy), (x, hx, cx, w, seq_lengths, y, reserve)
-
-
-def _cudnn_rnn_bwd(config, residuals, cotangents):
-    *inputs, y, reserve = residuals
-    operands = (*inputs, y, *cotangents)
-    params = _backward_params(config, inputs[0])
-    dx, dhx, dcx, reserve = _backward_data(*operands, reserve, **params)
-    dw = _backward_weights(*operands, reserve, **params)
-    cotangents = [cotangent_like(ct, primal) for ct, primal in zip((dx, dhx, dcx, dw), inputs)]
-    return (*cotangents, None)
-
-
-_cudnn_rnn.defvjp(_cudnn_rnn_fwd, _cudnn_rnn_bwd)
 
 
 def _implementation(op: str, *shapes) -> str:

@@ -2,17 +2,20 @@
 and `dnn_grid_sampler` (GpuDnnTransformerSampler), after cuDNN's
 cudnnSpatialTfGridGenerator{Forward,Backward} and cudnnSpatialTfSampler{Forward,Backward}.
 
-Four primitives, one per cuDNN call:
+Four primitives, one per cuDNN call, and the sampler's tangent (XLA only):
 
-  stn_grid_fwd     theta (N, 2, 3)                -> grid (N, H, W, 2)
-  stn_grid_bwd     dgrid (N, H, W, 2)             -> dtheta (N, 2, 3)
-  stn_sampler_fwd  img (N, C, H, W), grid         -> out (N, C, H_out, W_out)
-  stn_sampler_bwd  img, grid, dout                -> [dimg, dgrid]
+  stn_grid_fwd      theta (N, 2, 3)                -> grid (N, H, W, 2)
+  stn_grid_bwd      dgrid (N, H, W, 2)             -> dtheta (N, 2, 3)
+  stn_sampler_fwd   img (N, C, H, W), grid         -> out (N, C, H_out, W_out)
+  stn_sampler_bwd   img, grid, dout                -> [dimg, dgrid]
+  stn_sampler_tangent  img, grid, timg, tgrid      -> d out
 
-The grid generator is linear in theta: its primitives carry JVP and transpose rules (each
-is the other's transpose, as for linear pooling), so jvp, jacfwd and gradients of any order
-work. The sampler has a custom VJP with residuals (img, grid) whose backward is
-stn_sampler_bwd, itself differentiable through the XLA reference (second order).
+Both modes of AD work to any order, through JVP and transpose rules on the primitives. The
+grid generator is linear in theta: each of its primitives is the other's transpose (as
+for linear pooling). The sampler's tangent is stn_sampler_tangent, linear in (timg, tgrid),
+whose transpose is stn_sampler_bwd, the cuDNN backward, with residuals (img, grid) as
+before; stn_sampler_bwd is linear in dout, and its transpose is stn_sampler_tangent. Their
+derivatives in img and grid (second order) are their references' (XLA).
 
 What the cuDNN handlers receive (the contract for cuda/spatial_transformer.cc):
   * float16, float32 or float64, and every operand of one call in the same dtype;
@@ -40,23 +43,22 @@ sequential, hence deterministic, on the CPU).
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn import _validate, config
-from jaxdnn._compat import ShapedArray
-from jaxdnn._primitive import (choose_impl, define_linear_pair, define_primitive, fold_into_batch,
-                               fold_into_batch_resizing, reference_differentiable)
+from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
+from jaxdnn._primitive import (choose_impl, define_linear_in_last, define_linear_pair,
+                               define_primitive, fold_into_batch, fold_into_batch_resizing)
 from jaxdnn._sharding import Partitioning
 from jaxdnn.reference import spatial_transformer as reference
 
 __all__ = ["dnn_spatialtf", "dnn_affine_grid", "dnn_grid_sampler", "stn_grid_fwd_p",
-           "stn_grid_bwd_p", "stn_sampler_fwd_p", "stn_sampler_bwd_p", "FFI_TARGETS"]
+           "stn_grid_bwd_p", "stn_sampler_fwd_p", "stn_sampler_bwd_p", "stn_sampler_tangent_p",
+           "FFI_TARGETS"]
 
 FFI_TARGETS = ("jaxdnn_stn_grid_fwd", "jaxdnn_stn_grid_bwd", "jaxdnn_stn_sampler_fwd",
                "jaxdnn_stn_sampler_bwd")
@@ -94,6 +96,11 @@ def _sampler_fwd_abstract(img, grid):
 def _sampler_bwd_abstract(img, grid, dout, *, deterministic):
     _check_same_dtype("stn_sampler_bwd", img, grid, dout)
     return [ShapedArray(img.shape, img.dtype), ShapedArray(grid.shape, grid.dtype)]
+
+
+def _sampler_tangent_abstract(img, grid, timg, tgrid, *, deterministic):
+    _check_same_dtype("stn_sampler_tangent", img, grid, timg, tgrid)
+    return ShapedArray(tuple(img.shape[:2]) + tuple(grid.shape[1:3]), img.dtype)
 
 
 def _grid_attributes(*, out_dims):
@@ -134,6 +141,10 @@ def _sampler_bwd_partitioning(img, grid, dout, *, deterministic):
     return Partitioning((_IMAGE, _GRID, _SAMPLED), (_IMAGE, _GRID), frozenset({"n", "c"}))
 
 
+def _sampler_tangent_partitioning(img, grid, timg, tgrid, *, deterministic):
+    return Partitioning((_IMAGE, _GRID, _IMAGE, _GRID), (_SAMPLED,), frozenset({"n", "c"}))
+
+
 stn_grid_fwd_p = define_primitive(
     "jaxdnn_stn_grid_fwd", abstract_eval=_grid_fwd_abstract, reference=reference.grid_forward,
     ffi_target="jaxdnn_stn_grid_fwd", attributes=_grid_attributes, batch_rule=_batch_grid,
@@ -162,27 +173,49 @@ stn_sampler_bwd_p = define_primitive(
 define_linear_pair(stn_grid_fwd_p, stn_grid_bwd_p)
 
 
-# The sampler: a custom VJP through stn_sampler_bwd (differentiable again through XLA).
-_sampler_backward = reference_differentiable(stn_sampler_bwd_p, reference.sampler_backward)
+# The sampler's forward derivative (on XLA whatever its impl: cuDNN has no such pass; impl
+# and `deterministic` are its transpose's, stn_sampler_bwd).
+stn_sampler_tangent_p = define_primitive(
+    "jaxdnn_stn_sampler_tangent", abstract_eval=_sampler_tangent_abstract,
+    reference=reference.sampler_tangent, ffi_target=None, batch_rule=fold_into_batch,
+    partitioning=_sampler_tangent_partitioning)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _sample(img, grid, forward_impl, backward_impl, deterministic):
-    return stn_sampler_fwd_p.bind(img, grid, impl=forward_impl)
+# ---- the sampler's differentiation: JVP rules; reverse mode transposes them -----------------
+# The tangent is one primitive linear in (timg, tgrid) jointly. Its timg part alone is the
+# cuDNN sampler forward applied to timg, but reverse mode would then transpose the two parts
+# separately, into two sampler backward calls (cuDNN computes dimg and dgrid in one); as one
+# primitive it transposes into a single stn_sampler_bwd, what the gradient ran before.
+
+def _sampler_jvp(primals, tangents, *, impl):
+    img, grid = primals
+    out = stn_sampler_fwd_p.bind(img, grid, impl=impl)
+    if all(type(t) is ad.Zero for t in tangents):
+        return out, zero_tangent_like(out)
+    # The backward's implementation and determinism, as _implementations chose them for
+    # this forward: read where the derivative is taken.
+    deterministic = bool(config.read("dnn.deterministic"))
+    backward_impl = "xla" if deterministic else impl
+    return out, stn_sampler_tangent_p.bind(img, grid, *map(ad.instantiate_zeros, tangents),
+                                           deterministic=deterministic, impl=backward_impl)
 
 
-def _sample_fwd(img, grid, forward_impl, backward_impl, deterministic):
-    return _sample(img, grid, forward_impl, backward_impl, deterministic), (img, grid)
+def _sampler_cotangent(img, grid, ct, **params):
+    """The transpose of stn_sampler_tangent: [dimg, dgrid], the cuDNN sampler backward."""
+    return stn_sampler_bwd_p.bind(img, grid, ct, **params)
 
 
-def _sample_bwd(forward_impl, backward_impl, deterministic, residuals, dout):
-    img, grid = residuals
-    dimg, dgrid = _sampler_backward(img, grid, dout, deterministic=deterministic,
-                                    impl=backward_impl)
-    return dimg, dgrid
+def _sampler_backward_transposed(img, grid, cts, **params):
+    """The transpose of stn_sampler_bwd in dout: the tangent in the direction of its two
+    cotangents."""
+    return stn_sampler_tangent_p.bind(img, grid, *cts, **params)
 
 
-_sample.defvjp(_sample_fwd, _sample_bwd)
+ad.primitive_jvps[stn_sampler_fwd_p] = _sampler_jvp
+define_linear_in_last(stn_sampler_tangent_p, _sampler_cotangent,
+                      reference=reference.sampler_tangent, linear=2)
+define_linear_in_last(stn_sampler_bwd_p, _sampler_backward_transposed,
+                      reference=reference.sampler_backward)
 
 
 def _implementations(op: str, *shapes) -> tuple[str, str, bool]:
@@ -256,10 +289,11 @@ def _affine_grid(theta, out_dims, impl):
     return stn_grid_fwd_p.bind(theta, out_dims=(n, max(c, 1), height, width), impl=impl)
 
 
-def _grid_sampler(img, grid, impls):
+def _grid_sampler(img, grid, impl):
     if img.size == 0 or grid.size == 0:  # nothing to sample, or every sample outside
         return jnp.zeros(tuple(img.shape[:2]) + tuple(grid.shape[1:3]), img.dtype)
-    return _sample(img, grid, *impls)
+    # the backward's implementation is chosen where the derivative is taken (_sampler_jvp)
+    return stn_sampler_fwd_p.bind(img, grid, impl=impl)
 
 
 # ---- public functions ---------------------------------------------------------------------
@@ -308,8 +342,8 @@ def dnn_grid_sampler(img, grid):
         raise ValueError(f"{op}: grid holds {grid.shape[0]} grids (shape {tuple(grid.shape)}) "
                          f"but img holds {img.shape[0]} images (shape {tuple(img.shape)})")
     dtype, work = _working_dtype(img, grid)
-    impls = _implementations(op, img.shape, grid.shape, (*img.shape[:2], *grid.shape[1:3]))
-    out = _grid_sampler(img.astype(work), grid.astype(work), impls)
+    impl, _, _ = _implementations(op, img.shape, grid.shape, (*img.shape[:2], *grid.shape[1:3]))
+    out = _grid_sampler(img.astype(work), grid.astype(work), impl)
     return out.astype(dtype)
 
 
@@ -338,4 +372,4 @@ def dnn_spatialtf(img, theta, scale_width=1, scale_height=1):
     dtype, work = _working_dtype(img, theta)
     impls = _implementations(op, img.shape, out_dims, (n, out_dims[2], out_dims[3], 2))
     grid = _affine_grid(theta.astype(work), out_dims, impls[1])
-    return _grid_sampler(img.astype(work), grid, impls).astype(dtype)
+    return _grid_sampler(img.astype(work), grid, impls[0]).astype(dtype)

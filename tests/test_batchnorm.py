@@ -4,6 +4,7 @@ cuDNN against the XLA path and the references."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -359,10 +360,123 @@ def test_test_mode_gradients(rng, case):
         check_grads(jax.jit(_test(case)), (xj, gj, bj, mj, vj), order=1, modes=["rev"])
 
 
-def test_forward_mode_is_refused_clearly(rng):
-    (xj, gj, bj, _, _), _ = _data(rng, "pa-2d")
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda x: dnn_batch_normalization_train(x, gj, bj)[0], (xj,), (xj,))
+# =======================================================================================
+# Forward mode: jvp, jacfwd, hessian (JVP rules on the primitives)
+# =======================================================================================
+def _train_all(case, epsilon=EPS):
+    """Training with running averages: all five outputs, as a function of all five inputs."""
+    f = _train(case, epsilon=epsilon)
+    return lambda x, g, b, a, v: f(x, g, b, running_mean=a, running_var=v)
+
+
+def _central_difference(fn, args, tangents, eps=1e-6):
+    plus = fn(*[a + eps * t for a, t in zip(args, tangents)])
+    minus = fn(*[a - eps * t for a, t in zip(args, tangents)])
+    return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+
+
+@pytest.mark.parametrize("case", ["pa-2d", "pa-4d-nhwc", "sp-3d-nwc", "sp-4d-nchw"])
+def test_forward_mode_check_grads_to_second_order(rng, case):
+    """check_grads in both modes to second order, training (every output, running averages
+    included) and inference, each in all five arguments."""
+    (xj, gj, bj, rmj, rvj), _ = _data(rng, case)
+    check_grads(jax.jit(_train_all(case, 1e-3)), (xj, gj, bj, rmj, rvj), order=2,
+                modes=["fwd", "rev"])
+    check_grads(jax.jit(_test(case)), (xj, gj, bj, rmj, rvj), order=2, modes=["fwd", "rev"])
+
+
+@pytest.mark.parametrize("case", ["pa-4d", "sp-4d-nhwc", "sp-5d-ndhwc"])
+def test_jvp_vs_central_differences_of_the_oracle(rng, case):
+    """The tangents of every output against central differences of the NumPy oracle."""
+    shape, mode, fmt = CASES[case]
+    args, args64 = _data(rng, case)
+    tangents = [rng.standard_normal(a.shape) for a in args64]
+    m = ref.count(shape, mode, fmt)
+
+    def oracle_train(x, g, b, rm, rv):
+        out, mean, invstd, var = ref.bn_train(x, g, b, mode, EPS, fmt)
+        return (out, mean, invstd) + ref.running_averages(rm, rv, mean, var, m, 0.1)
+
+    def oracle_test(x, g, b, mean, var):
+        return [ref.bn_test(x, g, b, mean, var, mode, EPS, fmt)]
+
+    for f, oracle in ((_train_all(case), oracle_train),
+                      (lambda *a: [_test(case)(*a)], oracle_test)):
+        primal, tangent = jax.jit(lambda a, t: jax.jvp(f, a, t))(
+            tuple(args), tuple(jnp.asarray(t) for t in tangents))
+        for got, want in zip(primal, oracle(*args64)):
+            np.testing.assert_allclose(to_f64(got), want, rtol=1e-10, atol=1e-12)
+        for got, want in zip(tangent, _central_difference(oracle, args64, tangents)):
+            np.testing.assert_allclose(to_f64(got), want, rtol=1e-6, atol=1e-7)
+
+
+def test_jacfwd_linearize_and_hessian(rng):
+    """jacfwd equals jacrev; jax.linearize's linear function equals jvp; jax.hessian
+    (forward over reverse) equals reverse over reverse."""
+    case = "sp-4d-nchw"
+    (xj, gj, bj, _, _), _ = _data(rng, case)
+    w = jnp.asarray(rng.standard_normal(xj.shape))
+    f = lambda x, g: _train(case)(x, g, bj)
+    for argnums in (0, 1, (0, 1)):
+        fwd = jax.jit(jax.jacfwd(f, argnums=argnums))(xj, gj)
+        rev = jax.jit(jax.jacrev(f, argnums=argnums))(xj, gj)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                     fwd, rev)
+    t = jnp.asarray(rng.standard_normal(xj.shape))
+    _, linear = jax.linearize(f, xj, gj)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                 linear(t, gj), jax.jvp(f, (xj, gj), (t, gj))[1])
+    loss = lambda x: jnp.sum(jnp.sin(_train(case)(x, gj, bj)[0]) * w)
+    np.testing.assert_allclose(jax.jit(jax.hessian(loss))(xj),
+                               jax.jit(jax.jacrev(jax.grad(loss)))(xj), rtol=1e-9, atol=1e-11)
+
+
+def test_reverse_mode_runs_the_batch_norm_backward_pass(rng):
+    """The gradient transposes the training forward's tangent into bn_bwd (cuDNN's backward
+    on the cuDNN path); the XLA tangent primitive stays out of it. The forward mode's
+    program holds the forward primitive, whose result is the primal, and the tangent."""
+    (xj, gj, bj, _, _), _ = _data(rng, "sp-4d-nhwc")
+    f = _train("sp-4d-nhwc")
+    grad = str(jax.make_jaxpr(jax.grad(lambda x, g: jnp.sum(jnp.sin(f(x, g, bj)[0])),
+                                       argnums=(0, 1)))(xj, gj))
+    assert grad.count("jaxdnn_bn_bwd[") == 1 and "jaxdnn_bn_tangent" not in grad, grad
+    jvp = str(jax.make_jaxpr(lambda x, t: jax.jvp(lambda a: f(a, gj, bj), (x,), (t,)))(xj, xj))
+    assert "jaxdnn_bn_fwd_train[" in jvp and "jaxdnn_bn_tangent[" in jvp, jvp
+    assert "jaxdnn_bn_bwd" not in jvp
+
+
+def test_jvp_of_vmap_and_vmap_of_jvp(rng):
+    """Forward mode through the batching rules: vmap of jvp (the tangent primitive folded
+    into the channels) and jvp of vmap equal a loop of jvps."""
+    case = "sp-4d-nchw"
+    (xj, gj, bj, _, _), _ = _data(rng, case, stacked={0: (3, 0)})
+    ts = jnp.asarray(rng.standard_normal(xj.shape))
+    jvp = lambda x, t: jax.jvp(lambda a: _train(case)(a, gj, bj), (x,), (t,))
+    want = _loop(jvp, (xj, ts), (0, 0), 3)
+    for got in (jax.jit(jax.vmap(jvp))(xj, ts),
+                jax.jit(lambda x, t: jax.jvp(jax.vmap(lambda a: _train(case)(a, gj, bj)), (x,),
+                                             (t,)))(xj, ts)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                     got, want)
+
+
+def test_jvp_with_axis_name_under_shard_map(rng):
+    """axis_name (statistics across devices: XLA's moments and the inference primitive):
+    forward mode too, equal on one device to the batch norm without it."""
+    case = "sp-4d-nhwc"
+    (xj, gj, bj, _, _), _ = _data(rng, case)
+    t = jnp.asarray(rng.standard_normal(xj.shape))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    P = jax.sharding.PartitionSpec
+    outs = (P("d"), P(), P())
+    across = jax.shard_map(lambda x, t: jax.jvp(lambda a: _train(case, axis_name="d")(a, gj, bj),
+                                                (x,), (t,)),
+                           mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(outs, outs))
+    got = jax.jit(across)(xj, t)
+    want = jax.jit(lambda x, t: jax.jvp(lambda a: _train(case)(a, gj, bj), (x,), (t,)))(xj, t)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                 got, want)
 
 
 # =======================================================================================
@@ -759,7 +873,6 @@ def test_cuda_lowering_custom_calls_once_handlers_exist(monkeypatch, mode, fmt, 
         t, p, p, mode, 1e-3, data_format=fmt)[0].astype(jnp.float32))), x)
     infer = _cuda_hlo(lambda t: dnn_batch_normalization_test(t, p, p, p, p, mode, 1e-3,
                                                              data_format=fmt), x)
-    import re
     calls = re.findall(r"stablehlo\.custom_call @(\w+)\(.*?mhlo\.backend_config = \{(.*?)\}",
                        train + infer)
     assert [c[0] for c in calls] == ["jaxdnn_bn_fwd_train", "jaxdnn_bn_bwd", "jaxdnn_bn_fwd_infer"]
@@ -769,6 +882,22 @@ def test_cuda_lowering_custom_calls_once_handlers_exist(monkeypatch, mode, fmt, 
         assert "epsilon = 1.000000e-03 : f64" in attrs
     four = {(4, 2, 2, 3): "4x2x2x3", (4, 2, 3): "4x2x3x1", (2, 3, 2, 2, 2): "2x3x2x2x2"}[shape]
     assert f"tensor<{four}xf16>" in train and "xf32>" in train
+
+
+@_needs_extension
+def test_cuda_lowering_of_forward_mode_keeps_the_cudnn_forward(cudnn_on_cpu):
+    """On the cuDNN path, jvp's program runs the primal on cuDNN (the training and
+    inference forwards' custom calls) and the tangents on XLA (no other jaxdnn call), and
+    the gradient's program still runs the cuDNN forward and backward only."""
+    x, p = jnp.zeros((4, 3, 2, 2), jnp.float32), jnp.ones((1, 3, 1, 1), jnp.float32)
+    train = lambda x: dnn_batch_normalization_train(x, p, p, "spatial")
+    test = lambda x: dnn_batch_normalization_test(x, p, p, p, p, "spatial")
+    for fn, target in ((train, "jaxdnn_bn_fwd_train"), (test, "jaxdnn_bn_fwd_infer")):
+        hlo = _cuda_hlo(lambda x, t: jax.jvp(fn, (x,), (t,)), x, x)
+        assert re.findall(r"custom_call @(jaxdnn_\w+)", hlo) == [target], hlo
+    hlo = _cuda_hlo(jax.grad(lambda x: jnp.sum(jnp.sin(train(x)[0]))), x)
+    assert re.findall(r"custom_call @(jaxdnn_\w+)", hlo) == ["jaxdnn_bn_fwd_train",
+                                                            "jaxdnn_bn_bwd"], hlo
 
 
 # =======================================================================================
@@ -842,3 +971,26 @@ def test_gpu_check_grads_and_vmap(rng, case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-10, atol=1e-12)
     check_grads(f, (xj, gj, bj), order=1, modes=["rev"])
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["gpu-pa-4d", "gpu-sp-4d-nchw", "gpu-sp-4d-nhwc"])
+def test_gpu_forward_mode_cudnn_vs_xla(rng, case):
+    """jvp (every output, running averages included; inference too) and the hessian-vector
+    product on the cuDNN path equal the XLA path's, in float64, and the primal comes from
+    the cuDNN forward."""
+    args, _ = _data(rng, case, "float64")
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+    train, test = _train_all(case), _test(case)
+    jvp_train = lambda a, t: jax.jvp(train, a, t)
+    jvp_test = lambda a, t: jax.jvp(test, a, t)
+    assert "custom_call @jaxdnn_bn_fwd_train" in jax.jit(jvp_train).lower(args, tangents).as_text()
+    assert "custom_call @jaxdnn_bn_fwd_infer" in jax.jit(jvp_test).lower(args, tangents).as_text()
+    w = jnp.asarray(rng.standard_normal(args[0].shape))
+    loss = lambda x: jnp.sum(jnp.sin(train(x, *args[1:])[0]) * w)
+    hvp = lambda x, t: jax.jvp(jax.grad(loss), (x,), (t,))[1]
+    for fn, operands in ((jvp_train, (args, tangents)), (jvp_test, (args, tangents)),
+                         (hvp, (args[0], tangents[0]))):
+        cudnn, xla = _jit_run(fn, *operands), _jit_run(fn, *operands, xla=True)
+        jax.tree.map(lambda c, a: np.testing.assert_allclose(c, a, rtol=1e-9, atol=1e-10),
+                     cudnn, xla)

@@ -1,8 +1,9 @@
 """RNNBlock against the NumPy float64 loops in tests/oracles/rnn.py: cuDNN's weight layout,
 split/merge, forward values for every cell, direction, input mode and depth, with and
-without variable lengths, gradients (check_grads), jit/grad/vmap, errors. The cuDNN path's
-primitives (custom VJP, batching rules, reserve-space plumbing, CUDA lowering) are also run
-on the CPU, through their reference lowerings, with the handlers' presence stubbed.
+without variable lengths, gradients (check_grads) in both modes, jit/grad/vmap, errors. The
+cuDNN path's primitives (JVP and transpose rules, batching rules, reserve-space plumbing,
+CUDA lowering) are also run on the CPU, through their reference lowerings, with the
+handlers' presence stubbed.
 `gpu`-marked tests compare the cuDNN path with the XLA path and float64."""
 from __future__ import annotations
 
@@ -556,6 +557,94 @@ def test_grad_of_a_vmapped_rnn_sums_the_instances(rng, path):
 
 
 # ---------------------------------------------------------------------------------------
+# Forward mode: jvp, jacfwd, hessian (on the cuDNN path: JVP rules on the primitives)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_mode_check_grads_to_second_order(rng, mode, cudnn_on_cpu):
+    """check_grads in both modes to second order on the cuDNN path's primitives: each cell,
+    2 layers, bidirectional, variable lengths, in every operand."""
+    block = make_block(mode, "bidirectional", depth=2, hidden=2)
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    args = operands(block, w, x, hx, cx)
+    fn = jax.jit(apply_fn(block, LENGTHS))
+    assert _uses_primitives(fn, *args)
+    check_grads(fn, args, order=2, modes=["fwd", "rev"])
+
+
+def _oracle_of_operands(block, lengths):
+    """The NumPy oracle as a function of (w, x, hx[, cx]), w the parameter block."""
+    input_size = (BATCH, input_dim_of(block))
+
+    def oracle(w, x, hx, cx=None):
+        layers = [[None if a is None else to_f64(a) for a in block.split_params(
+            jnp.asarray(w), p, input_size)] for p in range(block.num_layers * block.num_directions)]
+        y, hy, cy = numpy_rnn(block, layers, x, hx, cx, lengths)
+        return (y, hy) if cy is None else (y, hy, cy)
+    return oracle
+
+
+def test_jvp_vs_central_differences_of_the_oracle(rng, path):
+    """The tangents of y, hy and cy in the direction of every operand at once, against
+    central differences of the NumPy oracle."""
+    block = make_block("lstm", "bidirectional", depth=2)
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    args = operands(block, w, x, hx, cx)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+    fn = apply_fn(block, LENGTHS)
+    assert _uses_primitives(fn, *args) == (path == "cudnn_on_cpu")
+    primal, tangent = jax.jit(lambda a, t: jax.jvp(fn, a, t))(args, tangents)
+    oracle = _oracle_of_operands(block, LENGTHS)
+    args64, t64 = [to_f64(a) for a in args], [to_f64(t) for t in tangents]
+    eps = 1e-6
+    plus = oracle(*[a + eps * t for a, t in zip(args64, t64)])
+    minus = oracle(*[a - eps * t for a, t in zip(args64, t64)])
+    for got, want in zip(primal, oracle(*args64)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for got, p, m in zip(tangent, plus, minus):
+        np.testing.assert_allclose(got, (p - m) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+def test_forward_mode_on_the_cudnn_path_equals_the_xla_path(rng, cudnn_on_cpu):
+    """jvp, jax.linearize, jacfwd (vmap of jvp: the tangent primitive's batching rule) and
+    jax.hessian (forward over reverse: the backward passes' JVP rules) equal the XLA
+    path's."""
+    block = make_block("gru", "bidirectional", depth=2, hidden=2)
+    _, w, (x, hx, _), _ = make_case(rng, block)
+    fn = apply_fn(block, LENGTHS)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in (w, x, hx))
+    jvp = lambda *a: jax.jvp(fn, a[:3], a[3:])
+    linearized = lambda *a: jax.linearize(fn, *a[:3])[1](*a[3:])
+    jac = lambda w, x, hx: jax.jacfwd(fn, argnums=(0, 1, 2))(w, x, hx)
+    hess = lambda x: jax.hessian(lambda x: jnp.sum(jnp.sin(fn(w, x, hx)[0])))(x)
+    for f, a in ((jvp, (w, x, hx) + tangents), (linearized, (w, x, hx) + tangents),
+                 (jac, (w, x, hx)), (hess, (x,))):
+        assert _uses_primitives(f, *a)
+        got = jax.jit(f)(*a)
+        with xla_path():
+            want = jax.jit(f)(*a)
+        jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12),
+                     got, want)
+
+
+def test_reverse_mode_runs_the_cudnn_backward_passes(rng, cudnn_on_cpu):
+    """The gradient transposes rnn_fwd's tangent into rnn_bwd_data and rnn_bwd_weights
+    after a training-mode forward, as the custom VJP did; forward mode runs the forward
+    (primal) and the XLA tangent primitive, no backward pass; an undifferentiated call runs
+    in inference mode."""
+    block = make_block("lstm", "bidirectional")
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    fn = apply_fn(block, LENGTHS)
+    grad = str(jax.make_jaxpr(jax.grad(lambda *a: _sum_of_sines(fn(*a)), argnums=(0, 1, 2, 3)))(
+        w, x, hx, cx))
+    assert re.findall(r"jaxdnn_rnn_\w+\[", grad) == ["jaxdnn_rnn_fwd[", "jaxdnn_rnn_bwd_data[",
+                                                     "jaxdnn_rnn_bwd_weights["], grad
+    assert "training=True" in grad
+    jvp = str(jax.make_jaxpr(lambda *a: jax.jvp(fn, a, a))(w, x, hx, cx))
+    assert re.findall(r"jaxdnn_rnn_\w+\[", jvp) == ["jaxdnn_rnn_fwd[", "jaxdnn_rnn_tangent["]
+    assert "training=False" in str(jax.make_jaxpr(fn)(w, x, hx, cx))
+
+
+# ---------------------------------------------------------------------------------------
 # Paths and CUDA lowering
 # ---------------------------------------------------------------------------------------
 def test_primitives_are_exposed():
@@ -935,3 +1024,25 @@ def test_gpu_lengths_out_of_range_raise_and_the_next_call_runs(rng):
         jax.block_until_ready(fn(w, x, hx, jnp.array([4, 0, 3], jnp.int32)))
     got = fn(w, x, hx, jnp.asarray(LENGTHS, jnp.int32))
     compare(got, numpy_rnn(block, layers, x64, hx64, None, LENGTHS), "float32", factor=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_forward_mode_cudnn_vs_xla(rng, mode):
+    """jvp and the hessian-vector product on the cuDNN path equal the XLA path's in
+    float64 (2 layers, bidirectional, lengths); the primal comes from cuDNN's forward."""
+    block = make_block(mode, "bidirectional", depth=2)
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    fn = apply_fn(block, jnp.asarray(LENGTHS, jnp.int32))
+    args = operands(block, w, x, hx, cx)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+    jvp = lambda a, t: jax.jvp(fn, a, t)
+    calls = [c[0] for c in _rnn_calls(jax.jit(jvp).lower(args, tangents).as_text())]
+    assert calls == ["jaxdnn_rnn_fwd_host_lengths"]
+    grad = jax.grad(lambda *a: sum(jnp.sum(jnp.sin(o)) for o in fn(*a)),
+                    argnums=tuple(range(len(args))))
+    hvp = lambda a, t: jax.jvp(grad, a, t)[1]
+    for f in (jvp, hvp):
+        got, want = _jit_run(f, args, tangents), _jit_run(f, args, tangents, xla=True)
+        jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10),
+                     got, want)

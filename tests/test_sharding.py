@@ -6,9 +6,10 @@ pytest process of its own with XLA_FLAGS=--xla_force_host_platform_device_count=
   partitioner: no all-gather, and every jaxdnn custom call sees its shard of the batch.
 * Numbers: a sharded jit equals one device (values and gradients) on the data, model and
   mixed meshes, for every op, on the cuDNN path's primitives (whose CPU lowering is the
-  reference, wrapped by the same partitioning), under Shardy and GSPMD.
-* shard_map with check_vma=True and grad; batch norm's axis_name equals one batch norm
-  over the concatenated batches.
+  reference, wrapped by the same partitioning), under Shardy and GSPMD; forward mode
+  (jvp) too, on Auto and Explicit meshes.
+* shard_map with check_vma=True and grad or jvp; batch norm's axis_name equals one batch
+  norm over the concatenated batches.
 """
 import math
 import re
@@ -294,6 +295,47 @@ def test_explicit_mesh_equals_one_device(name, loss, make_args, specs, batch, n_
         _compare(fn(*placed), expected)
 
 
+def _jvp_of(loss, argnums, count):
+    """jvp(*primals, *tangents) -> (loss, its tangent in the direction of the tangents of
+    the operands `argnums`)."""
+    def jvp(*operands):
+        primals, ts = operands[:count], operands[count:]
+
+        def f(*moving):
+            full = list(primals)
+            for i, a in zip(argnums, moving):
+                full[i] = a
+            return loss(*full)
+        return jax.jvp(f, [primals[i] for i in argnums], list(ts))
+    return jvp
+
+
+# Forward mode: the cases whose ops compute tangents with primitives of their own (batch
+# norm, the sampler, the RNN; softmax and pooling too).
+FORWARD_CASES = [c for c in CASES if c[0] in ("pool", "softmax", "batchnorm",
+                                              "batchnorm_channels", "stn", "cnn", "rnn")]
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+@pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", FORWARD_CASES,
+                         ids=[c[0] for c in FORWARD_CASES])
+def test_forward_mode_sharded_equals_one_device(name, loss, make_args, specs, batch, n_axis,
+                                                explicit):
+    """jax.jvp in every differentiable operand, on the (data=4, model=2) mesh (its axes Auto,
+    or Explicit), equals one device's: the tangent primitives are partitioned too."""
+    args = list(make_args())
+    argnums = _argnums(loss, args)
+    tangents = [rand(np.shape(args[i]), 40 + i) for i in argnums]
+    jvp = _jvp_of(loss, argnums, len(args))
+    expected = jax.jit(jvp)(*[jax.device_put(a, CPUS[0]) for a in args + tangents])
+    axis_type = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    m = jax.make_mesh((4, 2), ("data", "model"), devices=CPUS, axis_types=(axis_type,) * 2)
+    with jax.set_mesh(m):
+        placed = [jax.device_put(a, NamedSharding(m, s)) for a, s in
+                  zip(args + tangents, list(specs) + [specs[i] for i in argnums])]
+        _compare(jax.jit(jvp)(*placed), expected)
+
+
 # ---- shard_map --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", CASES, ids=[c[0] for c in CASES])
@@ -327,6 +369,36 @@ def test_shard_map_grad_with_check_vma(name, loss, make_args, specs, batch, n_ax
              np.concatenate([p[1][j] for p in pieces], axis=split_axes[k])
              for j, k in enumerate(argnums)]
     _compare(actual, (value, grads), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", FORWARD_CASES,
+                         ids=[c[0] for c in FORWARD_CASES])
+def test_shard_map_jvp_with_check_vma(name, loss, make_args, specs, batch, n_axis):
+    """Forward mode under shard_map (check_vma on): the per-device losses' tangents, summed
+    across devices, equal the sum of per-device calls' (batch norm's statistics are per
+    device here)."""
+    m = mesh((8, 1))
+    args = list(make_args())
+    argnums = _argnums(loss, args)
+    tangents = [rand(np.shape(args[i]), 40 + i) for i in argnums]
+    data_specs = [P(*(e if e == "data" else None for e in sp)) for sp in specs]
+    split_axes = [tuple(sp).index("data") if "data" in tuple(sp) else None for sp in data_specs]
+    jvp = _jvp_of(loss, argnums, len(args))
+
+    def per_device(*operands):
+        return jax.lax.psum(jvp(*operands), "data")
+
+    in_specs = tuple(data_specs + [data_specs[i] for i in argnums])
+    fn = jax.jit(jax.shard_map(per_device, mesh=m, in_specs=in_specs, out_specs=(P(), P())))
+    actual = fn(*args, *tangents)
+    axes = split_axes + [split_axes[i] for i in argnums]
+
+    def piece(a, axis, i):
+        return a if axis is None else np.split(np.asarray(a), 8, axis=axis)[i]
+
+    pieces = [jax.jit(jvp)(*[piece(a, axis, i) for a, axis in zip(args + tangents, axes)])
+              for i in range(8)]
+    _compare(actual, (sum(p[0] for p in pieces), sum(p[1] for p in pieces)), rtol=1e-4)
 
 
 def test_batch_norm_axis_name_equals_global_batch_norm():

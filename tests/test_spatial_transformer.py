@@ -341,9 +341,8 @@ def test_check_grads_spatialtf(rng, sw, sh):
 
 
 def test_second_order_through_the_xla_reference(rng):
-    """Hessian-vector products (grad of grad, through stn_sampler_bwd's XLA reference)
-    against central differences of the gradient. (The sampler is reverse-mode only: its
-    custom VJP has no forward-mode rule.)"""
+    """Hessian-vector products (grad of grad: stn_sampler_bwd's derivative in img and grid
+    is its XLA reference's) against central differences of the gradient."""
     shape = (1, 2, 4, 5)
     img = jnp.asarray(rng.standard_normal(shape))
     theta = jnp.asarray(kink_free_theta(rng, 1, shape[2:], shape[2:]))
@@ -357,6 +356,97 @@ def test_second_order_through_the_xla_reference(rng):
     plus, minus = grad(img + eps * vi, theta + eps * vt), grad(img - eps * vi, theta - eps * vt)
     for got, p, m in zip(hvp_rev(img, theta), plus, minus):
         np.testing.assert_allclose(got, (p - m) / (2 * eps), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward mode: jvp, jacfwd, hessian (JVP rules on the sampler's primitives)
+# ---------------------------------------------------------------------------------------
+def test_forward_mode_check_grads_to_second_order(rng):
+    """check_grads in both modes to second order: the sampler in img and grid, the
+    transformer in img and theta (resampled), the grid generator in theta."""
+    shape = (2, 2, 4, 5)
+    img = jnp.asarray(rng.standard_normal(shape))
+    grid = jnp.asarray(kink_free_grid(rng, 2, 3, 4, 4, 5))
+    check_grads(jax.jit(dnn_grid_sampler), (img, grid), order=2, modes=["fwd", "rev"])
+    theta = jnp.asarray(kink_free_theta(rng, 2, shape[2:], _out_hw(shape, 1.25, 0.75)))
+    check_grads(jax.jit(lambda i, t: dnn_spatialtf(i, t, 1.25, 0.75)), (img, theta), order=2,
+                modes=["fwd", "rev"])
+
+
+def test_jvp_vs_central_differences_of_the_oracle(rng):
+    """jvp in img, grid and theta (each alone and together) against central differences of
+    the NumPy oracle; jax.linearize equals jvp; jacfwd equals jacrev."""
+    shape = (2, 3, 4, 5)
+    img, ti = rng.standard_normal(shape), rng.standard_normal(shape)
+    grid, tg = kink_free_grid(rng, 2, 3, 4, 4, 5), rng.standard_normal((2, 3, 4, 2))
+    theta = kink_free_theta(rng, 2, shape[2:], shape[2:])
+    tt = rng.standard_normal((2, 2, 3))
+    eps = 1e-7  # small enough that no sample point crosses a pixel row or column
+    cases = [(dnn_grid_sampler, ref.grid_sample, (img, grid), (ti, tg)),
+             (dnn_spatialtf, ref.spatialtf, (img, theta), (ti, tt))]
+    for f, oracle, args, tangents in cases:
+        for keep in ((1, 0), (0, 1), (1, 1)):
+            ts = [t * k for t, k in zip(tangents, keep)]
+            y, ty = jax.jit(lambda a, t: jax.jvp(f, a, t))(
+                tuple(map(jnp.asarray, args)), tuple(map(jnp.asarray, ts)))
+            np.testing.assert_allclose(y, oracle(*args), rtol=1e-12, atol=1e-12)
+            fd = (oracle(*[a + eps * t for a, t in zip(args, ts)])
+                  - oracle(*[a - eps * t for a, t in zip(args, ts)])) / (2 * eps)
+            np.testing.assert_allclose(ty, fd, rtol=1e-6, atol=1e-7)
+        _, linear = jax.linearize(f, *map(jnp.asarray, args))
+        np.testing.assert_allclose(linear(*map(jnp.asarray, tangents)),
+                                   jax.jvp(f, tuple(map(jnp.asarray, args)),
+                                           tuple(map(jnp.asarray, tangents)))[1],
+                                   rtol=1e-12, atol=1e-12)
+        jf = jax.jit(jax.jacfwd(f, argnums=(0, 1)))(*map(jnp.asarray, args))
+        jr = jax.jit(jax.jacrev(f, argnums=(0, 1)))(*map(jnp.asarray, args))
+        for a, b in zip(jf, jr):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_over_reverse_hessian(rng):
+    """jax.hessian (forward over reverse) equals reverse over reverse."""
+    shape = (1, 2, 3, 4)
+    img = jnp.asarray(rng.standard_normal(shape))
+    theta = jnp.asarray(kink_free_theta(rng, 1, shape[2:], shape[2:]))
+    w = jnp.asarray(rng.standard_normal(shape))
+    loss = lambda i, t: jnp.sum(jnp.sin(dnn_spatialtf(i, t)) * w)
+    fwd = jax.jit(jax.hessian(loss, argnums=(0, 1)))(img, theta)
+    rev = jax.jit(jax.jacrev(jax.grad(loss, argnums=(0, 1)), argnums=(0, 1)))(img, theta)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), fwd, rev)
+
+
+def test_reverse_mode_runs_one_sampler_backward_pass(rng):
+    """The gradient transposes the sampler's tangent into one stn_sampler_bwd (cuDNN's
+    backward on the cuDNN path, image and grid gradients at once), with the deterministic
+    flag and implementation chosen as before; forward mode runs the forward primitives for
+    the primal and the tangent primitive, no backward."""
+    img, theta = IMG, THETA
+    loss = lambda i, t: jnp.sum(jnp.sin(dnn_spatialtf(i, t)))
+    for deterministic in (False, True):
+        with _deterministic(deterministic):
+            grad = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(img, theta))
+            jvp = str(jax.make_jaxpr(lambda a, t: jax.jvp(dnn_spatialtf, a, t))(
+                (img, theta), (img, theta)))
+        assert grad.count("jaxdnn_stn_sampler_bwd[") == 1, grad
+        assert "jaxdnn_stn_sampler_tangent" not in grad
+        assert f"deterministic={deterministic}" in grad
+        assert "jaxdnn_stn_sampler_fwd[" in jvp and "jaxdnn_stn_sampler_tangent[" in jvp
+        assert "jaxdnn_stn_sampler_bwd" not in jvp
+
+
+@pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)])
+def test_vmap_of_jvp_equals_a_loop(rng, in_axes):
+    """Forward mode under vmap (the tangent primitive folds into N)."""
+    imgs = _stack(rng, lambda: rng.standard_normal(BASE), B, in_axes[0])
+    thetas = _stack(rng, lambda: kink_free_theta(rng, 2, BASE[2:], BASE[2:]), B, in_axes[1])
+    ti, tt = rng.standard_normal(BASE), rng.standard_normal((BASE[0], 2, 3))
+    jvp = lambda i, t: jax.jvp(dnn_spatialtf, (i, t), (jnp.asarray(ti), jnp.asarray(tt)))[1]
+    got = jax.jit(jax.vmap(jvp, in_axes=in_axes))(jnp.asarray(imgs), jnp.asarray(thetas))
+    for k in range(B):
+        i, t = _take(imgs, k, in_axes[0]), _take(thetas, k, in_axes[1])
+        np.testing.assert_allclose(got[k], jvp(jnp.asarray(i), jnp.asarray(t)), rtol=1e-12,
+                                   atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -675,6 +765,17 @@ def test_cuda_lowering_once_the_handlers_exist(handlers_present):
     assert "scatter" not in text
 
 
+def test_cuda_lowering_of_forward_mode(handlers_present):
+    """jvp's program runs the primal on cuDNN (grid generator and sampler) and the tangents
+    on XLA: no backward call."""
+    img = jnp.ones((2, 3, 4, 5), jnp.float32)
+    theta = jnp.ones((2, 2, 3), jnp.float32)
+    text = _cuda_hlo(lambda a, t: jax.jvp(dnn_spatialtf, a, t), (img, theta), (img, theta))
+    # the grid's tangent is the grid generator too (linear in theta)
+    assert sorted(_stn_calls(text)) == ["jaxdnn_stn_grid_fwd", "jaxdnn_stn_grid_fwd",
+                                        "jaxdnn_stn_sampler_fwd"]
+
+
 # ---------------------------------------------------------------------------------------
 # GPU: the cuDNN path (dnn.enabled=True) against the XLA path and float64
 # ---------------------------------------------------------------------------------------
@@ -787,3 +888,28 @@ def test_gpu_deterministic_sampler_backward_is_bitwise_reproducible():
     # a whole rather than elementwise
     difference = np.linalg.norm(results[0][1] - np.asarray(default_theta))
     assert difference <= 1e-2 * np.linalg.norm(np.asarray(default_theta))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_forward_mode_cudnn_vs_xla(rng, case):
+    """jvp in img and theta and the hessian-vector product on the cuDNN path equal the XLA
+    path's in float64; the primal comes from the cuDNN sampler."""
+    shape, sw, sh = GPU_CASES[case]
+    out_hw = _out_hw(shape, sw, sh)
+    h, w = shape[2:]
+    img = jnp.asarray(rng.standard_normal(shape))
+    theta = jnp.asarray(kink_free_theta(rng, shape[0], (h, w), out_hw) if min(h, w, *out_hw) > 1
+                        else random_theta(rng, shape[0]))
+    ti, tt = jnp.asarray(rng.standard_normal(shape)), jnp.asarray(rng.standard_normal((shape[0], 2, 3)))
+    f = lambda i, t: dnn_spatialtf(i, t, sw, sh)
+    jvp = lambda i, t, a, b: jax.jvp(f, (i, t), (a, b))
+    assert "jaxdnn_stn_sampler_fwd" in _stn_calls(jax.jit(jvp).lower(img, theta, ti, tt).as_text())
+    dout = jnp.asarray(rng.standard_normal(shape[:2] + out_hw))
+    grad = jax.grad(lambda i, t: jnp.sum(jnp.sin(f(i, t)) * dout), argnums=(0, 1))
+    hvp = lambda i, t, a, b: jax.jvp(grad, (i, t), (a, b))[1]
+    for fn in (jvp, hvp):
+        cudnn = _jit_run(fn, img, theta, ti, tt)
+        xla = _jit_run(fn, img, theta, ti, tt, xla=True)
+        jax.tree.map(lambda c, x: np.testing.assert_allclose(c, x, rtol=1e-9, atol=1e-10),
+                     cudnn, xla)

@@ -100,3 +100,33 @@ def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: 
         m = m * lax.psum(1, axis_name)
     dx = (gamma.astype(ct) * invstd_c) * (dyc - (dbeta + xhat * dgamma) / jnp.maximum(m, 1))
     return [dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype)]
+
+
+def bn_train_tangent(x, gamma, mean, invstd, tx, tgamma, tbeta, *, mode: str, layout: str,
+                     epsilon: float, axis_name=None):
+    """The tangent of bn_forward_train's `out` at (x, gamma) in the direction (tx, tgamma,
+    tbeta), given the statistics of x (mean and invstd move with x: their tangents are
+    part of it):
+
+        xhat = (x - mean) * invstd
+        d out = gamma * invstd * (tx - mean(tx) - xhat * mean(tx * xhat)) + tgamma * xhat + tbeta
+
+    Linear in (tx, tgamma, tbeta); its transpose is bn_backward (d out / dx is symmetric:
+    its tx part is bn_backward's dx for dy = tx). With `axis_name` the two means run over
+    every device's batch."""
+    del epsilon  # invstd already holds it
+    axes = reduction_axes(mode, layout, x.ndim)
+    m = count(x.shape, mode, layout)
+    ct = compute_dtype(x.dtype)
+    invstd_c = invstd.astype(ct)
+    xhat = (x.astype(ct) - mean.astype(ct)) * invstd_c
+    txc = tx.astype(ct)
+    sums = (jnp.sum(txc, axis=axes, keepdims=True),
+            jnp.sum(txc * xhat, axis=axes, keepdims=True))
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+        m = m * lax.psum(1, axis_name)
+    m = jnp.maximum(m, 1)
+    dout = ((gamma.astype(ct) * invstd_c) * (txc - (sums[0] + xhat * sums[1]) / m)
+            + tgamma.astype(ct) * xhat + tbeta.astype(ct))
+    return dout.astype(x.dtype)

@@ -40,7 +40,8 @@ from jax import lax
 from jaxdnn.reference.dtypes import compute_dtype
 
 __all__ = ["MODES", "GATES", "WeightEntry", "weight_layout", "param_size", "layer_input_size",
-           "compute_dtype", "rnn", "forward", "backward_data", "backward_weights"]
+           "compute_dtype", "rnn", "forward", "backward_data", "backward_weights",
+           "forward_tangent"]
 
 MODES = ("rnn_relu", "rnn_tanh", "lstm", "gru")
 # Gates per cell, in cuDNN's linLayerID order (W ids 0..G-1, R ids G..2G-1):
@@ -266,3 +267,14 @@ def backward_data(x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve, **params)
 def backward_weights(x, hx, cx, w, seq_lengths, y, dy, dhy, dcy, reserve, **params):
     """rnn_bwd_weights: dw."""
     return _forward_vjp(x, hx, cx, w, seq_lengths, dy, dhy, dcy, params)[3]
+
+
+def forward_tangent(x, hx, cx, w, seq_lengths, y, reserve, tx, thx, tcx, tw, **params):
+    """rnn_tangent: [dy, dhy, dcy], the tangent of rnn_fwd's (y, hy, cy) at (x, hx, cx, w)
+    in the direction (tx, thx, tcx, tw): the forward differentiated in forward mode (the
+    forward's outputs y and reserve are operands for the transpose, the cuDNN backward
+    passes; unused here)."""
+    del y, reserve
+    _, tangent = jax.jvp(lambda *a: _forward_outputs(*a, seq_lengths, params), (x, hx, cx, w),
+                         (tx, thx, tcx, tw))
+    return list(tangent)

@@ -29,7 +29,7 @@ from jax import lax
 from jaxdnn.reference.dtypes import compute_dtype
 
 __all__ = ["grid_forward", "grid_backward", "sampler_forward", "sampler_backward",
-           "compute_dtype", "target_coordinates"]
+           "sampler_tangent", "compute_dtype", "target_coordinates"]
 
 
 
@@ -156,6 +156,34 @@ def sampler_backward(img, grid, dout, *, deterministic: bool = False):
     d_y = jnp.sum(s * nb.sy * nb.wx, axis=1) * ((height - 1) / 2)
     dgrid = jnp.stack([d_x, d_y], axis=-1).reshape(grid.shape)
     return [dimg.reshape(img.shape).astype(img.dtype), dgrid.astype(grid.dtype)]
+
+
+def sampler_tangent(img, grid, timg, tgrid, *, deterministic: bool = False):
+    """The tangent of sampler_forward at (img, grid) in the direction (timg, tgrid), linear
+    in (timg, tgrid); its transpose is sampler_backward (`deterministic` is its flag):
+
+        d out = sampler_forward(timg, grid)
+                + sum over the 4 neighbours of img[neighbour] * (d w / d x * dx + d w / d y * dy)
+
+    with w = wy * wx the bilinear weight and dx = tgrid[..., 0] * (W - 1) / 2 (dy alike):
+    the grid term is piecewise, as the grid gradient is (the neighbours are fixed between
+    pixel rows and columns)."""
+    del deterministic  # the transpose's
+    n, c, height, width = img.shape
+    p = grid.shape[1] * grid.shape[2]
+    ct = compute_dtype(img.dtype)
+    nb = _neighbours(grid, height, width, ct)
+    inside = nb.inside[:, None]                                # (N, 1, 4, P)
+    flat = (n, c, height * width)
+    values = _gather(img.reshape(flat), nb.index).astype(ct)
+    tvalues = _gather(timg.reshape(flat), nb.index).astype(ct)
+    tg = tgrid.astype(ct).reshape(n, 1, p, 2)
+    dx = tg[..., 0] * ((width - 1) / 2)                        # (N, 1, P)
+    dy = tg[..., 1] * ((height - 1) / 2)
+    dweights = nb.wy * nb.sx * dx + nb.sy * nb.wx * dy         # (N, 4, P)
+    terms = tvalues * (nb.wy * nb.wx)[:, None] + values * dweights[:, None]
+    out = jnp.sum(jnp.where(inside, terms, 0), axis=2)
+    return out.reshape(n, c, grid.shape[1], grid.shape[2]).astype(img.dtype)
 
 
 def _scatter_add(values, keys, size: int):
