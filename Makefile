@@ -12,9 +12,10 @@ VENV ?= .venv
 CUDA ?=
 REQUIRE_CUDA ?= OFF
 BIN := $(VENV)/bin
+# Defined before EXTRAS uses it: `:=` expands at once, and an undefined `comma` is empty.
+comma := ,
 EXTRAS := test$(if $(CUDA),$(comma)cuda$(CUDA))
 CUDNN_WHEEL := nvidia-cudnn-cu$(if $(CUDA),$(CUDA),12)>=9.8,<10
-comma := ,
 
 .PHONY: bench test info install lint clean
 
