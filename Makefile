@@ -1,6 +1,7 @@
 # make bench   create .venv, build and install jaxdnn, run `jaxdnn bench` (the main job)
 # make test    the same install, then the test suite (GPU tests skip without a GPU), then
 #              the sharding tests on 8 forced host devices
+# make test-floor  the same tests on the oldest jax, jaxlib and flax jaxdnn supports
 # make info    what jaxdnn sees: versions, cuDNN, devices, flags
 # make lint    ruff and clang-format, as CI runs them
 #
@@ -16,8 +17,12 @@ BIN := $(VENV)/bin
 comma := ,
 EXTRAS := test$(if $(CUDA),$(comma)cuda$(CUDA))
 CUDNN_WHEEL := nvidia-cudnn-cu$(if $(CUDA),$(CUDA),12)>=9.8,<10
+# The oldest jax, jaxlib and flax jaxdnn supports: pyproject.toml's floors (a test holds
+# them equal).
+FLOOR_PINS := jax==0.10.1 jaxlib==0.10.1 flax==0.12.2
+FLOOR_VENV ?= .venv-floor
 
-.PHONY: bench test info install lint clean
+.PHONY: bench test test-floor info install lint clean
 
 $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/common/*)
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +39,34 @@ install: $(VENV)/.installed
 bench: install
 	$(BIN)/jaxdnn bench
 
-# The sharding tests need 8 host devices, set before jax starts: a pytest run of their own.
+# The suite, run by the pytest command $(1). The sharding tests need 8 host devices, set
+# before jax starts: a pytest run of their own.
+define run_tests
+	$(1) -q -ra --ignore=tests/test_sharding.py
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(1) -q -ra tests/test_sharding.py
+endef
+
 test: install
-	$(BIN)/python -m pytest -q -ra --ignore=tests/test_sharding.py
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra tests/test_sharding.py
+	$(call run_tests,$(BIN)/python -m pytest)
+
+# The suite on the oldest supported jax, jaxlib and flax, compiling nothing again: a venv
+# of its own with FLOOR_PINS imports this checkout's Python, copied to $(FLOOR_VENV)/src
+# (`python -P` keeps the checkout itself off sys.path) with the extension `make install`
+# built against the newest jaxlib (XLA's FFI is a C ABI: the extension loads on both) and
+# the cuDNN wheel beside it, laid out as in site-packages. Without an extension, the XLA
+# path alone.
+test-floor: install
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_PINS) pytest scipy scikit-learn
+	rm -rf $(FLOOR_VENV)/src && mkdir $(FLOOR_VENV)/src && cp -r jaxdnn $(FLOOR_VENV)/src/
+	site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])"); \
+	for so in "$$site"/jaxdnn/_jaxdnn_cuda*.so; do [ ! -e "$$so" ] || cp "$$so" $(FLOOR_VENV)/src/jaxdnn/; done; \
+	[ ! -d "$$site/nvidia" ] || ln -sfn "$$site/nvidia" $(FLOOR_VENV)/src/nvidia
+	PYTHONPATH=$(abspath $(FLOOR_VENV))/src $(FLOOR_VENV)/bin/python -P -c "import jax, jaxlib, flax, jaxdnn; \
+		print('floor: jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, \
+		      'jaxdnn from', jaxdnn.__file__, '| cuDNN path:', jaxdnn.unavailable_reason() or 'yes')"
+	$(call run_tests,PYTHONPATH=$(abspath $(FLOOR_VENV))/src $(FLOOR_VENV)/bin/python -P -m pytest)
 
 # ruff (pyproject.toml's [tool.ruff]) and clang-format (.clang-format), as CI runs them;
 # pinned (here and in .pre-commit-config.yaml) so that a new release changes no verdict.
@@ -51,4 +80,4 @@ info: install
 	$(BIN)/jaxdnn info
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(FLOOR_VENV)

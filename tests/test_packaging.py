@@ -1,6 +1,7 @@
 """Packaging: what the README's install commands ask pip for, the version, the command line."""
 import os
 import shutil
+import sys
 import subprocess
 
 import pytest
@@ -23,3 +24,29 @@ def test_make_install_asks_for_the_right_packages(tmp_path, cuda):
     extras = "test" + (f",cuda{cuda}" if cuda else "")
     assert f'-e ".[{extras}]"' in out, out
     assert f'"nvidia-cudnn-cu{cuda or 12}>=' in out, out
+
+
+def test_jaxdnn_flax_without_flax_says_what_to_install():
+    code = ("import sys; sys.modules['flax'] = None\n"  # as if Flax were not installed
+            "import jaxdnn\n"
+            "try:\n    import jaxdnn.flax\n"
+            "except ImportError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          check=True)
+    assert "pip install 'jaxdnn[flax]'" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_floor_pins_are_the_declared_floors():
+    """`make test-floor` tests the oldest versions pyproject.toml admits, not others."""
+    import re
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["flax"]
+    floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", r).groups() for r in requirements
+                  if re.fullmatch(r"(jax|jaxlib|flax)>=[\d.]+", r))
+    with open(os.path.join(REPO, "Makefile")) as f:
+        pins = re.search(r"^FLOOR_PINS := (.*)$", f.read(), re.M).group(1).split()
+    assert dict(pin.split("==") for pin in pins) == floors == {
+        "jax": floors["jax"], "jaxlib": floors["jax"], "flax": floors["flax"]}
