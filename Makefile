@@ -17,6 +17,11 @@ BIN := $(VENV)/bin
 comma := ,
 EXTRAS := test$(if $(CUDA),$(comma)cuda$(CUDA))
 CUDNN_WHEEL := nvidia-cudnn-cu$(if $(CUDA),$(CUDA),12)>=9.8,<10
+# The CUDA runtime headers, for a machine without a CUDA toolkit (CMake prefers a toolkit).
+HEADER_WHEELS_12 := nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12
+HEADER_WHEELS_13 := "nvidia-cuda-runtime>=13,<14" "nvidia-cuda-crt>=13,<14" \
+	"nvidia-cuda-cccl>=13,<14" "nvidia-cuda-nvrtc>=13,<14"
+HEADER_WHEELS := $(HEADER_WHEELS_$(if $(CUDA),$(CUDA),12))
 # The oldest jax, jaxlib and flax jaxdnn supports: pyproject.toml's floors (a test holds
 # them equal).
 FLOOR_PINS := jax==0.10.1 jaxlib==0.10.1 flax==0.12.2
@@ -29,7 +34,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/comm
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Build requirements first, so that the build below needs no isolated environment.
 	$(BIN)/python -m pip install -q scikit-build-core nanobind ninja cmake jax jaxlib \
-		"$(CUDNN_WHEEL)" "nvidia-cudnn-frontend>=1.16,<1.19"
+		"$(CUDNN_WHEEL)" $(HEADER_WHEELS) "nvidia-cudnn-frontend>=1.16,<1.29"
 	$(BIN)/python -m pip install -q --no-build-isolation \
 		-Ccmake.define.JAXDNN_REQUIRE_CUDA=$(REQUIRE_CUDA) -e ".[$(EXTRAS)]"
 	touch $@

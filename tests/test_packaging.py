@@ -24,6 +24,8 @@ def test_make_install_asks_for_the_right_packages(tmp_path, cuda):
     extras = "test" + (f",cuda{cuda}" if cuda else "")
     assert f'-e ".[{extras}]"' in out, out
     assert f'"nvidia-cudnn-cu{cuda or 12}>=' in out, out
+    # The CUDA runtime headers for a machine without a toolkit, of the same CUDA major.
+    assert ('"nvidia-cuda-crt>=13,<14"' if cuda == "13" else "nvidia-cuda-nvcc-cu12") in out, out
 
 
 def test_jaxdnn_flax_without_flax_says_what_to_install():
