@@ -4,6 +4,7 @@
 # make test-floor  the same tests on the oldest jax, jaxlib and flax jaxdnn supports
 # make info    what jaxdnn sees: versions, cuDNN, devices, flags
 # make lint    ruff and clang-format, as CI runs them
+# make docs    the API reference, generated from the docstrings, under build/docs
 #
 # CUDA=12 or CUDA=13 installs jax's CUDA plugin and the matching cuDNN wheel (a GPU
 # machine); the default installs CPU-only jax and builds against the cuDNN 12 wheel's
@@ -27,7 +28,7 @@ HEADER_WHEELS := $(HEADER_WHEELS_$(if $(CUDA),$(CUDA),12))
 FLOOR_PINS := jax==0.10.1 jaxlib==0.10.1 flax==0.12.2
 FLOOR_VENV ?= .venv-floor
 
-.PHONY: bench test test-floor info install lint clean
+.PHONY: bench test test-floor info install lint docs clean
 
 $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/common/*)
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,13 @@ lint:
 	$(BIN)/python -m pip install -q "ruff==0.17.6" "clang-format==23.1.5"
 	$(BIN)/ruff check jaxdnn tests benchmarks examples scripts
 	$(BIN)/clang-format --dry-run --Werror cuda/*.cc cuda/*.h cuda/common/*
+
+# The API reference from the docstrings (pdoc, pinned like the linters), into build/docs:
+# open build/docs/index.html. Flax's own annotations draw pdoc warnings; -W silences them.
+docs: install
+	$(BIN)/python -m pip install -q "pdoc==16.0.0"
+	rm -rf build/docs
+	$(BIN)/python -W ignore -m pdoc --docformat markdown -o build/docs jaxdnn jaxdnn.flax jaxdnn.flax.nnx
 
 info: install
 	$(BIN)/jaxdnn info
