@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("ops", nargs="*", metavar="op",
                    help=f"ops to time, among {', '.join(bench.OPS)} (default: all)")
     b.add_argument("--size", choices=bench.SIZES,
-                   help="shapes: 'full' (the anchor shapes the peers were measured on; default where cuDNN can serve) "
+                   help="shapes: 'full' (the reference shapes of BENCHMARKS.md; default where cuDNN can serve) "
                         "or 'small' (tiny, for a CPU; default elsewhere)")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is kept")
     b.add_argument("--calls", type=int, default=None,
