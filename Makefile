@@ -5,6 +5,9 @@
 # make info    what jaxdnn sees: versions, cuDNN, devices, flags
 # make lint    ruff and clang-format, as CI runs them
 # make docs    the API reference, generated from the docstrings, under build/docs
+# make wheel   a wheel in dist/, built as without a CUDA toolkit (NVIDIA's header wheels)
+# make test-wheel  that wheel installed into a clean venv, and the CPU tests of the
+#              extension run from it
 #
 # CUDA=12 or CUDA=13 installs jax's CUDA plugin and the matching cuDNN wheel (a GPU
 # machine); the default installs CPU-only jax and builds against the cuDNN 12 wheel's
@@ -27,8 +30,9 @@ HEADER_WHEELS := $(HEADER_WHEELS_$(if $(CUDA),$(CUDA),12))
 # them equal).
 FLOOR_PINS := jax==0.10.1 jaxlib==0.10.1 flax==0.12.2
 FLOOR_VENV ?= .venv-floor
+WHEEL_VENV ?= .venv-wheel
 
-.PHONY: bench test test-floor info install lint docs clean
+.PHONY: bench test test-floor wheel test-wheel info install lint docs clean
 
 $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/common/*)
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +78,31 @@ test-floor: install
 		      'jaxdnn from', jaxdnn.__file__, '| cuDNN path:', jaxdnn.unavailable_reason() or 'yes')"
 	$(call run_tests,PYTHONPATH=$(abspath $(FLOOR_VENV))/src $(FLOOR_VENV)/bin/python -P -m pytest)
 
+# A wheel built as on a machine without a CUDA toolkit: CMake is told to find none, so the
+# CUDA runtime headers and static cudart come from NVIDIA's wheels installed above.
+wheel: install
+	rm -rf dist build/wheel
+	$(BIN)/python -m pip wheel -q --no-build-isolation --no-deps -w dist -Cbuild-dir=build/wheel \
+		-Ccmake.define.CMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON \
+		-Ccmake.define.JAXDNN_REQUIRE_CUDA=$(REQUIRE_CUDA) .
+
+# That wheel installed into a clean venv (its dependencies from the index, no NVIDIA wheel),
+# given the cuDNN and NVRTC libraries of $(VENV)'s wheels (a link, not a second 2 GB
+# install), then the tests of the extension that need no GPU, run from the installed
+# package (`python -P` keeps the checkout off sys.path).
+test-wheel: wheel
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/jaxdnn-*.whl pytest scipy
+	site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])"); \
+	wheel_site=$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])"); \
+	[ ! -d "$$site/nvidia" ] || ln -sfn "$$site/nvidia" "$$wheel_site/nvidia"
+	$(WHEEL_VENV)/bin/python -P -c "import jaxdnn; \
+		print('wheel: jaxdnn', jaxdnn.__version__, 'from', jaxdnn.__file__, '| cuDNN path:', \
+		      jaxdnn.unavailable_reason() or 'yes', '|', len(jaxdnn.ffi_targets()), 'FFI targets')"
+	$(WHEEL_VENV)/bin/python -P -m pytest -q -ra tests/test_lowering.py tests/test_export.py \
+		tests/test_cli.py tests/test_packaging.py
+
 # ruff (pyproject.toml's [tool.ruff]) and clang-format (.clang-format), as CI runs them;
 # pinned (here and in .pre-commit-config.yaml) so that a new release changes no verdict.
 lint:
@@ -93,4 +122,4 @@ info: install
 	$(BIN)/jaxdnn info
 
 clean:
-	rm -rf build $(VENV) $(FLOOR_VENV)
+	rm -rf build dist $(VENV) $(FLOOR_VENV) $(WHEEL_VENV)
