@@ -55,7 +55,7 @@ CNN_SIZES = {"full": dict(batch=128, image=32, widths=(64, 128)),
              "small": dict(batch=4, image=8, widths=(8, 16))}
 LM_SIZES = {"full": dict(vocab=1000, hidden=512, batch=64, length=128),
             "small": dict(vocab=50, hidden=16, batch=4, length=8)}
-# The issue's target: the LSTM language model's step at least 1.5x faster with jaxdnn.
+# The target: the LSTM language model's step at least 1.5x faster with jaxdnn.
 TARGETS = {"lstm_lm": 1.5}
 # Largest relative difference of the two builds' first losses: bfloat16 rounding for the
 # CNN; for the float32 LM, TF32 matmuls on a GPU (cuDNN's and XLA's differ in order).

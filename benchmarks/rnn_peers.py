@@ -82,7 +82,7 @@ class Shape(NamedTuple):
 
 SHAPES = {"full": Shape(128, 64, 512, 512, 2), "small": Shape(8, 4, 16, 16, 2)}
 
-# The issue's targets for fwd+bwd: jaxdnn takes at most 0.9x the best peer's time, and is
+# The targets for fwd+bwd: jaxdnn takes at most 0.9x the best peer's time, and is
 # at least 1.5x faster than Flax.
 TARGET_BEST_OVER_JAXDNN = 1 / 0.9
 TARGET_FLAX_OVER_JAXDNN = 1.5
@@ -280,7 +280,7 @@ def _ratio(numerator, denominator):
 
 
 def _targets(row: dict) -> str:
-    """Whether a fwd+bwd row meets the issue's targets; '' for fwd rows."""
+    """Whether a fwd+bwd row meets the targets; '' for fwd rows."""
     if row["pass"] != "fwd+bwd":
         return ""
 

@@ -1,4 +1,4 @@
-"""Folding a vmapped axis into an axis of the op (DESIGN.md rule 8), in one place.
+"""Folding a vmapped axis into an axis of the op, in one place.
 
 The vmapped axis B joins the target axis as its *minor* part: (N, B) -> N*B. A batch
 axis N sharded across devices stays sharded that way (its shards are contiguous blocks

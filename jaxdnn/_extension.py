@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["version", "is_available", "unavailable_reason", "extension", "cudnn_library_path"]
+__all__ = ["version", "is_available", "unavailable_reason", "extension", "cudnn_library_path",
+           "ffi_targets", "export_disabled_checks"]
 
 # When CMake skips the extension (no CUDA or cuDNN headers), it installs the reason as
 # _build_info.txt beside this file (see CMakeLists.txt).
@@ -100,6 +101,30 @@ def has_targets(*names: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _registered_names() -> tuple[str, ...]:
     return tuple(_ext.registrations()) if _ext is not None else ()
+
+
+def ffi_targets() -> list[str]:
+    """The names of the XLA FFI targets (custom calls) jaxdnn registered in this process:
+    those a program lowered for CUDA here may contain. Empty without the extension, where
+    every op lowers to XLA's own operations."""
+    return sorted(_registered_names()) if extension() is not None else []
+
+
+def export_disabled_checks() -> list:
+    """What `jax.export.export(..., disabled_checks=...)` needs to export a program that
+    calls jaxdnn on CUDA.
+
+    `jax.export` refuses custom calls without a compatibility guarantee, as jaxdnn's are
+    (their attributes may change from one jaxdnn version to the next). This lists one
+    `jax.export.DisabledSafetyCheck.custom_call` per jaxdnn target::
+
+        exp = jax.export.export(jax.jit(f), platforms=["cuda"],
+                                disabled_checks=jaxdnn.export_disabled_checks())(x)
+
+    The exported program runs only where the same jaxdnn version is imported (which
+    registers the targets) before it is called.
+    """
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in ffi_targets()]
 
 
 def register_host_placeholders() -> None:

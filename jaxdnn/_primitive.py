@@ -4,7 +4,7 @@ A jaxdnn primitive has
   * an abstract evaluation (pure-Python shape rules: no GPU at trace time),
   * a CUDA lowering to the op's XLA FFI handler through `jax.ffi.ffi_lowering`, with the
     workspace, where the op needs one, as an explicit trailing `u8` result sized by a
-    Python policy (DESIGN.md rule 4) and dropped here,
+    Python policy (so tracing needs no GPU) and dropped here,
   * a reference lowering (the op's pure-JAX implementation in `jaxdnn.reference`) for
     every other platform, and for CUDA when the call was traced with impl='xla',
   * an optional batching rule (`fold_into_batch` serves every op whose operands and

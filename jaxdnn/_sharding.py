@@ -1,4 +1,4 @@
-"""How XLA's SPMD partitioner splits a jaxdnn call across devices (DESIGN.md rule 12).
+"""How XLA's SPMD partitioner splits a jaxdnn call across devices.
 
 Without a rule XLA all-gathers every operand of a custom call and runs it on the global
 batch on every device. Each primitive therefore declares one `Partitioning` (a factor

@@ -48,7 +48,7 @@ FIELDS = ("op", "case", "pass", "dtype", "layout", "jaxdnn_ms", "cudnn_ms", "xla
 # preset stays quick on a CPU.
 CALLS = {"small": 5, "full": 20}
 
-# Batch normalization's epsilon: cuDNN's smallest, as the anchors used.
+# Batch normalization's epsilon: cuDNN's smallest (and Flax's and PyTorch's default).
 BN_EPSILON = 1e-5
 
 
@@ -140,7 +140,7 @@ def _transposed_conv_case(n, c_in, c_out, size, nd, kernel, stride, pad, dtype, 
                 operands=((kerns, dtype),))
 
 
-# name, (C, K, size) full and small, kernel, stride, pad, the anchor (dtype, layout)
+# name, (C, K, size) full and small, kernel, stride, pad, the small preset's (dtype, layout)
 _CONV_SHAPES = (
     ("res2", (64, 64, 56), (4, 4, 8), 3, 1, 1, ("float32", "NHWC")),
     ("res4", (256, 256, 14), (8, 8, 4), 3, 1, 1, ("bfloat16", "NHWC")),
@@ -148,7 +148,7 @@ _CONV_SHAPES = (
     ("", (256, 64, 56), (8, 4, 8), 1, 1, 0, ("bfloat16", "NCHW")),
 )
 _CONV_VARIANTS = tuple((d, l) for d in ("float32", "bfloat16") for l in ("NCHW", "NHWC"))
-# Beyond the anchor shapes, two convolutions JAX users report slower than PyTorch's (jax#23713, a
+# Beyond the ResNet-50 shapes, two convolutions JAX users report slower than PyTorch's (jax#23713, a
 # depthwise 3x3 in flax.nnx.Conv; jax#29875, 1-D convolutions), in the same variants:
 # name, (C, K, size) full and small, kernel, stride, pad, groups ('depthwise': C), spatial
 # dims, the small preset's (dtype, layout)
@@ -188,8 +188,8 @@ def _rnn_case(mode, steps, n, input_dim, hidden, layers, dtype):
 
 
 def cases(size: str = "small", ops=None) -> list[Case]:
-    """The cases of a preset: 'full' holds the anchor shapes, 'small' the same
-    variants on shapes tiny enough for a CPU."""
+    """The cases of a preset: 'full' holds the reference shapes (BENCHMARKS.md), 'small'
+    the same variants on shapes tiny enough for a CPU."""
     if size not in SIZES:
         raise ValueError(f"size={size!r}; expected one of {', '.join(SIZES)}")
     ops = OPS if ops is None else tuple(ops)
@@ -217,12 +217,12 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         _pool_case("max", **pool2d, dtype="float16"),
         _pool_case("max", **pool2d, layout="NHWC"),
         _pool_case("max", (2, 2, 2), 2, 0, n3, c3, (d3, d3, d3)),
-        # The anchor ResNet-50 shapes; the full preset times each in float32 and
-        # bfloat16, NCHW and NHWC (the small one in its anchor dtype and layout).
+        # The ResNet-50 reference shapes; the full preset times each in float32 and
+        # bfloat16, NCHW and NHWC (the small one in one dtype and layout).
         *(_conv_case(name, conv_n, *pick(full_shape, small_shape), kernel, stride, pad,
                      dtype, layout)
-          for name, full_shape, small_shape, kernel, stride, pad, anchor in _CONV_SHAPES
-          for dtype, layout in (_CONV_VARIANTS if full else (anchor,))),
+          for name, full_shape, small_shape, kernel, stride, pad, small_variant in _CONV_SHAPES
+          for dtype, layout in (_CONV_VARIANTS if full else (small_variant,))),
         *(_conv_case(name, conv_n, *pick(full_shape, small_shape), kernel, stride, pad,
                      dtype, layout, pick(full_shape, small_shape)[0] if groups == "depthwise"
                      else groups, nd)
@@ -232,13 +232,13 @@ def cases(size: str = "small", ops=None) -> list[Case]:
         # The transposed convolutions, in float32 and bfloat16 (the small preset: one).
         *(_transposed_conv_case(pick(n_full, n_small), *pick(full_shape, small_shape), nd,
                                 kernel, stride, pad, dtype, layout)
-          for n_full, n_small, full_shape, small_shape, nd, kernel, stride, pad, anchor_dtype,
+          for n_full, n_small, full_shape, small_shape, nd, kernel, stride, pad, small_dtype,
           layout in _TRANSPOSED_SHAPES
-          for dtype in (("float32", "bfloat16") if full else (anchor_dtype,))),
+          for dtype in (("float32", "bfloat16") if full else (small_dtype,))),
         *(_batchnorm_case(**bn, dtype=dtype, layout=layout)
           for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC")),
         _stn_case(*pick((64, 32, 128), (2, 4, 8))),
-        # The anchor recurrent networks (time-major x), float32 and bfloat16.
+        # The reference recurrent networks (time-major x), float32 and bfloat16.
         *(_rnn_case(mode, *pick((128, 64, 512, 512, 2), (8, 4, 16, 16, 2)), dtype)
           for mode in ("lstm", "gru") for dtype in ("float32", "bfloat16")),
     ]
@@ -304,7 +304,7 @@ def _conv_functions(case: Case) -> tuple[Callable, Callable]:
     if p.get("transposed"):
         gradinput = jaxdnn.dnn_gradinput3d if nd == 3 else jaxdnn.dnn_gradinput
         # conv_transpose pads the stride-dilated dy: by kernel - 1 - pad for a forward
-        # convolution padded by `pad` (PyTorch's ConvTranspose padding, as in the anchors).
+        # convolution padded by `pad` (PyTorch's ConvTranspose padding, as the PyTorch peer runs it).
         kernel_spatial = case.operands[0][0][2:]
         dilated_padding = [(k - 1 - pad, k - 1 - pad) for k, pad in zip(kernel_spatial, p["pad"])]
 
@@ -334,7 +334,7 @@ def _conv_functions(case: Case) -> tuple[Callable, Callable]:
 
 
 def _xla_batchnorm(x, gamma, beta, *, axes, epsilon):
-    """The plain-JAX training batch norm that XLA fuses (the anchors' 'XLA fusion' peer), with
+    """The plain-JAX training batch norm that XLA fuses (the 'XLA fusion' peer), with
     the statistics in float32 as cuDNN computes them for half-precision images."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(axes, keepdims=True)
@@ -369,7 +369,7 @@ def _xla_affine_grid(theta, height, width):
 
 def _xla_grid_sample(img, grid):
     """Bilinear sampling of img (N, C, H, W) at grid (N, H_out, W_out, 2), zero outside the
-    image, written with gathers: the anchors' pure-JAX peer."""
+    image, written with gathers: the pure-JAX peer."""
     _, _, height, width = img.shape
     x = (grid[..., 0] + 1) * (width - 1) / 2
     y = (grid[..., 1] + 1) * (height - 1) / 2

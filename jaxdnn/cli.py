@@ -2,6 +2,7 @@
 
     jaxdnn info [--json]          versions, cuDNN, devices, extension status, flags
     jaxdnn bench [ops...]         jaxdnn beside XLA (see jaxdnn.bench)
+    jaxdnn --version
 """
 from __future__ import annotations
 
@@ -154,6 +155,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxdnn", description="jaxdnn: cuDNN operations for JAX.")
+    parser.add_argument("--version", action="version",
+                        version=f"jaxdnn {jaxdnn.__version__} (jax {jax.__version__}, "
+                                f"jaxlib {jaxlib.__version__})")
     commands = parser.add_subparsers(dest="command", metavar="command")
 
     info = commands.add_parser("info", help="versions, cuDNN, devices, extension status, flags")
@@ -166,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("ops", nargs="*", metavar="op",
                    help=f"ops to time, among {', '.join(bench.OPS)} (default: all)")
     b.add_argument("--size", choices=bench.SIZES,
-                   help="shapes: 'full' (the anchor shapes the peers were measured on; default where cuDNN can serve) "
+                   help="shapes: 'full' (the reference shapes of BENCHMARKS.md; default where cuDNN can serve) "
                         "or 'small' (tiny, for a CPU; default elsewhere)")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is kept")
     b.add_argument("--calls", type=int, default=None,
@@ -181,6 +185,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is still caught below
+        return status
+    except BrokenPipeError:
+        # The reader left (`jaxdnn info --json | head -1`): stop quietly, as Unix tools do.
+        # Point stdout at /dev/null so that Python's flush at exit raises nothing either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "info":

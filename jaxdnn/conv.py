@@ -10,7 +10,7 @@ are differentiable themselves.
 
 On CUDA the passes run through cuDNN's frontend graph API (cuda/conv.cc: conv_fprop,
 conv_dgrad, conv_wgrad), each with a trailing u8 workspace result sized here by
-`_workspace_bytes` (DESIGN.md rule 4); cuDNN considers only plans that fit it. Where cuDNN
+`_workspace_bytes` (so tracing needs no GPU); cuDNN considers only plans that fit it. Where cuDNN
 has no engine for the data type / compute type pair (float32 data computed in float64,
 say) the call takes the XLA path (jaxdnn/reference/conv.py), as it does elsewhere.
 Channels-first images (but for 1x1 kernels) reach cuDNN channels-last, transposed around
@@ -276,7 +276,7 @@ ad.defbilinear(conv_bwd_filter_p, _filter_transpose_img, _filter_transpose_topgr
 
 def _per_axis(op: str, arg: str, value, nd: int) -> tuple[int, ...]:
     """An int or one int per spatial axis; the all-ones default of another rank (the
-    seed's (1, 1) given to a 1-D or 3-D convolution) means ones."""
+    (1, 1) of Theano's 2-D signature given to a 1-D or 3-D convolution) means ones."""
     if not isinstance(value, (int, np.integer)) and value is not None:
         try:
             items = tuple(value)

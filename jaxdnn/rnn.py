@@ -1,11 +1,11 @@
-"""Recurrent networks: `RNNBlock` (the seed's RNNBlock), after cuDNN's RNN v8 API
+"""Recurrent networks: `RNNBlock` (Theano's RNNBlock), after cuDNN's RNN v8 API
 (cudnnRNNForward, cudnnRNNBackwardData_v8, cudnnRNNBackwardWeights_v8).
 
 An RNNBlock is a configuration (cell, hidden size, depth, input mode, directions) applied
 to an opaque parameter block `w`: a flat vector laid out as cuDNN lays out its weight
 space (`weight_layout`), so a block made anywhere runs unchanged on cuDNN and on the XLA
 path. `split_params` / `merge_params` convert between the block and each layer's matrices
-and biases in the seed's view (`x @ W`, W of shape (input_dim, hidden)). The cell formulas
+and biases in Theano's view (`x @ W`, W of shape (input_dim, hidden)). The cell formulas
 are in jaxdnn/reference/rnn.py.
 
 Two paths, chosen at trace time by `dnn.enabled`:
@@ -70,7 +70,7 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
-time (DESIGN.md rule 4): `temp_space_sizes` asks the extension once per configuration.
+time: `temp_space_sizes` asks the extension once per configuration.
 With 'auto' and no GPU visible, the XLA path is taken.
 
 Batching (the primitives' rules; the XLA path needs none):
@@ -574,7 +574,7 @@ def _seq_lengths(op: str, seq_lengths, steps: int, batch: int):
 # ---- the public class ---------------------------------------------------------------------
 
 class RNNBlock:
-    """A multi-layer recurrent network on cuDNN's RNN API (the seed's RNNBlock).
+    """A multi-layer recurrent network on cuDNN's RNN API (Theano's RNNBlock).
 
     dtype: of the parameters and of the computation (float16, bfloat16, float32,
     float64; the 16-bit types compute in float32). hidden_size, num_layers: positive
@@ -584,7 +584,7 @@ class RNNBlock:
     direction_mode: 'unidirectional' or 'bidirectional' (each layer also runs from the last
     step to the first; outputs are [forward, backward] along the features).
 
-    `input_size` is (batch_size, input_dim), as in the seed; the parameters do not depend
+    `input_size` is (batch_size, input_dim), as in Theano; the parameters do not depend
     on batch_size.
     """
 
@@ -648,7 +648,7 @@ class RNNBlock:
                              self.input_mode, self.bidirectional)
 
     def _layer_shapes(self, layer: int, input_dim: int) -> list[tuple | None]:
-        """Shapes of split_params(w, layer, ...), in the seed's view (None: absent)."""
+        """Shapes of split_params(w, layer, ...), in Theano's view (None: absent)."""
         gates, hidden = self._gates, self.hidden_size
         depth = layer // self.num_directions
         in_dim = reference.layer_input_size(depth, input_dim, hidden, self.num_directions)
@@ -684,7 +684,7 @@ class RNNBlock:
         return w
 
     def split_params(self, w, layer, input_size) -> list:
-        """Layer `layer`'s weights and biases, `[W0, b0, W1, b1, ...]` in the seed's order
+        """Layer `layer`'s weights and biases, `[W0, b0, W1, b1, ...]` in Theano's order
         (cuDNN's linLayerIDs: input matrices for every gate, then recurrent ones; lstm
         gates i, f, newmem, o; gru reset, update, newmem). Each W is (input_dim, hidden)
         (input) or (hidden, hidden) (recurrent), applied as x @ W; each b is (hidden,).
@@ -713,7 +713,7 @@ class RNNBlock:
 
     def merge_params(self, layers: Sequence[Sequence], input_size):
         """The parameter block from every layer's `split_params` list (the inverse of
-        split_params): `layers[i]` for layer i, arrays in the seed's view."""
+        split_params): `layers[i]` for layer i, arrays in Theano's view."""
         op = "RNNBlock.merge_params"
         input_dim = self._input_dim(op, input_size)
         layers = [list(entries) for entries in layers]

@@ -1,4 +1,4 @@
-"""Spatial transformer: `dnn_spatialtf`, `dnn_affine_grid` (the seed's GpuDnnTransformerGrid)
+"""Spatial transformer: `dnn_spatialtf`, `dnn_affine_grid` (Theano's GpuDnnTransformerGrid)
 and `dnn_grid_sampler` (GpuDnnTransformerSampler), after cuDNN's
 cudnnSpatialTfGridGenerator{Forward,Backward} and cudnnSpatialTfSampler{Forward,Backward}.
 
@@ -299,7 +299,7 @@ def _grid_sampler(img, grid, impl):
 # ---- public functions ---------------------------------------------------------------------
 
 def dnn_affine_grid(theta, out_dims):
-    """The sampling grid of an affine spatial transformer (the seed's GpuDnnTransformerGrid).
+    """The sampling grid of an affine spatial transformer (Theano's GpuDnnTransformerGrid).
 
     theta: (N, 2, 3) affine matrices in normalized coordinates. out_dims: (N, C, H, W), the
     shape of the transformed images (static ints; C is not used by the grid).
@@ -322,7 +322,7 @@ def dnn_affine_grid(theta, out_dims):
 
 def dnn_grid_sampler(img, grid):
     """Bilinear sampling of img (N, C, H, W) at grid (N, H_out, W_out, 2) -> (N, C, H_out,
-    W_out) (the seed's GpuDnnTransformerSampler).
+    W_out) (Theano's GpuDnnTransformerSampler).
 
     grid holds normalized coordinates, grid[..., 0] = x (width), grid[..., 1] = y (height),
     with -1 and 1 the centres of the corner pixels: x = (gx + 1) * (W - 1) / 2. Neighbours
@@ -348,7 +348,7 @@ def dnn_grid_sampler(img, grid):
 
 
 def dnn_spatialtf(img, theta, scale_width=1, scale_height=1):
-    """Affine spatial transformer (the seed's dnn_spatialtf): sample img (N, C, H, W) on the
+    """Affine spatial transformer (Theano's dnn_spatialtf): sample img (N, C, H, W) on the
     grid of theta (N, 2, 3) -> (N, C, ceil(H * scale_height), ceil(W * scale_width)).
 
     = dnn_grid_sampler(img, dnn_affine_grid(theta, (N, C, H_out, W_out))): bilinear, zeros

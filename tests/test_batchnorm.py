@@ -86,7 +86,7 @@ def _test(case, **kwargs):
 # =======================================================================================
 @cases
 def test_reference_matches_theano_formula(rng, case):
-    """The loop reference against the vectorized formula of the seed's documentation."""
+    """The loop reference against the vectorized formula of Theano's documentation."""
     shape, mode, fmt = CASES[case]
     _, (x, g, b, rm, rv) = _data(rng, case)
     axes = ref.normalized_axes(len(shape), mode, fmt)

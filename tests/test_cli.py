@@ -2,6 +2,9 @@
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 import jaxdnn
 from jaxdnn import bench, config
 from jaxdnn.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_no_command_prints_help(capsys):
@@ -190,3 +195,22 @@ def _check_sides_agree(case):
             # relative to their largest terms, not to each element's own size.
             scale = max(1.0, float(np.abs(b).max()))
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"jaxdnn {jaxdnn.__version__} (jax ")
+
+
+def test_closed_pipe_exits_quietly():
+    """`jaxdnn info --json | head -1`: the reader leaves before the writer is done. Here it
+    leaves before the first write (the read end is closed at once), which is the same error
+    every time; a traceback on stderr is the failure."""
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdnn", "info", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()
+    assert proc.returncode == 1

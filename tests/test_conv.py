@@ -914,7 +914,7 @@ X5, W5 = (1, 2, 4, 4, 4), (2, 2, 2, 2, 2)
     # stride / dilation
     (X4, W4, dict(subsample=(0, 1)), "subsample"),
     (X4, W4, dict(subsample=(2, 1, 1)), "subsample"),   # (all-ones of another rank: the
-    (X4, W4, dict(subsample=(2,)), "subsample"),        #  seed's default, may be accepted)
+    (X4, W4, dict(subsample=(2,)), "subsample"),        #  2-D default, may be accepted)
     (X4, W4, dict(dilation=(1, 0)), "dilation"),
     (X4, W4, dict(dilation=(2,)), "dilation"),
     # names
@@ -1023,7 +1023,7 @@ def test_bad_arguments_grad_ops_3d():
 def test_workmem_and_algo_together(op):
     fn = getattr(jaxdnn, op)
     if "workmem" not in inspect.signature(fn).parameters:
-        pytest.skip(f"{op} takes no workmem (as in the seed)")
+        pytest.skip(f"{op} takes no workmem (as in Theano)")
     nd = 3 if op.endswith("3d") else 2
     x, w = (X5, W5) if nd == 3 else (X4, W4)
     dy = (1, 2) + (3,) * nd if nd == 3 else (1, 2, 4, 4)

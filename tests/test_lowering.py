@@ -345,7 +345,7 @@ def test_spatial_transformer_custom_calls(cudnn_forced):
 
 
 def test_workspace_is_an_explicit_u8_result_dropped_after_the_call(monkeypatch):
-    # DESIGN.md rule 4: ops that need cuDNN workspace get it as a trailing u8 result of the
+    # Ops that need cuDNN workspace get it as a trailing u8 result of the
     # custom call, sized by a Python policy, so tracing needs no GPU.
     from jaxdnn._compat import ShapedArray
     from jaxdnn._primitive import define_primitive

@@ -61,7 +61,7 @@ def input_dim_of(block):
 
 
 def seed_shapes(block, layer, input_dim):
-    """split_params' shapes for one layer, written out from the seed's description."""
+    """split_params' shapes for one layer, written out from Theano's description."""
     gates, hidden = ref.GATES[block.rnn_mode], block.hidden_size
     directions = 2 if block.direction_mode == "bidirectional" else 1
     depth = layer // directions

@@ -47,6 +47,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+try:
+    import flax  # noqa: F401  (an optional dependency: the `flax` extra)
+except ImportError as e:
+    raise ImportError("jaxdnn.flax needs Flax, an optional dependency of jaxdnn: "
+                      "pip install 'jaxdnn[flax]'") from e
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np

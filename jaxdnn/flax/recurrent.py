@@ -26,7 +26,7 @@ from jaxdnn.rnn import RNNBlock
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "from_flax_cells", "to_flax_cells"]
 
-# Per cell type, in cuDNN's (and the seed's) gate order: the Flax dense name of each gate's
+# Per cell type, in cuDNN's (and Theano's) gate order: the Flax dense name of each gate's
 # input and recurrent matrix, and which of the two carries Flax's bias ('i', 'h', or
 # 'both' for GRU's candidate gate, whose recurrent bias sits inside the reset product).
 _FLAX_GATES = {

@@ -2,7 +2,7 @@
 layers, directions, sequences and time steps, on the split_params view of the parameters
 (per layer `[W0, b0, W1, b1, ...]`, W applied as `x @ W`). Independent of jaxdnn's code.
 
-The formulas are cuDNN's (and the seed's): every gate has an input bias and a recurrent
+The formulas are cuDNN's (and Theano's): every gate has an input bias and a recurrent
 bias; lstm gates in the order input, forget, new memory, output; gru gates reset, update,
 new memory, with the reset gate applied after the recurrent product.
 """
