@@ -980,6 +980,7 @@ def test_gpu_forward_mode_cudnn_vs_xla(rng, case):
     product on the cuDNN path equal the XLA path's, in float64, and the primal comes from
     the cuDNN forward."""
     args, _ = _data(rng, case, "float64")
+    args = tuple(args)  # jax.jvp wants primals and tangents of one tree structure
     tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
     train, test = _train_all(case), _test(case)
     jvp_train = lambda a, t: jax.jvp(train, a, t)
