@@ -94,9 +94,9 @@ def _attributes(*, mode, layout, epsilon):
 
 def _xla_is_faster(layout: str, dtype) -> bool:
     """'auto' takes cuDNN for float32 and float64 images and XLA's fusion for half-precision
-    ones, as measured (H100, N64 C256 28², BENCHMARKS.md): float32 forward+backward
-    0.98-1.03x XLA on NCHW (legacy calls) and 1.37x on NHWC (graph API); bfloat16 0.83-0.95x
-    (NCHW) and 0.93x (NHWC). float64 is unmeasured and kept on cuDNN."""
+    ones, as measured (BENCHMARKS.md, batch normalization): in float32 cuDNN ties XLA on
+    NCHW (legacy calls) and beats it on NHWC (graph API); in bfloat16 XLA wins in both
+    layouts. float64 is unmeasured and kept on cuDNN."""
     del layout  # both layouts measured alike
     return jnp.dtype(dtype).itemsize < 4
 

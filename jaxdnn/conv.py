@@ -213,9 +213,9 @@ def _bwd_data_as_forward(kerns_shape, img_shape, params: dict) -> dict | None:
     kernels) the input gradient is the forward convolution of the output gradient with
     each channel's kernel flipped (the other conv_mode: cuDNN flips it, no copy is made)
     and padded by dilated extent - 1 - padding on each side. cuDNN's depthwise
-    backward-data kernel took twice its forward kernel's time (170 vs 87 us, bfloat16
-    NHWC N64 C256 56^2, H200, benchmarks/kernel_times.py), and XLA keeps such gradients
-    as forward convolutions too. Padding wider than the dilated extent - 1 would need a
+    backward-data kernel took about twice its forward kernel's time (BENCHMARKS.md,
+    depthwise convolutions; benchmarks/kernel_times.py), and XLA keeps such gradients as
+    forward convolutions too. Padding wider than the dilated extent - 1 would need a
     negative padding: those calls keep the backward-data pass."""
     layout = params["layout"]
     channels = img_shape[channel_axis(layout, len(img_shape))]
@@ -392,8 +392,8 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
         raise ValueError(f"{op}: {kerns_arg} of spatial shape {tuple(kerns_shape[2:])} (dilation "
                          f"{dilation}) do not fit {img_arg} of shape {tuple(img_shape)} padded by "
                          f"{[p for p, _ in padding]}")
-    # 'auto' takes cuDNN for every layout (H100, BENCHMARKS.md): forward+backward measured
-    # 1.01-36x XLA's; forward alone 0.89-2.8x (channels-last forward the weakest).
+    # 'auto' takes cuDNN for every layout: every measured forward+backward was at least
+    # XLA's speed (BENCHMARKS.md, convolutions; the channels-last forward is the closest).
     impl = choose_impl(op, ffi_targets=FFI_TARGETS,
                        shapes=[tuple(img_shape), tuple(kerns_shape), out_shape])
     params["impl"] = impl if _cudnn_computes(dtype, params["compute_dtype"]) else "xla"
@@ -403,13 +403,11 @@ def _conv_params(op, pass_, img_shape, kerns_shape, dtype, *, border_mode, subsa
 # Channels-first convolutions of these data types run on cuDNN as channels-last ones: the
 # image (and output gradient) is transposed to NHWC in front of the call and the result
 # back, as XLA's own layout assignment does for its convolutions, and the kernels reach
-# cuDNN as (K, spatial..., C). Measured on an H200 inside one program (BENCHMARKS.md,
-# benchmarks/in_program.py, which times both routes): cuDNN's channels-first engines ran
-# at 0.67-0.83x of XLA's (which transposes too) in bfloat16 and down to 0.84x in float32;
-# through the transposes none was slower than 1.06x XLA's (only the float32 stem 7x7/2
-# forward+backward lost, 10%, against its own channels-first run). Pointwise (1x1)
-# kernels keep the image's layout: channels-first they are one matrix product per image,
-# and the transposes cost them 2.2-2.7x.
+# cuDNN as (K, spatial..., C). Measured inside one program (BENCHMARKS.md, convolutions;
+# benchmarks/in_program.py times both routes): cuDNN's channels-first engines ran slower
+# than XLA's (which transposes too), through the transposes none was slower than XLA.
+# Pointwise (1x1) kernels keep the image's layout: channels-first they are one matrix
+# product per image, and the transposes cost them more than they save.
 CHANNELS_LAST_DTYPES = frozenset({"float16", "bfloat16", "float32"})
 
 
@@ -440,8 +438,8 @@ def _to_channels_first(x):
 def _kernels_for(kerns, layout: str):
     """The primitives take kernels in the image's layout: channels-last images get
     (K, spatial..., C/groups) kernels, the order cuDNN's fastest NHWC engines read (given
-    (K, C, spatial...) beside NHWC images cuDNN's forward+backward measured 0.75x XLA's on
-    an H100, with them 1.01-1.03x)."""
+    (K, C, spatial...) beside NHWC images cuDNN's forward+backward measured slower than
+    XLA's, with them at least as fast: BENCHMARKS-history.md)."""
     return jnp.moveaxis(kerns, 1, -1) if is_channels_last(layout) else kerns
 
 

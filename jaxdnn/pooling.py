@@ -191,17 +191,16 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
 
 def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:
     """(forward, backward) implementation: under dnn.enabled='auto', each half of the op
-    takes whichever of cuDNN and XLA measured faster for the case (H100, BENCHMARKS.md):
+    takes whichever of cuDNN and XLA measured faster for the case (BENCHMARKS.md, pooling):
 
-    * forward: XLA. Its reduce_window streams at ~95% of HBM bandwidth where cuDNN's
-      legacy pooling forward reaches ~50% (0.094 vs 0.18 ms, max 3x3/2 N64 C64 112²);
-      the forward of max_deterministic is an ordinary max, deterministic either way.
-    * max backward, 2-D, float32: cuDNN (0.43 vs 0.64 ms for XLA's select-and-scatter).
-      float16 (0.78 vs 0.64 ms), bfloat16 (0.78 vs 0.64 ms) and 3-D (0.054 vs 0.045 ms,
-      2x2x2/2 N8 C32 32³): XLA. float64 was not measured and stays on XLA.
+    * forward: XLA. Its reduce_window streams near HBM bandwidth where cuDNN's legacy
+      pooling forward reaches about half of it; the forward of max_deterministic is an
+      ordinary max, deterministic either way.
+    * max backward, 2-D, float32: cuDNN (faster than XLA's select-and-scatter). float16,
+      bfloat16 and 3-D: XLA. float64 was not measured and stays on XLA.
     * max_deterministic backward: cuDNN always; XLA's max-pool gradient scatters with
       atomic adds and is not bitwise reproducible on a GPU.
-    * average/sum backward: XLA (0.26 vs 0.42 ms).
+    * average/sum backward: XLA.
     dnn.enabled=True takes cuDNN for both halves, False XLA for both.
     """
     cudnn_backward = mode == "max_deterministic" or (

@@ -44,7 +44,7 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
     inside CUDA graphs;
   - with lengths (variable_lengths=1) the primitives lower to jaxdnn_rnn_*_host_lengths,
     which XLA runs outside CUDA graphs (not command-buffer compatible: cuDNN's
-    variable-length calls failed inside graphs on an H200). Lengths given as host data
+    variable-length calls failed inside graphs, measured on the GPU). Lengths given as host data
     (NumPy arrays, lists) are known at trace time and travel as the attribute
     static_lengths (int32[N]; empty otherwise): the descriptors describe them, built
     once, and execute only launches, with no synchronization (each distinct lengths

@@ -101,18 +101,18 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
     if spatial == (1, 1):
         # On 1x1 images both modes normalize over C; cuDNN's instance mode runs at XLA's
-        # speed there while its channel mode is 1.7x slower forward and ~200x slower
-        # backward (8192x4096 float32 on an H100, BENCHMARKS.md).
+        # speed there while its channel mode is far slower, backward most of all
+        # (BENCHMARKS.md, softmax).
         mode = "instance"
     impl = choose_impl(op, _xla_is_faster(mode, layout, spatial), shapes=[x.shape])
     return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
 
 
 def _xla_is_faster(mode: str, layout: str, spatial) -> bool:
-    """Where dnn.enabled='auto' takes XLA, from measurements (H100, BENCHMARKS.md): cuDNN's
-    softmax wins on channels-last images in channel mode (1.35x forward, 1.2x with the
-    backward, N64 C64 56²) and ties on (N, C) rows; XLA wins on channels-first images in
-    channel mode (1.4x) and by 6x on whole images in instance mode."""
+    """Where dnn.enabled='auto' takes XLA, from measurements (BENCHMARKS.md, softmax):
+    cuDNN's softmax wins on channels-last images in channel mode and ties on (N, C) rows;
+    XLA wins on channels-first images in channel mode and on whole images in instance
+    mode."""
     if spatial == (1, 1):
         return False
     return not (mode == "channel" and layout == "NHWC")

@@ -27,7 +27,8 @@ def _dimension_numbers(layout: str) -> tuple[str, str, str]:
 def _kernels_first(kerns, layout: str):
     """(K, C/g, spatial...) kernels from the primitives' layout. XLA then sees the kernels
     as a JAX user passes them (the public functions' reordering cancels out); given
-    (K, spatial..., C) kernels XLA's channels-last backward ran 2-3x slower on an H100."""
+    (K, spatial..., C) kernels XLA's channels-last backward ran several times slower
+    (BENCHMARKS-history.md)."""
     return jnp.moveaxis(kerns, -1, 1) if is_channels_last(layout) else kerns
 
 
