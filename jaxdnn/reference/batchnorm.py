@@ -73,6 +73,16 @@ def bn_forward_infer(x, gamma, beta, mean, var, *, mode: str, layout: str, epsil
     return out.astype(x.dtype)
 
 
+
+def _normalized(x, mean, invstd, mode: str, layout: str):
+    """What the backward and the tangent share: the reduction axes, the count m over them,
+    the compute dtype, invstd in it, and xhat = (x - mean) * invstd."""
+    axes = reduction_axes(mode, layout, x.ndim)
+    ct = compute_dtype(x.dtype)
+    invstd_c = invstd.astype(ct)
+    return (axes, count(x.shape, mode, layout), ct, invstd_c,
+            (x.astype(ct) - mean.astype(ct)) * invstd_c)
+
 def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: float,
                 axis_name=None):
     """[dx, dgamma, dbeta]: the VJP of bn_forward_train's `out` with respect to x, gamma
@@ -87,11 +97,7 @@ def bn_backward(x, dy, gamma, mean, invstd, *, mode: str, layout: str, epsilon: 
     and m run over every device.
     """
     del epsilon  # the saved invstd already holds it
-    axes = reduction_axes(mode, layout, x.ndim)
-    m = count(x.shape, mode, layout)
-    ct = compute_dtype(x.dtype)
-    invstd_c = invstd.astype(ct)
-    xhat = (x.astype(ct) - mean.astype(ct)) * invstd_c
+    axes, m, ct, invstd_c, xhat = _normalized(x, mean, invstd, mode, layout)
     dyc = dy.astype(ct)
     dbeta = jnp.sum(dyc, axis=axes, keepdims=True)
     dgamma = jnp.sum(dyc * xhat, axis=axes, keepdims=True)
@@ -115,11 +121,7 @@ def bn_train_tangent(x, gamma, mean, invstd, tx, tgamma, tbeta, *, mode: str, la
     its tx part is bn_backward's dx for dy = tx). With `axis_name` the two means run over
     every device's batch."""
     del epsilon  # invstd already holds it
-    axes = reduction_axes(mode, layout, x.ndim)
-    m = count(x.shape, mode, layout)
-    ct = compute_dtype(x.dtype)
-    invstd_c = invstd.astype(ct)
-    xhat = (x.astype(ct) - mean.astype(ct)) * invstd_c
+    axes, m, ct, invstd_c, xhat = _normalized(x, mean, invstd, mode, layout)
     txc = tx.astype(ct)
     sums = (jnp.sum(txc, axis=axes, keepdims=True),
             jnp.sum(txc * xhat, axis=axes, keepdims=True))
