@@ -621,6 +621,48 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
     return rows
 
 
+# --- comparing two runs --------------------------------------------------------------------
+
+# What identifies a row across runs.
+ROW_KEY = ("op", "case", "pass", "dtype", "layout")
+
+
+def compare(before: list[dict], after: list[dict], tolerance: float = 0.10) -> list[dict]:
+    """The rows of `after` that `before` also timed, each with both runs' jaxdnn and XLA
+    times and `slowdown` = after's jaxdnn ms / before's; `regression` is True where that
+    exceeds 1 + `tolerance` while XLA's own time moved by less (a slower card or a busier
+    machine slows both sides alike)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance}; expected a fraction >= 0")
+    earlier = {tuple(row[k] for k in ROW_KEY): row for row in before}
+    compared = []
+    for row in after:
+        old = earlier.get(tuple(row[k] for k in ROW_KEY))
+        if old is None:
+            continue
+        slowdown = row["jaxdnn_ms"] / old["jaxdnn_ms"]
+        xla_slowdown = row["xla_ms"] / old["xla_ms"]
+        compared.append({
+            **{k: row[k] for k in ROW_KEY},
+            "before_ms": old["jaxdnn_ms"], "after_ms": row["jaxdnn_ms"], "slowdown": slowdown,
+            "xla_before_ms": old["xla_ms"], "xla_after_ms": row["xla_ms"],
+            "regression": slowdown > 1 + tolerance and xla_slowdown <= 1 + tolerance,
+        })
+    return compared
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = [f"{'op':<10} {'case':<44} {'pass':<8} {'before ms':>10} {'after ms':>10} "
+             f"{'after/before':>12}  {'XLA after/before':>16}"]
+    for r in rows:
+        mark = "  REGRESSION" if r["regression"] else ""
+        lines.append(f"{r['op']:<10} {r['case'][:44]:<44} {r['pass']:<8} "
+                     f"{format_ms(r['before_ms']):>10} {format_ms(r['after_ms']):>10} "
+                     f"{r['slowdown']:>11.2f}x  {r['xla_after_ms'] / r['xla_before_ms']:>15.2f}x"
+                     f"{mark}")
+    return "\n".join(lines)
+
+
 # --- presentation ---------------------------------------------------------------------------
 
 def format_ms(value) -> str:

@@ -129,6 +129,15 @@ def _bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         args.bench_parser.error(f"--repeats {args.repeats}: expected at least 1")
     size = args.size or bench.default_size()
+    if args.tolerance < 0:
+        args.bench_parser.error(f"--tolerance {args.tolerance}: expected a fraction >= 0")
+    before = None
+    if args.compare:  # read first: a missing or malformed file fails before the timings
+        try:
+            with open(args.compare) as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            args.bench_parser.error(f"--compare {args.compare}: {e}")
     machine_readable = args.json or args.csv
     # With machine-readable rows on stdout, the human-readable part goes to stderr.
     human = sys.stderr if machine_readable and not args.out else sys.stdout
@@ -149,6 +158,19 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}", file=human)
     elif machine_readable:
         sys.stdout.write(text)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"saved {len(rows)} rows to {args.save}", file=human)
+    if args.compare:
+        compared = bench.compare(before, rows, args.tolerance)
+        print(f"\nagainst {args.compare} ({len(compared)} rows timed in both runs):", file=human)
+        print(bench.format_comparison(compared), file=human)
+        regressions = sum(r["regression"] for r in compared)
+        if regressions:
+            print(f"{regressions} regression(s): jaxdnn slower by more than "
+                  f"{args.tolerance:.0%} while XLA was not", file=human)
+            return 1
     return 0
 
 
@@ -181,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="write the rows as CSV")
     b.add_argument("--out", metavar="FILE",
                    help="write the JSON/CSV rows (or a Markdown table) to FILE, not stdout")
+    b.add_argument("--save", metavar="FILE", help="also save the rows as JSON, for --compare")
+    b.add_argument("--compare", metavar="FILE",
+                   help="compare with the rows a run saved (--save): exit 1 where jaxdnn "
+                        "got slower by more than --tolerance while XLA did not")
+    b.add_argument("--tolerance", type=float, default=0.10,
+                   help="the slowdown --compare accepts, as a fraction (default 0.10)")
     return parser
 
 

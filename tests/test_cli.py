@@ -214,3 +214,46 @@ def test_closed_pipe_exits_quietly():
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()
     assert proc.returncode == 1
+
+
+def _row(case, pass_, jaxdnn_ms, xla_ms):
+    return {"op": "conv", "case": case, "pass": pass_, "dtype": "float32", "layout": "NHWC",
+            "jaxdnn_ms": jaxdnn_ms, "xla_ms": xla_ms}
+
+
+def test_compare_flags_only_jaxdnn_slowdowns_xla_did_not_share():
+    before = [_row("a", "fwd", 1.0, 2.0), _row("b", "fwd", 1.0, 2.0), _row("c", "fwd", 1.0, 2.0),
+              _row("gone", "fwd", 1.0, 1.0)]
+    after = [_row("a", "fwd", 1.25, 2.0),   # jaxdnn 25% slower, XLA not: a regression
+             _row("b", "fwd", 1.25, 2.5),   # both 25% slower: the machine, not jaxdnn
+             _row("c", "fwd", 1.05, 2.0),   # within the 10% tolerance
+             _row("new", "fwd", 9.0, 1.0)]  # not timed before: left out
+    compared = {r["case"]: r for r in bench.compare(before, after, tolerance=0.10)}
+    assert set(compared) == {"a", "b", "c"}
+    assert [compared[c]["regression"] for c in "abc"] == [True, False, False]
+    np.testing.assert_allclose(compared["a"]["slowdown"], 1.25)
+    assert compared["a"]["before_ms"] == 1.0 and compared["a"]["after_ms"] == 1.25
+    assert "REGRESSION" in bench.format_comparison([compared["a"]])
+    with pytest.raises(ValueError, match="tolerance"):
+        bench.compare(before, after, tolerance=-0.1)
+
+
+def test_bench_save_then_compare(capsys, tmp_path):
+    saved = tmp_path / "before.json"
+    args = ["bench", "softmax", "--size", "small", "--repeats", "1", "--calls", "1"]
+    assert main([*args, "--save", str(saved)]) == 0
+    rows = json.loads(saved.read_text())
+    assert rows and all(r["op"] == "softmax" for r in rows)
+    # Against a run 1000x faster than any real one, every row regresses unless XLA did too:
+    # scale both sides, so the slowdown is shared and nothing is flagged...
+    fast = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] / 1000) for r in rows]
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    assert main([*args, "--compare", str(tmp_path / "fast.json")]) == 0
+    # ...then only jaxdnn's: every row is a regression and the command fails.
+    fast_jaxdnn = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000) for r in rows]
+    (tmp_path / "fast_jaxdnn.json").write_text(json.dumps(fast_jaxdnn))
+    capsys.readouterr()
+    assert main([*args, "--compare", str(tmp_path / "fast_jaxdnn.json")]) == 1
+    assert "regression(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--compare", str(tmp_path / "missing.json")])
