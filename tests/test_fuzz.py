@@ -58,33 +58,10 @@ def fuzz(op, seed, path):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_convolution(seed, path):
-    fuzz("conv", seed, path)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_pooling(seed, path):
-    fuzz("pool", seed, path)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_softmax(seed, path):
-    fuzz("softmax", seed, path)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_batch_norm(seed, path):
-    fuzz("batch_norm", seed, path)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_spatial_transformer(seed, path):
-    fuzz("spatial_transformer", seed, path)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_rnn(seed, path):
-    fuzz("rnn", seed, path)
+@pytest.mark.parametrize("family", ["conv", "pool", "softmax", "batch_norm",
+                                    "spatial_transformer", "rnn"])
+def test_fuzz(family, seed, path):
+    fuzz(family, seed, path)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

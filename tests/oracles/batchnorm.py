@@ -1,7 +1,7 @@
 """Independent NumPy float64 references for batch normalization (no jax, no jaxdnn).
 
 Written from the definitions in Theano's documentation of `dnn_batch_normalization_train`
-/ `_test` (SEED.txt): each statistic is taken over a group of elements (per-activation:
+/ `_test` (Theano's `theano.gpuarray.dnn`): each statistic is taken over a group of elements (per-activation:
 the batch axis N at one activation; spatial: N and every spatial axis of one channel),
 visited one element at a time with explicit Python loops and summed with math.fsum.
 The gradient is derived step by step with the chain rule (through xhat, var and mean),
