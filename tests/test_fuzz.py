@@ -64,6 +64,19 @@ def test_fuzz(family, seed, path):
     fuzz(family, seed, path)
 
 
+# Configurations the GPU fuzz run found (RELIABILITY.md), kept as regression cases:
+# conv 1310/1323: the XLA path's image gradient aborted the process inside XLA's algebraic
+# simplifier (jaxdnn/reference/conv.py, _interleave_zeros); batch_norm 491: a two-sample
+# per-activation gradient that cancels to 1e-13 of its terms in float64 (the tolerance now
+# scales with the terms, tests/fuzz_cases.py).
+FOUND = [("conv", 1310), ("conv", 1323), ("batch_norm", 491)]
+
+
+@pytest.mark.parametrize("family,seed", FOUND)
+def test_fuzz_found_configurations(family, seed, path):
+    fuzz(family, seed, path)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_invalid_configurations_raise_at_trace_time(seed):
     """Each call is traced only (jax.eval_shape): the error comes before any device work,

@@ -78,16 +78,34 @@ def conv_backward_data(kerns, topgrad, *, img_shape, padding, strides, dilation,
     w = w.reshape((groups, k // groups, cg) + w.shape[2:]).swapaxes(1, 2)
     w = w.reshape((groups * cg, k // groups) + w.shape[3:])
     axes = spatial_axes(layout, topgrad.ndim)
+    stuffed = topgrad.astype(dtype)
     config = [(0, 0, 0)] * topgrad.ndim
     for axis, (lo, hi), kernel, d, s in zip(axes, padding, w.shape[2:], dilation, strides):
         extent = (kernel - 1) * d + 1
         leftover = img_shape[axis] + lo + hi - extent - (topgrad.shape[axis] - 1) * s
-        config[axis] = (extent - 1 - lo, extent - 1 - hi + leftover, s - 1)
-    stuffed = lax.pad(topgrad.astype(dtype), jnp.zeros((), dtype), config)
+        stuffed = _interleave_zeros(stuffed, axis, s)
+        config[axis] = (extent - 1 - lo, extent - 1 - hi + leftover, 0)
+    stuffed = lax.pad(stuffed, jnp.zeros((), dtype), config)
     out = lax.conv_general_dilated(
         stuffed, w, window_strides=(1,) * nd, padding=[(0, 0)] * nd, rhs_dilation=dilation,
         dimension_numbers=_dimension_numbers(layout), feature_group_count=groups)
     return out.astype(topgrad.dtype)
+
+
+def _interleave_zeros(a, axis: int, s: int):
+    """s - 1 zeros between neighbours along `axis` (what an interior pad does), written as
+    a reshape: XLA's algebraic simplifier folds an interior pad into the convolution as a
+    base dilation and, for some strided shapes, then rewrites it into a convolution its
+    own check rejects, aborting the process (jaxlib 0.10-0.11, CPU and GPU; regression
+    cases in tests/test_conv.py)."""
+    if s == 1 or a.shape[axis] == 0:
+        return a
+    n = a.shape[axis]
+    a = jnp.expand_dims(a, axis + 1)
+    zeros = jnp.zeros(a.shape[:axis + 1] + (s - 1,) + a.shape[axis + 2:], a.dtype)
+    a = jnp.concatenate([a, zeros], axis=axis + 1)
+    a = a.reshape(a.shape[:axis] + (n * s,) + a.shape[axis + 2:])
+    return lax.slice_in_dim(a, 0, (n - 1) * s + 1, axis=axis)
 
 
 def conv_backward_filter(img, topgrad, *, kerns_shape, **params):
