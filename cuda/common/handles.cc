@@ -1,5 +1,7 @@
 #include "common/handles.h"
 
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -9,11 +11,18 @@ namespace {
 
 struct DeviceHandles {
   std::vector<cudnnHandle_t> free;
+  int created = 0;
 };
 
 std::mutex& PoolMutex() {
   static std::mutex mutex;
   return mutex;
+}
+
+// Signalled when a handle goes back to the pool.
+std::condition_variable& HandleReturned() {
+  static auto* returned = new std::condition_variable();
+  return *returned;
 }
 
 // Never destroyed (see handles.h): a leaked heap map outlives static destruction.
@@ -50,23 +59,34 @@ ffi::Error ReserveCudnnHandle(const char* op, int device) {
   cudnnHandle_t created = nullptr;
   JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
   handles.free.push_back(created);
+  ++handles.created;
   return ffi::Error::Success();
 }
 
 BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream)
     : device_(device) {
   {
-    std::lock_guard<std::mutex> lock(PoolMutex());
-    auto it = Pool().find(device);
-    if (it == Pool().end() || it->second.free.empty()) {
+    std::unique_lock<std::mutex> lock(PoolMutex());
+    DeviceHandles& handles = Pool()[device];
+    // More executions can run at once than initialize stages reserved handles for: XLA
+    // runs one executable from several threads, and inside command buffers it may trace
+    // the handler without a fresh initialize. A handle is held only while the launches
+    // are enqueued, so wait for one to come back rather than fail (a failed trace has
+    // crashed the process inside XLA); the bound only turns a bug into an error.
+    bool got = handles.created > 0 &&
+               HandleReturned().wait_for(lock, std::chrono::seconds(60),
+                                         [&handles] { return !handles.free.empty(); });
+    if (!got) {
       error_ = ffi::Error::Internal(
           std::string("jaxdnn ") + op +
-          ": no free cuDNN handle for this device; the initialize stage did not run before "
-          "execute, or more executions run at once than were initialized");
+          (handles.created == 0
+               ? ": no cuDNN handle for this device; the initialize stage did not run "
+                 "before execute"
+               : ": no cuDNN handle came free in 60 s"));
       return;
     }
-    handle_ = it->second.free.back();
-    it->second.free.pop_back();
+    handle_ = handles.free.back();
+    handles.free.pop_back();
   }
   cudnnStatus_t status = cudnnSetStream(handle_, stream);
   if (status != CUDNN_STATUS_SUCCESS) error_ = CudnnError(op, "cudnnSetStream", status);
@@ -74,8 +94,11 @@ BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_
 
 BorrowedCudnnHandle::~BorrowedCudnnHandle() {
   if (handle_ == nullptr) return;
-  std::lock_guard<std::mutex> lock(PoolMutex());
-  Pool()[device_].free.push_back(handle_);
+  {
+    std::lock_guard<std::mutex> lock(PoolMutex());
+    Pool()[device_].free.push_back(handle_);
+  }
+  HandleReturned().notify_one();
 }
 
 }  // namespace jaxdnn

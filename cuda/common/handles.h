@@ -20,7 +20,8 @@ namespace jaxdnn {
 ffi::Error ReserveCudnnHandle(const char* op, int device);
 
 // Execute stage: a handle of `device`, exclusively ours while this object lives, bound to
-// `stream`. Never creates a handle; error() says why none could be borrowed.
+// `stream`. Never creates a handle (waits for one in use to come back); error() says why
+// none could be borrowed.
 class BorrowedCudnnHandle {
  public:
   BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream);
