@@ -123,6 +123,10 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.peers:
+        # PyTorch, where it runs beside JAX on the GPU, needs memory JAX would otherwise
+        # take when its backend starts (75% of the card): set before anything starts it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     ops = args.ops or list(bench.OPS)
     unknown = [op for op in ops if op not in bench.OPS]
     if unknown:  # checked here: argparse's `choices` rejects an empty nargs='*' list
@@ -145,9 +149,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.copies < 1:
         args.bench_parser.error(f"--copies {args.copies}: expected at least 1")
     if args.peers:
-        # PyTorch, where it runs beside JAX on the GPU, needs memory JAX would otherwise
-        # take at its first allocation (75% of the card).
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         return _bench_peers(args, ops, size)
     machine_readable = args.json or args.csv
     # With machine-readable rows on stdout, the human-readable part goes to stderr.
