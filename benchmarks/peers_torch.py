@@ -3,7 +3,8 @@ F.conv{1,2,3}d and F.conv_transpose{1,2,3}d, F.batch_norm (training) and F.affin
 F.grid_sample, on the same inputs (`bench.inputs`), shapes, dtypes and layouts, forward and
 forward+backward (autograd.grad of the output with respect to every input, for a fixed
 random cotangent), with torch.backends.cudnn.benchmark on, timed with CUDA events (median
-of repeats).
+of repeats). The forwards and inputs are jaxdnn/_torch_peer.py's (`jaxdnn bench --peers`
+runs the same ones).
 
     python benchmarks/peers_torch.py [ops...] [--size full|small] [--repeats N]
 
@@ -16,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
-import numpy as np
 
 # JAX (imported for the case list) must not grab most of the GPU memory before PyTorch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from jaxdnn import bench  # noqa: E402
+from jaxdnn import _torch_peer, bench  # noqa: E402
 
 
 def unavailable_reason() -> str | None:
@@ -47,133 +46,13 @@ def torch_versions() -> dict:
 def time_torch_ms(fn, repeats: int, calls: int) -> float:
     """Milliseconds per call: 4 warm-up calls, then the median over `repeats` of `calls`
     back-to-back calls between two CUDA events."""
-    import torch
-    for _ in range(4):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    return statistics.median(samples)
-
-
-def _memory_format(layout: str):
-    """PyTorch's memory format for a channels-last image layout; None for channels-first
-    ones and for 2-D (N, C) rows."""
-    import torch
-    return {"NHWC": torch.channels_last, "NDHWC": torch.channels_last_3d}.get(layout)
-
-
-def _inputs(case: bench.Case) -> list:
-    """The case's inputs (`bench.inputs`, the values JAX gets) as CUDA tensors in PyTorch's
-    conventions: the image logically channels-first, held in channels_last memory where the
-    case's layout is channels-last, and then a convolution's kernels channels_last too (as
-    `model.to(memory_format=torch.channels_last)` leaves them)."""
-    import torch
-    image, *operands = (
-        # from_numpy takes no bfloat16 (ml_dtypes) array: through float32, which holds the
-        # values exactly.
-        torch.from_numpy(np.asarray(array, np.float32)).to("cuda", getattr(torch, dtype))
-        for array, (_, dtype) in zip(bench.inputs(case), case.inputs))
-    if case.layout == "NWC":
-        # PyTorch has no channels-last memory format for 1-D images: an (N, L, C) tensor
-        # goes to F.conv1d as the (N, C, L) view of it, as a PyTorch user would pass it.
-        return [image.movedim(-1, 1), *operands]
-    memory_format = _memory_format(case.layout)
-    if memory_format is None:
-        return [image, *operands]
-    image = image.movedim(-1, 1)  # (N, ..., C) as (N, C, ...): channels_last strides already
-    if case.op == "conv":
-        operands = [w.contiguous(memory_format=memory_format) for w in operands]
-    return [image, *operands]
-
-
-def _softmax(case: bench.Case):
-    import torch
-    return lambda x: torch.softmax(x, dim=1)
-
-
-def _pool(case: bench.Case):
-    import torch.nn.functional as F
-    p = case.params
-    nd = len(p["ws"])
-    args = (p["ws"], p["stride"], p["pad"])
-    if p["mode"] == "max":
-        pool = F.max_pool2d if nd == 2 else F.max_pool3d
-        return lambda x: pool(x, *args)
-    if p["mode"] == "average_inc_pad":
-        pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
-        return lambda x: pool(x, *args, count_include_pad=True)
-    raise ValueError(f"no PyTorch peer for pooling mode {p['mode']!r}")
-
-
-def _conv(case: bench.Case):
-    """F.conv{1,2,3}d of (image, kernels); for a transposed convolution,
-    F.conv_transpose{1,2,3}d of (dy, kernels): PyTorch's transposed-convolution weights
-    are (in_channels, out_channels, k...), the forward convolution's (K, C, k...)."""
-    import torch.nn.functional as F
-    p = case.params
-    nd = len(p["stride"])
-    if p.get("transposed"):
-        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    else:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    if p.get("groups", 1) > 1:
-        return lambda x, w: conv(x, w, stride=p["stride"], padding=p["pad"], groups=p["groups"])
-    return lambda x, w: conv(x, w, stride=p["stride"], padding=p["pad"])
-
-
-def _batchnorm(case: bench.Case):
-    """Training batch norm with no running statistics; gamma and beta (the cases' (1, C, 1, 1)
-    or (1, 1, 1, C)) as the (C,) vectors PyTorch takes."""
-    import torch.nn.functional as F
-    epsilon = case.params["epsilon"]
-    return lambda x, gamma, beta: F.batch_norm(x, None, None, gamma.reshape(-1),
-                                               beta.reshape(-1), training=True, eps=epsilon)
-
-
-def _stn(case: bench.Case):
-    import torch.nn.functional as F
-
-    def transform(img, theta):
-        grid = F.affine_grid(theta, img.shape, align_corners=True)
-        return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=True)
-
-    return transform
-
-
-# Each op's forward, a function of the case's inputs in `_inputs`' conventions.
-_FORWARDS = {"softmax": _softmax, "pool": _pool, "conv": _conv, "batchnorm": _batchnorm,
-             "stn": _stn}
+    return _torch_peer.time_ms(fn, repeats, calls, "cuda")
 
 
 def step_for(case: bench.Case, pass_: str):
-    """One application of the case's pass (forward, or forward and the gradients of every
-    input), a function of nothing, on the case's inputs."""
-    import torch
-    forward = _FORWARDS[case.op](case)
-    inputs = _inputs(case)
-    if pass_ == "fwd":  # no input needs a gradient, so autograd records nothing
-        def step():
-            return forward(*inputs)
-    else:
-        for tensor in inputs:
-            tensor.requires_grad_(True)
-        with torch.no_grad():
-            cotangent = torch.randn_like(forward(*inputs))  # keeps the output's memory format
-
-        def step():
-            y = forward(*inputs)
-            return y, torch.autograd.grad(y, inputs, cotangent)
-    return step
+    """One application of the case's pass on CUDA, a function of nothing (the forwards and
+    inputs are jaxdnn/_torch_peer.py's, which `jaxdnn bench --peers` runs too)."""
+    return _torch_peer.step_for(case, pass_, "cuda")
 
 
 def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
@@ -192,7 +71,8 @@ def run(cases, repeats: int = 5, calls: int = bench.CALLS["full"], progress=None
     torch.backends.cudnn.allow_tf32 = True
     # The recurrent networks' PyTorch peers (nn.LSTM/nn.GRU, own weights) are timed by
     # benchmarks/rnn_peers.py beside jax.experimental.rnn and Flax.
-    steps = [(case, pass_) for case in cases if case.op in _FORWARDS for pass_ in bench.PASSES]
+    steps = [(case, pass_) for case in cases if _torch_peer.supports(case)
+             for pass_ in bench.PASSES]
     rows = []
     for done, (case, pass_) in enumerate(steps):
         if progress:

@@ -36,9 +36,10 @@ is folded into the channel axis (spatial mode) or the feature axes (per-activati
 1), never into N: B instances of C channels are one call with B*C channels. Inference
 with only the image vmapped folds into N instead (the statistics are given).
 
-On CUDA the primitives run cuDNN's legacy batch-norm calls (cuda/batchnorm.cc) where that
-measured at least as fast as XLA's fusion of the reference (jaxdnn/reference/batchnorm.py),
-and the reference elsewhere; see `_xla_is_faster`. dnn.enabled=True forces cuDNN.
+On CUDA the primitives run cuDNN's batch-norm calls (cuda/batchnorm.cc) where that
+measured at least as fast as XLA's fusion of the reference (jaxdnn/reference/batchnorm.py)
+inside a program, and the reference elsewhere; see `_xla_is_faster`. dnn.enabled=True
+forces cuDNN.
 """
 from __future__ import annotations
 
@@ -92,13 +93,26 @@ def _attributes(*, mode, layout, epsilon):
     return dict(mode=mode, layout=layout, epsilon=np.float64(epsilon))
 
 
-def _xla_is_faster(layout: str, dtype) -> bool:
-    """'auto' takes cuDNN for float32 and float64 images and XLA's fusion for half-precision
-    ones, as measured (BENCHMARKS.md, batch normalization): in float32 cuDNN ties XLA on
-    NCHW (legacy calls) and beats it on NHWC (graph API); in bfloat16 XLA wins in both
-    layouts. float64 is unmeasured and kept on cuDNN."""
-    del layout  # both layouts measured alike
-    return jnp.dtype(dtype).itemsize < 4
+def _xla_is_faster(layout: str, dtype, mode: str, training: bool) -> bool:
+    """Where dnn.enabled='auto' takes XLA's fusion of the reference: every half-precision
+    and float32 case, from measurements (BENCHMARKS.md, "Softmax and batch norm where
+    models use them"; benchmarks/in_model.py). float64 is unmeasured and kept on cuDNN.
+
+    Inside a jitted program XLA fuses batch norm's reductions and its elementwise
+    normalization with the convolution, activation and residual add around it; a cuDNN
+    call reads and writes the whole image on its own. Spatial training, N64 C256 28²,
+    forward+backward, H100: float32 NCHW took 0.58x XLA's speed inside one program of 8
+    applications (0.98x per call), bfloat16 NHWC 0.91x per call and bfloat16 0.73-0.93x
+    in both layouts (BENCHMARKS.md, "Batch normalization"). The one per-call win, float32
+    NHWC spatial training (1.37x forward+backward, cuDNN's graph API), has no in-program
+    measurement, and a float32 CNN training step that ran its batch norm there took 0.84x
+    Flax's (BENCHMARKS.md, "Data-parallel training steps on one device"), so it takes
+    XLA too; so do per-activation mode (unmeasured) and inference, an elementwise pass
+    XLA folds into its neighbours. in_model.py times each case beside cuDNN forced: a
+    case goes back to cuDNN once that shows cuDNN ahead inside a program.
+    """
+    del layout, mode, training  # one answer for every non-float64 case measured so far
+    return jnp.dtype(dtype) != jnp.float64
 
 
 def _workspace_bytes(x, *args, mode, layout, epsilon):
@@ -458,13 +472,13 @@ def dnn_batch_normalization_train(inputs, gamma, beta, mode: str = "per-activati
     operands = (_to_primitive(x, unit_axes, x.dtype), _to_primitive(gamma, unit_axes, pdtype),
                 _to_primitive(beta, unit_axes, pdtype))
     if axis_name is None:
-        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=TRAIN_FFI_TARGETS,
-                           shapes=[x.shape])
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype, mode, training=True),
+                           ffi_targets=TRAIN_FFI_TARGETS, shapes=[x.shape])
         out, mean, invstd = bn_fwd_train_p.bind(*operands, mode=mode, layout=layout,
                                                 epsilon=eps, impl=impl)
     else:
-        impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS,
-                           shapes=[x.shape])
+        impl = choose_impl(op, _xla_is_faster(layout, x.dtype, mode, training=True),
+                           ffi_targets=INFER_FFI_TARGETS, shapes=[x.shape])
         out, mean, invstd = _bn_train_across(*operands, axis_name=axis_name, mode=mode,
                                              layout=layout, epsilon=eps, impl=impl)
         m = m * jax.lax.psum(1, axis_name)
@@ -499,8 +513,8 @@ def dnn_batch_normalization_test(inputs, gamma, beta, mean, var, mode: str = "pe
         op, mode, inputs, data_format, epsilon,
         {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
     pdtype = reference.compute_dtype(x.dtype)
-    impl = choose_impl(op, _xla_is_faster(layout, x.dtype), ffi_targets=INFER_FFI_TARGETS,
-                       shapes=[x.shape])
+    impl = choose_impl(op, _xla_is_faster(layout, x.dtype, mode, training=False),
+                       ffi_targets=INFER_FFI_TARGETS, shapes=[x.shape])
     args = [_to_primitive(x, unit_axes, x.dtype)] + [
         _to_primitive(p, unit_axes, pdtype) for p in (gamma, beta, mean, var)]
     out = bn_fwd_infer_p.bind(*args, mode=mode, layout=layout, epsilon=eps, impl=impl)

@@ -10,6 +10,8 @@ the median over `repeats` repeats of `calls` back-to-back calls, each repeat end
 `jax.block_until_ready`.
 
 `jaxdnn bench` (jaxdnn/cli.py) prints these rows; benchmarks/run.py adds PyTorch.
+`peers` (`jaxdnn bench --peers`) times the same cases per call and inside one program of
+several applications, beside XLA and, where it is installed, PyTorch.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from jaxdnn.layout import channel_axis, is_channels_last, spatial_axes
 from jaxdnn.reference import rnn as rnn_reference
 
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
-           "run", "time_ms", "steady_time_ms", "measure_bandwidth", "lowered_path",
-           "default_size", "on_gpu", "format_table", "format_ms"]
+           "run", "time_ms", "steady_time_ms", "in_program_ms", "measure_bandwidth",
+           "lowered_path", "default_size", "on_gpu", "format_table", "format_ms", "peers",
+           "PEER_FIELDS", "format_peers"]
 
 OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
@@ -621,6 +624,127 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
     return rows
 
 
+# --- jaxdnn beside its peers, per call and inside one program ---------------------------------
+
+# The fields of a peers row. timing: 'per call' (one jitted call at a time) or 'program xK'
+# (K applications inside one jitted program, time per application); torch_ms is None
+# where PyTorch was not timed; best_peer names the faster of XLA and PyTorch and
+# vs_best_peer = its ms / jaxdnn ms (above 1: jaxdnn is faster).
+PEER_FIELDS = ("op", "case", "pass", "dtype", "layout", "timing", "jaxdnn_ms", "xla_ms",
+               "torch_ms", "best_peer", "vs_best_peer", "path")
+
+
+def in_program_ms(fn: Callable, args: tuple, copies: int = 8, repeats: int = 5,
+                  calls: int = 5) -> float:
+    """Milliseconds per application of `fn` inside one jitted program that applies it to
+    `copies` distinct copies of `args` (different buffers, so XLA can neither merge nor
+    skip any), timed as a steady stream of programs (`steady_time_ms`): the op as a
+    training step runs it, without a per-call dispatch of its own."""
+    def many(*groups):
+        return tuple(fn(*group) for group in groups)
+
+    groups = tuple(tuple(jnp.array(a, copy=True) for a in args) for _ in range(copies))
+    return steady_time_ms(jax.jit(many), groups, repeats, calls) / copies
+
+
+def _torch_setup(use_torch: bool) -> tuple[Any, str | None, str]:
+    """(the torch peer module or None, its device, a line saying what the PyTorch column
+    is: which PyTorch on which device, or why there is none)."""
+    if not use_torch:
+        return None, None, "PyTorch: not asked for"
+    from jaxdnn import _torch_peer
+    reason = _torch_peer.unavailable_reason()
+    if reason:
+        return None, None, f"PyTorch: none ({reason}), so no PyTorch column"
+    where = _torch_peer.device(on_gpu())
+    _torch_peer.configure(where)
+    info = _torch_peer.versions(where)
+    note = f"PyTorch {info['torch']} on {where}"
+    if where == "cpu" and on_gpu():
+        note += " (it sees no CUDA device; its times are not comparable with the GPU's)"
+    elif where == "cpu":
+        note += " (JAX runs on the CPU too)"
+    return _torch_peer, where, note
+
+
+def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,
+          copies: int = 8, torch: bool = True,
+          progress: Callable[[int, int, str], None] | None = None) -> tuple[list[dict], str]:
+    """jaxdnn (its default flags) beside XLA and, where importable, PyTorch, for every case
+    of `size` and `ops` and both passes, each timed per call and inside one program of
+    `copies` applications. Returns (rows with PEER_FIELDS, a line on the PyTorch column).
+
+    JAX: per call, a steady stream of one jitted call at a time (`steady_time_ms`); in a
+    program, `in_program_ms`. PyTorch, eager, has no program: its 'program' time is that of
+    `copies` times as many back-to-back calls (CUDA events on a GPU, the wall clock on the
+    CPU), as benchmarks/in_program.py times it.
+    """
+    size = size or default_size()
+    calls = calls or CALLS[size]
+    torch_peer, where, note = _torch_setup(torch)
+    steps = [(case, pass_) for case in cases(size, ops) for pass_ in PASSES]
+    rows = []
+    for done, (case, pass_) in enumerate(steps):
+        if progress:
+            progress(done, len(steps), f"{case.label} {case.dtype} {case.layout} {pass_}")
+        jaxdnn_fn, xla_fn, args = build(case, pass_)
+        path = lowered_path(jaxdnn_fn, args)
+        torch_step = (torch_peer.step_for(case, pass_, where)
+                      if torch_peer is not None and torch_peer.supports(case) else None)
+        for timing in ("per call", f"program x{copies}"):
+            if timing == "per call":
+                jaxdnn_ms = steady_time_ms(jax.jit(jaxdnn_fn), args, repeats, calls)
+                xla_ms = steady_time_ms(jax.jit(xla_fn), args, repeats, calls)
+                torch_calls = calls
+            else:
+                jaxdnn_ms = in_program_ms(jaxdnn_fn, args, copies, repeats, calls)
+                xla_ms = in_program_ms(xla_fn, args, copies, repeats, calls)
+                torch_calls = calls * copies
+            torch_ms = (torch_peer.time_ms(torch_step, repeats, torch_calls, where)
+                        if torch_step is not None else None)
+            best_peer, best_ms = min((("XLA", xla_ms), ("PyTorch", torch_ms)),
+                                     key=lambda p: math.inf if p[1] is None else p[1])
+            rows.append({"op": case.op, "case": case.label, "pass": pass_,
+                         "dtype": case.dtype, "layout": case.layout, "timing": timing,
+                         "jaxdnn_ms": jaxdnn_ms, "xla_ms": xla_ms, "torch_ms": torch_ms,
+                         "best_peer": best_peer, "vs_best_peer": best_ms / jaxdnn_ms,
+                         "path": path})
+    if progress:
+        progress(len(steps), len(steps), "done")
+    return rows, note
+
+
+def format_peers(rows: list[dict], markdown: bool = False) -> str:
+    """Peers rows as an aligned text table (or a Markdown one); the PyTorch column only
+    where some row has a PyTorch time."""
+    columns = [("case", "case", str), ("pass", "pass", str), ("dtype", "dtype", str),
+               ("layout", "layout", str), ("timing", "timing", str),
+               ("jaxdnn ms", "jaxdnn_ms", format_ms), ("XLA ms", "xla_ms", format_ms)]
+    if any(row.get("torch_ms") is not None for row in rows):
+        columns.append(("PyTorch ms", "torch_ms", format_ms))
+    columns += [("vs best peer", "vs_best_peer", lambda r: f"{r:.2f}x"),
+                ("best peer", "best_peer", str), ("path", "path", str)]
+    return _table(columns, rows, markdown)
+
+
+def _table(columns, rows: list[dict], markdown: bool) -> str:
+    header = [title for title, _, _ in columns]
+    body = [[fmt(row.get(key)) for _, key, fmt in columns] for row in rows]
+    if markdown:
+        lines = [header, ["---"] * len(header), *body]
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
+    numeric = {i for i, (_, key, _) in enumerate(columns)
+               if key.endswith(("_ms", "ratio", "fraction", "vs_best_peer"))}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *map(line, body)])
+
+
 # --- comparing two runs --------------------------------------------------------------------
 
 # What identifies a row across runs.
@@ -683,17 +807,4 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         columns += [("HBM floor ms", "hbm_floor_ms", format_ms),
                     ("of HBM", "hbm_fraction", lambda f: "-" if f is None else f"{f:.0%}")]
     columns.append(("path", "path", str))
-    header = [title for title, _, _ in columns]
-    body = [[fmt(row.get(key)) for _, key, fmt in columns] for row in rows]
-    if markdown:
-        lines = [header, ["---"] * len(header), *body]
-        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-    widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
-    numeric = {i for i, (_, key, _) in enumerate(columns) if key.endswith(("_ms", "ratio", "fraction"))}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *map(line, body)])
+    return _table(columns, rows, markdown)

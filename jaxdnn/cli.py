@@ -2,6 +2,7 @@
 
     jaxdnn info [--json]          versions, cuDNN, devices, extension status, flags
     jaxdnn bench [ops...]         jaxdnn beside XLA (see jaxdnn.bench)
+    jaxdnn bench --peers [ops...] also PyTorch where installed, per call and in one program
     jaxdnn --version
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _bench_header(size: str, repeats: int, bandwidth_gbs: float | None) -> str:
+def _bench_header(size: str, repeats: int, bandwidth_gbs: float | None,
+                  ratio: str = "speedup = XLA ms / jaxdnn ms (above 1: jaxdnn is faster)") -> str:
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     lines = [f"jaxdnn {jaxdnn.__version__} bench on {jax.devices()[0].device_kind} "
              f"({jax.default_backend()}), {now}; size {size}, median of {repeats} repeats"]
@@ -108,7 +110,7 @@ def _bench_header(size: str, repeats: int, bandwidth_gbs: float | None) -> str:
         lines.append("dnn.enabled=False: jaxdnn takes its XLA reference path.")
     if bandwidth_gbs:
         lines.append(f"memory bandwidth (1 GiB x+1): {bandwidth_gbs:.0f} GB/s")
-    lines.append("speedup = XLA ms / jaxdnn ms (above 1: jaxdnn is faster)")
+    lines.append(ratio)
     return "\n".join(lines)
 
 
@@ -121,6 +123,10 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.peers:
+        # PyTorch, where it runs beside JAX on the GPU, needs memory JAX would otherwise
+        # take when its backend starts (75% of the card): set before anything starts it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     ops = args.ops or list(bench.OPS)
     unknown = [op for op in ops if op not in bench.OPS]
     if unknown:  # checked here: argparse's `choices` rejects an empty nargs='*' list
@@ -138,6 +144,12 @@ def _bench(args: argparse.Namespace) -> int:
                 before = json.load(f)
         except (OSError, ValueError) as e:
             args.bench_parser.error(f"--compare {args.compare}: {e}")
+    if args.peers and (args.save or args.compare):
+        args.bench_parser.error("--peers cannot be combined with --save or --compare")
+    if args.copies < 1:
+        args.bench_parser.error(f"--copies {args.copies}: expected at least 1")
+    if args.peers:
+        return _bench_peers(args, ops, size)
     machine_readable = args.json or args.csv
     # With machine-readable rows on stdout, the human-readable part goes to stderr.
     human = sys.stderr if machine_readable and not args.out else sys.stdout
@@ -146,18 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
                      progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth)
     print(bench.format_table(rows), file=human)
-    if args.json:
-        text = json.dumps(rows, indent=1) + "\n"
-    elif args.csv:
-        text = rows_to_csv(rows)
-    else:  # --out alone keeps a Markdown table
-        text = bench.format_table(rows, markdown=True) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}", file=human)
-    elif machine_readable:
-        sys.stdout.write(text)
+    _write_rows(args, rows, bench.format_table(rows, markdown=True), human)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(rows, f, indent=1)
@@ -171,6 +172,39 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"{regressions} regression(s): jaxdnn slower by more than "
                   f"{args.tolerance:.0%} while XLA was not", file=human)
             return 1
+    return 0
+
+
+def _write_rows(args: argparse.Namespace, rows: list[dict], markdown: str,
+                human: TextIO) -> None:
+    """--json / --csv / --out: the rows where they were asked for."""
+    if args.json:
+        text = json.dumps(rows, indent=1) + "\n"
+    elif args.csv:
+        text = rows_to_csv(rows)
+    else:  # --out alone keeps a Markdown table
+        text = markdown + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}", file=human)
+    elif args.json or args.csv:
+        sys.stdout.write(text)
+
+
+def _bench_peers(args: argparse.Namespace, ops: list[str], size: str) -> int:
+    """jaxdnn bench --peers: jaxdnn beside XLA and PyTorch, per call and in one program."""
+    human = sys.stderr if (args.json or args.csv) and not args.out else sys.stdout
+    ratio = (f"per call: one jitted call at a time; program x{args.copies}: {args.copies} "
+             "applications in one jitted program (PyTorch: as many back-to-back calls), ms per "
+             "application; vs best peer = the faster peer's ms / jaxdnn ms (above 1: jaxdnn "
+             "is faster)")
+    print(_bench_header(size, args.repeats, None, ratio), file=human, flush=True)
+    rows, torch_note = bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
+                                   copies=args.copies, progress=ProgressBar(sys.stderr))
+    print(torch_note, file=human)
+    print(bench.format_peers(rows), file=human)
+    _write_rows(args, rows, bench.format_peers(rows, markdown=True), human)
     return 0
 
 
@@ -209,6 +243,12 @@ def _parser() -> argparse.ArgumentParser:
                         "got slower by more than --tolerance while XLA did not")
     b.add_argument("--tolerance", type=float, default=0.10,
                    help="the slowdown --compare accepts, as a fraction (default 0.10)")
+    b.add_argument("--peers", action="store_true",
+                   help="jaxdnn beside XLA and, where importable, PyTorch, each per call and "
+                        "inside one program of --copies applications, with the ratio to the "
+                        "faster peer")
+    b.add_argument("--copies", type=int, default=8,
+                   help="applications per program with --peers (default 8)")
     return parser
 
 

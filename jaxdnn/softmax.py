@@ -109,13 +109,22 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
 
 
 def _xla_is_faster(mode: str, layout: str, spatial) -> bool:
-    """Where dnn.enabled='auto' takes XLA, from measurements (BENCHMARKS.md, softmax):
-    cuDNN's softmax wins on channels-last images in channel mode and ties on (N, C) rows;
-    XLA wins on channels-first images in channel mode and on whole images in instance
-    mode."""
-    if spatial == (1, 1):
-        return False
-    return not (mode == "channel" and layout == "NHWC")
+    """Where dnn.enabled='auto' takes XLA: everywhere, from measurements (BENCHMARKS.md,
+    "Softmax and batch norm where models use them"; benchmarks/in_model.py).
+
+    Inside a jitted program XLA fuses its softmax with the neighbouring ops (the scaling
+    and masking before it, the matrix product after it, their gradients), which a cuDNN
+    call cannot join. On (N, C) rows (8192x4096 float32, H100) cuDNN took 0.29x XLA's speed
+    with the backward inside one program of 8 applications and 0.67x per call; attention
+    scores and classifier heads reach it as such rows (jaxdnn.nn.softmax). No measurement
+    shows cuDNN's softmax ahead inside a program: the one per-call win, channel mode on
+    channels-last images with the backward (1.23x, BENCHMARKS.md, "Softmax and pooling,
+    per call"), came with a forward at 0.74x, and per-call margins shrink in a program.
+    So 'auto' keeps XLA until an in-program measurement (in_model.py's "jaxdnn, cuDNN
+    forced" column) shows cuDNN ahead for a (mode, layout); dnn.enabled=True runs cuDNN.
+    """
+    del mode, layout, spatial  # one answer for every case measured so far
+    return True
 
 
 def dnn_log_softmax(x, mode: str = "channel", data_format: str = "NCHW"):

@@ -14,6 +14,11 @@
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
+# "inmodel" (not a default stage; estimated 5-10 minutes, 2-3 with INMODEL_ARGS=--quick)
+# times softmax and batch norm where models use them (attention, a classifier head,
+# ReLU(batch norm) in every dtype, layout and mode; inside one program and per call),
+# jaxdnn on 'auto' and forced onto cuDNN beside XLA (benchmarks/in_model.py, the figures
+# 'auto' routes those ops from); INMODEL_ARGS passes it options (--quick, --match ...).
 # BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
 # e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
 # per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
@@ -112,6 +117,8 @@ run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # PyTorch; convolutions with time_once on all three passes.
 run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
+# Softmax and batch norm inside the programs models compile (not a default stage).
+run_stage inmodel "$PYTHON" benchmarks/in_model.py "$LOG_DIR" ${INMODEL_ARGS:-}
 # Host time per call: the smallest case of each op, jitted single calls beside XLA's.
 run_stage percall "$PYTHON" benchmarks/per_call.py "$LOG_DIR"
 # Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per

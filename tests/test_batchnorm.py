@@ -842,13 +842,15 @@ def _cuda_hlo(fn, *args):
 
 @_needs_extension
 def test_cuda_lowering_takes_the_reference_without_the_handlers(monkeypatch):
-    """Under 'auto' a float32 batch norm lowers to the cuDNN calls where the extension has
-    the handlers, and to the XLA reference, without a jaxdnn call, where it lacks them."""
+    """Under 'auto' a float64 batch norm (the dtype 'auto' keeps on cuDNN) lowers to the
+    cuDNN calls where the extension has the handlers, and to the XLA reference, without a
+    jaxdnn call, where it lacks them."""
     jaxdnn.config.update("dnn.enabled", "auto")
+    x, p = X4.astype(jnp.float64), SP.astype(jnp.float64)
 
     def hlo():  # a fresh function each time: the path is chosen at trace time
         return _cuda_hlo(jax.grad(lambda x: jnp.sum(
-            dnn_batch_normalization_train(x, SP, SP, "spatial")[0] ** 2)), X4)
+            dnn_batch_normalization_train(x, p, p, "spatial")[0] ** 2)), x)
 
     monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
     monkeypatch.setattr(_extension, "has_targets", lambda *names: True)

@@ -205,3 +205,51 @@ def test_kernel_times_summarizes_the_gpu_events_of_a_trace(script):
     assert result["span_us"] == pytest.approx((188.0 - 100.0) / 2)
     assert kernel_times.summarize(events[-2:], 2) == {"kernels": [], "busy_us": None,
                                                       "span_us": None}
+
+
+def test_in_model_small(tmp_path, script):
+    in_model = script("in_model")
+    argv = [str(tmp_path), "--size", "small", "--quick", "--dtype", "float32", "--copies", "2",
+            "--repeats", "1", "--calls", "1"]
+    assert in_model.main(argv) == 0
+    data, markdown = _outputs(tmp_path, "in_model")
+    rows = data["rows"]
+    expected = [c for c in in_model.quick(in_model.cases("small")) if c.dtype == "float32"]
+    # every kind of case: attention, the classifier head, the bare op, batch norm in
+    # training and inference, in both layouts and modes; each timed in a program and per call
+    assert {c.kind for c in expected} == {"attention", "head", "bare", "batchnorm"}
+    assert {(c.layout, c.mode, c.pass_) for c in expected if c.op == "batchnorm"} == {
+        (layout, mode, pass_) for layout in ("NCHW", "NHWC")
+        for mode in ("spatial", "per-activation") for pass_ in ("fwd", "fwd+bwd")}
+    assert [(r["case"], r["pass"], r["layout"], r["timing"]) for r in rows] == [
+        (c.label, c.pass_, c.layout, timing) for c in expected
+        for timing in ("program x2", "per call")]
+    for row in rows:
+        assert _positive(row["auto_ms"]) and _positive(row["xla_ms"]), row
+        assert math.isclose(row["auto_vs_xla"], row["xla_ms"] / row["auto_ms"])
+        assert row["auto_takes"] in ("cudnn", "xla")
+        assert (row["cudnn_ms"] is None) == (not jaxdnn_available())
+    if not jaxdnn_available():  # jaxdnn's XLA path: 'auto' ran XLA's lowering
+        assert all(row["auto_takes"] == "xla" for row in rows)
+    assert "| case | pass | dtype | layout | mode | timing | jaxdnn auto ms |" in markdown
+    assert "'auto' slower than XLA by more than 5%" in markdown
+
+
+def test_in_model_sides_compute_the_same(script):
+    """jaxdnn's function and XLA's compute the same values (and gradients) for every
+    kind of case, so the two columns time the same work."""
+    in_model = script("in_model")
+    import numpy as np
+    for case in in_model.cases("small"):
+        if case.dtype != "float32":
+            continue
+        jaxdnn_fn, xla_fn, args = in_model.build(case)
+        for got, want in zip(jax.tree.leaves(jax.jit(jaxdnn_fn)(*args)),
+                             jax.tree.leaves(jax.jit(xla_fn)(*args))):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4,
+                                       atol=2e-5, err_msg=f"{case.label} {case.pass_}")
+
+
+def jaxdnn_available() -> bool:
+    import jaxdnn
+    return jaxdnn.is_available()

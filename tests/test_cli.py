@@ -75,9 +75,9 @@ def test_bench_json_rows(softmax_json):
         assert row["device"] and row["date"]
         if not bench.on_gpu():
             assert row["hbm_floor_ms"] is None and row["hbm_fraction"] is None
-    # (N, C) rows take cuDNN's softmax under 'auto' wherever it can run
+    # every softmax takes XLA under 'auto' (it measured faster inside programs)
     assert rows[0]["layout"] == "NC"
-    assert rows[0]["path"] == ("cudnn" if jaxdnn.is_available() else "xla")
+    assert all(row["path"] == "xla" for row in rows)
 
 
 def test_bench_header_says_why_cudnn_is_unavailable(softmax_json):
@@ -257,3 +257,70 @@ def test_bench_save_then_compare(capsys, tmp_path):
     assert "regression(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--compare", str(tmp_path / "missing.json")])
+
+
+def _peers_json(capsys, *extra):
+    argv = ["bench", "--peers", "softmax", "--size", "small", "--repeats", "1", "--calls", "1",
+            "--copies", "2", "--json", *extra]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def test_bench_peers_times_per_call_and_in_one_program(capsys):
+    import importlib.util
+    rows, err = _peers_json(capsys)
+    cases = bench.cases("small", ["softmax"])
+    assert [(r["case"], r["pass"], r["timing"]) for r in rows] == [
+        (c.label, p, t) for c in cases for p in bench.PASSES for t in ("per call", "program x2")]
+    for row in rows:
+        assert list(row) == list(bench.PEER_FIELDS)
+        assert row["jaxdnn_ms"] > 0 and row["xla_ms"] > 0
+        best = min(t for t in (row["xla_ms"], row["torch_ms"]) if t is not None)
+        assert row["vs_best_peer"] == pytest.approx(best / row["jaxdnn_ms"])
+        assert row["best_peer"] == ("XLA" if best == row["xla_ms"] else "PyTorch")
+    if importlib.util.find_spec("torch") is None:  # no PyTorch column, and the table says why
+        assert all(row["torch_ms"] is None and row["best_peer"] == "XLA" for row in rows)
+        assert "PyTorch: none (PyTorch is not installed), so no PyTorch column" in err
+        assert "PyTorch ms" not in err
+    else:  # CPU PyTorch where JAX runs on the CPU, named as such
+        device = "cuda" if bench.on_gpu() else "cpu"
+        assert f" on {device}" in err and "PyTorch ms" in err
+    assert "program x2" in err and "vs best peer" in err
+
+
+def test_bench_peers_puts_pytorch_beside_xla(capsys, monkeypatch):
+    """With a PyTorch peer (stubbed here: its timings fixed, so that it is the faster peer
+    on one pass and the slower on the other) the table gains its column and the ratio is
+    to the faster peer."""
+    from jaxdnn import _torch_peer
+    monkeypatch.setattr(_torch_peer, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_torch_peer, "device", lambda want_cuda: "cpu")
+    monkeypatch.setattr(_torch_peer, "configure", lambda where: None)
+    monkeypatch.setattr(_torch_peer, "versions", lambda where: {"torch": "9.9", "device": where})
+    monkeypatch.setattr(_torch_peer, "step_for", lambda case, pass_, where: pass_)
+    timed = []
+
+    def time_ms(step, repeats, calls, where):
+        timed.append(calls)
+        return 1e-9 if step == "fwd" else 1e9  # fastest of all forward, slowest backward
+    monkeypatch.setattr(_torch_peer, "time_ms", time_ms)
+    rows, err = _peers_json(capsys)
+    assert "PyTorch 9.9 on cpu" in err and "PyTorch ms" in err
+    for row in rows:
+        torch_ms = 1e-9 if row["pass"] == "fwd" else 1e9
+        assert row["torch_ms"] == torch_ms
+        assert row["best_peer"] == ("PyTorch" if row["pass"] == "fwd" else "XLA")
+        best = min(torch_ms, row["xla_ms"])
+        assert row["vs_best_peer"] == pytest.approx(best / row["jaxdnn_ms"])
+    # PyTorch's 'program' is as many back-to-back calls as the program's applications
+    assert sorted(set(timed)) == [1, 2]
+
+
+def test_bench_peers_refuses_save_and_compare(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--peers", "--save", str(tmp_path / "x.json")])
+    assert "--peers cannot be combined" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--peers", "--copies", "0"])
+    assert "--copies 0" in capsys.readouterr().err
