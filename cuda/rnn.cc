@@ -1,6 +1,6 @@
 // Recurrent networks through cuDNN's RNN v8 API: cudnnRNNForward, cudnnRNNBackwardData_v8
 // and cudnnRNNBackwardWeights_v8 (rnn_relu, rnn_tanh, lstm, gru; linear or skip input; uni-
-// or bidirectional; any depth; CUDNN_RNN_DOUBLE_BIAS, no projection, no dropout).
+// or bidirectional; any depth; CUDNN_RNN_DOUBLE_BIAS; lstm projections (projSize); no dropout).
 // Targets: jaxdnn_rnn_fwd, jaxdnn_rnn_bwd_data, jaxdnn_rnn_bwd_weights, and the same three
 // with the suffix _host_lengths for variable lengths. jaxdnn/rnn.py's docstring is the
 // contract (buffers, dtypes, sequence lengths and why the _host_lengths targets exist);
@@ -28,7 +28,8 @@
   X(int64_t, bidirectional)                                                                   \
   X(int64_t, variable_lengths) /* 1 exactly for the _host_lengths targets */                  \
   X(int64_t, allow_tf32)                                                                      \
-  X(xla::ffi::Span<const int32_t>, static_lengths) /* known at trace time, or empty */
+  X(xla::ffi::Span<const int32_t>, static_lengths) /* known at trace time, or empty */        \
+  X(int64_t, proj_size) /* lstm: h's and y's features per direction; 0: no projection */
 #define JAXDNN_RNN_FWD_ATTRS(X) \
   JAXDNN_RNN_ATTRS(X)           \
   X(int64_t, training) /* 0: cuDNN's inference mode, which writes no reserve space */
@@ -58,6 +59,7 @@ struct RnnConfig {
   int num_layers = 0;
   bool bidirectional = false;
   bool allow_tf32 = true;
+  int proj_size = 0;  // 0: none (cuDNN's projSize is then hidden_size)
 };
 
 // One call's data: its type and the sizes of x.
@@ -74,7 +76,9 @@ struct RnnDescriptors {
   DropoutDescriptor dropout;  // dropout 0: cuDNN wants a descriptor all the same
   RnnDescriptor rnn;
   RnnDataDescriptor x, y;  // x and dx; y and dy
-  TensorDescriptor state;  // hx, hy, cx, cy and their gradients
+  TensorDescriptor state;  // hx, hy and their gradients
+  TensorDescriptor cell;   // cx, cy and their gradients (hidden_size wide; state's shape
+                           // without a projection)
   size_t weight_bytes = 0;
   size_t inference_workspace_bytes = 0;
   size_t training_workspace_bytes = 0;
@@ -83,7 +87,7 @@ struct RnnDescriptors {
 
 ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64_t hidden_size,
                        int64_t num_layers, int64_t bidirectional, int64_t allow_tf32,
-                       RnnConfig* c) {
+                       int64_t proj_size, RnnConfig* c) {
   JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNMode_t>(op, "mode", mode,
                                                      {{"rnn_relu", CUDNN_RNN_RELU},
                                                       {"rnn_tanh", CUDNN_RNN_TANH},
@@ -102,6 +106,14 @@ ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64
       &c->algo));
   if (hidden_size < 1 || !FitsInt(hidden_size) || num_layers < 1 || !FitsInt(num_layers))
     return InvalidArgument(op, "hidden_size and num_layers must be positive ints");
+  // cuDNN projects only lstm's hidden state, to fewer features, on the standard algorithm.
+  if (proj_size < 0 || proj_size >= hidden_size)
+    return InvalidArgument(op, "proj_size must lie in [0, hidden_size)");
+  if (proj_size != 0 && c->cell != CUDNN_LSTM)
+    return InvalidArgument(op, "proj_size needs mode lstm");
+  if (proj_size != 0 && c->algo != CUDNN_RNN_ALGO_STANDARD)
+    return InvalidArgument(op, "proj_size needs algo standard");
+  c->proj_size = static_cast<int>(proj_size);
   c->hidden_size = static_cast<int>(hidden_size);
   c->num_layers = static_cast<int>(num_layers);
   c->bidirectional = bidirectional != 0;
@@ -110,6 +122,9 @@ ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64
 }
 
 int Directions(const RnnConfig& c) { return c.bidirectional ? 2 : 1; }
+
+// The features per direction of h and y: cuDNN's projSize (hidden_size without a projection).
+int OutputSize(const RnnConfig& c) { return c.proj_size != 0 ? c.proj_size : c.hidden_size; }
 
 // Half and bfloat16 data run on tensor cores with float32 math; float32 may use TF32
 // tensor cores (CUDNN_DEFAULT_MATH) unless allow_tf32 forbids it (CUDNN_FMA_MATH);
@@ -148,7 +163,7 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
       op, cudnnSetRNNDescriptor_v8(d->rnn.get(), c.algo, c.cell, CUDNN_RNN_DOUBLE_BIAS,
                                    c.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
                                    c.input_mode, s.type, precision, math, s.input_size,
-                                   c.hidden_size, /*projSize=*/c.hidden_size, c.num_layers,
+                                   c.hidden_size, /*projSize=*/OutputSize(c), c.num_layers,
                                    d->dropout.get(), CUDNN_RNN_PADDED_IO_ENABLED));
   if (c.algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC)  // compiles kernels for this batch size
     JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnBuildRNNDynamic(handle, d->rnn.get(), s.batch));
@@ -164,13 +179,18 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->y));
   JAXDNN_RETURN_IF_CUDNN_ERROR(
       op, cudnnSetRNNDataDescriptor(d->y.get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
-                                    s.steps, s.batch, Directions(c) * c.hidden_size, lengths.data(),
+                                    s.steps, s.batch, Directions(c) * OutputSize(c), lengths.data(),
                                     &zero));
-  JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateTensorDescriptor, &d->state));
-  const int dims[3] = {c.num_layers * Directions(c), s.batch, c.hidden_size};
-  const int strides[3] = {s.batch * c.hidden_size, c.hidden_size, 1};
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetTensorNdDescriptor(d->state.get(), s.type, 3, dims, strides));
+  // h (hx, hy) has OutputSize(c) features, c (cx, cy) hidden_size: different shapes with a
+  // projection.
+  for (auto [descriptor, size] :
+       {std::pair{&d->state, OutputSize(c)}, std::pair{&d->cell, c.hidden_size}}) {
+    JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateTensorDescriptor, descriptor));
+    const int dims[3] = {c.num_layers * Directions(c), s.batch, size};
+    const int strides[3] = {s.batch * size, size, 1};
+    JAXDNN_RETURN_IF_CUDNN_ERROR(
+        op, cudnnSetTensorNdDescriptor(descriptor->get(), s.type, 3, dims, strides));
+  }
 
   JAXDNN_RETURN_IF_CUDNN_ERROR(op,
                                cudnnGetRNNWeightSpaceSize(handle, d->rnn.get(), &d->weight_bytes));
@@ -197,6 +217,7 @@ ffi::Error CachedDescriptors(const char* op, cudnnHandle_t handle, int device, c
       .Add(c.num_layers)
       .Add(static_cast<int64_t>(c.bidirectional))
       .Add(static_cast<int64_t>(c.allow_tf32))
+      .Add(c.proj_size)
       .Add(s.steps)
       .Add(s.batch)
       .Add(s.input_size)
@@ -251,7 +272,7 @@ using Out = ffi::Result<ffi::AnyBuffer>;
 template <const char* kOp, bool kHostLengths, typename Attrs>
 ffi::Error ParseCall(const Attrs& a, bool training, RnnCallConfig* c) {
   JAXDNN_RETURN_IF_ERROR(ParseConfig(kOp, a.mode, a.input_mode, a.algo, a.hidden_size, a.num_layers,
-                                     a.bidirectional, a.allow_tf32, &c->rnn));
+                                     a.bidirectional, a.allow_tf32, a.proj_size, &c->rnn));
   // Lengths other than T need the host-lengths targets.
   if ((a.variable_lengths != 0) != kHostLengths)
     return InvalidArgument(kOp,
@@ -295,8 +316,10 @@ ffi::Error CheckOperands(const char* op, const RnnConfig& c, const CallOperands&
     if (b->element_type() != in.x.element_type())
       return InvalidArgument(op, "x, hx, cx and w must share one dtype");
   const int64_t states = c.num_layers * Directions(c);
-  if (!HasDims(in.hx, {states, x[1], c.hidden_size}))
-    return InvalidArgument(op, "hx must have shape (num_layers * directions, N, hidden_size)");
+  if (!HasDims(in.hx, {states, x[1], OutputSize(c)}))
+    return InvalidArgument(op,
+                           "hx must have shape (num_layers * directions, N, proj_size or "
+                           "hidden_size)");
   const int64_t cell_size = c.cell == CUDNN_LSTM ? c.hidden_size : 0;
   if (!HasDims(in.cx, {states, x[1], cell_size}))
     return InvalidArgument(op,
@@ -320,7 +343,7 @@ ffi::Error CheckBytes(const char* op, const char* what, const Buffer& buffer, si
 }
 
 // The buffers a call passes to cuDNN besides its CallOperands, checked at initialize:
-// y-like buffers of (T, N, directions * hidden), hx-like buffers of hx's shape, cx-like
+// y-like buffers of (T, N, directions * proj or hidden), hx-like buffers of hx's shape, cx-like
 // buffers of cx's, and the weight, workspace and reserve bytes against cuDNN's sizes.
 struct ExtraBuffers {
   std::vector<const Buffer*> y_like, h_like, c_like;
@@ -348,10 +371,10 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
         }
         for (const Buffer* b : extra.y_like)
           if (b->element_type() != in.x.element_type() ||
-              !HasDims(*b, {steps, batch, Directions(c) * c.hidden_size}))
+              !HasDims(*b, {steps, batch, Directions(c) * OutputSize(c)}))
             return InvalidArgument(op,
-                                   "y and dy must have shape (T, N, directions * hidden_size) "
-                                   "and x's dtype");
+                                   "y and dy must have shape (T, N, directions * (proj_size or "
+                                   "hidden_size)) and x's dtype");
         for (const Buffer* b : extra.h_like)
           if (b->element_type() != in.x.element_type() || !(b->dimensions() == in.hx.dimensions()))
             return InvalidArgument(op, "hy, dhy and dhx must have hx's shape and dtype");
@@ -404,7 +427,7 @@ ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
   JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaStreamSynchronize(stream));
   JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->lengths.data, state->lengths.size, s.steps));
   double zero = 0.0;
-  const int output_size = Directions(d.config) * d.config.hidden_size;
+  const int output_size = Directions(d.config) * OutputSize(d.config);
   for (auto [data, size] : {std::pair{state->call_x.get(), s.input_size},
                             std::pair{state->call_y.get(), output_size}}) {
     JAXDNN_RETURN_IF_CUDNN_ERROR(
@@ -462,7 +485,7 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
                       handle, d.rnn.get(),
                       state->config.training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
                       Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
-                      d.state.get(), hx.untyped_data(), hy->untyped_data(), d.state.get(),
+                      d.state.get(), hx.untyped_data(), hy->untyped_data(), d.cell.get(),
                       CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
                       workspace->size_bytes(), workspace->untyped_data(), reserve_bytes,
                       reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
@@ -501,7 +524,7 @@ ffi::Error ExecuteBwdData(cudaStream_t stream, int device, RnnState* state, Buff
             cudnnRNNBackwardData_v8(
                 handle, d.rnn.get(), Lengths(seq_lengths), c.y, y.untyped_data(), dy.untyped_data(),
                 c.x, dx->untyped_data(), d.state.get(), hx.untyped_data(), dhy.untyped_data(),
-                dhx->untyped_data(), d.state.get(), CellData(state, cx), CellData(state, dcy),
+                dhx->untyped_data(), d.cell.get(), CellData(state, cx), CellData(state, dcy),
                 CellData(state, dcx), w.size_bytes(), w.untyped_data(), workspace->size_bytes(),
                 workspace->untyped_data(), reserve_out->size_bytes(), reserve_out->untyped_data()));
       });
@@ -557,10 +580,12 @@ Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch) {
   auto text = [&](const char* key) { return nb::cast<std::string>(kw[key]); };
   auto number = [&](const char* key) { return nb::cast<int64_t>(kw[key]); };
   RnnConfig c;
+  // proj_size is optional: a query without it asks for no projection.
+  const int64_t proj_size = kw.contains("proj_size") ? number("proj_size") : 0;
   ThrowIfError(ParseConfig(op, text("mode"), text("input_mode"), text("algo"),
                            number("hidden_size"), number("num_layers"),
                            nb::cast<bool>(kw["bidirectional"]), nb::cast<bool>(kw["allow_tf32"]),
-                           &c));
+                           proj_size, &c));
   ffi::ErrorOr<FloatType> type = FloatTypeNamed(op, text("dtype"));
   if (type.has_error()) ThrowIfError(type.error());
   const int64_t input_dim = number("input_dim");
@@ -592,12 +617,16 @@ struct DeviceBuffer {
   }
 };
 
-// (pseudo_layer, lin_id, kind, offset in elements, dims) of every matrix and bias.
+// (pseudo_layer, lin_id, kind, offset in elements, dims) of every matrix and bias (with a
+// projection, lin_id 2 * gates (8) is the projection matrix, which has no bias).
 ffi::Error AppendWeightParams(const char* op, cudnnHandle_t handle, const RnnDescriptors& d,
                               nb::list* out) {
   const RnnConfig& c = d.config;
   const int pseudo_layers = c.num_layers * Directions(c);
-  const int lin_ids = 2 * (c.cell == CUDNN_LSTM ? 4 : c.cell == CUDNN_GRU ? 3 : 1);
+  const int lin_ids = 2 * (c.cell == CUDNN_LSTM  ? 4
+                           : c.cell == CUDNN_GRU ? 3
+                                                 : 1) +
+                      (c.proj_size != 0 ? 1 : 0);
   const size_t element_bytes = d.shape.type == CUDNN_DATA_DOUBLE  ? 8
                                : d.shape.type == CUDNN_DATA_FLOAT ? 4
                                                                   : 2;
@@ -646,8 +675,8 @@ void AddRnnQueries(nb::module_& m) {
         return std::pair<int64_t, int64_t>(d.training_workspace_bytes, d.reserve_bytes);
       },
       "(workspace, reserve) bytes cudnnGetRNNTempSpaceSizes gives one RNN configuration (the "
-      "attributes' keywords, dtype, input_dim, max_seq_length, batch_size, training) on the "
-      "current device; reserve 0 unless training.");
+      "attributes' keywords, proj_size optional, dtype, input_dim, max_seq_length, batch_size, "
+      "training) on the current device; reserve 0 unless training.");
   m.def(
       "rnn_weight_params",
       [](nb::kwargs kw) {

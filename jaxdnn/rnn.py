@@ -1,7 +1,8 @@
 """Recurrent networks: `RNNBlock` (Theano's RNNBlock), after cuDNN's RNN v8 API
 (cudnnRNNForward, cudnnRNNBackwardData_v8, cudnnRNNBackwardWeights_v8).
 
-An RNNBlock is a configuration (cell, hidden size, depth, input mode, directions) applied
+An RNNBlock is a configuration (cell, hidden size, depth, input mode, directions, and for
+lstm an optional projection of the hidden state, `proj_size`) applied
 to an opaque parameter block `w`: a flat vector laid out as cuDNN lays out its weight
 space (`weight_layout`), so a block made anywhere runs unchanged on cuDNN and on the XLA
 path. `split_params` / `merge_params` convert between the block and each layer's matrices
@@ -29,7 +30,9 @@ Two paths, chosen at trace time by `dnn.enabled`:
 
 What the cuDNN handlers (cuda/rnn.cc) receive:
 
-* x (T, N, I), hx and cx (L*D, N, H), y and dy (T, N, D*H), w and dw (P,), all of one dtype:
+* x (T, N, I), hx and cx (L*D, N, H), y and dy (T, N, D*H), w and dw (P,), all of one dtype
+  (with a projection, proj_size R > 0: hx, hy and their gradients (L*D, N, R), y and dy
+  (T, N, D*R); cx and cy keep H):
   float16 or bfloat16 (stored so, with float32 math on tensor cores), float32 (TF32 tensor
   cores unless `allow_tf32` is 0) or float64. bfloat16 reaches them only where cuDNN takes
   it (asked once, `_cudnn_takes_bfloat16`); elsewhere the public function computes it in
@@ -65,8 +68,9 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   rnn_bwd_weights) are there for the reference lowering, which recomputes the forward.
 * The workspace is a trailing u8 result of `workspace_bytes` (see `_primitive.py`).
 * Attributes: mode, input_mode, algo (the `dnn.rnn.algo` flag) (strings); hidden_size,
-  num_layers, bidirectional, variable_lengths, allow_tf32 and (rnn_fwd) training (int64);
-  static_lengths (int32[N], empty unless the lengths were host data).
+  num_layers, bidirectional, variable_lengths, allow_tf32, proj_size (0: no projection;
+  cuDNN's projSize is then hidden_size) and (rnn_fwd) training (int64); static_lengths
+  (int32[N], empty unless the lengths were host data).
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
@@ -124,7 +128,7 @@ DIRECTION_MODES = ("unidirectional", "bidirectional")
 def temp_space_sizes(*, mode: str, input_mode: str, algo: str, hidden_size: int,
                      num_layers: int, bidirectional: bool, allow_tf32: bool, dtype: str,
                      max_seq_length: int, batch_size: int, input_dim: int,
-                     training: bool) -> tuple[int, int]:
+                     training: bool, proj_size: int = 0) -> tuple[int, int]:
     """(workspace, reserve) bytes that cudnnGetRNNTempSpaceSizes gives one configuration
     (data descriptors of max_seq_length x batch_size, every length max_seq_length, as the
     handlers build them), asked of the extension once per configuration (it needs a GPU).
@@ -134,7 +138,7 @@ def temp_space_sizes(*, mode: str, input_mode: str, algo: str, hidden_size: int,
         mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
         num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=bool(allow_tf32),
         dtype=dtype, max_seq_length=max_seq_length, batch_size=batch_size,
-        input_dim=input_dim, training=bool(training))
+        input_dim=input_dim, training=bool(training), proj_size=int(proj_size))
 
 
 def _extension_query(name: str):
@@ -158,14 +162,14 @@ def _query_temp_space_sizes(**config) -> tuple[int, int]:
 
 def cudnn_weight_params(*, mode: str, input_mode: str, hidden_size: int, num_layers: int,
                         bidirectional: bool, dtype: str, input_dim: int,
-                        algo: str = "standard") -> tuple[int, list[tuple]]:
+                        algo: str = "standard", proj_size: int = 0) -> tuple[int, list[tuple]]:
     """cuDNN's own description of the weight space (it needs a GPU): (bytes,
     [(pseudo_layer, lin_id, kind, offset in elements, dims)]), from cudnnGetRNNWeightParams,
     to test `weight_layout` against."""
     return _extension_query("rnn_weight_params")(
         mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
         num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=True, dtype=dtype,
-        input_dim=input_dim)
+        input_dim=input_dim, proj_size=int(proj_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +179,7 @@ def _cudnn_takes_bfloat16() -> bool:
         _extension_query("rnn_temp_space_sizes")(
             mode="lstm", input_mode="linear", algo="standard", hidden_size=8, num_layers=1,
             bidirectional=False, allow_tf32=True, dtype="bfloat16", max_seq_length=2,
-            batch_size=2, input_dim=8, training=True)
+            batch_size=2, input_dim=8, training=True, proj_size=0)
     except RuntimeError:
         return False
     return True
@@ -194,6 +198,7 @@ class _Config(NamedTuple):
     allow_tf32: bool
     static_lengths: tuple  # the lengths, where known at trace time; else ()
     impl: str
+    proj_size: int = 0     # lstm's projection of the hidden state; 0: none
 
 
 # What the sizes depend on: not the lengths (sized for full-length sequences).
@@ -254,10 +259,10 @@ def _resized(params: dict, x) -> tuple[dict, int]:
 # ---- primitives ---------------------------------------------------------------------------
 
 def _forward_abstract(x, hx, cx, w, seq_lengths, *, hidden_size, bidirectional, reserve_bytes,
-                      **params):
+                      proj_size, **params):
     steps, batch, _ = x.shape
     directions = 2 if bidirectional else 1
-    return [ShapedArray((steps, batch, directions * hidden_size), x.dtype),
+    return [ShapedArray((steps, batch, directions * (proj_size or hidden_size)), x.dtype),
             ShapedArray(hx.shape, hx.dtype), ShapedArray(cx.shape, cx.dtype),
             ShapedArray((reserve_bytes,), np.uint8)]
 
@@ -529,6 +534,18 @@ def _positive_int(op: str, arg: str, value) -> int:
     return int(value)
 
 
+def _proj_size(op: str, value, hidden_size: int, mode: str) -> int:
+    if not _validate.is_int(value):
+        raise TypeError(f"{op}: proj_size must be an int in [0, hidden_size); got {value!r}")
+    if not 0 <= value < hidden_size:
+        raise ValueError(f"{op}: proj_size={value!r} must lie in [0, hidden_size={hidden_size})"
+                         " (0: no projection)")
+    if value and mode != "lstm":
+        raise ValueError(f"{op}: proj_size={value!r} projects an lstm's hidden state; "
+                         f"rnn_mode={mode!r} has no projection (proj_size=0)")
+    return int(value)
+
+
 def _block_dtype(op: str, dtype):
     try:
         dtype = jnp.dtype(dtype)
@@ -583,13 +600,18 @@ class RNNBlock:
     'skip' (it has no input matrices and adds x itself: input_dim must equal hidden_size).
     direction_mode: 'unidirectional' or 'bidirectional' (each layer also runs from the last
     step to the first; outputs are [forward, backward] along the features).
+    proj_size: lstm only, in [0, hidden_size): 0 for none, else each layer's hidden state
+    is projected to proj_size features, h = P (o * tanh(c)) (cuDNN's projSize, PyTorch's
+    `nn.LSTM(proj_size=...)`): hx, hy and y then have proj_size features per direction, the
+    cell states cx and cy keep hidden_size, and layers above the first read
+    proj_size * directions features.
 
     `input_size` is (batch_size, input_dim), as in Theano; the parameters do not depend
     on batch_size.
     """
 
     def __init__(self, dtype, hidden_size, num_layers, rnn_mode, input_mode="linear",
-                 direction_mode="unidirectional"):
+                 direction_mode="unidirectional", proj_size=0):
         op = "RNNBlock"
         self.dtype = _block_dtype(op, dtype)
         self.hidden_size = _positive_int(op, "hidden_size", hidden_size)
@@ -598,11 +620,14 @@ class RNNBlock:
         _validate.check_choice(op, "input_mode", input_mode, INPUT_MODES)
         _validate.check_choice(op, "direction_mode", direction_mode, DIRECTION_MODES)
         self.rnn_mode, self.input_mode, self.direction_mode = rnn_mode, input_mode, direction_mode
+        self.proj_size = _proj_size(op, proj_size, self.hidden_size, rnn_mode)
 
     def __repr__(self):
+        proj = f", proj_size={self.proj_size}" if self.proj_size else ""
         return (f"RNNBlock({self.dtype.name!r}, hidden_size={self.hidden_size}, "
                 f"num_layers={self.num_layers}, rnn_mode={self.rnn_mode!r}, "
-                f"input_mode={self.input_mode!r}, direction_mode={self.direction_mode!r})")
+                f"input_mode={self.input_mode!r}, direction_mode={self.direction_mode!r}"
+                f"{proj})")
 
     @property
     def bidirectional(self) -> bool:
@@ -613,6 +638,11 @@ class RNNBlock:
         return 2 if self.bidirectional else 1
 
     @property
+    def _out_size(self) -> int:
+        """The features per direction of h and y: proj_size where there is a projection."""
+        return self.proj_size or self.hidden_size
+
+    @property
     def _gates(self) -> int:
         return reference.GATES[self.rnn_mode]
 
@@ -620,7 +650,7 @@ class RNNBlock:
     def _cell(self) -> dict:
         return dict(mode=self.rnn_mode, input_mode=self.input_mode,
                     hidden_size=self.hidden_size, num_layers=self.num_layers,
-                    bidirectional=self.bidirectional)
+                    bidirectional=self.bidirectional, proj_size=self.proj_size)
 
     def _check_input_dim(self, op: str, arg: str, input_dim: int) -> None:
         if self.input_mode == "skip" and input_dim != self.hidden_size:
@@ -645,20 +675,22 @@ class RNNBlock:
 
     def _layout(self, input_dim: int) -> tuple[WeightEntry, ...]:
         return weight_layout(self.rnn_mode, self.hidden_size, self.num_layers, input_dim,
-                             self.input_mode, self.bidirectional)
+                             self.input_mode, self.bidirectional, self.proj_size)
 
     def _layer_shapes(self, layer: int, input_dim: int) -> list[tuple | None]:
         """Shapes of split_params(w, layer, ...), in Theano's view (None: absent)."""
-        gates, hidden = self._gates, self.hidden_size
+        gates, hidden, out = self._gates, self.hidden_size, self._out_size
         depth = layer // self.num_directions
-        in_dim = reference.layer_input_size(depth, input_dim, hidden, self.num_directions)
+        in_dim = reference.layer_input_size(depth, input_dim, out, self.num_directions)
         skipped = depth == 0 and self.input_mode == "skip"
         shapes = []
         for lin_id in range(2 * gates):
             is_input = lin_id < gates
             shapes.append(None if is_input and skipped else
-                          (in_dim if is_input else hidden, hidden))
+                          (in_dim if is_input else out, hidden))
             shapes.append((hidden,))
+        if self.proj_size:  # the projection, applied as (o * tanh(c)) @ P
+            shapes.append((hidden, self.proj_size))
         return shapes
 
     def weight_layout(self, input_size) -> tuple[WeightEntry, ...]:
@@ -671,12 +703,14 @@ class RNNBlock:
         (batch_size, input_dim)."""
         input_dim = self._input_dim("RNNBlock.get_param_size", input_size)
         return reference.param_size(self.rnn_mode, self.hidden_size, self.num_layers,
-                                    input_dim, self.input_mode, self.bidirectional)
+                                    input_dim, self.input_mode, self.bidirectional,
+                                    self.proj_size)
 
     def _check_block(self, op: str, w, input_dim: int):
         w = _check_array(op, "w", w, 1, " (the opaque parameter block)")
         size = reference.param_size(self.rnn_mode, self.hidden_size, self.num_layers,
-                                    input_dim, self.input_mode, self.bidirectional)
+                                    input_dim, self.input_mode, self.bidirectional,
+                                    self.proj_size)
         if w.shape[0] != size:
             raise ValueError(f"{op}: w has {w.shape[0]} elements but this block needs "
                              f"get_param_size((batch_size, {input_dim})) = {size} for "
@@ -690,12 +724,16 @@ class RNNBlock:
         (input) or (hidden, hidden) (recurrent), applied as x @ W; each b is (hidden,).
         A bidirectional block has 2 * num_layers layers (layer = 2 * depth + direction).
         With input_mode='skip', the first layer's input matrices do not exist: None.
+        With proj_size > 0 the recurrent W are (proj_size, hidden), the input W of layers
+        above the first (proj_size * directions, hidden), and the list ends with the
+        projection P (hidden, proj_size) (cuDNN's linLayerID 8), applied as
+        (o * tanh(c)) @ P, without a bias.
         """
         op = "RNNBlock.split_params"
         input_dim = self._input_dim(op, input_size)
         w = self._check_block(op, w, input_dim)
         layer = self._layer_index(op, layer)
-        result = [None] * (4 * self._gates)
+        result = [None] * (4 * self._gates + (1 if self.proj_size else 0))
         for e in self._layout(input_dim):
             if e.pseudo_layer == layer:
                 piece = w[e.offset:e.offset + e.size].reshape(e.shape)
@@ -752,7 +790,9 @@ class RNNBlock:
         """Run the network: w the block, x (timesteps, batch, input_dim), hx (and, for
         lstm, cx) (num_layers * directions, batch, hidden). Returns (y, hy), or (y, hy, cy)
         for lstm: y (timesteps, batch, hidden * directions), the forward direction's
-        features first; hy and cy the final states, layer by layer.
+        features first; hy and cy the final states, layer by layer. With proj_size > 0,
+        hx, hy and y have proj_size features per direction in place of hidden (as in
+        PyTorch); cx and cy keep hidden.
 
         seq_lengths: optional ints (batch,) for right-padded batches: sequence n has
         seq_lengths[n] valid steps; y is zero past them and hy/cy are the states at each
@@ -772,11 +812,13 @@ class RNNBlock:
         steps, batch, input_dim = x.shape
         self._check_input_dim(op, "x.shape[2] (input_dim)", input_dim)
         w = self._check_block(op, w, input_dim)
-        state_shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
-        hx = _check_array(op, "hx", hx, 3, " (num_layers * directions, batch, hidden)")
+        cell_shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        state_shape = cell_shape[:2] + (self._out_size,)
+        h_size = "proj_size" if self.proj_size else "hidden"
+        hx = _check_array(op, "hx", hx, 3, f" (num_layers * directions, batch, {h_size})")
         if hx.shape != state_shape:
             raise ValueError(f"{op}: hx must have shape (num_layers * directions, batch, "
-                             f"hidden) = {state_shape}; got {hx.shape}")
+                             f"{h_size}) = {state_shape}; got {hx.shape}")
         lstm = self.rnn_mode == "lstm"
         if lstm and cx is None:
             raise ValueError(f"{op}: rnn_mode='lstm' needs the initial cell state cx")
@@ -785,9 +827,9 @@ class RNNBlock:
                              f"rnn_mode={self.rnn_mode!r} has none")
         if lstm:
             cx = _check_array(op, "cx", cx, 3, " (num_layers * directions, batch, hidden)")
-            if cx.shape != state_shape:
+            if cx.shape != cell_shape:
                 raise ValueError(f"{op}: cx must have shape (num_layers * directions, batch, "
-                                 f"hidden) = {state_shape}; got {cx.shape}")
+                                 f"hidden) = {cell_shape}; got {cx.shape}")
         static_lengths = ()
         if seq_lengths is not None:
             seq_lengths, static_lengths = _seq_lengths(op, seq_lengths, steps, batch)
@@ -796,9 +838,9 @@ class RNNBlock:
         x, hx, w = x.astype(dtype), hx.astype(dtype), w.astype(dtype)
         cx = cx.astype(dtype) if lstm else None
         if steps == 0 or batch == 0:  # no step to take: the states stay the initial ones
-            y = jnp.zeros((steps, batch, self.num_directions * self.hidden_size), dtype)
+            y = jnp.zeros((steps, batch, self.num_directions * self._out_size), dtype)
             return (y, hx, cx) if lstm else (y, hx)
-        impl = _implementation(op, x.shape, (steps, batch, self.num_directions * self.hidden_size),
+        impl = _implementation(op, x.shape, (steps, batch, self.num_directions * self._out_size),
                                w.shape)
         if impl == "xla":
             y, hy, cy = reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
@@ -814,7 +856,11 @@ class RNNBlock:
             cx = jnp.zeros(hx.shape[:2] + (0,), work)
         lengths = (jnp.full((x.shape[1],), x.shape[0], jnp.int32) if seq_lengths is None
                    else seq_lengths)
-        config = _Config(**self._cell, algo=config_module.read("dnn.rnn.algo"),
+        algo = config_module.read("dnn.rnn.algo")
+        if self.proj_size and algo != "standard":
+            raise ValueError(f"RNNBlock.apply: proj_size={self.proj_size} runs on cuDNN's "
+                             f"standard algorithm only; dnn.rnn.algo={algo!r}")
+        config = _Config(**self._cell, algo=algo,
                          variable_lengths=seq_lengths is not None, allow_tf32=config_module.allows_tf32(),
                          static_lengths=static_lengths, impl=impl)
         y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),

@@ -272,3 +272,67 @@ def test_one_way_outputs_with_lengths_lower_to_the_graph_safe_target(monkeypatch
 
     assert targets(module) == ["jaxdnn_rnn_fwd"]
     assert targets(GRU(H, return_carry=True)) == ["jaxdnn_rnn_fwd_host_lengths"]
+
+
+# ---- LSTM projections (proj_size) ---------------------------------------------------------
+P = 2  # projected features per direction (< H)
+
+
+def _proj_oracle(weights, x, lengths, c0, h0, num_layers, bidirectional):
+    """The NumPy float64 oracle (tests/oracles/rnn.py) on the block's split_params view,
+    batch-major in and out like the modules."""
+    from oracles import rnn as ref
+    block = RNNBlock("float64", H, num_layers, "lstm",
+                     direction_mode="bidirectional" if bidirectional else "unidirectional",
+                     proj_size=P)
+    w = np.asarray(weights, np.float64)
+    layers = [[None if a is None else np.asarray(a) for a in block.split_params(w, k, (1, I))]
+              for k in range(num_layers * block.num_directions)]
+    y, hy, cy = ref.rnn(layers, np.swapaxes(np.asarray(x, np.float64), 0, 1), h0, c0, lengths,
+                        mode="lstm", bidirectional=bidirectional)
+    return np.swapaxes(y, 0, 1), hy, cy
+
+
+def test_lstm_projection_linen_and_nnx_match_the_oracle():
+    """proj_size: h and the outputs have P features per direction, c keeps H (PyTorch's
+    shapes); the linen and NNX modules compute the oracle's values with the same block."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((N, T, I)), jnp.float32)
+    lengths = np.array([5, 2, 4])
+    linen = LSTM(H, num_layers=2, bidirectional=True, return_carry=True, proj_size=P)
+    params = linen.init(jax.random.key(0), x)
+    w = params["params"]["weights"]
+    block = RNNBlock("float32", H, 2, "lstm", direction_mode="bidirectional", proj_size=P)
+    assert w.shape == (block.get_param_size((N, I)),)
+    module = jnnx.LSTM(I, H, 2, bidirectional=True, return_carry=True, rngs=nnx.Rngs(0),
+                       proj_size=P)
+    assert module.weights[...].shape == w.shape
+    module.weights[...] = w
+    rng = np.random.default_rng(1)
+    c0 = 0.5 * rng.standard_normal((4, N, H))
+    h0 = 0.5 * rng.standard_normal((4, N, P))
+    want = _proj_oracle(w, x, lengths, c0, h0, 2, True)
+    carry = (jnp.asarray(c0, jnp.float32), jnp.asarray(h0, jnp.float32))
+    runs = {"linen": jax.jit(linen.apply)(params, x, carry, jnp.asarray(lengths)),
+            "nnx": nnx.jit(lambda m, x, c: m(x, c, seq_lengths=jnp.asarray(lengths)))(
+                module, x, carry)}
+    for name, ((c, h), y) in runs.items():
+        assert y.shape == (N, T, 2 * P) and h.shape == (4, N, P) and c.shape == (4, N, H), name
+        for got, expected in ((y, want[0]), (h, want[1]), (c, want[2])):
+            np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5, err_msg=name)
+    # the default carry is zeros of those shapes
+    (c, h), y = LSTM(H, return_carry=True, proj_size=P).apply(
+        {"params": {"weights": jnp.zeros(RNNBlock("float32", H, 1, "lstm", proj_size=P)
+                                         .get_param_size((N, I)))}}, x)
+    assert y.shape == (N, T, P) and h.shape == (1, N, P) and c.shape == (1, N, H)
+
+
+def test_proj_size_errors_name_the_argument():
+    x = jnp.ones((N, T, I))
+    with pytest.raises(ValueError, match="proj_size=2 projects an lstm's hidden state"):
+        GRU(H, proj_size=2).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"proj_size=6 must lie in \[0, hidden_size=6\)"):
+        LSTM(H, proj_size=H).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="proj_size=1 projects an lstm's hidden state"):
+        jnnx.SimpleRNN(I, H, rngs=nnx.Rngs(0), proj_size=1)
+    with pytest.raises(ValueError, match=r"proj_size=-1 must lie in \[0, hidden_size=6\)"):
+        jnnx.LSTM(I, H, rngs=nnx.Rngs(0), proj_size=-1)

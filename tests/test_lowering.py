@@ -490,3 +490,23 @@ def test_every_target_carries_the_attributes_its_handlers_decode(cudnn_on_cpu):
     assert set(carried) == set(decoded)
     for target, name_sets in carried.items():
         assert name_sets == {frozenset(decoded[target])}, target
+
+
+def test_rnn_projection_carries_proj_size(cudnn_on_cpu):
+    """An lstm with a projection: every RNN target carries proj_size (the handlers' attribute
+    set, no other) and the shapes cuDNN's projSize gives: y (T, N, D * proj), hx and its
+    gradient (L * D, N, proj), cx (L * D, N, hidden)."""
+    f32 = jnp.float32
+    block = jaxdnn.RNNBlock("float32", 4, 1, "lstm", "linear", "bidirectional", proj_size=3)
+    w = jnp.zeros(block.get_param_size((2, 5)), f32)
+    seq, h, c = jnp.ones((3, 2, 5), f32), jnp.zeros((2, 2, 3), f32), jnp.zeros((2, 2, 4), f32)
+    loss = lambda w, seq, h, *lengths: block.apply(w, seq, h, c, *lengths)[0].sum()
+    decoded = _extension.extension().target_attributes()
+    for lengths in ((), (jnp.asarray([3, 1], jnp.int32),)):
+        text = cuda_hlo(jax.grad(loss, (0, 1, 2)), w, seq, h, *lengths)
+        calls = [c for c in custom_calls(text) if c[0].startswith("jaxdnn_rnn_")]
+        assert len(calls) == 3
+        for target, attrs in calls:
+            assert "proj_size = 3 : i64" in attrs and 'mode = "lstm"' in attrs, target
+            assert set(re.findall(r"(\w+) = ", attrs)) == set(decoded[target]), target
+        assert "-> (tensor<3x2x6xf32>, tensor<2x2x3xf32>, tensor<2x2x4xf32>" in text

@@ -52,8 +52,8 @@ def _gpu_tests_in_full_float32(request):
 # Building blocks, parameters and inputs
 # ---------------------------------------------------------------------------------------
 def make_block(mode, direction="unidirectional", input_mode="linear", depth=1,
-               dtype="float64", hidden=HIDDEN):
-    return RNNBlock(dtype, hidden, depth, mode, input_mode, direction)
+               dtype="float64", hidden=HIDDEN, proj=0):
+    return RNNBlock(dtype, hidden, depth, mode, input_mode, direction, proj)
 
 
 def input_dim_of(block):
@@ -61,19 +61,24 @@ def input_dim_of(block):
 
 
 def seed_shapes(block, layer, input_dim):
-    """split_params' shapes for one layer, written out from Theano's description."""
+    """split_params' shapes for one layer, written out from Theano's description (and, with
+    a projection, PyTorch's: h of proj features, read by the recurrence and the next layer,
+    and the projection (hidden, proj) last)."""
     gates, hidden = ref.GATES[block.rnn_mode], block.hidden_size
+    out = block.proj_size or hidden
     directions = 2 if block.direction_mode == "bidirectional" else 1
     depth = layer // directions
-    in_dim = input_dim if depth == 0 else directions * hidden
+    in_dim = input_dim if depth == 0 else directions * out
     shapes = []
     for k in range(2 * gates):
         if k < gates:
             skipped = block.input_mode == "skip" and depth == 0
             shapes.append(None if skipped else (in_dim, hidden))
         else:
-            shapes.append((hidden, hidden))
+            shapes.append((out, hidden))
         shapes.append((hidden,))
+    if block.proj_size:
+        shapes.append((hidden, block.proj_size))
     return shapes
 
 
@@ -87,8 +92,9 @@ def random_states(rng, block, steps=STEPS, batch=BATCH, input_dim=None):
     input_dim = input_dim_of(block) if input_dim is None else input_dim
     count = block.num_layers * block.num_directions
     x = rng.standard_normal((steps, batch, input_dim))
-    hx = 0.5 * rng.standard_normal((count, batch, block.hidden_size))
-    cx = 0.5 * rng.standard_normal(hx.shape) if block.rnn_mode == "lstm" else None
+    hx = 0.5 * rng.standard_normal((count, batch, block.proj_size or block.hidden_size))
+    cx = (0.5 * rng.standard_normal((count, batch, block.hidden_size))
+          if block.rnn_mode == "lstm" else None)
     return x, hx, cx
 
 
@@ -1046,3 +1052,327 @@ def test_gpu_forward_mode_cudnn_vs_xla(rng, mode):
         got, want = _jit_run(f, args, tangents), _jit_run(f, args, tangents, xla=True)
         jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10),
                      got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM projections (proj_size; cuDNN's projSize, PyTorch's nn.LSTM(proj_size=...)): h and
+# y have PROJ features per direction, c keeps HIDDEN; checked against the NumPy oracle
+# (which ends each layer's list with the projection) and, where installed, PyTorch.
+# ---------------------------------------------------------------------------------------
+PROJ = 2
+PROJ_CASES = [("unidirectional", "linear"), ("bidirectional", "linear"),
+              ("bidirectional", "skip")]
+
+
+def proj_block(direction="bidirectional", input_mode="linear", depth=2, dtype="float64"):
+    return make_block("lstm", direction, input_mode, depth, dtype, proj=PROJ)
+
+
+def test_proj_layout_by_hand():
+    """One layer, hidden 3, proj 2, input 2: 4 W (3x2) at 0..18, 4 R (3x2: they read the
+    projected h) at 24..42, the projection (2x3) at 48, then the 8 biases (3,) from 54."""
+    layout = weight_layout("lstm", 3, 1, 2, proj_size=2)
+    matrices = [(e.lin_id, e.offset, e.shape) for e in layout if e.kind == "matrix"]
+    assert matrices == [(k, 6 * k, (3, 2)) for k in range(8)] + [(8, 48, (2, 3))]
+    biases = [(e.lin_id, e.offset, e.shape) for e in layout if e.kind == "bias"]
+    assert biases == [(k, 54 + 3 * k, (3,)) for k in range(8)]
+    assert RNNBlock("float32", 3, 1, "lstm", proj_size=2).get_param_size((5, 2)) == 78
+    # two layers, both directions: the second layer reads 2 * proj = 4 features
+    second = [e for e in weight_layout("lstm", 3, 2, 2, "linear", True, 2)
+              if e.pseudo_layer == 2 and e.kind == "matrix"]
+    assert [e.shape for e in second] == [(3, 4)] * 4 + [(3, 2)] * 4 + [(2, 3)]
+
+
+@pytest.mark.parametrize("direction,input_mode", PROJ_CASES)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_proj_layout_tiles_the_block_and_split_merge_invert(rng, direction, input_mode, depth):
+    block = proj_block(direction, input_mode, depth)
+    input_dim = input_dim_of(block)
+    size = (BATCH, input_dim)
+    layout = block.weight_layout(size)
+    offset = 0
+    for e in layout:  # contiguous, every matrix first, by pseudo-layer then linLayerID
+        assert e.offset == offset
+        offset += int(np.prod(e.shape))
+    assert offset == block.get_param_size(size) == ref.param_count(
+        "lstm", HIDDEN, depth, input_dim, input_mode == "skip", direction == "bidirectional",
+        PROJ)
+    kinds = [e.kind for e in layout]
+    assert kinds == sorted(kinds, key=lambda k: k == "bias")
+    for kind in ("matrix", "bias"):
+        keys = [(e.pseudo_layer, e.lin_id) for e in layout if e.kind == kind]
+        assert keys == sorted(keys)
+    pseudo_layers = depth * block.num_directions
+    assert sum(e.lin_id == 8 for e in layout) == pseudo_layers  # one projection each
+    for e in layout:
+        if e.kind == "matrix":
+            assert e.shape == seed_shapes(block, e.pseudo_layer, input_dim)[2 * e.lin_id][::-1]
+    layers = random_layers(rng, block, input_dim)
+    w = block.merge_params(layers, size)
+    for p, entries in enumerate(layers):
+        split = block.split_params(w, p, size)
+        assert len(split) == 17
+        for got, want in zip(split, entries):
+            if want is None:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got, want)
+
+
+def test_proj_repr_and_zero_is_no_projection(rng):
+    assert "proj_size=2" in repr(proj_block())
+    assert "proj_size" not in repr(make_block("lstm"))
+    plain, zero = make_block("lstm", depth=2), make_block("lstm", depth=2, proj=0)
+    assert zero.weight_layout((1, INPUT_DIM)) == plain.weight_layout((1, INPUT_DIM))
+
+
+@pytest.mark.parametrize("direction,input_mode", PROJ_CASES)
+@pytest.mark.parametrize("variable", [False, True])
+def test_proj_forward_matches_numpy(rng, direction, input_mode, variable):
+    block = proj_block(direction, input_mode)
+    layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block)
+    lengths = LENGTHS if variable else None
+    y, hy, cy = jax.jit(block.apply)(w, x, hx, cx, lengths)
+    count = 2 * block.num_directions
+    assert y.shape == (STEPS, BATCH, block.num_directions * PROJ)
+    assert hy.shape == (count, BATCH, PROJ) and cy.shape == (count, BATCH, HIDDEN)
+    compare((y, hy, cy), numpy_rnn(block, layers, x64, hx64, cx64, lengths), "float64")
+
+
+def test_proj_empty_sequences_keep_the_initial_state(rng):
+    block = proj_block()
+    w = make_case(rng, block)[1]
+    x, hx, cx = random_states(rng, block, steps=0)
+    y, hy, cy = block.apply(w, x, hx, cx)
+    assert y.shape == (0, BATCH, 2 * PROJ)
+    np.testing.assert_array_equal(hy, hx)
+    np.testing.assert_array_equal(cy, cx)
+
+
+@pytest.mark.parametrize("direction,input_mode,depth,variable", [
+    ("unidirectional", "linear", 2, True), ("bidirectional", "skip", 1, False)])
+def test_proj_check_grads(rng, direction, input_mode, depth, variable):
+    block = proj_block(direction, input_mode, depth)
+    _, w, (x, hx, cx), _ = make_case(rng, block, batch=2)
+    fn = jax.jit(apply_fn(block, LENGTHS[:2] if variable else None))
+    check_grads(fn, (w, x, hx, cx), order=1, modes=["fwd", "rev"])
+
+
+def test_proj_on_the_cudnn_primitives(rng, cudnn_on_cpu):
+    """The cuDNN path's primitives with a projection (their abstract evals, JVP and transpose
+    rules, batching rule; run on the CPU through their references): the XLA path's values,
+    gradients, tangents and vmap, and check_grads through them in both modes."""
+    block = proj_block()
+    layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block)
+    fn = apply_fn(block, LENGTHS)
+    assert _uses_primitives(fn, w, x, hx, cx)
+    compare(jax.jit(fn)(w, x, hx, cx), numpy_rnn(block, layers, x64, hx64, cx64, LENGTHS),
+            "float64")
+    args = (w, x, hx, cx)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+    programs = [
+        (jax.grad(lambda *a: _sum_of_sines(fn(*a)), argnums=(0, 1, 2, 3)), args),
+        (lambda a, t: jax.jvp(fn, a, t), (args, tangents)),
+        (jax.vmap(lambda x: fn(w, x, hx, cx)), (jnp.stack([x, -x]),)),
+    ]
+    for f, a in programs:
+        got = jax.jit(f)(*a)
+        with xla_path():
+            want = jax.jit(f)(*a)
+        jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12),
+                     got, want)
+    small = proj_block("unidirectional", depth=1)
+    _, w, (x, hx, cx), _ = make_case(rng, small, batch=2)
+    check_grads(jax.jit(apply_fn(small, LENGTHS[:2])), (w, x, hx, cx), order=1,
+                modes=["fwd", "rev"])
+
+
+def test_proj_cuda_lowering_carries_proj_size(cudnn_on_cpu):
+    """Every target gets proj_size and the shapes cuDNN takes with a projection: y (T, N,
+    D * proj), hx and hy (L * D, N, proj), cx and cy (L * D, N, hidden)."""
+    block = proj_block(dtype="float32")
+    w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)), jnp.float32)
+    x = jnp.zeros((STEPS, BATCH, INPUT_DIM), jnp.float32)
+    hx, cx = jnp.zeros((4, BATCH, PROJ)), jnp.zeros((4, BATCH, HIDDEN))
+    loss = lambda w, x, *lengths: jnp.sum(block.apply(w, x, hx, cx, *lengths)[0])
+    for lengths in ((), (jnp.asarray(LENGTHS, jnp.int32),)):
+        text = _cuda_hlo(jax.grad(loss, argnums=(0, 1)), w, x, *lengths)
+        calls = _rnn_calls(text)
+        assert len(calls) == 3
+        assert all("proj_size = 2 : i64" in attrs for _, attrs in calls), calls
+        assert (f"-> (tensor<{STEPS}x{BATCH}x{2 * PROJ}xf32>, tensor<4x{BATCH}x{PROJ}xf32>, "
+                f"tensor<4x{BATCH}x{HIDDEN}xf32>") in text
+    plain = make_block("lstm", dtype="float32")
+    text = _cuda_hlo(lambda w, x, h: plain.apply(w, x, h, h)[0],
+                     jnp.zeros(plain.get_param_size((BATCH, INPUT_DIM)), jnp.float32), x,
+                     jnp.zeros((1, BATCH, HIDDEN)))
+    (_, attrs), = _rnn_calls(text)
+    assert "proj_size = 0 : i64" in attrs
+
+
+def test_proj_needs_the_standard_algorithm(rng, cudnn_on_cpu):
+    block = proj_block(dtype="float32")
+    _, w, (x, hx, cx), _ = make_case(rng, block, "float32")
+    with jaxdnn.config.override(**{"dnn.rnn.algo": "persist_static"}):
+        with pytest.raises(ValueError, match=r"proj_size=2 runs on cuDNN's standard algorithm "
+                                             r"only; dnn.rnn.algo='persist_static'"):
+            block.apply(w, x, hx, cx)
+
+
+def _proj_error_cases():
+    block = proj_block("unidirectional", depth=1)
+    w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
+    x = jnp.zeros((STEPS, BATCH, INPUT_DIM))
+    h, c = jnp.zeros((1, BATCH, PROJ)), jnp.zeros((1, BATCH, HIDDEN))
+    return {
+        "negative": (lambda: RNNBlock("float32", 3, 1, "lstm", proj_size=-1), ValueError,
+                     r"RNNBlock: proj_size=-1 must lie in \[0, hidden_size=3\)"),
+        "equal-to-hidden": (lambda: RNNBlock("float32", 3, 1, "lstm", proj_size=3), ValueError,
+                            r"proj_size=3 must lie in \[0, hidden_size=3\)"),
+        "above-hidden": (lambda: RNNBlock("float32", 3, 1, "lstm", proj_size=5), ValueError,
+                         r"proj_size=5 must lie in \[0, hidden_size=3\)"),
+        "type": (lambda: RNNBlock("float32", 3, 1, "lstm", proj_size=1.0), TypeError,
+                 r"proj_size must be an int in \[0, hidden_size\); got 1.0"),
+        "gru": (lambda: RNNBlock("float32", 3, 1, "gru", proj_size=2), ValueError,
+                r"proj_size=2 projects an lstm's hidden state; rnn_mode='gru'"),
+        "rnn_tanh": (lambda: RNNBlock("float32", 3, 1, "rnn_tanh", proj_size=1), ValueError,
+                     "proj_size=1 projects an lstm's hidden state"),
+        "hx-of-hidden": (lambda: block.apply(w, x, c, c), ValueError,
+                         r"hx must have shape \(num_layers \* directions, batch, proj_size\) = "
+                         r"\(1, 3, 2\); got \(1, 3, 3\)"),
+        "cx-of-proj": (lambda: block.apply(w, x, h, h), ValueError,
+                       r"cx must have shape \(num_layers \* directions, batch, hidden\) = "
+                       r"\(1, 3, 3\); got \(1, 3, 2\)"),
+        "w-unprojected": (lambda: block.apply(jnp.zeros(make_block("lstm").get_param_size(
+            (BATCH, INPUT_DIM))), x, h, c), ValueError,
+            r"w has 84 elements but this block needs get_param_size\(\(batch_size, 2\)\) = 78"),
+        "merge-no-projection": (lambda: block.merge_params(
+            [[np.zeros(s) for s in seed_shapes(block, 0, INPUT_DIM)][:16]], (BATCH, INPUT_DIM)),
+            ValueError, r"layers\[0\] must hold 17 arrays"),
+        "merge-projection-shape": (lambda: block.merge_params(
+            [[np.zeros(s) for s in seed_shapes(block, 0, INPUT_DIM)][:16]
+             + [np.zeros((PROJ, HIDDEN))]], (BATCH, INPUT_DIM)),
+            ValueError, r"layers\[0\]\[16\] must have shape \(3, 2\); got \(2, 3\)"),
+    }
+
+
+PROJ_ERROR_CASES = _proj_error_cases()
+
+
+@pytest.mark.parametrize("case", list(PROJ_ERROR_CASES))
+def test_proj_errors_name_the_argument(case):
+    fn, error, message = PROJ_ERROR_CASES[case]
+    with pytest.raises(error, match=message):
+        fn()
+
+
+def torch_lstm(block, layers, x64, hx64, cx64, seq_lengths=None):
+    """PyTorch's nn.LSTM (float64, on the CPU) with the block's weights: per layer and
+    direction, weight_ih = [W_i; W_f; W_g; W_o] (cuDNN's gate order, PyTorch's too),
+    weight_hh = [R_k], bias_ih = [b_Wk], bias_hh = [b_Rk], weight_hr = P (transposed from
+    split_params' x @ W view). Variable lengths go through pack_padded_sequence."""
+    torch = pytest.importorskip("torch")
+    lstm = torch.nn.LSTM(x64.shape[-1], block.hidden_size, block.num_layers,
+                         bidirectional=block.bidirectional, proj_size=block.proj_size,
+                         dtype=torch.float64)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    with torch.no_grad():
+        for p, entries in enumerate(layers):
+            depth, direction = divmod(p, block.num_directions)
+            suffix = f"_l{depth}" + ("_reverse" if direction else "")
+            params = {"weight_ih": np.concatenate([entries[2 * k].T for k in range(4)]),
+                      "bias_ih": np.concatenate([entries[2 * k + 1] for k in range(4)]),
+                      "weight_hh": np.concatenate([entries[8 + 2 * k].T for k in range(4)]),
+                      "bias_hh": np.concatenate([entries[9 + 2 * k] for k in range(4)]),
+                      "weight_hr": entries[16].T}
+            for name, value in params.items():
+                getattr(lstm, name + suffix).copy_(t(value))
+        state = (t(hx64), t(cx64))
+        if seq_lengths is None:
+            y, (hy, cy) = lstm(t(x64), state)
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(
+                t(x64), torch.as_tensor(np.asarray(seq_lengths)), enforce_sorted=False)
+            out, (hy, cy) = lstm(packed, state)
+            y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x64.shape[0])
+    return y.numpy(), hy.numpy(), cy.numpy()
+
+
+@pytest.mark.parametrize("path", ["xla", pytest.param("cudnn", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("variable", [False, True])
+def test_proj_matches_torch(rng, path, dtype, direction, variable):
+    """PyTorch's nn.LSTM(proj_size=...) (float64, CPU) on the same weights: the oracle
+    itself agrees with it, and so do the XLA path and (gpu) the cuDNN path."""
+    block = proj_block(direction, dtype=dtype)
+    layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block, dtype)
+    lengths = LENGTHS if variable else None
+    want = torch_lstm(block, layers, x64, hx64, cx64, lengths)
+    oracle = numpy_rnn(block, layers, x64, hx64, cx64, lengths)
+    for a, b in zip(oracle, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    fn = lambda w, x, hx, cx: block.apply(w, x, hx, cx, lengths)
+    got = _jit_run(fn, w, x, hx, cx, xla=path == "xla")
+    compare(got, want, dtype, factor=2, what=f"{path} vs PyTorch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("direction,input_mode", PROJ_CASES)
+@pytest.mark.parametrize("variable", [False, True])
+def test_gpu_proj_forward_cudnn_vs_xla_vs_numpy(rng, direction, input_mode, dtype, variable):
+    block = proj_block(direction, input_mode, dtype=dtype)
+    layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block, dtype)
+    lengths = jnp.asarray(LENGTHS, jnp.int32) if variable else None
+    fn = lambda w, x, hx, cx: block.apply(w, x, hx, cx, lengths)
+    assert _rnn_calls(jax.jit(fn).lower(w, x, hx, cx).as_text())
+    cudnn, xla = _jit_run(fn, w, x, hx, cx), _jit_run(fn, w, x, hx, cx, xla=True)
+    want = numpy_rnn(block, layers, x64, hx64, cx64, LENGTHS if variable else None)
+    compare(cudnn, want, dtype, factor=2, what="cuDNN vs float64")
+    compare(xla, want, dtype, factor=2, what="XLA vs float64")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("direction,input_mode", PROJ_CASES)
+def test_gpu_proj_gradients_cudnn_vs_xla(rng, direction, input_mode, dtype):
+    block = proj_block(direction, input_mode, dtype=dtype)
+    _, w, (x, hx, cx), _ = make_case(rng, block, dtype)
+    fn = apply_fn(block, jnp.asarray(LENGTHS, jnp.int32))
+    loss = lambda *a: sum(jnp.sum(jnp.sin(o)) for o in fn(*a))
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    got, want = _jit_run(grad, w, x, hx, cx), _jit_run(grad, w, x, hx, cx, xla=True)
+    for g, e, name in zip(got, want, ("dw", "dx", "dhx", "dcx")):
+        assert_close(g, e, dtype, factor=10, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_proj_check_grads(rng):
+    block = proj_block()
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    check_grads(jax.jit(apply_fn(block, LENGTHS)), (w, x, hx, cx), order=1,
+                modes=["fwd", "rev"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("direction,input_mode", list(itertools.product(DIRECTIONS,
+                                                                        INPUT_MODES)))
+def test_gpu_proj_weight_layout_is_cudnns(direction, input_mode, dtype):
+    """The projection's place in the block (after each pseudo-layer's recurrent matrices:
+    an assumption of jaxdnn/reference/rnn.py's weight_layout) against
+    cudnnGetRNNWeightParams, with every other matrix and bias."""
+    hidden, proj, depth = 5, 3, 2
+    input_dim = hidden if input_mode == "skip" else 4
+    bidirectional = direction == "bidirectional"
+    nbytes, params = rnn_module.cudnn_weight_params(
+        mode="lstm", input_mode=input_mode, hidden_size=hidden, num_layers=depth,
+        bidirectional=bidirectional, dtype=dtype, input_dim=input_dim, proj_size=proj)
+    layout = weight_layout("lstm", hidden, depth, input_dim, input_mode, bidirectional, proj)
+    cudnn = sorted((p, lin, kind, offset, tuple(d for d in dims if d != 1))
+                   for p, lin, kind, offset, dims in params)
+    ours = sorted((e.pseudo_layer, e.lin_id, e.kind, e.offset, e.shape) for e in layout)
+    assert cudnn == ours
+    block = RNNBlock(dtype, hidden, depth, "lstm", input_mode, direction, proj)
+    assert nbytes == block.get_param_size((1, input_dim)) * jnp.dtype(dtype).itemsize

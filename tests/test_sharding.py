@@ -472,3 +472,36 @@ def test_flax_data_parallel_step_under_shard_map():
                                out_specs=(P(), P(), P())))
     v8, up8, g8 = fn(variables["params"], variables["batch_stats"], x)
     _compare((v8, up8, g8), (v1, up1, g1), rtol=1e-4)
+
+
+# ---- LSTM projections ---------------------------------------------------------------------
+PROJ_BLOCK = jaxdnn.RNNBlock("float32", 5, 2, "lstm", direction_mode="bidirectional",
+                             proj_size=3)
+
+
+def test_projected_lstm_sharded_equals_one_device_and_keeps_the_batch_local(placeholders):
+    """hx and y have proj_size features, cx hidden_size: the same batch-only partitioning
+    (N splits, the weights' gradient is reduced); values and gradients equal one device's
+    and the partitioned CUDA program calls jaxdnn on batch shards only."""
+    def loss(x, w, hx, cx, lengths):
+        y, hy, cy = PROJ_BLOCK.apply(w, x, hx, cx, seq_lengths=lengths)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(hy) + jnp.sum(cy * cy)
+
+    lengths = jnp.asarray(np.random.RandomState(3).randint(1, 8, 16), jnp.int32)
+    args = (rand((7, 16, 6), 2), rand((PROJ_BLOCK.get_param_size((16, 6)),), 1) * 0.3,
+            rand((4, 16, 3), 3), rand((4, 16, 5), 4), lengths)
+    specs = (P(None, "data"), P(), P(None, "data"), P(None, "data"), P("data"))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    expected = fn(*[jax.device_put(a, CPUS[0]) for a in args])
+    m = mesh()
+    _compare(fn(*[jax.device_put(a, NamedSharding(m, s)) for a, s in zip(args, specs)]),
+             expected)
+    structs = [jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
+                                    sharding=NamedSharding(m, s)) for a, s in zip(args, specs)]
+    hlo = fn.trace(*structs).lower(lowering_platforms=("cuda",)).compile().as_text()
+    assert "all-gather" not in hlo
+    calls = _jaxdnn_calls(hlo)
+    assert calls
+    for line in calls:
+        data = [s for s in _shapes(line) if len(s) == 3]
+        assert data and all(s[1] == 4 for s in data), line

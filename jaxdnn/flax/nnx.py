@@ -270,22 +270,24 @@ class _Recurrent(nnx.Module):
     layout; jaxdnn.flax.from_flax_cells / to_flax_cells convert from and to Flax's cells).
     Inputs (N, T, in_features), or (T, N, in_features) with time_major; the carry is that
     of every layer, (c, h) for LSTM, h otherwise, each (num_layers * directions, N,
-    hidden_size)."""
+    hidden_size). proj_size (LSTM only; 0 = none): h and the outputs have proj_size
+    features per direction (PyTorch's `nn.LSTM(proj_size=...)`, cuDNN's projSize)."""
 
     _mode = "lstm"
 
     def __init__(self, in_features: int, hidden_size: int, num_layers: int = 1, *,
                  bidirectional: bool = False, time_major: bool = False,
                  return_carry: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, proj_size: int = 0):
         self.in_features, self.hidden_size, self.num_layers = in_features, hidden_size, num_layers
+        self.proj_size = proj_size
         self.bidirectional, self.time_major, self.return_carry = (bidirectional, time_major,
                                                                   return_carry)
         self.dtype = dtype
         self.weights = nnx.Param(initial_weights(
             self._rnn_mode(), rngs.params(), hidden_size=hidden_size, num_layers=num_layers,
             bidirectional=bidirectional, input_dim=in_features, dtype=dtype,
-            param_dtype=param_dtype))
+            param_dtype=param_dtype, proj_size=proj_size))
 
     def _rnn_mode(self) -> str:
         return self._mode
@@ -299,7 +301,7 @@ class _Recurrent(nnx.Module):
                                seq_lengths, hidden_size=self.hidden_size,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                time_major=self.time_major, return_carry=self.return_carry,
-                               dtype=self.dtype, op=op)
+                               dtype=self.dtype, op=op, proj_size=self.proj_size)
 
 
 class LSTM(_Recurrent):

@@ -8,7 +8,10 @@ They compute what Flax's `nn.RNN` over `nn.OptimizedLSTMCell` / `nn.GRUCell` /
 for (T, N, features); `seq_lengths` for right-padded batches; `return_carry=True` returns
 `(carry, outputs)`. The carry is the state of every layer at once: `(c, h)` for LSTM, `h`
 otherwise, each (num_layers * directions, N, hidden_size), layer index = 2 * depth +
-direction, as cuDNN orders them.
+direction, as cuDNN orders them. `proj_size` (LSTM only; 0 = none) projects each layer's
+hidden state to proj_size features, as PyTorch's `nn.LSTM(proj_size=...)` (cuDNN's
+projSize): h and the outputs then have proj_size features per direction, c keeps
+hidden_size.
 
 `from_flax_cells` and `to_flax_cells` convert between the block and Flax's own cell
 parameters (one cell dict per layer and direction, in the same order): cuDNN keeps two
@@ -38,9 +41,10 @@ _FLAX_GATES = {
 
 
 def _block(rnn_mode: str, hidden_size: int, num_layers: int, bidirectional: bool,
-           dtype) -> RNNBlock:
+           dtype, proj_size: int = 0) -> RNNBlock:
     return RNNBlock(dtype, hidden_size, num_layers, rnn_mode,
-                    direction_mode="bidirectional" if bidirectional else "unidirectional")
+                    direction_mode="bidirectional" if bidirectional else "unidirectional",
+                    proj_size=proj_size)
 
 
 def from_flax_cells(rnn_mode: str, cells: Sequence[dict], *, hidden_size: int, num_layers: int,
@@ -94,20 +98,22 @@ def to_flax_cells(rnn_mode: str, weights, *, hidden_size: int, num_layers: int, 
 
 def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=None, *,
                     hidden_size: int, num_layers: int, bidirectional: bool, time_major: bool,
-                    return_carry: bool, dtype, op: str):
+                    return_carry: bool, dtype, op: str, proj_size: int = 0):
     """The computation of the recurrent modules (linen and NNX): the block `weights` of
     `mode` applied to inputs (N, T, F) (or (T, N, F) when time_major), the carry as Flax
-    keeps it ((c, h) for lstm, h otherwise; zeros by default)."""
+    keeps it ((c, h) for lstm, h otherwise; zeros by default; h of proj_size features
+    with a projection)."""
     if inputs.ndim != 3:
         raise ValueError(f"{op}: inputs must be 3-D, (batch, time, features) (or (time, "
                          f"batch, features) with time_major=True); got shape {inputs.shape}")
     x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     batch = x.shape[1]
-    block = _block(mode, hidden_size, num_layers, bidirectional, dtype)
+    block = _block(mode, hidden_size, num_layers, bidirectional, dtype, proj_size)
     states = (num_layers * (2 if bidirectional else 1), batch, hidden_size)
     if initial_carry is None:
         zeros = jnp.zeros(states, dtype)
-        initial_carry = (zeros, zeros) if mode == "lstm" else zeros
+        h0 = jnp.zeros(states[:2] + (proj_size or hidden_size,), dtype)
+        initial_carry = (zeros, h0) if mode == "lstm" else zeros
     valid = None
     if seq_lengths is not None and not bidirectional and not return_carry:
         # Only the outputs are wanted, and a one-way network's output at a step depends on
@@ -131,9 +137,9 @@ def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=
 
 
 def initial_weights(mode: str, key, *, hidden_size: int, num_layers: int, bidirectional: bool,
-                    input_dim: int, dtype, param_dtype):
+                    input_dim: int, dtype, param_dtype, proj_size: int = 0):
     """A fresh block (RNNBlock.init_params) for inputs of `input_dim` features."""
-    block = _block(mode, hidden_size, num_layers, bidirectional, dtype)
+    block = _block(mode, hidden_size, num_layers, bidirectional, dtype, proj_size)
     return block.init_params(key, (1, input_dim)).astype(param_dtype)
 
 
@@ -146,6 +152,7 @@ class _Recurrent(nn.Module):
     return_carry: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    proj_size: int = 0  # LSTM only: h's and the outputs' features per direction; 0 = none
 
     _mode: ClassVar[str] = "lstm"
 
@@ -156,7 +163,7 @@ class _Recurrent(nn.Module):
     def __call__(self, inputs, initial_carry=None, seq_lengths=None):
         mode = self._rnn_mode()
         config = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
-                      bidirectional=self.bidirectional)
+                      bidirectional=self.bidirectional, proj_size=self.proj_size)
         weights = self.param("weights", lambda key: initial_weights(
             mode, key, **config, input_dim=inputs.shape[-1], dtype=self.dtype,
             param_dtype=self.param_dtype))

@@ -12,6 +12,11 @@ every gate with its own input bias b_W and recurrent bias b_R: CUDNN_RNN_DOUBLE_
             n = tanh(W_n x + b_Wn + r * (R_n h + b_Rn))    (reset after the product)
             h' = (1 - z) * n + z * h
 
+lstm with a projection (proj_size P, 0 < P < H; cuDNN's projSize, PyTorch's proj_size):
+            h' = P_r (sigmoid(o) * tanh(c'))  (P_r (P, H), no bias)
+            the hidden state h and the output have P features, the cell state c keeps H,
+            R_k maps P features, and layers above the first read P * directions features.
+
 input_mode 'skip' (CUDNN_SKIP_INPUT): the first layer has no input matrices; x itself (of
 size hidden) stands in for every gate's W x, its input biases still added (an assumption
 on the biases the GPU tests must confirm: see `weight_layout`).
@@ -57,7 +62,8 @@ class WeightEntry(NamedTuple):
     lin_id: int         # cuDNN's linLayerID: W gates 0..G-1, then R gates G..2G-1
     kind: str           # 'matrix' or 'bias'
     offset: int         # in elements, from the start of the block
-    shape: tuple        # matrices (hidden, in), row-major (cuDNN's W x); biases (hidden,)
+    shape: tuple        # matrices (hidden, in), row-major (cuDNN's W x); biases (hidden,);
+                        # the projection (lin_id 2G, lstm only) (proj, hidden)
 
     @property
     def size(self) -> int:
@@ -66,18 +72,25 @@ class WeightEntry(NamedTuple):
 
 def layer_input_size(depth: int, input_dim: int, hidden_size: int, directions: int) -> int:
     """The width of what layer `depth` reads: x for the first, the previous layer's
-    concatenated directions for the others."""
+    concatenated directions for the others (`hidden_size`: a layer's output width per
+    direction, the projection size where there is one)."""
     return input_dim if depth == 0 else hidden_size * directions
 
 
 @functools.lru_cache(maxsize=None)
 def weight_layout(mode: str, hidden_size: int, num_layers: int, input_dim: int,
-                  input_mode: str = "linear", bidirectional: bool = False
-                  ) -> tuple[WeightEntry, ...]:
-    """cuDNN's layout of the parameter block (CUDNN_RNN_DOUBLE_BIAS, no projection), in
-    order of offset: every matrix of every pseudo-layer first (pseudo-layers in order, and
-    within one the linLayerIDs in order), then every bias vector in the same order. Nothing
-    is padded between entries.
+                  input_mode: str = "linear", bidirectional: bool = False,
+                  proj_size: int = 0) -> tuple[WeightEntry, ...]:
+    """cuDNN's layout of the parameter block (CUDNN_RNN_DOUBLE_BIAS), in order of offset:
+    every matrix of every pseudo-layer first (pseudo-layers in order, and within one the
+    linLayerIDs in order), then every bias vector in the same order. Nothing is padded
+    between entries.
+
+    proj_size > 0 (lstm only): each pseudo-layer's recurrent matrices are (hidden, proj),
+    layers above the first read proj * directions features, and each pseudo-layer has one
+    more matrix, the projection (linLayerID 8, (proj, hidden), no bias), assumed to follow
+    that pseudo-layer's recurrent matrices (the order of linLayerIDs, as for the others):
+    the GPU test against cudnnGetRNNWeightParams decides.
 
     input_mode 'skip': the input matrices of the first layer (both directions) do not
     exist (cudnnGetRNNWeightParams returns no matrix for them) and take no space. Their
@@ -85,12 +98,13 @@ def weight_layout(mode: str, hidden_size: int, num_layers: int, input_dim: int,
     test that compares this layout with cudnnGetRNNWeightParams decides.
     """
     gates, directions = GATES[mode], 2 if bidirectional else 1
+    out_size = proj_size or hidden_size  # what the recurrence and the next layer read
     pseudo_layers = range(num_layers * directions)
     entries, offset = [], 0
     for kind in ("matrix", "bias"):
         for p in pseudo_layers:
             depth = p // directions
-            in_dim = layer_input_size(depth, input_dim, hidden_size, directions)
+            in_dim = layer_input_size(depth, input_dim, out_size, directions)
             for lin_id in range(2 * gates):
                 is_input = lin_id < gates
                 if kind == "bias":
@@ -98,9 +112,12 @@ def weight_layout(mode: str, hidden_size: int, num_layers: int, input_dim: int,
                 elif is_input and depth == 0 and input_mode == "skip":
                     continue
                 else:
-                    shape = (hidden_size, in_dim if is_input else hidden_size)
+                    shape = (hidden_size, in_dim if is_input else out_size)
                 entries.append(WeightEntry(p, lin_id, kind, offset, shape))
                 offset += math.prod(shape)
+            if kind == "matrix" and proj_size:
+                entries.append(WeightEntry(p, 2 * gates, kind, offset, (proj_size, hidden_size)))
+                offset += proj_size * hidden_size
     return tuple(entries)
 
 
@@ -113,11 +130,13 @@ def param_size(*layout_args, **layout_kwargs) -> int:
 class _LayerParams(NamedTuple):
     """One layer's parameters, the directions stacked on a leading axis D and the gates
     stacked gate-major (as in the block): W (D, G*H, in) or None (skip input),
-    R (D, G*H, H), b_W and b_R (D, G*H)."""
+    R (D, G*H, H) ((D, G*H, P) with a projection), b_W and b_R (D, G*H), and the
+    projection (D, P, H) or None."""
     w: jax.Array | None
     r: jax.Array
     b_w: jax.Array
     b_r: jax.Array
+    proj: jax.Array | None = None
 
 
 def _unpack(w, layout, gates: int, num_layers: int, directions: int) -> list[_LayerParams]:
@@ -132,8 +151,10 @@ def _unpack(w, layout, gates: int, num_layers: int, directions: int) -> list[_La
         return jnp.stack([jnp.concatenate(gate_parts, axis=0) for gate_parts in parts])
 
     inputs, recurrent = range(gates), range(gates, 2 * gates)
+    projection = (2 * gates,)  # absent without a projection: None
     return [_LayerParams(stacked(d, inputs, "matrix"), stacked(d, recurrent, "matrix"),
-                         stacked(d, inputs, "bias"), stacked(d, recurrent, "bias"))
+                         stacked(d, inputs, "bias"), stacked(d, recurrent, "bias"),
+                         stacked(d, projection, "matrix"))
             for d in range(num_layers)]
 
 
@@ -170,7 +191,8 @@ def _reverse_sequences(a, seq_lengths):
 def _run_layer(mode, inputs, h0, c0, params: _LayerParams, seq_lengths):
     """One layer, its directions side by side in one scan over time: inputs (T, N, in),
     h0 and c0 (D, N, H) -> (outputs (T, N, D*H), h_T, c_T). The backward direction runs
-    forward over each sequence reversed."""
+    forward over each sequence reversed. With a projection h0, h_T and the outputs have P
+    features where c keeps H."""
     gates, directions = GATES[mode], h0.shape[0]
     if params.w is None:  # skip input: x stands in for every gate's W x
         projected = jnp.tile(inputs, (1, 1, gates))[None] + params.b_w[:, None, None]
@@ -186,6 +208,8 @@ def _run_layer(mode, inputs, h0, c0, params: _LayerParams, seq_lengths):
         h, c = carry
         recurrent = jnp.einsum("dnh,dgh->dng", h, params.r) + params.b_r[:, None]
         h_new, c_new = _cell(mode, projected[:, t], recurrent, h, c)
+        if params.proj is not None:  # lstm's projected hidden state: P_r (o * tanh(c))
+            h_new = jnp.einsum("dnh,dph->dnp", h_new, params.proj)
         if valid is None:
             return (h_new, c_new), h_new
         keep = valid[t][None, :, None]  # past a sequence's end: state frozen, output zero
@@ -202,13 +226,15 @@ def _run_layer(mode, inputs, h0, c0, params: _LayerParams, seq_lengths):
 
 
 def rnn(x, hx, cx, w, seq_lengths=None, *, mode: str, input_mode: str, hidden_size: int,
-        num_layers: int, bidirectional: bool):
+        num_layers: int, bidirectional: bool, proj_size: int = 0):
     """x (T, N, I), hx (and cx for lstm, else None) (num_layers * directions, N, H), w the
-    block in cuDNN's layout -> (y (T, N, H * directions), hy, cy or None)."""
+    block in cuDNN's layout -> (y (T, N, H * directions), hy, cy or None). With proj_size
+    P > 0 (lstm): hx, hy and y have P features per direction where cx and cy keep H."""
     dtype = x.dtype
     ct = compute_dtype(dtype)
     directions = 2 if bidirectional else 1
-    layout = weight_layout(mode, hidden_size, num_layers, x.shape[-1], input_mode, bidirectional)
+    layout = weight_layout(mode, hidden_size, num_layers, x.shape[-1], input_mode, bidirectional,
+                           proj_size)
     params = _unpack(w.astype(ct), layout, GATES[mode], num_layers, directions)
     lstm = mode == "lstm"
     hx = hx.astype(ct)
@@ -232,7 +258,7 @@ def rnn(x, hx, cx, w, seq_lengths=None, *, mode: str, input_mode: str, hidden_si
 # placeholders of shape (num_layers * directions, N, 0). The reserve space is cuDNN's; here
 # it is zeros (nothing reads it: the backward passes recompute the forward).
 
-_CELL_PARAMS = ("mode", "input_mode", "hidden_size", "num_layers", "bidirectional")
+_CELL_PARAMS = ("mode", "input_mode", "hidden_size", "num_layers", "bidirectional", "proj_size")
 
 
 def _cell_params(params: dict) -> dict:

@@ -5,6 +5,10 @@ layers, directions, sequences and time steps, on the split_params view of the pa
 The formulas are cuDNN's (and Theano's): every gate has an input bias and a recurrent
 bias; lstm gates in the order input, forget, new memory, output; gru gates reset, update,
 new memory, with the reset gate applied after the recurrent product.
+
+An lstm with a projection (PyTorch's `nn.LSTM(proj_size=...)`, cuDNN's projSize) ends each
+layer's list with one more matrix P (hidden, proj), without a bias: the hidden state is
+h = (o * tanh(c)) @ P, of proj features, while the cell state c keeps hidden features.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ def sigmoid(v):
 
 def step(mode, x, h, c, params):
     """One time step of one sequence: x (in,), h and c (hidden,) (c None but for lstm) ->
-    (h', c'). A missing input matrix (input_mode='skip') stands for the identity."""
+    (h', c'). A missing input matrix (input_mode='skip') stands for the identity. An lstm
+    list of 4 * 4 + 1 entries ends with the projection: h (proj,), h' = (o tanh c') @ P."""
     gates = GATES[mode]
-    matrices, biases = params[0::2], params[1::2]
+    projection = params[4 * gates] if len(params) > 4 * gates else None
+    matrices, biases = params[0:4 * gates:2], params[1:4 * gates:2]
     from_input = [(x if W is None else x @ W) + b
                   for W, b in zip(matrices[:gates], biases[:gates])]
     from_state = [h @ R + b for R, b in zip(matrices[gates:], biases[gates:])]
@@ -32,7 +38,8 @@ def step(mode, x, h, c, params):
     if mode == "lstm":
         i, f, g, o = (a + b for a, b in zip(from_input, from_state))
         c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-        return sigmoid(o) * np.tanh(c), c
+        h = sigmoid(o) * np.tanh(c)
+        return (h if projection is None else h @ projection), c
     r = sigmoid(from_input[0] + from_state[0])
     z = sigmoid(from_input[1] + from_state[1])
     n = np.tanh(from_input[2] + r * from_state[2])
@@ -41,7 +48,8 @@ def step(mode, x, h, c, params):
 
 def rnn(layers, x, hx, cx=None, seq_lengths=None, *, mode, bidirectional=False):
     """x (T, N, I), hx (and cx for lstm) (L*D, N, H), layers[p] the split_params list of
-    pseudo-layer p = depth * D + direction -> (y (T, N, D*H), hy, cy or None).
+    pseudo-layer p = depth * D + direction -> (y (T, N, D*H), hy, cy or None). With a
+    projection, H is hx's (and y's) width, proj; cx and cy keep the cell's hidden size.
 
     Sequence n runs over its first seq_lengths[n] steps (forward: 0, 1, ...; backward:
     from its last valid step down to 0); y is zero past them and hy/cy hold the state
@@ -53,7 +61,7 @@ def rnn(layers, x, hx, cx=None, seq_lengths=None, *, mode, bidirectional=False):
     lengths = [steps] * batch if seq_lengths is None else [int(v) for v in seq_lengths]
     lstm = mode == "lstm"
     hy = np.zeros_like(hx)
-    cy = np.zeros_like(hx) if lstm else None
+    cy = np.zeros(np.shape(cx)) if lstm else None
     layer_input = x
     for depth in range(len(layers) // directions):
         out = np.zeros((steps, batch, directions * hidden))
@@ -73,13 +81,17 @@ def rnn(layers, x, hx, cx=None, seq_lengths=None, *, mode, bidirectional=False):
     return layer_input, hy, cy
 
 
-def param_count(mode, hidden, num_layers, input_dim, skip=False, bidirectional=False):
+def param_count(mode, hidden, num_layers, input_dim, skip=False, bidirectional=False, proj=0):
     """The number of parameters: per pseudo-layer, G input matrices (none in the first
-    layer with skip input), G recurrent matrices and 2G bias vectors."""
+    layer with skip input), G recurrent matrices, 2G bias vectors and, with a projection
+    (proj > 0), one proj x hidden matrix; the recurrence and the layers above the first
+    then read proj features per direction."""
     gates, directions = GATES[mode], 2 if bidirectional else 1
+    out = proj or hidden
     total = 0
     for depth in range(num_layers):
-        in_dim = input_dim if depth == 0 else directions * hidden
+        in_dim = input_dim if depth == 0 else directions * out
         input_matrices = 0 if (skip and depth == 0) else gates * hidden * in_dim
-        total += directions * (input_matrices + gates * hidden * hidden + 2 * gates * hidden)
+        total += directions * (input_matrices + gates * hidden * out + 2 * gates * hidden
+                               + proj * hidden)
     return total
