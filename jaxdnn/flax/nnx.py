@@ -297,7 +297,7 @@ class _Recurrent(nnx.Module):
             self._rnn_mode(), rngs.params(), hidden_size=hidden_size, num_layers=num_layers,
             bidirectional=bidirectional, input_dim=in_features, dtype=dtype,
             param_dtype=param_dtype))
-        self.dropout = check_dropout(type(self).__name__, dropout)
+        self.dropout = check_dropout(type(self).__name__, dropout, num_layers)
         self.deterministic, self.rng_collection = deterministic, rng_collection
         # As flax.nnx.Dropout: a stream of its own, forked after the parameters are drawn
         # (so a dropout-free module draws exactly what it drew before dropout existed).

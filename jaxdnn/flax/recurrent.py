@@ -19,11 +19,12 @@ unchanged) and converting from Flax puts Flax's bias on the side Flax has it.
 PyTorch's `nn.LSTM(dropout=p)` (`RNNBlock.apply`'s `dropout_key`): in training only,
 `deterministic=False`, like `flax.linen.Dropout`: the key comes from the rng stream
 `rng_collection` ('dropout': `module.apply(..., rngs={'dropout': key})`) through
-`make_rng`, and `deterministic` is the attribute or the call's argument (one of them must
-say it when dropout acts, i.e. dropout > 0 and num_layers > 1).
+`make_rng`, and `deterministic` is the attribute or the call's argument (exactly one of
+them must say it when dropout acts, i.e. dropout > 0 and num_layers > 1).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
@@ -51,9 +52,14 @@ def _block(rnn_mode: str, hidden_size: int, num_layers: int, bidirectional: bool
                     dropout=dropout)
 
 
-def check_dropout(op: str, dropout) -> float:
-    """The dropout rate, checked as RNNBlock checks it, errors naming the module."""
-    return _dropout_rate(op, dropout)
+def check_dropout(op: str, dropout, num_layers: int) -> float:
+    """The dropout rate, checked as RNNBlock checks it, errors naming the module; a
+    warning (as RNNBlock's, and PyTorch's) where one layer leaves it nothing to do."""
+    dropout = _dropout_rate(op, dropout)
+    if dropout and num_layers == 1:
+        warnings.warn(f"{op}: dropout={dropout} does nothing with num_layers=1 (dropout "
+                      "acts between layers, after every layer but the last)", stacklevel=3)
+    return dropout
 
 
 def dropout_acts(dropout: float, num_layers: int) -> bool:
@@ -123,8 +129,9 @@ def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=
                          f"batch, features) with time_major=True); got shape {inputs.shape}")
     x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     batch = x.shape[1]
+    # (checked, and warned about, by the modules)
     block = _block(mode, hidden_size, num_layers, bidirectional, dtype,
-                   check_dropout(op, dropout))
+                   dropout if dropout_acts(dropout, num_layers) else 0.0)
     states = (num_layers * (2 if bidirectional else 1), batch, hidden_size)
     if initial_carry is None:
         zeros = jnp.zeros(states, dtype)
@@ -182,10 +189,11 @@ class _Recurrent(nn.Module):
     @nn.compact
     def __call__(self, inputs, initial_carry=None, seq_lengths=None, *,
                  deterministic: bool | None = None):
-        """deterministic: whether dropout is off (evaluation); overrides the attribute."""
+        """deterministic: whether dropout is off (evaluation), given here or as the
+        attribute (one of the two, as flax.linen.Dropout's: nn.merge_param)."""
         mode = self._rnn_mode()
         op = type(self).__name__
-        dropout = check_dropout(op, self.dropout)
+        dropout = check_dropout(op, self.dropout, self.num_layers)
         config = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
                       bidirectional=self.bidirectional)
         weights = self.param("weights", lambda key: initial_weights(
