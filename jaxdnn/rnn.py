@@ -69,6 +69,12 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   static_lengths (int32[N], empty unless the lengths were host data).
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
+Dropout between layers (`RNNBlock(dropout=p)`, on when `apply` is given `dropout_key`)
+draws its masks with jax.random, not with cuDNN's dropout descriptor (whose generator XLA
+cannot reproduce), so both paths drop the same units: the stack then runs one call per
+layer (`_layer_block`, `_layer_weights`: cuDNN keeps a layer's matrices and its biases in
+two ranges of the block) with the masks applied between the calls.
+
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
 time: `temp_space_sizes` asks the extension once per configuration.
 With 'auto' and no GPU visible, the XLA path is taken.

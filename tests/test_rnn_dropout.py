@@ -30,6 +30,17 @@ LENGTHS = np.array([5, 1, 3])
 RATE = 0.4
 
 
+@pytest.fixture(autouse=True)
+def _gpu_tests_in_full_float32(request):
+    """gpu tests compare float32 results at float32's tolerance: no TF32 tensor cores on
+    XLA's path either (as tests/test_rnn.py)."""
+    if request.node.get_closest_marker("gpu"):
+        with jax.default_matmul_precision("highest"):
+            yield
+    else:
+        yield
+
+
 # ---------------------------------------------------------------------------------------
 # Cases and the oracle
 # ---------------------------------------------------------------------------------------
@@ -287,6 +298,19 @@ def test_cudnn_path_runs_one_call_per_layer(rng, cudnn_on_cpu):
     for g, e in zip(got, want):
         assert_close(g, e, "float64")
     check_grads(jax.jit(fn), (w, x, hx, cx), order=1, modes=["fwd", "rev"])
+
+
+def test_cudnn_path_under_vmap_over_keys(rng, cudnn_on_cpu):
+    """Keys vmapped, data shared: each instance's masks batch the next layer's input, which
+    the primitives' batching rule folds into N; the same as one call per key."""
+    block = make_block("gru", depth=2)
+    w, (x, hx, _), _, _ = make_case(rng, block)
+    fn = jax.jit(lambda key: block.apply(w, x, hx, dropout_key=key)[0])
+    keys = jax.random.split(jax.random.key(6), 2)
+    assert "jaxdnn_rnn_fwd" in str(jax.make_jaxpr(jax.vmap(fn))(keys))
+    batched = jax.jit(jax.vmap(fn))(keys)
+    for k in range(2):
+        np.testing.assert_allclose(batched[k], fn(keys[k]), rtol=1e-13, atol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------
