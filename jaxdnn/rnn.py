@@ -73,6 +73,12 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   (int32[N], empty unless the lengths were host data).
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
+Dropout between layers (`RNNBlock(dropout=p)`, on when `apply` is given `dropout_key`)
+draws its masks with jax.random, not with cuDNN's dropout descriptor (whose generator XLA
+cannot reproduce), so both paths drop the same units: the stack then runs one call per
+layer (`_layer_block`, `_layer_weights`: cuDNN keeps a layer's matrices and its biases in
+two ranges of the block) with the masks applied between the calls.
+
 The reserve and workspace sizes come from cuDNN, so the cuDNN path needs a GPU at trace
 time: `temp_space_sizes` asks the extension once per configuration.
 With 'auto' and no GPU visible, the XLA path is taken.
@@ -92,8 +98,10 @@ Batching (the primitives' rules; the XLA path needs none):
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import warnings
 from typing import NamedTuple, Sequence
 
 import jax
@@ -556,6 +564,37 @@ def _block_dtype(op: str, dtype):
     return dtype
 
 
+def _dropout_rate(op: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{op}: dropout must be a float in [0, 1); got {value!r}")
+    if not 0.0 <= float(value) < 1.0:  # NaN fails too
+        raise ValueError(f"{op}: dropout={value!r} must lie in [0, 1) (the probability of "
+                         "zeroing a unit; 1 would zero every layer's output)")
+    return float(value)
+
+
+def _check_key(op: str, arg: str, key):
+    """A PRNG key: a typed key of shape () (jax.random.key) or a raw uint32 key of shape
+    (k,) (jax.random.PRNGKey; k depends on the PRNG implementation)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{op}: {arg} must be a single PRNG key (shape ()); got shape "
+                             f"{key.shape}")
+        return key
+    raw = _raw_key_shape()
+    if dtype is None or jnp.dtype(dtype) != jnp.uint32 or np.shape(key) != raw:
+        got = type(key).__name__ if dtype is None else f"dtype {dtype}, shape {np.shape(key)}"
+        raise TypeError(f"{op}: {arg} must be a JAX PRNG key (jax.random.key, or "
+                        f"jax.random.PRNGKey: uint32 of shape {raw}); got {got}")
+    return key
+
+
+def _raw_key_shape() -> tuple:
+    """The shape of a raw key of the default PRNG implementation (threefry: (2,))."""
+    return jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+
+
 def _check_array(op: str, arg: str, a, rank: int, what: str):
     a = jnp.asarray(a)
     _validate.check_rank(op, arg, a, (rank,), what)
@@ -606,12 +645,16 @@ class RNNBlock:
     cell states cx and cy keep hidden_size, and layers above the first read
     proj_size * directions features.
 
+    dropout: the probability p in [0, 1) of zeroing each output unit of every layer but
+    the last, as PyTorch's `nn.LSTM(dropout=p)`; it acts only in calls given a
+    `dropout_key` (training), see `apply`.
+
     `input_size` is (batch_size, input_dim), as in Theano; the parameters do not depend
     on batch_size.
     """
 
     def __init__(self, dtype, hidden_size, num_layers, rnn_mode, input_mode="linear",
-                 direction_mode="unidirectional", proj_size=0):
+                 direction_mode="unidirectional", proj_size=0, dropout=0.0):
         op = "RNNBlock"
         self.dtype = _block_dtype(op, dtype)
         self.hidden_size = _positive_int(op, "hidden_size", hidden_size)
@@ -621,13 +664,20 @@ class RNNBlock:
         _validate.check_choice(op, "direction_mode", direction_mode, DIRECTION_MODES)
         self.rnn_mode, self.input_mode, self.direction_mode = rnn_mode, input_mode, direction_mode
         self.proj_size = _proj_size(op, proj_size, self.hidden_size, rnn_mode)
+        self.dropout = _dropout_rate(op, dropout)
+        if self.dropout and self.num_layers == 1:
+            # As PyTorch: dropout acts between layers, so one layer has nowhere to apply it.
+            warnings.warn(f"{op}: dropout={self.dropout} does nothing with num_layers=1 "
+                          "(dropout acts between layers, after every layer but the last)",
+                          stacklevel=2)
 
     def __repr__(self):
-        proj = f", proj_size={self.proj_size}" if self.proj_size else ""
+        extra = f", proj_size={self.proj_size}" if self.proj_size else ""
+        extra += f", dropout={self.dropout}" if self.dropout else ""
         return (f"RNNBlock({self.dtype.name!r}, hidden_size={self.hidden_size}, "
                 f"num_layers={self.num_layers}, rnn_mode={self.rnn_mode!r}, "
                 f"input_mode={self.input_mode!r}, direction_mode={self.direction_mode!r}"
-                f"{proj})")
+                f"{extra})")
 
     @property
     def bidirectional(self) -> bool:
@@ -677,11 +727,47 @@ class RNNBlock:
         return weight_layout(self.rnn_mode, self.hidden_size, self.num_layers, input_dim,
                              self.input_mode, self.bidirectional, self.proj_size)
 
+    def _layer_input_dim(self, depth: int, input_dim: int) -> int:
+        """The width of what layer `depth` reads (input_dim for the first layer): the one
+        place that says so for the per-layer shapes and the per-layer calls of dropout."""
+        return reference.layer_input_size(depth, input_dim, self._out_size,
+                                          self.num_directions)
+
+    def _layer_block(self, depth: int) -> "RNNBlock":
+        """Layer `depth` alone (both directions), as a one-layer block: the same
+        configuration (a copy, so that every attribute carries over), with the input mode
+        only the first layer has and no dropout."""
+        block = copy.copy(self)
+        block.num_layers, block.dropout = 1, 0.0
+        if depth > 0:
+            block.input_mode = "linear"
+        return block
+
+    def _layer_weights(self, w, depth: int, input_dim: int):
+        """Layer `depth`'s part of the block w, as the block of `_layer_block(depth)` for
+        inputs of `_layer_input_dim(depth, input_dim)`. cuDNN puts every matrix of every
+        layer before every bias, so a layer's weights are two ranges of w (its matrices,
+        its biases), not one: each entry of the one-layer layout is taken from the matching
+        entry (pseudo-layer, linLayerID, kind) of the full one, adjacent ranges joined."""
+        directions = self.num_directions
+        full = {(e.pseudo_layer, e.lin_id, e.kind): e for e in self._layout(input_dim)}
+        single = self._layer_block(depth)._layout(self._layer_input_dim(depth, input_dim))
+        runs: list[list[int]] = []
+        for e in single:
+            source = full[(depth * directions + e.pseudo_layer, e.lin_id, e.kind)]
+            assert source.shape == e.shape, (source, e)
+            if runs and runs[-1][1] == source.offset:
+                runs[-1][1] += source.size
+            else:
+                runs.append([source.offset, source.offset + source.size])
+        pieces = [w[start:stop] for start, stop in runs]
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
     def _layer_shapes(self, layer: int, input_dim: int) -> list[tuple | None]:
         """Shapes of split_params(w, layer, ...), in Theano's view (None: absent)."""
         gates, hidden, out = self._gates, self.hidden_size, self._out_size
         depth = layer // self.num_directions
-        in_dim = reference.layer_input_size(depth, input_dim, out, self.num_directions)
+        in_dim = self._layer_input_dim(depth, input_dim)
         skipped = depth == 0 and self.input_mode == "skip"
         shapes = []
         for lin_id in range(2 * gates):
@@ -786,7 +872,7 @@ class RNNBlock:
                                     -bound, bound)
         return values.astype(self.dtype)
 
-    def apply(self, w, x, hx, cx=None, seq_lengths=None):
+    def apply(self, w, x, hx, cx=None, seq_lengths=None, *, dropout_key=None):
         """Run the network: w the block, x (timesteps, batch, input_dim), hx (and, for
         lstm, cx) (num_layers * directions, batch, hidden). Returns (y, hy), or (y, hy, cy)
         for lstm: y (timesteps, batch, hidden * directions), the forward direction's
@@ -803,6 +889,18 @@ class RNNBlock:
         cuDNN, lengths given as a jax array cost one host synchronization per call; lengths
         given as NumPy values (known at trace time, compiled into the call) and calls
         without seq_lengths cost none (see the module docstring).
+
+        dropout_key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`) turns the
+        block's `dropout` on, as PyTorch's training mode does: training = give a key;
+        evaluation = give none. With a key, dropout > 0 and num_layers > 1, the output of
+        layer d (every layer but the last) is multiplied by `mask / (1 - dropout)` before
+        layer d + 1 reads it, mask = `jax.random.bernoulli(jax.random.fold_in(dropout_key,
+        d), np.float32(1 - dropout), y_d.shape)`, y_d (timesteps, batch, hidden *
+        directions) that layer's output; y (the last layer's output), hy and cy are not
+        masked. The same key gives the same masks on both paths: cuDNN's own dropout draws
+        them from a generator XLA cannot reproduce, so the layers then run one call each
+        (one cuDNN call per layer, both directions in it) and jax.random draws the masks
+        between them. Without a key, or with dropout 0, the network runs as one call.
 
         The computation runs in the block's dtype: floating inputs of another dtype are
         converted to it, and so are the results. Differentiable in w, x, hx and cx.
@@ -833,6 +931,8 @@ class RNNBlock:
         static_lengths = ()
         if seq_lengths is not None:
             seq_lengths, static_lengths = _seq_lengths(op, seq_lengths, steps, batch)
+        if dropout_key is not None:
+            dropout_key = _check_key(op, "dropout_key", dropout_key)
 
         dtype = self.dtype
         x, hx, w = x.astype(dtype), hx.astype(dtype), w.astype(dtype)
@@ -840,13 +940,46 @@ class RNNBlock:
         if steps == 0 or batch == 0:  # no step to take: the states stay the initial ones
             y = jnp.zeros((steps, batch, self.num_directions * self._out_size), dtype)
             return (y, hx, cx) if lstm else (y, hx)
+        if dropout_key is not None and self.dropout and self.num_layers > 1:
+            y, hy, cy = self._run_with_dropout(op, w, x, hx, cx, seq_lengths, static_lengths,
+                                               dropout_key)
+        else:
+            y, hy, cy = self._run(op, w, x, hx, cx, seq_lengths, static_lengths)
+        return (y, hy, cy) if lstm else (y, hy)
+
+    def _run(self, op, w, x, hx, cx, seq_lengths, static_lengths):
+        """The whole network as one call (cuDNN's or the XLA path's) on checked operands
+        of the block's dtype, not empty -> (y, hy, cy or None)."""
+        steps, batch, _ = x.shape
         impl = _implementation(op, x.shape, (steps, batch, self.num_directions * self._out_size),
                                w.shape)
         if impl == "xla":
-            y, hy, cy = reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
-        else:
-            y, hy, cy = self._apply_cudnn(w, x, hx, cx, seq_lengths, static_lengths, impl)
-        return (y, hy, cy) if lstm else (y, hy)
+            return reference.rnn(x, hx, cx, w, seq_lengths, **self._cell)
+        return self._apply_cudnn(w, x, hx, cx, seq_lengths, static_lengths, impl)
+
+    def _run_with_dropout(self, op, w, x, hx, cx, seq_lengths, static_lengths, key):
+        """The network one layer at a time (`_run` of each layer's one-layer block on its
+        part of w), each output but the last one's dropped out with masks from `key`
+        (see `apply`). hy and cy are the layers' final states in the fused call's order
+        (layer by layer, directions within); a padded step's output is zero in every
+        layer, so it stays zero through the mask, as in the fused call."""
+        directions, input_dim = self.num_directions, x.shape[2]
+        keep = np.float32(1.0 - self.dropout)  # float32 whatever jax_enable_x64 says
+        layer_input, hy, cy = x, [], []
+        for depth in range(self.num_layers):
+            states = slice(depth * directions, (depth + 1) * directions)
+            y, h, c = self._layer_block(depth)._run(
+                op, self._layer_weights(w, depth, input_dim), layer_input, hx[states],
+                None if cx is None else cx[states], seq_lengths, static_lengths)
+            hy.append(h)
+            cy.append(c)
+            if depth < self.num_layers - 1:
+                mask = jax.random.bernoulli(jax.random.fold_in(key, depth), keep, y.shape)
+                # Scaled in the compute dtype (float32 for the 16-bit types), rounded once.
+                scaled = y.astype(reference.compute_dtype(y.dtype)) / (1.0 - self.dropout)
+                y = jnp.where(mask, scaled, 0).astype(y.dtype)
+            layer_input = y
+        return layer_input, jnp.concatenate(hy), (None if cx is None else jnp.concatenate(cy))
 
     def _apply_cudnn(self, w, x, hx, cx, seq_lengths, static_lengths, impl):
         dtype = self.dtype

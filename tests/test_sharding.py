@@ -112,6 +112,18 @@ def rnn_loss(x, w, hx, cx, lengths):
     return jnp.sum(jnp.sin(y)) + jnp.sum(hy) + jnp.sum(cy * cy)
 
 
+# Dropout between the layers: one call per layer, masks drawn by jax.random over the
+# whole (sharded) output, which must stay local to each shard too.
+RNN_DROPOUT_BLOCK = jaxdnn.RNNBlock("float32", 5, 2, "lstm", direction_mode="bidirectional",
+                                    dropout=0.3)
+
+
+def rnn_dropout_loss(x, w, hx, cx, lengths):
+    y, hy, cy = RNN_DROPOUT_BLOCK.apply(w, x, hx, cx, seq_lengths=lengths,
+                                        dropout_key=jax.random.key(0))
+    return jnp.sum(jnp.sin(y)) + jnp.sum(hy) + jnp.sum(cy * cy)
+
+
 def _conv_args():
     return rand((16, 8, 8, 4), 0), rand((8, 4, 3, 3), 1) * 0.3
 
@@ -148,12 +160,15 @@ CASES = [
      (P("data"), P(), P(), P()), 16, 0),
     ("rnn", rnn_loss, _rnn_args,
      (P(None, "data"), P(), P(None, "data"), P(None, "data"), P("data")), 16, 1),
+    ("rnn_dropout", rnn_dropout_loss, _rnn_args,
+     (P(None, "data"), P(), P(None, "data"), P(None, "data"), P("data")), 16, 1),
 ]
+RNN_LOSSES = (rnn_loss, rnn_dropout_loss)
 
 
 def _argnums(loss, args):
     """Every operand but the RNN's integer lengths."""
-    return (0, 1, 2, 3) if loss is rnn_loss else tuple(range(len(args)))
+    return (0, 1, 2, 3) if loss in RNN_LOSSES else tuple(range(len(args)))
 
 
 def _sharded_grad(loss, args, specs, m):
@@ -172,7 +187,7 @@ def _compare(actual, expected, rtol=2e-5):
 @pytest.mark.parametrize("name,loss,make_args,specs,batch,n_axis", CASES, ids=[c[0] for c in CASES])
 def test_sharded_jit_equals_one_device(name, loss, make_args, specs, batch, n_axis, partitioner):
     args = make_args()
-    one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if loss is rnn_loss
+    one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if loss in RNN_LOSSES
                                      else tuple(range(len(args)))))
     expected = jax.device_put(one(*[jax.device_put(a, CPUS[0]) for a in args]))
     fn, placed = _sharded_grad(loss, args, specs, mesh())
@@ -204,7 +219,7 @@ def test_partitioned_cuda_program_keeps_the_batch_local(name, loss, make_args, s
     args = make_args()
     structs = [jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype,
                                     sharding=NamedSharding(m, s)) for a, s in zip(args, specs)]
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if loss is rnn_loss
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if loss in RNN_LOSSES
                                     else tuple(range(len(args)))))
     hlo = fn.trace(*structs).lower(lowering_platforms=("cuda",)).compile().as_text()
     assert "all-gather" not in hlo

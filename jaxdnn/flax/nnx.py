@@ -11,7 +11,9 @@ drawn from `rngs` in the same order, so the same seed gives the same parameters 
 `spatial_transform_apply`), shared with the linen modules; see that module for how each
 maps onto cuDNN and for the Flax options that are not supported. The recurrent modules
 hold one cuDNN parameter block (`nnx.Param` 'weights') and compute what the linen ones do
-(jaxdnn/flax/recurrent.py), taking `in_features` as NNX modules do.
+(jaxdnn/flax/recurrent.py), taking `in_features` as NNX modules do; their `dropout`
+between layers follows `flax.nnx.Dropout` (`deterministic`, `model.train()` /
+`model.eval()`, keys from the `rngs` stream 'dropout').
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from jaxdnn import _validate
 from jaxdnn._functional import (avg_pool, batch_norm_apply, check_batch_norm_options,
                                 check_kernel_size, conv_apply, conv_transpose_apply,
                                 identity_affine_init, max_pool, spatial_transform_apply)
-from jaxdnn.flax.recurrent import initial_weights, recurrent_apply
+from jaxdnn.flax.recurrent import (check_dropout, dropout_acts, initial_weights,
+                                   recurrent_apply)
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "SpatialTransformer", "LSTM", "GRU",
            "SimpleRNN", "max_pool", "avg_pool",
@@ -271,14 +274,22 @@ class _Recurrent(nnx.Module):
     Inputs (N, T, in_features), or (T, N, in_features) with time_major; the carry is that
     of every layer, (c, h) for LSTM, h otherwise, each (num_layers * directions, N,
     hidden_size). proj_size (LSTM only; 0 = none): h and the outputs have proj_size
-    features per direction (PyTorch's `nn.LSTM(proj_size=...)`, cuDNN's projSize)."""
+    features per direction (PyTorch's `nn.LSTM(proj_size=...)`, cuDNN's projSize).
+
+    dropout: the rate in [0, 1) at which units of every layer's output but the last one's
+    are zeroed in training (PyTorch's `nn.LSTM(dropout=p)`; `RNNBlock.apply`), with
+    `flax.nnx.Dropout`'s `deterministic` (False: training; `model.eval()` sets True,
+    `model.train()` False; the call's argument overrides it) and keys from
+    `rngs[rng_collection]` (forked at construction, or the call's `rngs`: an nnx.Rngs,
+    an RngStream or a key)."""
 
     _mode = "lstm"
 
     def __init__(self, in_features: int, hidden_size: int, num_layers: int = 1, *,
                  bidirectional: bool = False, time_major: bool = False,
                  return_carry: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, proj_size: int = 0):
+                 rngs: nnx.Rngs, proj_size: int = 0, dropout: float = 0.0,
+                 deterministic: bool | None = False, rng_collection: str = "dropout"):
         self.in_features, self.hidden_size, self.num_layers = in_features, hidden_size, num_layers
         self.proj_size = proj_size
         self.bidirectional, self.time_major, self.return_carry = (bidirectional, time_major,
@@ -288,11 +299,20 @@ class _Recurrent(nnx.Module):
             self._rnn_mode(), rngs.params(), hidden_size=hidden_size, num_layers=num_layers,
             bidirectional=bidirectional, input_dim=in_features, dtype=dtype,
             param_dtype=param_dtype, proj_size=proj_size))
+        self.dropout = check_dropout(type(self).__name__, dropout, num_layers)
+        self.deterministic, self.rng_collection = deterministic, rng_collection
+        # As flax.nnx.Dropout: a stream of its own, forked after the parameters are drawn
+        # (so a dropout-free module draws exactly what it drew before dropout existed).
+        self.rngs = (rngs[rng_collection].fork() if dropout_acts(self.dropout, num_layers)
+                     else nnx.data(None))
 
     def _rnn_mode(self) -> str:
         return self._mode
 
-    def __call__(self, inputs, initial_carry=None, seq_lengths=None):
+    def __call__(self, inputs, initial_carry=None, seq_lengths=None, *,
+                 deterministic: bool | None = None, rngs=None):
+        """deterministic (overrides the attribute) and rngs (overrides the stream kept at
+        construction) as flax.nnx.Dropout's."""
         op = type(self).__name__
         if inputs.ndim == 3 and inputs.shape[-1] != self.in_features:
             raise ValueError(f"{op}: inputs have {inputs.shape[-1]} features; the module was "
@@ -301,7 +321,36 @@ class _Recurrent(nnx.Module):
                                seq_lengths, hidden_size=self.hidden_size,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                time_major=self.time_major, return_carry=self.return_carry,
-                               dtype=self.dtype, op=op, proj_size=self.proj_size)
+                               dtype=self.dtype, op=op, proj_size=self.proj_size,
+                               dropout=self.dropout,
+                               dropout_key=self._dropout_key(op, deterministic, rngs))
+
+    def _dropout_key(self, op: str, deterministic, rngs):
+        """The key of this call's masks, None when dropout does not act (as
+        flax.nnx.Dropout decides it)."""
+        if not dropout_acts(self.dropout, self.num_layers):
+            return None
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic is None:
+            raise ValueError(f"{op}: dropout={self.dropout} needs deterministic, given to the "
+                             "constructor or to the call (or set by model.train() / "
+                             "model.eval())")
+        if deterministic:
+            return None
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            return rngs[self.rng_collection]()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        if isinstance(rngs, jax.Array):
+            return rngs
+        raise TypeError(f"{op}: rngs must be an nnx.Rngs, an nnx.RngStream or a key for "
+                        f"dropout; got {type(rngs).__name__}")
+
+    def set_view(self, deterministic: bool | None = None):
+        """For `nnx.view`, as flax.nnx.Dropout's."""
+        if deterministic is not None:
+            self.deterministic = deterministic
 
 
 class LSTM(_Recurrent):

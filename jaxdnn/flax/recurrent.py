@@ -17,15 +17,23 @@ hidden_size.
 parameters (one cell dict per layer and direction, in the same order): cuDNN keeps two
 biases per gate where Flax keeps one, so converting to Flax adds them (the function is
 unchanged) and converting from Flax puts Flax's bias on the side Flax has it.
+
+`dropout` (a rate in [0, 1)) drops units of every layer's output but the last one's, as
+PyTorch's `nn.LSTM(dropout=p)` (`RNNBlock.apply`'s `dropout_key`): in training only,
+`deterministic=False`, like `flax.linen.Dropout`: the key comes from the rng stream
+`rng_collection` ('dropout': `module.apply(..., rngs={'dropout': key})`) through
+`make_rng`, and `deterministic` is the attribute or the call's argument (exactly one of
+them must say it when dropout acts, i.e. dropout > 0 and num_layers > 1).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdnn.rnn import RNNBlock
+from jaxdnn.rnn import RNNBlock, _dropout_rate
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "from_flax_cells", "to_flax_cells"]
 
@@ -41,10 +49,25 @@ _FLAX_GATES = {
 
 
 def _block(rnn_mode: str, hidden_size: int, num_layers: int, bidirectional: bool,
-           dtype, proj_size: int = 0) -> RNNBlock:
+           dtype, proj_size: int = 0, dropout: float = 0.0) -> RNNBlock:
     return RNNBlock(dtype, hidden_size, num_layers, rnn_mode,
                     direction_mode="bidirectional" if bidirectional else "unidirectional",
-                    proj_size=proj_size)
+                    proj_size=proj_size, dropout=dropout)
+
+
+def check_dropout(op: str, dropout, num_layers: int) -> float:
+    """The dropout rate, checked as RNNBlock checks it, errors naming the module; a
+    warning (as RNNBlock's, and PyTorch's) where one layer leaves it nothing to do."""
+    dropout = _dropout_rate(op, dropout)
+    if dropout and num_layers == 1:
+        warnings.warn(f"{op}: dropout={dropout} does nothing with num_layers=1 (dropout "
+                      "acts between layers, after every layer but the last)", stacklevel=3)
+    return dropout
+
+
+def dropout_acts(dropout: float, num_layers: int) -> bool:
+    """Whether dropout changes anything: it acts between layers only."""
+    return bool(dropout) and num_layers > 1
 
 
 def from_flax_cells(rnn_mode: str, cells: Sequence[dict], *, hidden_size: int, num_layers: int,
@@ -98,17 +121,20 @@ def to_flax_cells(rnn_mode: str, weights, *, hidden_size: int, num_layers: int, 
 
 def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=None, *,
                     hidden_size: int, num_layers: int, bidirectional: bool, time_major: bool,
-                    return_carry: bool, dtype, op: str, proj_size: int = 0):
+                    return_carry: bool, dtype, op: str, proj_size: int = 0,
+                    dropout: float = 0.0, dropout_key=None):
     """The computation of the recurrent modules (linen and NNX): the block `weights` of
     `mode` applied to inputs (N, T, F) (or (T, N, F) when time_major), the carry as Flax
     keeps it ((c, h) for lstm, h otherwise; zeros by default; h of proj_size features
-    with a projection)."""
+    with a projection). A `dropout_key` turns `dropout` on (RNNBlock.apply)."""
     if inputs.ndim != 3:
         raise ValueError(f"{op}: inputs must be 3-D, (batch, time, features) (or (time, "
                          f"batch, features) with time_major=True); got shape {inputs.shape}")
     x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     batch = x.shape[1]
-    block = _block(mode, hidden_size, num_layers, bidirectional, dtype, proj_size)
+    # (checked, and warned about, by the modules)
+    block = _block(mode, hidden_size, num_layers, bidirectional, dtype, proj_size,
+                   dropout if dropout_acts(dropout, num_layers) else 0.0)
     states = (num_layers * (2 if bidirectional else 1), batch, hidden_size)
     if initial_carry is None:
         zeros = jnp.zeros(states, dtype)
@@ -119,17 +145,19 @@ def recurrent_apply(mode: str, weights, inputs, initial_carry=None, seq_lengths=
         # Only the outputs are wanted, and a one-way network's output at a step depends on
         # the steps before it alone: running every sequence to the end and zeroing what
         # lies past each end gives the same outputs and gradients, without the host copy
-        # of the lengths that cuDNN's variable-length calls need (jaxdnn/rnn.py).
+        # of the lengths that cuDNN's variable-length calls need (jaxdnn/rnn.py). With
+        # dropout too: the masks have the same shape either way, and what a padded step
+        # gives (masked or not) reaches only later, padded, steps.
         valid = jnp.arange(x.shape[0])[:, None, None] < jnp.asarray(seq_lengths)[None, :, None]
         seq_lengths = None
     if mode == "lstm":
         c0, h0 = initial_carry
         y, hy, cy = block.apply(weights.astype(dtype), x.astype(dtype), h0, c0,
-                                seq_lengths=seq_lengths)
+                                seq_lengths=seq_lengths, dropout_key=dropout_key)
         carry = (cy, hy)
     else:
         y, carry = block.apply(weights.astype(dtype), x.astype(dtype), initial_carry,
-                               seq_lengths=seq_lengths)
+                               seq_lengths=seq_lengths, dropout_key=dropout_key)
     if valid is not None:
         y = jnp.where(valid, y, jnp.zeros((), y.dtype))
     outputs = y if time_major else jnp.swapaxes(y, 0, 1)
@@ -153,6 +181,10 @@ class _Recurrent(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     proj_size: int = 0  # LSTM only: h's and the outputs' features per direction; 0 = none
+    # Dropout between layers (the module docstring); as flax.linen.Dropout's fields.
+    dropout: float = 0.0
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
 
     _mode: ClassVar[str] = "lstm"
 
@@ -160,16 +192,26 @@ class _Recurrent(nn.Module):
         return self._mode
 
     @nn.compact
-    def __call__(self, inputs, initial_carry=None, seq_lengths=None):
+    def __call__(self, inputs, initial_carry=None, seq_lengths=None, *,
+                 deterministic: bool | None = None):
+        """deterministic: whether dropout is off (evaluation), given here or as the
+        attribute (one of the two, as flax.linen.Dropout's: nn.merge_param)."""
         mode = self._rnn_mode()
+        op = type(self).__name__
+        dropout = check_dropout(op, self.dropout, self.num_layers)
         config = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
                       bidirectional=self.bidirectional, proj_size=self.proj_size)
         weights = self.param("weights", lambda key: initial_weights(
             mode, key, **config, input_dim=inputs.shape[-1], dtype=self.dtype,
             param_dtype=self.param_dtype))
+        dropout_key = None
+        if dropout_acts(dropout, self.num_layers) and not nn.merge_param(
+                "deterministic", self.deterministic, deterministic):
+            dropout_key = self.make_rng(self.rng_collection)
         return recurrent_apply(mode, weights, inputs, initial_carry, seq_lengths, **config,
                                time_major=self.time_major, return_carry=self.return_carry,
-                               dtype=self.dtype, op=type(self).__name__)
+                               dtype=self.dtype, op=op, dropout=dropout,
+                               dropout_key=dropout_key)
 
 
 class LSTM(_Recurrent):

@@ -95,3 +95,26 @@ def param_count(mode, hidden, num_layers, input_dim, skip=False, bidirectional=F
         total += directions * (input_matrices + gates * hidden * out + 2 * gates * hidden
                                + proj * hidden)
     return total
+
+
+def rnn_with_dropout(layers, x, hx, cx=None, seq_lengths=None, *, mode, bidirectional=False,
+                     masks, rate):
+    """`rnn` one layer at a time, the output of layer d (every layer but the last) replaced
+    by out * masks[d] / (1 - rate) before layer d + 1 reads it (inverted dropout, as
+    PyTorch's nn.LSTM(dropout=rate)); masks[d] of 0s and 1s, out's shape. Returns what
+    `rnn` returns: the last layer's output, hy and cy of every layer in order."""
+    directions = 2 if bidirectional else 1
+    hx = np.asarray(hx, np.float64)
+    cx = None if cx is None else np.asarray(cx, np.float64)
+    depth_count = len(layers) // directions
+    layer_input, hy, cy = np.asarray(x, np.float64), [], []
+    for depth in range(depth_count):
+        own = slice(depth * directions, (depth + 1) * directions)
+        out, h, c = rnn(layers[own], layer_input, hx[own], None if cx is None else cx[own],
+                        seq_lengths, mode=mode, bidirectional=bidirectional)
+        hy.append(h)
+        cy.append(c)
+        if depth < depth_count - 1:
+            out = out * np.asarray(masks[depth], np.float64) / (1.0 - rate)
+        layer_input = out
+    return layer_input, np.concatenate(hy), None if cx is None else np.concatenate(cy)
