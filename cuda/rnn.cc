@@ -457,7 +457,10 @@ ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffe
                          Out reserve, Out workspace) {
   ExtraBuffers extra{
       {&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->config.training};
-  return Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
+  JAXDNN_RETURN_IF_ERROR(
+      Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra));
+  if (state->captures_graph()) state->graphs.Prepare(device);  // its stream, before execute
+  return ffi::Error::Success();
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,

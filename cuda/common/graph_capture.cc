@@ -58,6 +58,13 @@ GraphCache::DeviceGraphs* GraphCache::ForDevice(int device) {
   return graphs.get();
 }
 
+void GraphCache::Prepare(int device) {
+  DeviceGraphs* graphs = ForDevice(device);
+  std::lock_guard<std::mutex> lock(graphs->mutex);
+  if (graphs->capture_stream == nullptr) graphs->capture_stream = CreateCaptureStream(device);
+  ClearCudaError();
+}
+
 ffi::Error GraphCache::GiveUp(cudaStream_t stream, const Launch& launch) {
   gave_up_.store(true, std::memory_order_relaxed);
   ClearCudaError();

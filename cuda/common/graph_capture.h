@@ -84,6 +84,10 @@ class GraphCache {
   // `launch(s)` enqueues the work on stream s (binding its library handle to s).
   using Launch = std::function<ffi::Error(cudaStream_t)>;
 
+  // Initialize stage (outside capture): creates the private capture stream of `device`
+  // ahead of execute. Best effort: without it, execute creates it at its first capture.
+  void Prepare(int device);
+
   // Enqueues `launch`'s work on `stream`, a stream of `device` (current on this thread):
   // directly (launch(stream)) when the stream is being captured already (XLA's command
   // buffer records it), capture was given up, or at the first call on the device (a
@@ -106,7 +110,7 @@ class GraphCache {
     std::list<Entry> entries;  // most recently used first
     bool warmed_up = false;    // the first call ran directly
     int misses_in_a_row = 0;
-    cudaStream_t capture_stream = nullptr;  // created at the first capture
+    cudaStream_t capture_stream = nullptr;  // created by Prepare or the first capture
   };
 
   DeviceGraphs* ForDevice(int device);
