@@ -4,7 +4,10 @@ At these sizes the GPU finishes each kernel in a few microseconds, so a steady s
 jitted single-op calls measures what each call costs on the host: JAX's dispatch, then
 the handler's own work (for jaxdnn: borrowing a cuDNN handle, the plan's variant pack).
 jaxdnn's cuDNN path (dnn.enabled=True) runs beside XLA's lowering of the same op in one
-process; the difference is the handler's overhead over XLA's own call.
+process; the difference is the handler's overhead over XLA's own call. The RNN rows also
+time the cuDNN path with `dnn.rnn.cuda_graph` off ("no graph" column): a lone forward
+runs outside XLA's CUDA graphs, where the handler replays cuDNN's per-step kernels as one
+graph of its own unless the flag is off (the fwd+bwd program runs inside XLA's graphs).
 
     python benchmarks/per_call.py [OUT_DIR] [--ops conv pool] [--calls 200]
 
@@ -39,10 +42,15 @@ def measure(op: str, pass_: str, calls: int, repeats: int) -> dict:
         cudnn_call = jax.jit(jaxdnn_fn)
         cudnn_us = bench.steady_time_ms(cudnn_call, args, repeats, calls) * 1e3
         path = bench.lowered_path(jaxdnn_fn, args)
+    no_graph_us = None
+    if op == "rnn":  # a fresh jit: flags are read at trace time
+        with jaxdnn.config.override(**{"dnn.enabled": True, "dnn.rnn.cuda_graph": False}):
+            no_graph_call = jax.jit(lambda *a: jaxdnn_fn(*a))
+            no_graph_us = bench.steady_time_ms(no_graph_call, args, repeats, calls) * 1e3
     xla_us = bench.steady_time_ms(jax.jit(xla_fn), args, repeats, calls) * 1e3
     return {"op": op, "case": case.label, "pass": pass_, "dtype": case.dtype,
             "layout": case.layout, "cudnn_us": cudnn_us, "xla_us": xla_us,
-            "overhead_us": cudnn_us - xla_us, "path": path}
+            "overhead_us": cudnn_us - xla_us, "cudnn_no_graph_us": no_graph_us, "path": path}
 
 
 def main(argv=None) -> int:
@@ -61,11 +69,14 @@ def main(argv=None) -> int:
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     lines = [f"Host time per call, {device}, {date} (jax {jax.__version__}, "
              f"cuDNN {jaxdnn.version()}): a steady stream of jitted single-op calls.", "",
-             "| op | case | pass | cuDNN path us | XLA us | overhead us |",
-             "|---|---|---|---|---|---|"]
+             "| op | case | pass | cuDNN path us | XLA us | overhead us | "
+             "cuDNN no graph us |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        no_graph = "-" if r["cudnn_no_graph_us"] is None else f"{r['cudnn_no_graph_us']:.1f}"
         lines.append(f"| {r['op']} | {r['case']} {r['dtype']} {r['layout']} | {r['pass']} | "
-                     f"{r['cudnn_us']:.1f} | {r['xla_us']:.1f} | {r['overhead_us']:+.1f} |")
+                     f"{r['cudnn_us']:.1f} | {r['xla_us']:.1f} | {r['overhead_us']:+.1f} | "
+                     f"{no_graph} |")
     table = "\n".join(lines)
     print(table)
     out = pathlib.Path(args.out_dir)

@@ -12,7 +12,8 @@ the way its API wants:
 * jaxdnn: `RNNBlock(dtype, H, 2, cell).apply(w, x, hx, cx)`, x time-major (T, N, I); the
   `path` column says whether it lowered to jaxdnn's cuDNN custom calls or its XLA path;
   "jaxdnn persist_static" / "persist_dynamic": the same under `dnn.rnn.algo`, cuDNN's
-  persistent kernels (or the reason cuDNN refused them);
+  persistent kernels (or the reason cuDNN refused them); "jaxdnn cuda_graph=False": the
+  same with `dnn.rnn.cuda_graph` off (see CUDA graphs below);
 * jaxdnn.flax: the linen `LSTM`/`GRU` module (one RNNBlock, batch-major), to show that the
   module adds nothing;
 * jax.experimental.rnn: `lstm` (cuDNN; LSTM only, float32 only, GPU only), batch-major;
@@ -35,8 +36,13 @@ with `best peer / jaxdnn` = the faster of jax.experimental.rnn and PyTorch over 
 CUDA graphs: cuDNN's RNN launches a few kernels per step and layer, so its forward is
 launch-bound; XLA runs custom calls inside CUDA graphs (command buffers) only in programs
 of at least `--xla_gpu_graph_min_graph_size` commands, which a lone forward call is not.
-Run the script once more with XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 to see every
-JAX peer inside graphs (a larger model gets this by default).
+jaxdnn's forward handler then captures cuDNN's kernels into a CUDA graph of its own and
+replays it (`dnn.rnn.cuda_graph`, on by default); the "jaxdnn cuda_graph=False" column
+launches them one by one, as before, so the two jaxdnn columns show the flag's effect side
+by side (the fwd+bwd program runs inside XLA's graphs either way). The JSON's
+info.graph_capture_stats counts what the handlers' graphs did during the run. Run the
+script once more with XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 to see every JAX peer
+inside XLA's graphs (a larger model gets this by default).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ import numpy as np  # noqa: E402
 
 import jaxdnn  # noqa: E402
 import jaxdnn.flax as jdflax  # noqa: E402
+from jaxdnn import _extension  # noqa: E402
 import peers_torch  # noqa: E402  (beside this file)
 from jaxdnn import bench  # noqa: E402
 from jaxdnn.cli import ProgressBar, collect_info  # noqa: E402
@@ -88,7 +95,8 @@ TARGET_BEST_OVER_JAXDNN = 1 / 0.9
 TARGET_FLAX_OVER_JAXDNN = 1.5
 
 # key -> column title; the JAX peers in timing order, then PyTorch.
-PEERS = {"jaxdnn": "jaxdnn", "jaxdnn_static": "jaxdnn persist_static",
+PEERS = {"jaxdnn": "jaxdnn", "jaxdnn_nograph": "jaxdnn cuda_graph=False",
+         "jaxdnn_static": "jaxdnn persist_static",
          "jaxdnn_dynamic": "jaxdnn persist_dynamic", "jaxdnn_flax": "jaxdnn.flax",
          "jax_rnn": "jax.experimental.rnn", "flax": "Flax", "torch": "PyTorch"}
 # The peers `best peer / jaxdnn` compares against: the other cuDNN-backed ones.
@@ -117,18 +125,30 @@ def _jaxdnn_block(cell: str, dtype: str, s: Shape):
     return forward, w, jnp.asarray(_inputs(s).swapaxes(0, 1), dtype)
 
 
-def _jaxdnn_algo(algo: str):
-    """The jaxdnn peer under `dnn.rnn.algo` = algo (one of cuDNN's persistent kernels; the
-    backward passes take the forward's algo)."""
+def _jaxdnn_flags(**flags):
+    """The jaxdnn peer under jaxdnn flags (dotted names): `dnn.rnn.algo` = one of cuDNN's
+    persistent kernels (the backward passes take the forward's algo), or
+    `dnn.rnn.cuda_graph` = False."""
     def peer(cell: str, dtype: str, s: Shape):
         forward, w, x = _jaxdnn_block(cell, dtype, s)
 
-        def with_algo(w, x):
-            with jaxdnn.config.override(**{"dnn.rnn.algo": algo}):
+        def with_flags(w, x):
+            with jaxdnn.config.override(**flags):
                 return forward(w, x)
 
-        return with_algo, w, x
+        return with_flags, w, x
     return peer
+
+
+def _jaxdnn_algo(algo: str):
+    return _jaxdnn_flags(**{"dnn.rnn.algo": algo})
+
+
+def graph_capture_stats() -> dict | None:
+    """The extension's counts of the handlers' own CUDA graphs (None without it)."""
+    extension = _extension.extension()
+    query = getattr(extension, "graph_capture_stats", None)
+    return dict(query()) if query is not None else None
 
 
 def _random_variables(module: nn.Module, x, s: Shape):
@@ -193,7 +213,9 @@ def _flax(cell: str, dtype: str, s: Shape):
     return module.apply, _random_variables(module, x, s), x
 
 
-_JAX_PEERS = {"jaxdnn": _jaxdnn_block, "jaxdnn_static": _jaxdnn_algo("persist_static"),
+_JAX_PEERS = {"jaxdnn": _jaxdnn_block,
+              "jaxdnn_nograph": _jaxdnn_flags(**{"dnn.rnn.cuda_graph": False}),
+              "jaxdnn_static": _jaxdnn_algo("persist_static"),
               "jaxdnn_dynamic": _jaxdnn_algo("persist_dynamic"), "jaxdnn_flax": _jaxdnn_module,
               "jax_rnn": _jax_experimental, "flax": _flax}
 
@@ -405,7 +427,11 @@ def main(argv=None) -> int:
                      else peers_torch.torch_versions())
     header.append("PyTorch: " + (f"not timed ({torch_reason})." if torch_reason else
                                  f"{info['torch']['torch']}, cuDNN {info['torch']['cudnn']}."))
+    stats_before = graph_capture_stats()
     rows = run(args.size, args.repeats, args.cells, args.dtypes, ProgressBar(sys.stderr))
+    stats_after = graph_capture_stats()
+    info["graph_capture_stats"] = stats_after and {
+        k: stats_after[k] - stats_before[k] for k in stats_after}
     s = SHAPES[args.size]
     header = [f"# RNN peers: {s.label}, unidirectional, size {args.size}", "", *header,
               f"Median of {args.repeats} repeats of {bench.CALLS[args.size]} calls. "
@@ -414,6 +440,9 @@ def main(argv=None) -> int:
               "jax.experimental.rnn and PyTorch.",
               f"Targets (fwd+bwd): best peer / jaxdnn >= {TARGET_BEST_OVER_JAXDNN:.2f} "
               f"(jaxdnn <= 0.9x its time) and Flax / jaxdnn >= {TARGET_FLAX_OVER_JAXDNN}."]
+    if info["graph_capture_stats"]:
+        header.append("jaxdnn's own CUDA graphs during the run (dnn.rnn.cuda_graph): " + ", ".join(
+            f"{k} {v}" for k, v in info["graph_capture_stats"].items()) + ".")
     markdown = "\n".join(header) + "\n\n" + format_rows(rows) + "\n"
     write_outputs(args.out_dir, "rnn_peers", {"info": info, "size": args.size,
                                               "repeats": args.repeats, "rows": rows}, markdown)

@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include "common/graph_capture.h"
 #include "common/registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -90,6 +91,25 @@ NB_MODULE(_jaxdnn_cuda, m) {
       "(name, type_id capsule, type_info capsule) for jax.ffi.register_ffi_type.");
 
   jaxdnn::AddRnnQueries(m);
+
+  m.def(
+      "graph_capture_stats",
+      [] {
+        const jaxdnn::GraphCaptureStats& s = jaxdnn::GraphCaptureCounters();
+        nb::dict stats;
+        stats["warmups"] = s.warmups.load();
+        stats["replays"] = s.replays.load();
+        stats["instantiations"] = s.instantiations.load();
+        stats["updates"] = s.updates.load();
+        stats["under_capture"] = s.under_capture.load();
+        stats["failures"] = s.failures.load();
+        stats["direct"] = s.direct.load();
+        return stats;
+      },
+      "Process-wide counts of the handlers' own CUDA graphs (common/graph_capture.h): first "
+      "calls run directly, replays of a cached graph, instantiations and updates after a "
+      "capture, launches left to XLA's capture, failures that fell back to a direct launch, "
+      "and direct launches of states that gave capture up (for tests and benchmarks).");
 
   m.def(
       "cudnn_runtime_version", [] { return static_cast<int64_t>(cudnnGetVersion()); },

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "common/descriptors.h"
+#include "common/graph_capture.h"
 #include "common/staged_op.h"
 
 #define JAXDNN_RNN_ATTRS(X)                                                                   \
@@ -30,9 +31,10 @@
   X(int64_t, allow_tf32)                                                                      \
   X(xla::ffi::Span<const int32_t>, static_lengths) /* known at trace time, or empty */        \
   X(int64_t, proj_size) /* lstm: h's and y's features per direction; 0: no projection */
-#define JAXDNN_RNN_FWD_ATTRS(X) \
-  JAXDNN_RNN_ATTRS(X)           \
-  X(int64_t, training) /* 0: cuDNN's inference mode, which writes no reserve space */
+#define JAXDNN_RNN_FWD_ATTRS(X)                                                         \
+  JAXDNN_RNN_ATTRS(X)                                                                   \
+  X(int64_t, training)   /* 0: cuDNN's inference mode, which writes no reserve space */ \
+  X(int64_t, cuda_graph) /* 1: outside XLA's graphs, replay the call as our own graph */
 JAXDNN_DEFINE_ATTRS(RnnAttrs, JAXDNN_RNN_ATTRS);
 JAXDNN_DEFINE_ATTRS(RnnFwdAttrs, JAXDNN_RNN_FWD_ATTRS);
 
@@ -243,6 +245,7 @@ struct RnnCallConfig {
   RnnConfig rnn;
   bool training = true;                 // rnn_fwd: cuDNN's training mode (writes the reserve space)
   bool host_lengths = false;            // a *_host_lengths target
+  bool cuda_graph = false;              // rnn_fwd: the cuda_graph attribute
   std::vector<int32_t> static_lengths;  // known at trace time (empty: all T, or dynamic)
 };
 
@@ -264,6 +267,12 @@ struct RnnState : StagedState<RnnCallConfig, RnnDescriptors> {
 
   // Lengths only the device knows: copied to the host at every execute.
   bool dynamic_lengths() const { return config.host_lengths && config.static_lengths.empty(); }
+
+  // rnn_fwd outside XLA's CUDA graphs: cudnnRNNForward's per-step kernels replayed as one
+  // graph (common/graph_capture.h). Only where the target is graph-safe (no host lengths:
+  // those targets synchronize, and cuDNN's variable-length calls failed inside graphs).
+  GraphCache graphs;
+  bool captures_graph() const { return config.cuda_graph && !config.host_lengths; }
 };
 
 using Buffer = ffi::AnyBuffer;
@@ -287,6 +296,7 @@ ffi::Error ParseCall(const Attrs& a, bool training, RnnCallConfig* c) {
 
 template <bool kHostLengths>
 ffi::Error ParseFwd(const RnnFwdAttrs& a, RnnCallConfig* c) {
+  c->cuda_graph = a.cuda_graph != 0;
   return ParseCall<kFwd, kHostLengths>(a, a.training != 0, c);
 }
 
@@ -470,7 +480,10 @@ ffi::Error InitializeFwd(cudaStream_t stream, int device, RnnState* state, Buffe
                          Out reserve, Out workspace) {
   ExtraBuffers extra{
       {&*y}, {&*hy}, {&*cy}, nullptr, &*workspace, &*reserve, state->config.training};
-  return Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra);
+  JAXDNN_RETURN_IF_ERROR(
+      Initialize(kFwd, stream, device, state, {x, hx, cx, w, seq_lengths}, extra));
+  if (state->captures_graph()) state->graphs.Prepare(device);  // its stream, before execute
+  return ffi::Error::Success();
 }
 
 ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x, Buffer hx,
@@ -480,15 +493,31 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
       kFwd, stream, device, state, seq_lengths,
       [&](cudnnHandle_t handle, const RnnDescriptors& d, const CallData& c) -> ffi::Error {
         const size_t reserve_bytes = reserve->size_bytes();
-        return JAXDNN_CUDNN_CALL(
-            kFwd, cudnnRNNForward(
-                      handle, d.rnn.get(),
-                      state->config.training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
-                      Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
-                      d.state.get(), hx.untyped_data(), hy->untyped_data(), d.cell.get(),
-                      CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
-                      workspace->size_bytes(), workspace->untyped_data(), reserve_bytes,
-                      reserve_bytes > 0 ? reserve->untyped_data() : nullptr));
+        void* reserve_data = reserve_bytes > 0 ? reserve->untyped_data() : nullptr;
+        auto launch = [&](cudaStream_t on) -> ffi::Error {
+          JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnSetStream(handle, on));
+          return JAXDNN_CUDNN_CALL(
+              kFwd,
+              cudnnRNNForward(
+                  handle, d.rnn.get(),
+                  state->config.training ? CUDNN_FWD_MODE_TRAINING : CUDNN_FWD_MODE_INFERENCE,
+                  Lengths(seq_lengths), c.x, x.untyped_data(), c.y, y->untyped_data(),
+                  d.state.get(), hx.untyped_data(), hy->untyped_data(), d.cell.get(),
+                  CellData(state, cx), CellData(state, cy), w.size_bytes(), w.untyped_data(),
+                  workspace->size_bytes(), workspace->untyped_data(), reserve_bytes, reserve_data));
+        };
+        if (!state->captures_graph()) return launch(stream);
+        // Everything the captured kernels were given: every pointer and size above (the
+        // descriptors and the handle included; the mode is the state's).
+        GraphKey key;
+        key.Add(handle).Add(d.rnn.get()).Add(c.x).Add(c.y).Add(d.state.get()).Add(d.cell.get());
+        key.Add(Lengths(seq_lengths)).Add(x.untyped_data()).Add(y->untyped_data());
+        key.Add(hx.untyped_data()).Add(hy->untyped_data());
+        key.Add(CellData(state, cx)).Add(CellData(state, cy));
+        key.Add(w.untyped_data()).Add(uint64_t{w.size_bytes()});
+        key.Add(workspace->untyped_data()).Add(uint64_t{workspace->size_bytes()});
+        key.Add(reserve_data).Add(uint64_t{reserve_bytes});
+        return state->graphs.Run(stream, device, std::move(key), launch);
       });
 }
 

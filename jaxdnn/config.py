@@ -116,6 +116,11 @@ _FLAGS = {f.name: f for f in (
     Flag("dnn.rnn.algo", "standard", _choice(RNN_ALGOS),
          "cuDNN RNN algorithm of RNNBlock: 'standard', or one of cuDNN's persistent kernels "
          "(limited to some sizes and types; cuDNN refuses the others at trace time)."),
+    Flag("dnn.rnn.cuda_graph", True, _boolean,
+         "Where XLA runs the cuDNN RNN forward outside its own CUDA graphs (a small program, "
+         "such as a jitted forward alone), capture cuDNN's per-step kernels once into a CUDA "
+         "graph and replay it (one launch per call instead of hundreds); False launches them "
+         "one by one. Calls with seq_lengths never use it."),
 )}
 
 # `dnn.conv.algo_bwd` is not stored: it writes both backward flags and reads them back.

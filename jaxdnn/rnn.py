@@ -69,8 +69,14 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
 * The workspace is a trailing u8 result of `workspace_bytes` (see `_primitive.py`).
 * Attributes: mode, input_mode, algo (the `dnn.rnn.algo` flag) (strings); hidden_size,
   num_layers, bidirectional, variable_lengths, allow_tf32, proj_size (0: no projection;
-  cuDNN's projSize is then hidden_size) and (rnn_fwd) training (int64); static_lengths
-  (int32[N], empty unless the lengths were host data).
+  cuDNN's projSize is then hidden_size) and (rnn_fwd) training and cuda_graph (the
+  `dnn.rnn.cuda_graph` flag) (int64); static_lengths (int32[N], empty unless the lengths
+  were host data).
+* cuda_graph=1: where XLA runs jaxdnn_rnn_fwd outside its command buffers (it puts a custom
+  call into a CUDA graph only in a program with enough commands; a jitted forward alone has
+  too few), the handler captures cudnnRNNForward's per-step kernels into a CUDA graph of
+  its own and replays it, cached per call site by every pointer and size the call passes
+  (cuda/common/graph_capture.h). The _host_lengths targets never do.
   The handlers check every buffer's shape and byte size against cuDNN's at initialize.
 
 Dropout between layers (`RNNBlock(dropout=p)`, on when `apply` is given `dropout_key`)
@@ -238,10 +244,10 @@ def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:
     return workspace, n * per_sequence
 
 
-def _forward_params(config: _Config, x, training: bool) -> dict:
+def _forward_params(config: _Config, x, training: bool, cuda_graph: bool) -> dict:
     workspace, reserve = _space_sizes(config._asdict(), x, training)
-    return dict(config._asdict(), training=training, workspace_bytes=workspace,
-                reserve_bytes=reserve)
+    return dict(config._asdict(), training=training, cuda_graph=cuda_graph,
+                workspace_bytes=workspace, reserve_bytes=reserve)
 
 
 def _backward_params(config: _Config, x) -> dict:
@@ -419,9 +425,10 @@ def _batch_backward_weights(prim, args, dims, **params):
     def one_instance(x, hx, cx, w, seq_lengths, folded_y, dy, dhy, dcy, folded_reserve):
         del folded_y, folded_reserve  # of the folded forward: recomputed for this instance
         workspace, reserve_bytes = _space_sizes(params, x, training=True)
-        y, _, _, reserve = rnn_fwd_p.bind(x, hx, cx, w, seq_lengths, training=True,
-                                          reserve_bytes=reserve_bytes,
-                                          **dict(params, workspace_bytes=workspace))
+        y, _, _, reserve = rnn_fwd_p.bind(
+            x, hx, cx, w, seq_lengths, training=True, reserve_bytes=reserve_bytes,
+            cuda_graph=config_module.read("dnn.rnn.cuda_graph"),
+            **dict(params, workspace_bytes=workspace))
         operands = (x, hx, cx, w, seq_lengths, y, dy, dhy, dcy)
         *_, reserve = rnn_bwd_data_p.bind(*operands, reserve, **params)
         return prim.bind(*operands, reserve, **params)
@@ -491,7 +498,8 @@ def _forward_jvp(primals, tangents, **params):
     config = _config(params)
     # Differentiated, the forward runs in cuDNN's training mode: it writes the reserve space
     # the backward passes read (an undifferentiated call runs in inference mode, without).
-    training = params if params["training"] else _forward_params(config, x, True)
+    training = (params if params["training"]
+                else _forward_params(config, x, True, params["cuda_graph"]))
     y, hy, cy, reserve = rnn_fwd_p.bind(*primals, **training)
     floats = [ad.instantiate_zeros(t) for t in tangents[:4]]
     dy, dhy, dcy = rnn_tangent_p.bind(*primals, y, reserve, *floats,
@@ -518,9 +526,10 @@ define_reference_jvp(rnn_bwd_data_p, reference.backward_data)
 define_reference_jvp(rnn_bwd_weights_p, reference.backward_weights)
 
 
-def _cudnn_rnn(x, hx, cx, w, seq_lengths, config: _Config):
+def _cudnn_rnn(x, hx, cx, w, seq_lengths, config: _Config, cuda_graph: bool):
     """The cuDNN path: rnn_fwd in inference mode (its JVP rule runs training mode)."""
-    y, hy, cy, _ = rnn_fwd_p.bind(x, hx, cx, w, seq_lengths, **_forward_params(config, x, False))
+    y, hy, cy, _ = rnn_fwd_p.bind(x, hx, cx, w, seq_lengths,
+                                  **_forward_params(config, x, False, cuda_graph))
     return y, hy, cy
 
 
@@ -997,5 +1006,6 @@ class RNNBlock:
                          variable_lengths=seq_lengths is not None, allow_tf32=config_module.allows_tf32(),
                          static_lengths=static_lengths, impl=impl)
         y, hy, cy = _cudnn_rnn(x.astype(work), hx.astype(work), cx.astype(work),
-                               w.astype(work), lengths, config)
+                               w.astype(work), lengths, config,
+                               config_module.read("dnn.rnn.cuda_graph"))
         return y.astype(dtype), hy.astype(dtype), cy.astype(dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -38,7 +39,9 @@ DEFAULTS = {
     "dnn.conv.workspace_limit": 1 << 30,
     "dnn.conv.layout_route": "auto",
     "dnn.rnn.algo": "standard",
+    "dnn.rnn.cuda_graph": True,
 }
+BOOLEAN_FLAGS = ("dnn.deterministic", "dnn.rnn.cuda_graph")
 ALL_FLAGS = tuple(DEFAULTS) + ("dnn.conv.algo_bwd",)
 # What dnn.conv.algo_bwd accepts: what both backward flags accept.
 ALGO_BWD = tuple(a for a in CHOICES["dnn.conv.algo_bwd_data"]
@@ -130,19 +133,31 @@ def test_enabled_bad_value(bad):
     assert config.read("dnn.enabled") == "auto"
 
 
+@pytest.mark.parametrize("name", BOOLEAN_FLAGS)
 @pytest.mark.parametrize("value,expected", [
     (True, True), (False, False), ("True", True), ("false", False), ("1", True), ("0", False),
+    ("on", True), ("off", False),
 ])
-def test_deterministic_values(value, expected):
-    config.update("dnn.deterministic", value)
-    assert config.read("dnn.deterministic") is expected
+def test_boolean_flag_values(name, value, expected):
+    config.update(name, value)
+    assert config.read(name) is expected
 
 
+@pytest.mark.parametrize("name", BOOLEAN_FLAGS)
 @pytest.mark.parametrize("bad", ["auto", "maybe", None, 2, 1.0])
-def test_deterministic_bad_value(bad):
-    with pytest.raises(ValueError, match="dnn.deterministic"):
-        config.update("dnn.deterministic", bad)
-    assert config.read("dnn.deterministic") is False
+def test_boolean_flag_bad_value(name, bad):
+    with pytest.raises(ValueError, match=re.escape(repr(name)) + ".*expected True or False"):
+        config.update(name, bad)
+    assert config.read(name) is DEFAULTS[name]
+
+
+def test_rnn_cuda_graph_from_the_environment():
+    proc = _python("import jaxdnn; print(repr(jaxdnn.config.read('dnn.rnn.cuda_graph')))",
+                   flags="dnn.rnn.cuda_graph=false")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    proc = _python("import jaxdnn", flags="dnn.rnn.cuda_graph=sometimes")
+    assert proc.returncode != 0 and "dnn.rnn.cuda_graph" in proc.stderr
 
 
 @pytest.mark.parametrize("value,expected", [

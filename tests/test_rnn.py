@@ -761,6 +761,54 @@ def test_rnn_algo_flag_reaches_the_handlers(cudnn_on_cpu):
     assert 'algo = "persist_static"' in attrs
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_rnn_cuda_graph_flag_reaches_the_forward_targets_only(rng, value, cudnn_on_cpu):
+    """dnn.rnn.cuda_graph is the forward's attribute, in inference and training mode and on
+    the host-lengths target (whose handler decodes it and never captures); the backward
+    targets do not carry it (their handlers do not decode it)."""
+    block = make_block("lstm", depth=2)
+    _, w, (x, hx, cx), _ = make_case(rng, block)
+    expected = f"cuda_graph = {int(value)} : i64"
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": value}):
+        (name, attrs), = _rnn_calls(_cuda_hlo(lambda w, x: block.apply(w, x, hx, cx)[0], w, x))
+        assert name == "jaxdnn_rnn_fwd" and "training = 0 : i64" in attrs
+        assert expected in attrs
+        for lengths_args in ((), (lengths,)):
+            loss = lambda w, x, *n: jnp.sum(block.apply(w, x, hx, cx, *n)[0])
+            calls = _rnn_calls(_cuda_hlo(jax.grad(loss, (0, 1)), w, x, *lengths_args))
+            suffix = "_host_lengths" if lengths_args else ""
+            assert [c[0] for c in calls] == [f"jaxdnn_rnn_{t}{suffix}" for t in
+                                             ("fwd", "bwd_data", "bwd_weights")]
+            assert expected in calls[0][1] and "training = 1 : i64" in calls[0][1]
+            assert all("cuda_graph" not in attrs for _, attrs in calls[1:])
+
+
+def test_rnn_cuda_graph_defaults_on_and_reaches_the_jaxpr(rng, cudnn_on_cpu):
+    assert jaxdnn.config.read("dnn.rnn.cuda_graph") is True
+    block = make_block("gru")
+    _, w, (x, hx, _), _ = make_case(rng, block)
+    fn = lambda w, x: block.apply(w, x, hx)[0]
+    assert "cuda_graph=True" in str(jax.make_jaxpr(fn)(w, x))
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": False}):
+        assert "cuda_graph=False" in str(jax.make_jaxpr(fn)(w, x))
+
+
+def test_rnn_cuda_graph_on_the_forwards_vmapped_gradients_rerun(rng, cudnn_on_cpu):
+    """vmap of grad with shared weights runs each instance's forward again inside the
+    backward-weights batching rule: that forward carries the flag as well."""
+    block = make_block("gru")
+    _, w, (x, hx, _), _ = make_case(rng, block)
+    xs = jnp.stack([x, 2 * x])
+    grad = jax.grad(lambda w, x: jnp.sum(block.apply(w, x, hx)[0]))
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": False}):
+        calls = _rnn_calls(_cuda_hlo(jax.vmap(grad, in_axes=(None, 0)), w, xs))
+    # (the folded forward's results go unused and XLA drops it: the forward left is the
+    # per-instance one of the batching rule)
+    forwards = [attrs for name, attrs in calls if name == "jaxdnn_rnn_fwd"]
+    assert forwards and all("cuda_graph = 0 : i64" in attrs for attrs in forwards), calls
+
+
 def test_vmap_tiles_static_lengths_when_folding(cudnn_on_cpu):
     block = make_block("gru")
     w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
@@ -1376,3 +1424,195 @@ def test_gpu_proj_weight_layout_is_cudnns(direction, input_mode, dtype):
     assert cudnn == ours
     block = RNNBlock(dtype, hidden, depth, "lstm", input_mode, direction, proj)
     assert nbytes == block.get_param_size((1, input_dim)) * jnp.dtype(dtype).itemsize
+
+
+# GPU: dnn.rnn.cuda_graph, the forward handler's own CUDA graphs (cuda/common/graph_capture.h)
+# ---------------------------------------------------------------------------------------
+def _graph_stats() -> dict:
+    return dict(_extension.extension().graph_capture_stats())
+
+
+def _graph_delta(before: dict) -> dict:
+    after = _graph_stats()
+    return {k: after[k] - before[k] for k in after}
+
+
+def _jit_xla_graphs(fn, xla_graphs: bool):
+    """jit with XLA's CUDA graphs (command buffers) forced: around every command (minimum
+    graph size 1), or around none (a minimum no program reaches): the handler then runs
+    eagerly, as in a small program, and captures its own graph."""
+    return jax.jit(fn, compiler_options={"xla_gpu_graph_min_graph_size":
+                                         1 if xla_graphs else 1 << 30})
+
+
+def _graph_case(rng, mode="lstm"):
+    block = make_block(mode, "bidirectional", depth=2, dtype="float32")
+    _, w, (x, hx, cx), _ = make_case(rng, block, "float32")
+    return block, operands(block, w, x, hx, cx)
+
+
+def _assert_bitwise_equal(got, want, what=""):
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e), err_msg=what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("xla_graphs", [False, True])
+def test_gpu_rnn_cuda_graph_equals_direct_launches_bitwise(rng, mode, xla_graphs):
+    """The same cuDNN kernels captured and replayed, or launched one by one: bitwise-equal
+    results, both close to the XLA path. Run eagerly by XLA, the handler's graph is
+    captured once and then replayed; inside XLA's graphs, the handler leaves the capture
+    to XLA. No step of the graph machinery fails (a failure would fall back silently)."""
+    block, args = _graph_case(rng, mode)
+    fn = apply_fn(block)
+    before = _graph_stats()
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": True}):
+        on = _jit_xla_graphs(fn, xla_graphs)
+        for _ in range(6):  # earlier results freed: XLA reuses their buffers, the key repeats
+            got = jax.block_until_ready(on(*args))
+    delta = _graph_delta(before)
+    assert delta["failures"] == 0 and delta["direct"] == 0, delta
+    if not xla_graphs:  # the first call runs directly (a warm-up), then capture and replays
+        assert delta["warmups"] == 1, delta
+        assert delta["instantiations"] >= 1 and delta["replays"] >= 1, delta
+        assert delta["under_capture"] == 0, delta
+    before = _graph_stats()
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": False}):
+        off = jax.block_until_ready(_jit_xla_graphs(fn, xla_graphs)(*args))
+    delta = _graph_delta(before)
+    assert delta["instantiations"] == delta["updates"] == delta["replays"] == 0, delta
+    _assert_bitwise_equal(got, off, "cuda_graph on vs off")
+    want = _jit_run(fn, *args, xla=True)
+    for g, e in zip(got, want):
+        assert_close(g, e, "float32", factor=2)
+
+
+@pytest.mark.gpu
+def test_gpu_rnn_cuda_graph_new_buffers_every_call(rng):
+    """Every call on new input arrays whose results stay alive: new pointers each time, so
+    every call after the first (a direct warm-up) misses the cache (4 execs instantiated,
+    then updated in place, least recently used first); later calls on a few inputs in turn
+    reuse them. Every result is the XLA path's for its own input."""
+    block, (w, x, hx, cx) = _graph_case(rng)
+    fn = apply_fn(block)
+    xs = [x * (1.0 + 0.125 * k) for k in range(8)]
+    wants = [_jit_run(fn, w, xk, hx, cx, xla=True) for xk in xs]
+    before = _graph_stats()
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": True}):
+        on = _jit_xla_graphs(fn, False)
+        kept = [on(w, xk, hx, cx) for xk in xs]
+        jax.block_until_ready(kept)
+        delta = _graph_delta(before)
+        assert delta["failures"] == 0 and delta["replays"] == 0, delta
+        assert delta["warmups"] == 1, delta
+        assert delta["instantiations"] + delta["updates"] == len(xs) - 1, delta
+        for k, (got, want) in enumerate(zip(kept, wants)):
+            for g, e in zip(got, want):
+                assert_close(g, e, "float32", factor=2, err_msg=f"call {k}")
+        del kept
+        for _ in range(3):  # three inputs in turn, results dropped: hits and misses mixed
+            for k in (5, 6, 7):
+                got = jax.block_until_ready(on(w, xs[k], hx, cx))
+                for g, e in zip(got, wants[k]):
+                    assert_close(g, e, "float32", factor=2, err_msg=f"input {k} again")
+    assert _graph_delta(before)["failures"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_rnn_cuda_graph_gives_up_after_misses_in_a_row(rng):
+    """New buffers at every call make capture pure cost: after GraphCache's limit of misses
+    in a row the state launches directly, and every result stays right."""
+    block, (w, x, hx) = _graph_case(rng, "gru")
+    fn = apply_fn(block)
+    xs = [x * (1.0 + 0.0625 * k) for k in range(24)]  # more than 4 * the cache's capacity
+    before = _graph_stats()
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": True}):
+        on = _jit_xla_graphs(fn, False)
+        kept = [on(w, xk, hx) for xk in xs]
+        jax.block_until_ready(kept)
+    delta = _graph_delta(before)
+    assert delta["failures"] == 0 and delta["direct"] >= 1, delta
+    calls = sum(delta[k] for k in ("warmups", "instantiations", "updates", "direct"))
+    assert calls == len(xs), delta
+    for k in (0, 15, 16, 23):
+        want = _jit_run(fn, w, xs[k], hx, xla=True)
+        for g, e in zip(kept[k], want):
+            assert_close(g, e, "float32", factor=2, err_msg=f"call {k}")
+
+
+@pytest.mark.gpu
+def test_gpu_rnn_cuda_graph_training_forward(rng):
+    """The gradient program run eagerly: the training-mode forward replays its graph, which
+    writes the reserve space the backward passes read. The forward's outputs bitwise equal
+    to the direct launches'; the gradients close to theirs and to the XLA path's."""
+    block, args = _graph_case(rng)
+    fn = apply_fn(block)
+
+    def loss(*a):
+        outs = fn(*a)
+        return sum(jnp.sum(jnp.sin(o)) for o in outs), outs
+
+    grad = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+    before = _graph_stats()
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": True}):
+        on = _jit_xla_graphs(grad, False)
+        for _ in range(4):
+            got, outs = jax.block_until_ready(on(*args))
+    delta = _graph_delta(before)
+    assert delta["failures"] == 0 and delta["replays"] >= 1, delta
+    with jaxdnn.config.override(**{"dnn.rnn.cuda_graph": False}):
+        off, outs_off = jax.block_until_ready(_jit_xla_graphs(grad, False)(*args))
+    _assert_bitwise_equal(outs, outs_off, "training forward, cuda_graph on vs off")
+    want, _ = _jit_run(grad, *args, xla=True)
+    for g, o, e, name in zip(got, off, want, ("dw", "dx", "dhx", "dcx")):
+        assert_close(g, o, "float32", err_msg=f"{name} vs cuda_graph off")
+        assert_close(g, e, "float32", factor=10, err_msg=f"{name} vs XLA")
+
+
+@pytest.mark.gpu
+def test_gpu_rnn_cuda_graph_from_several_threads(rng):
+    """One compiled forward (one handler state, one graph cache) called from 8 threads at
+    once, each on its own input, 12 times: every result is the XLA path's for its input,
+    whether it came from a capture, an exec update, a replay or (once the misses pile up:
+    8 threads' keys in a cache of 4) a direct launch."""
+    import threading
+    block, (w, x, hx, cx) = _graph_case(rng)
+    fn = apply_fn(block)
+    threads_count, calls = 8, 12
+    xs = [x * (1.0 + 0.125 * k) for k in range(threads_count)]
+    wants = [_jit_run(fn, w, xk, hx, cx, xla=True) for xk in xs]
+    # Flags and matmul precision are read at trace time, per thread for override blocks
+    # and precision contexts: set the flag process-wide (the autouse fixture restores it)
+    # and give every thread the main thread's precision, so that all share one executable.
+    jaxdnn.config.update("dnn.rnn.cuda_graph", True)
+    on = _jit_xla_graphs(fn, False)
+    jax.block_until_ready(on(w, x, hx, cx))  # compile once, before the threads
+    barrier = threading.Barrier(threads_count)
+    errors, checked = [], []
+
+    def worker(k):
+        try:
+            with jax.default_matmul_precision("highest"):
+                barrier.wait()
+                for call in range(calls):
+                    # checked at once and dropped, so that XLA may reuse the result buffers
+                    # (the keys then repeat: replays as well as captures run concurrently)
+                    got = jax.block_until_ready(on(w, xs[k], hx, cx))
+                    for g, e in zip(got, wants[k]):
+                        assert_close(g, e, "float32", factor=2,
+                                     err_msg=f"thread {k} call {call}")
+                    checked.append((k, call))
+        except Exception as e:  # noqa: BLE001 -- reported below, with the thread
+            errors.append((k, e))
+
+    before = _graph_stats()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(threads_count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(checked) == threads_count * calls
+    assert on._cache_size() == 1  # one executable served every thread
+    assert _graph_delta(before)["failures"] == 0
