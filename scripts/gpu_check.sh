@@ -14,6 +14,8 @@
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
+# "wheel" (not a default stage; see wheel() below) builds the pure wheel and the CUDA 13
+# plugin wheel, installs them into a venv and runs WHEEL_TESTS' GPU tests from there.
 # BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
 # e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
 # per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.

@@ -96,3 +96,83 @@ def test_floor_pins_are_the_declared_floors():
         pins = re.search(r"^FLOOR_PINS := (.*)$", f.read(), re.M).group(1).split()
     assert dict(pin.split("==") for pin in pins) == floors == {
         "jax": floors["jax"], "jaxlib": floors["jax"], "flax": floors["flax"]}
+
+
+@pytest.fixture
+def fake_plugins(tmp_path, monkeypatch):
+    """Make stand-in plugins importable: fake(major, loads=True) writes a package
+    jaxdnn_cudaXX_plugin whose _jaxdnn_cuda is a Python module (or fails to import)."""
+    from jaxdnn import _extension
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for major in ("12", "13"):  # no plugin of another test (or a real one) stays imported
+        for name in (f"jaxdnn_cuda{major}_plugin", f"jaxdnn_cuda{major}_plugin._jaxdnn_cuda"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+
+    # Nor does a real plugin installed here count: only the stand-ins are found.
+    find_spec = _extension.importlib.util.find_spec
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name, *args: (
+        None if name.startswith("jaxdnn_cuda") and not (tmp_path / name.split(".")[0]).exists()
+        else find_spec(name, *args)))
+
+    def fake(major: str, loads: bool = True):
+        package = tmp_path / f"jaxdnn_cuda{major}_plugin"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        (package / "_jaxdnn_cuda.py").write_text("" if loads else "raise ImportError('bad')")
+
+    import importlib
+
+    importlib.invalidate_caches()
+    yield fake, _extension
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize("jax_major, plugins, chosen", [
+    ("13", ["12", "13"], "13"),   # the one matching jax's CUDA plugin
+    ("12", ["12", "13"], "12"),
+    (None, ["12"], "12"),         # no jax CUDA plugin: whichever is installed
+    (None, ["12", "13"], "13"),
+])
+def test_the_plugin_matching_jax_is_loaded(fake_plugins, monkeypatch, jax_major, plugins, chosen):
+    fake, _extension = fake_plugins
+    for major in plugins:
+        fake(major)
+    monkeypatch.setattr(_extension, "_jax_cuda_major", lambda: jax_major)
+    module, source, error = _extension._load_extension()
+    assert error is None and module.__name__ == f"jaxdnn_cuda{chosen}_plugin._jaxdnn_cuda"
+    assert source["plugin"] == f"jaxdnn_cuda{chosen}_plugin" and source["path"] == module.__file__
+    assert source["jax_cuda_major"] == jax_major
+
+
+def test_a_plugin_of_another_cuda_major_or_broken_is_passed_over(fake_plugins, monkeypatch):
+    fake, _extension = fake_plugins
+    fake("12")
+    fake("13", loads=False)
+    monkeypatch.setattr(_extension, "_jax_cuda_major", lambda: "13")
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", _hide_in_tree(
+        _extension.importlib.util.find_spec))
+    module, source, error = _extension._load_extension()
+    assert module is None and source["plugin"] is None and source["path"] is None
+    assert any("jaxdnn_cuda13_plugin: failed to import: bad" in s for s in source["skipped"])
+    assert any("jaxdnn_cuda12_plugin: built for CUDA 12, but jax's CUDA plugin is CUDA 13" in s
+               for s in source["skipped"]), source
+    assert "built for CUDA 12" in error and "failed to import: bad" in error, error
+
+
+def _hide_in_tree(find_spec):
+    """find_spec, as if jaxdnn had no extension of its own (a pure install)."""
+    return lambda name, *args: None if name == "jaxdnn._jaxdnn_cuda" else find_spec(name, *args)
+
+
+def test_without_any_extension_the_reason_says_what_to_install(monkeypatch):
+    from jaxdnn import _extension
+
+    find_spec = _extension.importlib.util.find_spec
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name, *args: (
+        None if name == "jaxdnn._jaxdnn_cuda" or name.startswith("jaxdnn_cuda")
+        else find_spec(name, *args)))
+    monkeypatch.setattr(_extension, "_build_reason", lambda: None)
+    module, source, error = _extension._load_extension()
+    assert module is None and source["plugin"] is None
+    assert "pip install 'jaxdnn[cuda13]'" in error, error
