@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import importlib.util
 import os
 from typing import Any
 
 import jax
 
-__all__ = ["version", "is_available", "unavailable_reason", "extension", "cudnn_library_path",
-           "ffi_targets", "export_disabled_checks"]
+__all__ = ["version", "is_available", "unavailable_reason", "extension", "extension_source",
+           "cudnn_library_path", "ffi_targets", "export_disabled_checks"]
 
 # When CMake skips the extension (no CUDA or cuDNN headers), it installs the reason as
 # _build_info.txt beside this file (see CMakeLists.txt).
@@ -46,25 +47,80 @@ def _load_cudnn() -> tuple[Any, str | None, str | None]:
     return None, None, "libcudnn.so.9 could not be loaded (" + "; ".join(errors) + ")"
 
 
-def _build_reason() -> str:
+def _build_reason() -> str | None:
+    """Why a developer build (`pip install -e .`) has no extension, where it has none."""
     info = os.path.join(_HERE, "_build_info.txt")
     if os.path.exists(info):
         with open(info) as f:
             return f.read().strip()
-    return "the jaxdnn CUDA extension was not built"
+    return None
+
+
+# The compiled extension ships as a plugin distribution per CUDA major, as jax's CUDA
+# plugins do: jaxdnn-cuda12-plugin (import package jaxdnn_cuda12_plugin) and
+# jaxdnn-cuda13-plugin, built from plugin/. A developer build (`pip install -e .`, or
+# CMake's output copied beside this file) puts it in the jaxdnn package itself.
+_PLUGIN_MAJORS = ("13", "12")
+
+
+def _jax_cuda_major() -> str | None:
+    """The CUDA major of jax's installed CUDA plugin (jax_cuda13_plugin, ...), if any: the
+    CUDA runtime the process will run with."""
+    for major in _PLUGIN_MAJORS:
+        if importlib.util.find_spec(f"jax_cuda{major}_plugin") is not None:
+            return major
+    return None
+
+
+def _load_extension() -> tuple[Any, dict, str | None]:
+    """Import the extension: the plugin matching jax's CUDA plugin (else whichever plugin
+    is installed), else the one built into this package. Returns the module (or None),
+    where it came from with the plugins passed over and why, and the error."""
+    jax_major = _jax_cuda_major()
+    source: dict = {"plugin": None, "path": None, "jax_cuda_major": jax_major, "skipped": []}
+    installed = [m for m in _PLUGIN_MAJORS
+                 if importlib.util.find_spec(f"jaxdnn_cuda{m}_plugin") is not None]
+    if not installed:
+        source["skipped"].append("no jaxdnn CUDA plugin is installed "
+                                 "(pip install 'jaxdnn[cuda13]' or 'jaxdnn[cuda12]')")
+    for major in installed:
+        name = f"jaxdnn_cuda{major}_plugin"
+        if jax_major is not None and major != jax_major:
+            # Its static CUDA runtime and the NVIDIA libraries it was built for are of
+            # another major than those jax loads: refuse rather than mix them.
+            source["skipped"].append(
+                f"{name}: built for CUDA {major}, but jax's CUDA plugin is CUDA {jax_major} "
+                f"(pip install 'jaxdnn[cuda{jax_major}]')")
+            continue
+        try:
+            module = importlib.import_module(f"{name}._jaxdnn_cuda")
+        except ImportError as e:
+            source["skipped"].append(f"{name}: failed to import: {e}")
+            continue
+        source.update(plugin=name, path=module.__file__)
+        return module, source, None
+    if importlib.util.find_spec("jaxdnn._jaxdnn_cuda") is None:
+        # A plugin's reasons say more than a developer build's, if both are wanting.
+        error = None if installed else _build_reason()
+        return None, source, error or "; ".join(source["skipped"])
+    try:
+        from jaxdnn import _jaxdnn_cuda as module  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, source, f"the jaxdnn CUDA extension failed to import: {e}"
+    source["path"] = module.__file__
+    return module, source, None
 
 
 _cudnn_lib, _cudnn_path, _cudnn_error = _load_cudnn()
+_ext, _ext_source, _ext_error = _load_extension()
 
-_ext = None
-if importlib.util.find_spec("jaxdnn._jaxdnn_cuda") is None:
-    _ext_error = _build_reason()
-else:
-    try:
-        from jaxdnn import _jaxdnn_cuda as _ext  # type: ignore[attr-defined]
-        _ext_error = None
-    except ImportError as e:
-        _ext_error = f"the jaxdnn CUDA extension failed to import: {e}"
+
+def extension_source() -> dict:
+    """Where the extension came from: `plugin` (the plugin's import name, or None for the
+    extension built into jaxdnn), `path` (the module's file, or None when none loaded),
+    `jax_cuda_major` (that of jax's CUDA plugin, or None) and `skipped` (the plugins passed
+    over, and why)."""
+    return {**_ext_source, "skipped": list(_ext_source["skipped"])}
 
 
 def _register() -> str | None:

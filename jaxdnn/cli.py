@@ -51,7 +51,7 @@ def collect_info() -> dict:
         "devices": [{"id": d.id, "platform": d.platform, "kind": d.device_kind}
                     for d in jax.devices()],
         "extension": {"available": jaxdnn.is_available(),
-                      "reason": jaxdnn.unavailable_reason()},
+                      "reason": jaxdnn.unavailable_reason(), **_extension.extension_source()},
         "flags": {name: {"value": config.read(name), "doc": docs.get(name, "")}
                   for name in config.flags()},
         "JAXDNN_FLAGS": os.environ.get("JAXDNN_FLAGS", ""),
@@ -70,6 +70,16 @@ def _print_info(info: dict, out: TextIO) -> None:
     devices = ", ".join(f"{d['platform']}:{d['id']} ({d['kind']})" for d in info["devices"])
     print(f"devices:   {devices}", file=out)
     ext = info["extension"]
+    if ext["path"] is None:
+        print("extension: none loaded", file=out)
+    else:
+        where = f"plugin {ext['plugin']}" if ext["plugin"] else "built into jaxdnn"
+        print(f"extension: {where}, {ext['path']}", file=out)
+    jax_major = ext["jax_cuda_major"]
+    print(f"           jax's CUDA plugin: {f'CUDA {jax_major}' if jax_major else 'none'}",
+          file=out)
+    for why in ext["skipped"]:
+        print(f"           not loaded: {why}", file=out)
     status = "yes" if ext["available"] else f"no: {ext['reason']}"
     print(f"cuDNN path available: {status}", file=out)
     print(f"flags (JAXDNN_FLAGS={info['JAXDNN_FLAGS']!r}):", file=out)

@@ -19,6 +19,8 @@
 # ReLU(batch norm) in every dtype, layout and mode; inside one program and per call),
 # jaxdnn on 'auto' and forced onto cuDNN beside XLA (benchmarks/in_model.py, the figures
 # 'auto' routes those ops from); INMODEL_ARGS passes it options (--quick, --match ...).
+# "wheel" (not a default stage; see wheel() below) builds the pure wheel and the CUDA 13
+# plugin wheel, installs them into a venv and runs WHEEL_TESTS' GPU tests from there.
 # BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
 # e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
 # per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
@@ -59,6 +61,42 @@ build() {
     -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON || return 1
 }
 
+# "wheel" (not a default stage): the pure jaxdnn wheel and the CUDA 13 plugin wheel (CUDA=12
+# for the other), built with what is installed (no network), installed into a venv that sees
+# the machine's packages, and the GPU tests of WHEEL_TESTS (default tests/test_softmax.py
+# tests/test_pooling.py) run from outside the checkout, so that `import jaxdnn` is the
+# installed wheel's. The venv gets the machine's sys.path through a .pth file rather than
+# --system-site-packages, which would also run the machine's .pth files, among them the
+# build stage's editable install, whose import hook would shadow the installed wheel.
+wheel() {
+  local dir major=${CUDA:-13} here=$PWD
+  dir=$(cd "$LOG_DIR" && pwd)/wheel
+  rm -rf "$dir" && mkdir -p "$dir/dist" "$dir/run" || return 1
+  "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$dir/dist" . || return 1
+  "$PYTHON" -m pip wheel --no-build-isolation --no-deps -v -w "$dir/dist" ./plugin \
+    -Ccuda="$major" || return 1
+  "$PYTHON" -m venv "$dir/venv" || return 1
+  local site
+  site=$("$dir/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  (cd "$dir/run" && "$PYTHON" -P -c "import os, sys; print('\n'.join(p for p in sys.path
+    if p and os.path.isdir(p) and not os.path.samefile(p, '$here')))") >"$site/machine.pth" || return 1
+  "$dir/venv/bin/python" -m pip install --no-index --no-deps \
+    "$dir"/dist/*.whl || return 1
+  ls -l "$dir/dist"
+  cd "$dir/run" || return 1
+  "$dir/venv/bin/python" -P -c "import jaxdnn, sys; from jaxdnn import _extension as e
+src = e.extension_source()
+print('jaxdnn', jaxdnn.__version__, 'from', jaxdnn.__file__)
+print('plugin', src['plugin'], 'from', src['path'], '| skipped:', src['skipped'])
+print('cuDNN path:', jaxdnn.unavailable_reason() or 'yes')
+sys.exit(src['plugin'] != 'jaxdnn_cuda${major}_plugin' or not jaxdnn.__file__.startswith('$dir/venv'))" &&
+    "$dir/venv/bin/python" -P -m jaxdnn info &&
+    "$dir/venv/bin/python" -P -m pytest -m "gpu and not slow" -v -rs -p no:cacheprovider \
+      --rootdir "$here" $(for t in ${WHEEL_TESTS:-tests/test_softmax.py tests/test_pooling.py}; do echo "$here/$t"; done)
+  local rc=$?
+  cd "$here" && return $rc
+}
+
 # The baseline's extension is replaced by this tree's when the build stage runs next.
 baseline() {
   local dir=$LOG_DIR/baseline
@@ -71,6 +109,7 @@ baseline() {
 }
 run_stage baseline baseline
 run_stage build build
+run_stage wheel wheel
 run_stage info "$PYTHON" -m jaxdnn info
 # (The slow GPU tests, the arrays past 2**31 elements, run in the reliability stage.)
 run_stage tests "$PYTHON" -m pytest -m "gpu and not slow" -v -rs -p no:cacheprovider "${TESTS[@]}"

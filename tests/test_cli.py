@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxdnn
-from jaxdnn import bench, config
+from jaxdnn import _extension, bench, config
 from jaxdnn.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,8 @@ def test_info_json(capsys):
     assert info["flags"]["dnn.enabled"]["value"] == config.read("dnn.enabled")
     assert info["flags"]["dnn.enabled"]["doc"]
     assert info["extension"] == {"available": jaxdnn.is_available(),
-                                 "reason": jaxdnn.unavailable_reason()}
+                                 "reason": jaxdnn.unavailable_reason(),
+                                 **_extension.extension_source()}
     assert info["versions"]["jaxdnn"] == jaxdnn.__version__
     assert info["devices"]
 
