@@ -13,6 +13,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include <mutex>
 #include <stdexcept>
 #include <tuple>
 
@@ -261,9 +262,11 @@ struct PinnedLengths {
 struct RnnState : StagedState<RnnCallConfig, RnnDescriptors> {
   PinnedLengths lengths;  // dynamic lengths: allocated at initialize (N entries)
   // Dynamic lengths: x's and y's data descriptors, created at initialize and set to each
-  // call's lengths (cuDNN reads them on the host during the call, which returns before
-  // the next call of this state re-sets them).
+  // call's lengths, which cuDNN reads on the host during the call. XLA runs one executable
+  // from several threads at once, so a call holds `call_mutex` from setting them to the
+  // end of its cuDNN call (these calls synchronize anyway).
   RnnDataDescriptor call_x, call_y;
+  std::mutex call_mutex;
 
   // Lengths only the device knows: copied to the host at every execute.
   bool dynamic_lengths() const { return config.host_lengths && config.static_lengths.empty(); }
@@ -455,8 +458,11 @@ ffi::Error Execute(const char* op, cudaStream_t stream, int device, RnnState* st
                    const Buffer& seq_lengths, Launch launch) {
   return ExecuteState(op, stream, device, state, [&](cudnnHandle_t handle, const auto& d) {
     CallData call{d.x.get(), d.y.get()};
-    if (state->dynamic_lengths())
+    std::unique_lock<std::mutex> lengths_lock(state->call_mutex, std::defer_lock);
+    if (state->dynamic_lengths()) {
+      lengths_lock.lock();
       JAXDNN_RETURN_IF_ERROR(HostLengthsData(op, stream, state, d, seq_lengths, &call));
+    }
     return launch(handle, d, call);
   });
 }

@@ -947,7 +947,13 @@ def test_errors_are_raised_at_trace_time():
 @pytest.mark.parametrize("variable", [False, True])
 def test_gpu_forward_cudnn_vs_xla_vs_numpy(rng, mode, direction, input_mode, dtype, variable):
     """The skip-input cases test the layout's assumption about the first layer's biases."""
-    block = make_block(mode, direction, input_mode, depth=2, dtype=dtype)
+    check_forward_cudnn_vs_xla_vs_numpy(
+        rng, make_block(mode, direction, input_mode, depth=2, dtype=dtype), dtype, variable)
+
+
+def check_forward_cudnn_vs_xla_vs_numpy(rng, block, dtype, variable):
+    """The block's forward on cuDNN (its custom calls in the program) and on the XLA path,
+    each against the float64 oracle, with full or variable (device) lengths."""
     layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block, dtype)
     lengths = jnp.asarray(LENGTHS, jnp.int32) if variable else None
     fn = lambda w, x, hx, cx: block.apply(w, x, hx, cx, lengths)
@@ -1370,15 +1376,8 @@ def test_proj_matches_torch(rng, path, dtype, direction, variable):
 @pytest.mark.parametrize("direction,input_mode", PROJ_CASES)
 @pytest.mark.parametrize("variable", [False, True])
 def test_gpu_proj_forward_cudnn_vs_xla_vs_numpy(rng, direction, input_mode, dtype, variable):
-    block = proj_block(direction, input_mode, dtype=dtype)
-    layers, w, (x, hx, cx), (x64, hx64, cx64) = make_case(rng, block, dtype)
-    lengths = jnp.asarray(LENGTHS, jnp.int32) if variable else None
-    fn = lambda w, x, hx, cx: block.apply(w, x, hx, cx, lengths)
-    assert _rnn_calls(jax.jit(fn).lower(w, x, hx, cx).as_text())
-    cudnn, xla = _jit_run(fn, w, x, hx, cx), _jit_run(fn, w, x, hx, cx, xla=True)
-    want = numpy_rnn(block, layers, x64, hx64, cx64, LENGTHS if variable else None)
-    compare(cudnn, want, dtype, factor=2, what="cuDNN vs float64")
-    compare(xla, want, dtype, factor=2, what="XLA vs float64")
+    check_forward_cudnn_vs_xla_vs_numpy(rng, proj_block(direction, input_mode, dtype=dtype),
+                                        dtype, variable)
 
 
 @pytest.mark.gpu

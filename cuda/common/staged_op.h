@@ -55,9 +55,12 @@ class PreparedSlot {
     std::lock_guard<std::mutex> lock(mutex_);
     return prepared_.get();
   }
+  // Held while one initialize prepares: XLA may initialize one executable from several
+  // threads at once, and preparing also sets up the state's own buffers.
+  std::mutex& preparing() { return preparing_; }
 
  private:
-  std::mutex mutex_;
+  std::mutex mutex_, preparing_;
   std::shared_ptr<const Prepared> prepared_;
 };
 
@@ -80,6 +83,8 @@ ffi::Error InitializeState(const char* op, cudaStream_t stream, int device, Stat
   return Guarded(op, [&]() -> ffi::Error {
     JAXDNN_RETURN_IF_ERROR(ReserveCudnnHandle(op, device));
     if (!state->prepared.empty()) return ffi::Error::Success();
+    std::lock_guard<std::mutex> once(state->prepared.preparing());
+    if (!state->prepared.empty()) return ffi::Error::Success();  // another thread prepared
     BorrowedCudnnHandle handle(op, device, stream);
     JAXDNN_RETURN_IF_ERROR(handle.error());
     std::shared_ptr<const typename State::Prepared> prepared;
