@@ -227,6 +227,25 @@ def test_no_key_or_zero_rate_is_the_fused_call(rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("direction", ["unidirectional", "bidirectional"])
+def test_layer_by_layer_with_projections_equals_the_fused_call(rng, direction):
+    """With a projection, layers above the first read proj_size * directions features and
+    h has proj_size: at a rate that drops no unit, the per-layer stack (each layer's
+    weights gathered, the projection's included) equals the fused call in float64."""
+    block = RNNBlock("float64", 5, 3, "lstm", "linear", direction, proj_size=3, dropout=1e-12)
+    d = block.num_directions
+    w = jnp.asarray(0.3 * rng.standard_normal(block.get_param_size((BATCH, 4))))
+    x = jnp.asarray(rng.standard_normal((6, BATCH, 4)))
+    hx = jnp.asarray(rng.standard_normal((3 * d, BATCH, 3)))
+    cx = jnp.asarray(rng.standard_normal((3 * d, BATCH, 5)))
+    for lengths in (None, jnp.asarray([6, 3] + [1] * (BATCH - 2))):
+        fused = block.apply(w, x, hx, cx, lengths)
+        layered = block.apply(w, x, hx, cx, lengths, dropout_key=jax.random.key(1))
+        assert layered[0].shape == (6, BATCH, 3 * d)
+        for a, b in zip(layered, fused):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_keys_decide_the_masks(rng):
     block = make_block("gru")
     w, (x, hx, _), _, _ = make_case(rng, block)
