@@ -146,6 +146,13 @@ def _math_mode(op: str, precision):
 
 # ---- convolution -------------------------------------------------------------------------
 
+def module_settings(module, apply) -> dict:
+    """The keyword arguments of `apply` (conv_apply, conv_transpose_apply) that the Flax
+    modules (linen and NNX alike) keep as attributes of the same names, read off `module`:
+    the one place the modules forward them."""
+    return {name: getattr(module, name) for name in _MODULE_SETTINGS[apply.__name__]}
+
+
 def conv_apply(inputs, kernel, bias=None, *, strides=1, padding="SAME", input_dilation=1,
                kernel_dilation=1, feature_group_count: int = 1, precision=None,
                preferred_element_type=None, op: str = "Conv"):
@@ -293,6 +300,14 @@ def _wrap_circular(y, n_in, strides, transpose_kernel: bool):
         y = y.reshape(y.shape[:axis] + (-1, periods[axis - 1]) + y.shape[axis + 1:]).sum(axis=axis)
     return y
 
+
+
+_MODULE_SETTINGS = {
+    "conv_apply": ("strides", "padding", "input_dilation", "kernel_dilation",
+                   "feature_group_count", "precision", "preferred_element_type"),
+    "conv_transpose_apply": ("strides", "padding", "kernel_dilation", "transpose_kernel",
+                             "precision", "preferred_element_type"),
+}
 
 # ---- batch normalization -------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ from flax.linen import initializers
 from jaxdnn._functional import (Array, PaddingLike, avg_pool, batch_norm_apply,
                                 check_batch_norm_options, check_kernel_size, conv_apply,
                                 conv_transpose_apply, feature_axes_of, identity_affine_init,
-                                max_pool, pool_apply, spatial_transform_apply)
+                                max_pool, module_settings, pool_apply,
+                                spatial_transform_apply)
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "max_pool", "avg_pool", "SpatialTransformer",
            "identity_affine_init", "conv_apply", "conv_transpose_apply", "batch_norm_apply",
@@ -123,12 +124,7 @@ class Conv(nn.Module):
                              f"positive int dividing the {in_features} input features")
         kernel_shape = kernel_size + (in_features // self.feature_group_count, self.features)
         inputs, kernel, bias = _kernel_and_bias("Conv", self, inputs, kernel_shape)
-        return conv_apply(inputs, kernel, bias, strides=self.strides, padding=self.padding,
-                          input_dilation=self.input_dilation,
-                          kernel_dilation=self.kernel_dilation,
-                          feature_group_count=self.feature_group_count,
-                          precision=self.precision,
-                          preferred_element_type=self.preferred_element_type)
+        return conv_apply(inputs, kernel, bias, **module_settings(self, conv_apply))
 
 
 class ConvTranspose(nn.Module):
@@ -166,11 +162,8 @@ class ConvTranspose(nn.Module):
         kernel_shape = kernel_size + ((self.features, in_features) if self.transpose_kernel
                                       else (in_features, self.features))
         inputs, kernel, bias = _kernel_and_bias("ConvTranspose", self, inputs, kernel_shape)
-        return conv_transpose_apply(inputs, kernel, bias, strides=self.strides,
-                                    padding=self.padding, kernel_dilation=self.kernel_dilation,
-                                    transpose_kernel=self.transpose_kernel,
-                                    precision=self.precision,
-                                    preferred_element_type=self.preferred_element_type)
+        return conv_transpose_apply(inputs, kernel, bias,
+                                    **module_settings(self, conv_transpose_apply))
 
 
 class BatchNorm(nn.Module):

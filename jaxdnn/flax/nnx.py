@@ -30,7 +30,8 @@ from jax import lax
 from jaxdnn import _validate
 from jaxdnn._functional import (avg_pool, batch_norm_apply, check_batch_norm_options,
                                 check_kernel_size, conv_apply, conv_transpose_apply,
-                                identity_affine_init, max_pool, spatial_transform_apply)
+                                identity_affine_init, max_pool, module_settings,
+                                spatial_transform_apply)
 from jaxdnn.flax.recurrent import (check_dropout, dropout_acts, initial_weights,
                                    recurrent_apply)
 
@@ -123,12 +124,7 @@ class Conv(nnx.Module):
     def __call__(self, inputs, out_sharding=None):
         _check_flax_only("Conv", "out_sharding", out_sharding)
         inputs, kernel, bias = _masked_promoted("Conv", self, inputs)
-        return conv_apply(inputs, kernel, bias, strides=self.strides, padding=self.padding,
-                          input_dilation=self.input_dilation,
-                          kernel_dilation=self.kernel_dilation,
-                          feature_group_count=self.feature_group_count,
-                          precision=self.precision,
-                          preferred_element_type=self.preferred_element_type)
+        return conv_apply(inputs, kernel, bias, **module_settings(self, conv_apply))
 
 
 class ConvTranspose(nnx.Module):
@@ -171,11 +167,8 @@ class ConvTranspose(nnx.Module):
 
     def __call__(self, inputs):
         inputs, kernel, bias = _masked_promoted("ConvTranspose", self, inputs)
-        return conv_transpose_apply(inputs, kernel, bias, strides=self.strides,
-                                    padding=self.padding, kernel_dilation=self.kernel_dilation,
-                                    transpose_kernel=self.transpose_kernel,
-                                    precision=self.precision,
-                                    preferred_element_type=self.preferred_element_type)
+        return conv_transpose_apply(inputs, kernel, bias,
+                                    **module_settings(self, conv_transpose_apply))
 
 
 class BatchNorm(nnx.Module):
