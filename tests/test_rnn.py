@@ -917,13 +917,6 @@ def _error_cases():
 ERROR_CASES = _error_cases()
 
 
-@pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_errors_name_the_argument(case):
-    fn, error, message = ERROR_CASES[case]
-    with pytest.raises(error, match=message):
-        fn()
-
-
 def test_errors_are_raised_at_trace_time():
     block = make_block("lstm")
     w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
@@ -1310,12 +1303,12 @@ def _proj_error_cases():
     }
 
 
-PROJ_ERROR_CASES = _proj_error_cases()
+ERROR_CASES.update({f"proj-{name}": case for name, case in _proj_error_cases().items()})
 
 
-@pytest.mark.parametrize("case", list(PROJ_ERROR_CASES))
-def test_proj_errors_name_the_argument(case):
-    fn, error, message = PROJ_ERROR_CASES[case]
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_name_the_argument(case):
+    fn, error, message = ERROR_CASES[case]
     with pytest.raises(error, match=message):
         fn()
 
