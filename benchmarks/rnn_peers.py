@@ -3,10 +3,12 @@ all timed in one process on one card.
 
     python benchmarks/rnn_peers.py [OUT_DIR] [--size full|small] [--repeats N]
                                    [--cells lstm gru] [--dtypes float32 bfloat16]
+                                   [--shape T N I H] [--name NAME]
 
 Every peer runs the same network: `num_layers` 2, unidirectional, zero initial states,
 every sequence full length; T128 N64 I512 H512 (`--size full`) or T8 N4 I16 H16 (`small`,
-seconds on a CPU); parameters and computation in the benchmark dtype. The peers, each fed
+seconds on a CPU), or the sizes `--shape T N I H` names (e.g. `--shape 128 64 1024 1024`,
+`--shape 512 64 512 512`); parameters and computation in the benchmark dtype. The peers, each fed
 the way its API wants:
 
 * jaxdnn: `RNNBlock(dtype, H, 2, cell).apply(w, x, hx, cx)`, x time-major (T, N, I); the
@@ -29,7 +31,8 @@ jitted and timed by `jaxdnn.bench.time_ms`, PyTorch by `peers_torch.time_torch_m
 events, `cudnn.benchmark` on). A peer that cannot run (jax.experimental.rnn off GPU, in
 bfloat16 or for a GRU; PyTorch without CUDA; any error) gets no time and a reason.
 
-Writes OUT_DIR/rnn_peers.json (environment and rows) and OUT_DIR/rnn_peers.md (a table
+Writes OUT_DIR/NAME.json (environment and rows) and OUT_DIR/NAME.md (NAME: `--name`,
+default rnn_peers) (a table
 with `best peer / jaxdnn` = the faster of jax.experimental.rnn and PyTorch over jaxdnn and
 `Flax / jaxdnn`: above 1, jaxdnn is faster). OUT_DIR defaults to bench-logs.
 
@@ -314,10 +317,12 @@ def _targets(row: dict) -> str:
 
 
 def run(size: str = "small", repeats: int = 5, cells=CELLS, dtypes=DTYPES,
-        progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+        progress: Callable[[int, int, str], None] | None = None,
+        shape: Shape | None = None) -> list[dict]:
     """One row per (cell, dtype, pass): each peer's ms (None with a reason in
-    row['not_timed'] where it could not run), the ratios, jaxdnn's path and the targets."""
-    s = SHAPES[size]
+    row['not_timed'] where it could not run), the ratios, jaxdnn's path and the targets.
+    `shape` replaces `size`'s network sizes (`size` still sets the calls per repeat)."""
+    s = shape or SHAPES[size]
     calls = bench.CALLS[size]
     torch_reason = peers_torch.unavailable_reason()
     if torch_reason is None:
@@ -417,9 +422,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--shape", nargs=4, type=int, metavar=("T", "N", "I", "H"),
+                        help="these sizes (2 layers) instead of --size's")
+    parser.add_argument("--name", default="rnn_peers", help="the output files' name")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected at least 1")
+    if args.shape and min(args.shape) < 1:
+        parser.error(f"--shape {args.shape}: expected positive sizes")
+    s = Shape(*args.shape, 2) if args.shape else SHAPES[args.size]
 
     info, header = environment()
     torch_reason = peers_torch.unavailable_reason()
@@ -428,11 +439,10 @@ def main(argv=None) -> int:
     header.append("PyTorch: " + (f"not timed ({torch_reason})." if torch_reason else
                                  f"{info['torch']['torch']}, cuDNN {info['torch']['cudnn']}."))
     stats_before = graph_capture_stats()
-    rows = run(args.size, args.repeats, args.cells, args.dtypes, ProgressBar(sys.stderr))
+    rows = run(args.size, args.repeats, args.cells, args.dtypes, ProgressBar(sys.stderr), s)
     stats_after = graph_capture_stats()
     info["graph_capture_stats"] = stats_after and {
         k: stats_after[k] - stats_before[k] for k in stats_after}
-    s = SHAPES[args.size]
     header = [f"# RNN peers: {s.label}, unidirectional, size {args.size}", "", *header,
               f"Median of {args.repeats} repeats of {bench.CALLS[args.size]} calls. "
               "fwd: y; fwd+bwd: gradients of sum(y) for x and every weight.",
@@ -444,7 +454,7 @@ def main(argv=None) -> int:
         header.append("jaxdnn's own CUDA graphs during the run (dnn.rnn.cuda_graph): " + ", ".join(
             f"{k} {v}" for k, v in info["graph_capture_stats"].items()) + ".")
     markdown = "\n".join(header) + "\n\n" + format_rows(rows) + "\n"
-    write_outputs(args.out_dir, "rnn_peers", {"info": info, "size": args.size,
+    write_outputs(args.out_dir, args.name, {"info": info, "size": args.size, "shape": s.label,
                                               "repeats": args.repeats, "rows": rows}, markdown)
     return 0
 

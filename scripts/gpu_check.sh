@@ -8,7 +8,8 @@
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
 # they are installed from there without network. STAGES (default "build info tests
 # graphs fuzz sharding bench rnnbench flaxbench inprogram percall scaling examples") picks which
-# stages run;
+# stages run (RNN_PEERS_ARGS: options of the rnnbench stage; "rnnlarge", not a default,
+# times the RNN peers at H1024 and at T512);
 # "alltests" runs the whole suite on the GPU too (the CPU tests then exercise jaxdnn's
 # default path there).
 # TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
@@ -159,7 +160,15 @@ run_stage reliability reliability
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
 # Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.
-run_stage rnnbench "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR"
+run_stage rnnbench "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR" ${RNN_PEERS_ARGS:-}
+# Not a default stage: the same at a wider (H1024) and a longer (T512) network.
+rnnlarge() {
+  "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR" --repeats 3 --shape 128 64 1024 1024 \
+    --name rnn_peers_h1024 &&
+    "$PYTHON" benchmarks/rnn_peers.py "$LOG_DIR" --repeats 3 --shape 512 64 512 512 \
+      --name rnn_peers_t512
+}
+run_stage rnnlarge rnnlarge
 run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # Convolutions and pooling timed inside one program (no per-call dispatch), beside XLA and
 # PyTorch; convolutions with time_once on all three passes.

@@ -37,10 +37,14 @@ def test_rnn_peers_small(tmp_path, script):
     # One dtype of the two keeps this test near 10 s on a small CPU (each peer compiles its
     # forward and its backward for every cell and dtype); bfloat16, where the peers differ
     # most (jax.experimental.rnn has none; PyTorch and Flax compute in it).
-    argv = [str(tmp_path), "--size", "small", "--repeats", "1", "--dtypes", "bfloat16"]
+    # --shape and --name as the GPU script's larger shapes use them.
+    argv = [str(tmp_path), "--size", "small", "--repeats", "1", "--dtypes", "bfloat16",
+            "--shape", "8", "3", "16", "8", "--name", "rnn_peers_h8"]
     assert rnn_peers.main(argv) == 0
-    data, markdown = _outputs(tmp_path, "rnn_peers")
+    data, markdown = _outputs(tmp_path, "rnn_peers_h8")
     rows = data["rows"]
+    assert data["shape"] == "T8 N3 I16 H8 L2"
+    assert {r["shape"] for r in rows} == {"T8 N3 I16 H8 L2"}
     assert [(r["cell"], r["dtype"], r["pass"]) for r in rows] == [
         (cell, "bfloat16", pass_) for cell in ("lstm", "gru") for pass_ in ("fwd", "fwd+bwd")]
     on_gpu = jax.default_backend() == "gpu"
