@@ -1,6 +1,7 @@
 """Max, average and sum pooling over 2 or 3 spatial axes, in pure JAX (lax.reduce_window)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -47,11 +48,55 @@ def pool_forward(x, *, mode: str, ws, stride, pad, layout: str):
 
 
 def pool_backward(x, y, dy, *, mode: str, ws, stride, pad, layout: str):
-    """Gradient with respect to x of pool_forward, given its output y and cotangent dy."""
-    del y
+    """Gradient with respect to x of pool_forward, given its output y and cotangent dy.
+    The max modes gather (max_pool_backward_gather); the others transpose the forward."""
+    if mode in MAX_MODES:
+        return max_pool_backward_gather(x, y, dy, ws=ws, stride=stride, pad=pad, layout=layout)
     _, vjp = jax.vjp(lambda t: pool_forward(t, mode=mode, ws=ws, stride=stride, pad=pad,
                                             layout=layout), x)
     return vjp(dy)[0]
+
+
+def max_pool_backward_gather(x, y, dy, *, ws, stride, pad, layout: str):
+    """The max-pool gradient as gathers: each window's cotangent goes to the first element
+    (in row-major window order, XLA's rule for ties) that equals the window's maximum y.
+
+    XLA differentiates reduce_window(max) into select-and-scatter, which on a GPU scatters
+    with atomic adds (not bitwise reproducible) and rereads every window. Here the first
+    maximum's offset in each window is found from x and y (one pass over the windows),
+    and dx is the sum over window offsets of dy placed by a strided pad (negative padding
+    crops the image's own padding): only elementwise ops, slices and pads, which XLA fuses
+    into gathers with a fixed order of additions, so the result is deterministic."""
+    nd = x.ndim
+    axes = spatial_axes(layout, nd)
+    acc = compute_dtype(dy.dtype)
+    lowest = jnp.array(-jnp.inf, x.dtype)
+    padded = lax.pad(x, lowest, [(pad[axes.index(a)], pad[axes.index(a)], 0) if a in axes
+                                 else (0, 0, 0) for a in range(nd)])
+    offsets = list(itertools.product(*(range(w) for w in ws)))
+
+    def window_element(offset):  # x at `offset` within every window, shaped like y
+        start = [0] * nd
+        limit = list(padded.shape)
+        strides = [1] * nd
+        for a, d, s, o in zip(axes, offset, stride, (y.shape[a] for a in axes)):
+            start[a], limit[a], strides[a] = d, d + (o - 1) * s + 1, s
+        return lax.slice(padded, start, limit, strides)
+
+    first = jnp.full(y.shape, len(offsets), jnp.int32)  # the first maximum's offset number
+    for k in reversed(range(len(offsets))):
+        first = jnp.where(window_element(offsets[k]) == y, k, first)
+    dy = dy.astype(acc)
+    zero = jnp.array(0, acc)
+    dx = None
+    for k, offset in enumerate(offsets):
+        config = [(0, 0, 0)] * nd
+        for a, d, s, p in zip(axes, offset, stride, pad):
+            low = d - p  # window o's element d sits at image index o * s + d - p
+            config[a] = (low, x.shape[a] - low - (y.shape[a] - 1) * s - 1, s - 1)
+        term = lax.pad(jnp.where(first == k, dy, zero), zero, config)
+        dx = term if dx is None else dx + term
+    return dx.astype(x.dtype)
 
 
 def pool_backward_linear(dy, *, mode: str, ws, stride, pad, layout: str, input_shape):
