@@ -6,7 +6,7 @@ the next call must work and be correct.
 
     python benchmarks/soak.py OUT_DIR [--seconds S] [--steps N] [--threads T]
                               [--size small|full] [--check-every K] [--inject-every S]
-                              [--rss-slack-mib M] [--device-slack-mib M]
+                              [--rss-slack-mib M] [--device-slack-mib M] [--models cnn lstm]
 
 The steps (float32, SGD on random data drawn inside the step from a key):
   * cnn: dnn_conv 3x3 -> dnn_batch_normalization_train (spatial) -> dnn_pool max 2x2/2 ->
@@ -106,6 +106,8 @@ def _parse(argv):
     p.add_argument("--rss-slack-mib", type=float, default=64.0)
     p.add_argument("--device-slack-mib", type=float, default=16.0)
     p.add_argument("--no-inject", action="store_true")
+    p.add_argument("--models", nargs="+", choices=("cnn", "lstm"), default=["cnn", "lstm"],
+                   help="the models the threads step (to narrow down a failure)")
     return p.parse_args(argv)
 
 
@@ -344,7 +346,7 @@ class Soak:
         self.flag_sets = FLAG_SETS[:max(1, args.flag_sets)]
         self.devices = [jax.local_devices()[i % jax.local_device_count()]
                         for i in range(args.threads)]
-        self.keys = list(self.steps)
+        self.keys = [key for key in self.steps if key[0] in args.models]
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.count = 0

@@ -27,7 +27,8 @@
 # per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
 # "reliability" (not a default stage; about 6 minutes) runs the soak, the arrays past
 # 2**31 elements and the fuzz run, and writes RELIABILITY.md's GPU section into
-# LOG_DIR/RELIABILITY.md; SOAK_SECONDS (45), SOAK_THREADS (8), FUZZ_RUN_SECONDS (180),
+# LOG_DIR/RELIABILITY.md; SOAK_SECONDS (45), SOAK_THREADS (8), SOAK_ARGS (more options of
+# benchmarks/soak.py, e.g. --models lstm), FUZZ_RUN_SECONDS (180),
 # FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program),
 # FUZZ_RUN_XLA_EVERY (1: every configuration also against the XLA path) and
 # FUZZ_RUN_WORKERS (cores less one, at most 12) bound it.
@@ -137,7 +138,7 @@ reliability() {
   # the warm-up (compilations, one round of injections) comes before the soak's clock
   if [[ $parts == *" soak "* ]]; then
     timeout $((soak_seconds + 300)) "$PYTHON" benchmarks/soak.py "$LOG_DIR" \
-      --seconds "$soak_seconds" --threads "${SOAK_THREADS:-8}" || rc=1
+      --seconds "$soak_seconds" --threads "${SOAK_THREADS:-8}" ${SOAK_ARGS:-} || rc=1
   fi
   # most of the card for the arrays (4-8 GiB each, XLA's temporaries beside them)
   if [[ $parts == *" huge "* ]]; then
