@@ -312,6 +312,25 @@ def test_max_modes_jvp_jacfwd_and_hessian(rng, config, mode, layout):
     check_grads(f, (jnp.asarray(x),), order=2, modes=["fwd", "rev"], eps=1e-4)
 
 
+@pytest.mark.parametrize("config,layout", [("2d-w33-s22-p11", "channels_first"),
+                                           ("2d-w23-s12-p01", "channels_last"),
+                                           ("3d-w222-s211-p100", "channels_last")])
+def test_xla_max_gradient_on_ties_goes_to_the_first_maximum(rng, config, layout):
+    """The XLA path's max-pool gradient (gathers, not XLA's select-and-scatter) on small
+    integers, where most windows have tied maxima: the first maximum in window order takes
+    the cotangent, as the float64 oracle's loop does, and overlapping windows add up."""
+    cf_shape, ws, stride, pad = CONFIGS[config]
+    fmt = _fmt(len(ws), layout)
+    shape = _shape(cf_shape, fmt)
+    x = rng.integers(-2, 2, shape).astype(np.float64)
+    dy = rng.standard_normal(_out_shape(shape, ws, stride, pad, fmt))
+    f = _pool_fn(ws, stride, pad, "max", fmt)
+    with xla_path():
+        dx = jax.jit(lambda a, b: jax.vjp(f, a)[1](b)[0])(jnp.asarray(x), jnp.asarray(dy))
+    np.testing.assert_allclose(to_f64(dx), ref.pool_grad(x, dy, ws, stride, pad, "max", fmt),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_max_pool_gradient_runs_the_pooling_backward_pass():
     """Reverse mode transposes the max-pool tangent into pool_bwd (cudnnPoolingBackward on
     the cuDNN path); the XLA tangent primitive stays out of the gradient."""
@@ -696,6 +715,21 @@ def test_gpu_gradient_cudnn_vs_xla_vs_reference(rng, dtype, config, mode, layout
     assert_close(dx_cudnn, expected, dtype, err_msg="cuDNN vs float64 reference")
     assert_close(dx_xla, expected, dtype, err_msg="XLA path vs float64 reference")
     assert_close(dx_cudnn, dx_xla, dtype, factor=2, err_msg="cuDNN vs XLA path")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_xla_max_gradient_is_bitwise_reproducible(rng, dtype):
+    """The XLA path's max-pool gradient has no atomic adds: repeated runs on the GPU agree
+    bit for bit (overlapping 3x3/2 windows, where a scatter would race)."""
+    xj, _ = cast(rng.standard_normal((8, 16, 57, 57)), dtype)
+    dyj, _ = cast(rng.standard_normal((8, 16, 29, 29)), dtype)
+    f = _pool_fn((3, 3), (2, 2), (1, 1), "max", "NCHW")
+    with xla_path():
+        grad = jax.jit(lambda a, b: jax.vjp(f, a)[1](b)[0])
+        assert "jaxdnn_pool" not in grad.lower(xj, dyj).as_text()
+        runs = [np.asarray(grad(xj, dyj)).tobytes() for _ in range(5)]
+    assert all(r == runs[0] for r in runs[1:])
 
 
 @pytest.mark.gpu
