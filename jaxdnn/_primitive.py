@@ -49,7 +49,7 @@ def define_primitive(
     *,
     abstract_eval: Callable[..., ShapedArray | Sequence[ShapedArray]],
     reference: Callable,
-    ffi_target: str | Callable[..., str],
+    ffi_target: str | Callable[..., str] | None = "",
     attributes: Callable[..., dict] | None = None,
     workspace_bytes: Callable[..., int] | None = None,
     batch_rule: Callable | None = None,
@@ -63,12 +63,14 @@ def define_primitive(
     attributes(**params) -> FFI attributes (default: params unchanged).
     workspace_bytes(*avals_in, **params) -> size of the workspace result, if any.
     batch_rule(primitive, args, dims, **params) -> (outs, out_dims).
-    ffi_target: the FFI target's name, or ffi_target(**params) -> name where the
+    ffi_target: the FFI target's name ('', the default: the target is named `name`, as
+    jaxdnn's are), or ffi_target(**params) -> name where the
     parameters pick one of several targets; None for a primitive cuDNN has no pass for:
     its reference is its only lowering, and its `impl` is that of the passes derived from
     it (its transpose).
     partitioning(*avals, **params) -> Partitioning: how a call splits across devices.
     """
+    ffi_target = ffi_target if ffi_target != "" else name
     prim = _Primitive(name)
     local = _Primitive(name + "_shard")  # one shard's call: the lowerings below
     for p in (prim, local):

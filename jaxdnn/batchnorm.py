@@ -236,18 +236,18 @@ def _tangent_partitioning(x, *operands, mode, layout, epsilon):
 
 bn_fwd_train_p = define_primitive(
     "jaxdnn_bn_fwd_train", abstract_eval=_train_abstract, reference=reference.bn_forward_train,
-    ffi_target="jaxdnn_bn_fwd_train", attributes=_attributes,
+    attributes=_attributes,
     workspace_bytes=_workspace_bytes, batch_rule=_fold_into_features,
     partitioning=_train_partitioning, multiple_results=True)
 
 bn_fwd_infer_p = define_primitive(
     "jaxdnn_bn_fwd_infer", abstract_eval=_infer_abstract, reference=reference.bn_forward_infer,
-    ffi_target="jaxdnn_bn_fwd_infer", attributes=_attributes, batch_rule=_batch_infer,
+    attributes=_attributes, batch_rule=_batch_infer,
     partitioning=_infer_partitioning)
 
 bn_bwd_p = define_primitive(
     "jaxdnn_bn_bwd", abstract_eval=_bwd_abstract, reference=reference.bn_backward,
-    ffi_target="jaxdnn_bn_bwd", attributes=_attributes, workspace_bytes=_workspace_bytes,
+    attributes=_attributes, workspace_bytes=_workspace_bytes,
     batch_rule=_fold_into_features, partitioning=_bwd_partitioning, multiple_results=True)
 
 # On XLA whatever its impl (cuDNN has no such pass); impl is its transpose's, bn_bwd.

@@ -189,20 +189,19 @@ def _bwd_filter_partitioning(img, topgrad, *, groups, layout, **params):
 
 conv_fwd_p = define_primitive(
     "jaxdnn_conv_fwd", abstract_eval=_fwd_abstract, reference=reference.conv_forward,
-    ffi_target="jaxdnn_conv_fwd", attributes=_attributes(0), workspace_bytes=_workspace_bytes(0),
+    attributes=_attributes(0), workspace_bytes=_workspace_bytes(0),
     batch_rule=_batch_fwd, partitioning=_fwd_partitioning)
 conv_bwd_data_p = define_primitive(
     "jaxdnn_conv_bwd_data", abstract_eval=_bwd_data_abstract,
-    reference=reference.conv_backward_data, ffi_target="jaxdnn_conv_bwd_data",
-    attributes=_attributes(1), workspace_bytes=_workspace_bytes(1), batch_rule=_batch_bwd_data,
+    reference=reference.conv_backward_data, attributes=_attributes(1),
+    workspace_bytes=_workspace_bytes(1), batch_rule=_batch_bwd_data,
     partitioning=_bwd_data_partitioning)
 # The kernel gradient sums over N, so vmapped images cannot join the batch: every
 # batched case folds into groups.
 conv_bwd_filter_p = define_primitive(
     "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
-    reference=reference.conv_backward_filter, ffi_target="jaxdnn_conv_bwd_filter",
-    attributes=_attributes(2), workspace_bytes=_workspace_bytes(2),
-    batch_rule=_fold_into_groups, partitioning=_bwd_filter_partitioning)
+    reference=reference.conv_backward_filter, attributes=_attributes(2),
+    workspace_bytes=_workspace_bytes(2), batch_rule=_fold_into_groups, partitioning=_bwd_filter_partitioning)
 
 
 def _bwd_data_as_forward(kerns_shape, img_shape, params: dict) -> dict | None:

@@ -77,19 +77,18 @@ def _bwd_linear_partitioning(dy, *, layout, **params):
 
 pool_fwd_p = define_primitive(
     "jaxdnn_pool_fwd", abstract_eval=_fwd_abstract, reference=reference.pool_forward,
-    ffi_target="jaxdnn_pool_fwd", attributes=_attributes, batch_rule=fold_into_batch,
+    attributes=_attributes, batch_rule=fold_into_batch,
     partitioning=_fwd_partitioning)
 
 pool_bwd_p = define_primitive(
     "jaxdnn_pool_bwd", abstract_eval=_bwd_abstract, reference=reference.pool_backward,
-    ffi_target="jaxdnn_pool_bwd", attributes=_attributes, batch_rule=fold_into_batch,
+    attributes=_attributes, batch_rule=fold_into_batch,
     partitioning=_bwd_partitioning)
 
 pool_bwd_linear_p = define_primitive(
     "jaxdnn_pool_bwd_linear", abstract_eval=_bwd_linear_abstract,
-    reference=reference.pool_backward_linear, ffi_target="jaxdnn_pool_bwd_linear",
-    attributes=_attributes, batch_rule=fold_into_batch_resizing("input_shape"),
-    partitioning=_bwd_linear_partitioning)
+    reference=reference.pool_backward_linear, attributes=_attributes,
+    batch_rule=fold_into_batch_resizing("input_shape"), partitioning=_bwd_linear_partitioning)
 
 
 def _tangent_abstract(x, y, t, **params):

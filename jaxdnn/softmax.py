@@ -38,11 +38,11 @@ def _partitioning(x, *rest, mode, layout, **params):
 
 softmax_fwd_p = define_primitive(
     "jaxdnn_softmax_fwd", abstract_eval=_same_as_first, reference=reference.softmax_forward,
-    ffi_target="jaxdnn_softmax_fwd", batch_rule=fold_into_batch, partitioning=_partitioning)
+    batch_rule=fold_into_batch, partitioning=_partitioning)
 
 softmax_bwd_p = define_primitive(
     "jaxdnn_softmax_bwd", abstract_eval=_same_as_first, reference=reference.softmax_backward,
-    ffi_target="jaxdnn_softmax_bwd", batch_rule=fold_into_batch, partitioning=_partitioning)
+    batch_rule=fold_into_batch, partitioning=_partitioning)
 
 # The forward derivative of log-softmax, J t (on XLA whatever its impl: cuDNN has no such
 # pass; impl is its transpose's); softmax's own is softmax_bwd_p, J being symmetric there.

@@ -147,26 +147,25 @@ def _sampler_tangent_partitioning(img, grid, timg, tgrid, *, deterministic):
 
 stn_grid_fwd_p = define_primitive(
     "jaxdnn_stn_grid_fwd", abstract_eval=_grid_fwd_abstract, reference=reference.grid_forward,
-    ffi_target="jaxdnn_stn_grid_fwd", attributes=_grid_attributes, batch_rule=_batch_grid,
+    attributes=_grid_attributes, batch_rule=_batch_grid,
     partitioning=_grid_fwd_partitioning)
 
 stn_grid_bwd_p = define_primitive(
     "jaxdnn_stn_grid_bwd", abstract_eval=_grid_bwd_abstract, reference=reference.grid_backward,
-    ffi_target="jaxdnn_stn_grid_bwd", attributes=_grid_attributes, batch_rule=_batch_grid,
+    attributes=_grid_attributes, batch_rule=_batch_grid,
     partitioning=_grid_bwd_partitioning)
 
 # The sampler treats the images of a batch independently: vmapped axes fold into N
 # (an unmapped operand is broadcast along them).
 stn_sampler_fwd_p = define_primitive(
     "jaxdnn_stn_sampler_fwd", abstract_eval=_sampler_fwd_abstract,
-    reference=reference.sampler_forward, ffi_target="jaxdnn_stn_sampler_fwd",
-    attributes=_no_attributes, batch_rule=fold_into_batch, partitioning=_sampler_fwd_partitioning)
+    reference=reference.sampler_forward, attributes=_no_attributes, batch_rule=fold_into_batch,
+    partitioning=_sampler_fwd_partitioning)
 
 stn_sampler_bwd_p = define_primitive(
     "jaxdnn_stn_sampler_bwd", abstract_eval=_sampler_bwd_abstract,
-    reference=reference.sampler_backward, ffi_target="jaxdnn_stn_sampler_bwd",
-    attributes=_no_attributes, batch_rule=fold_into_batch, partitioning=_sampler_bwd_partitioning,
-    multiple_results=True)
+    reference=reference.sampler_backward, attributes=_no_attributes, batch_rule=fold_into_batch,
+    partitioning=_sampler_bwd_partitioning, multiple_results=True)
 
 
 # The grid generator is linear: JVP and transpose rules on the primitives themselves.
