@@ -201,7 +201,8 @@ conv_bwd_data_p = define_primitive(
 conv_bwd_filter_p = define_primitive(
     "jaxdnn_conv_bwd_filter", abstract_eval=_bwd_filter_abstract,
     reference=reference.conv_backward_filter, attributes=_attributes(2),
-    workspace_bytes=_workspace_bytes(2), batch_rule=_fold_into_groups, partitioning=_bwd_filter_partitioning)
+    workspace_bytes=_workspace_bytes(2), batch_rule=_fold_into_groups,
+    partitioning=_bwd_filter_partitioning)
 
 
 def _bwd_data_as_forward(kerns_shape, img_shape, params: dict) -> dict | None:

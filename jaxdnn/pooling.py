@@ -197,10 +197,9 @@ def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:
       forward reaches about half of it (the forward of max_deterministic is an ordinary
       max, deterministic either way);
     * max and max_deterministic backward: the XLA path's gathers
-      (reference.max_pool_backward_gather: deterministic, no atomics) took 0.29 ms for
-      the max pool 3x3/2 N64 C64 112² float32 NCHW forward+backward inside a program on
-      an H100, where cuDNN's backward took 0.50 ms and XLA's own select-and-scatter 0.70
-      ms, and led in every dtype and layout measured;
+      (reference.max_pool_backward_gather: deterministic, no atomics) beat cuDNN's
+      backward and XLA's own select-and-scatter in every dtype and layout measured
+      (BENCHMARKS.md, "Max pooling: the gradient as gathers");
     * average/sum backward: XLA.
     dnn.enabled=True takes cuDNN for both halves, False XLA for both.
     """
