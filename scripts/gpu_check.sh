@@ -31,7 +31,8 @@
 # benchmarks/soak.py, e.g. --models lstm), FUZZ_RUN_SECONDS (180),
 # FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program),
 # FUZZ_RUN_XLA_EVERY (1: every configuration also against the XLA path) and
-# FUZZ_RUN_WORKERS (cores less one, at most 12) bound it.
+# FUZZ_RUN_WORKERS (cores less one, at most 12) bound it. "soakbisect" (not a default
+# stage, about 5 minutes) runs three soaks that narrow down a concurrency failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
@@ -158,6 +159,21 @@ reliability() {
   return $rc
 }
 run_stage reliability reliability
+# Not a default stage: three soaks with SOAK_THREADS (8) threads that tell apart what the
+# 8-thread crash of RELIABILITY.md comes from: each model alone long enough for every
+# injection to run beside the workers, then both models with no injections.
+soakbisect() {
+  local rc=0 threads=${SOAK_THREADS:-8} seconds=${SOAK_SECONDS:-45}
+  for models in cnn lstm; do
+    PYTHONFAULTHANDLER=1 timeout $((seconds + 300)) "$PYTHON" benchmarks/soak.py \
+      "$LOG_DIR/soak_$models" --seconds "$seconds" --threads "$threads" --models $models \
+      --inject-every 2 || rc=1
+  done
+  PYTHONFAULTHANDLER=1 timeout $((seconds + 300)) "$PYTHON" benchmarks/soak.py \
+    "$LOG_DIR/soak_no_inject" --seconds "$seconds" --threads "$threads" --no-inject || rc=1
+  return $rc
+}
+run_stage soakbisect soakbisect
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
 # Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.
