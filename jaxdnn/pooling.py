@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 
-import jax
 import numpy as np
 
 from jaxdnn import _validate, config
@@ -112,7 +111,7 @@ pool_max_tangent_p = define_primitive(
 # Linear modes: pooling and pool_bwd_linear are each other's transposes. Max modes: the
 # forward's tangent is pool_max_tangent(x, y, t), linear in t, and reverse mode transposes
 # it into pool_bwd, the cuDNN backward, with the implementation chosen for the backward
-# half when the derivative is taken (_implementations). pool_bwd and pool_max_tangent are
+# half when the derivative is taken (_implementation). pool_bwd and pool_max_tangent are
 # linear in their last operand and piecewise constant in x and y (the maxima move only
 # where x has ties): their derivatives in x and y are zero.
 define_linear_pair(
@@ -129,8 +128,7 @@ def _fwd_jvp(primals, tangents, **params):
     y = pool_fwd_p.bind(x, **params)
     if type(t) is ad.Zero:
         return y, zero_tangent_like(y)
-    _, backward_impl = _implementations("dnn_pool", params["mode"], np.dtype(x.dtype),
-                                        len(params["ws"]), x.shape)
+    backward_impl = _implementation("dnn_pool", x.shape)
     return y, pool_max_tangent_p.bind(x, y, t, **{**params, "impl": backward_impl})
 
 
@@ -181,17 +179,15 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
         mode = "average_inc_pad"
     if mode == "max" and config.read("dnn.deterministic"):
         mode = "max_deterministic"
-    forward_impl, backward_impl = _implementations(op, mode, jax.numpy.dtype(img.dtype), nd,
-                                                   img.shape)
-    del backward_impl  # chosen again where the derivative is taken (_fwd_jvp)
+    # (the backward's implementation is chosen where the derivative is taken, _fwd_jvp)
     return pool_fwd_p.bind(img, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout,
-                           impl=forward_impl)
+                           impl=_implementation(op, img.shape))
 
 
-def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:
-    """(forward, backward) implementation: under dnn.enabled='auto', each half of the op
-    takes whichever of cuDNN and XLA measured faster (BENCHMARKS.md, pooling), which is
-    XLA for both today:
+def _implementation(op, shape) -> str:
+    """The implementation of either half of the op (forward, backward): under
+    dnn.enabled='auto', whichever of cuDNN and XLA measured faster (BENCHMARKS.md,
+    pooling), which is XLA for every mode, dtype and layout today:
 
     * forward: XLA's reduce_window streams near HBM bandwidth where cuDNN's legacy pooling
       forward reaches about half of it (the forward of max_deterministic is an ordinary
@@ -203,6 +199,4 @@ def _implementations(op, mode, dtype, nd, shape) -> tuple[str, str]:
     * average/sum backward: XLA.
     dnn.enabled=True takes cuDNN for both halves, False XLA for both.
     """
-    del mode, dtype, nd  # no case measured otherwise yet
-    impl = choose_impl(op, xla_is_faster=True, shapes=[shape])
-    return impl, impl
+    return choose_impl(op, xla_is_faster=True, shapes=[shape])

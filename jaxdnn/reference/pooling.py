@@ -68,19 +68,15 @@ def max_pool_backward_gather(x, y, dy, *, ws, stride, pad, layout: str):
     crops the image's own padding): only elementwise ops, slices and pads, which XLA fuses
     into gathers with a fixed order of additions, so the result is deterministic."""
     nd = x.ndim
-    axes = spatial_axes(layout, nd)
     acc = compute_dtype(dy.dtype)
-    lowest = jnp.array(-jnp.inf, x.dtype)
-    padded = lax.pad(x, lowest, [(pad[axes.index(a)], pad[axes.index(a)], 0) if a in axes
-                                 else (0, 0, 0) for a in range(nd)])
-    offsets = list(itertools.product(*(range(w) for w in ws)))
+    # per axis (N and C too: window 1, stride 1, no padding)
+    strides, padding = _window(stride, layout, nd, 1), _window(pad, layout, nd, 0)
+    padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(p, p, 0) for p in padding])
+    offsets = [_window(offset, layout, nd, 0)
+               for offset in itertools.product(*(range(w) for w in ws))]
 
-    def window_element(offset):  # x at `offset` within every window, shaped like y
-        start = [0] * nd
-        limit = list(padded.shape)
-        strides = [1] * nd
-        for a, d, s, o in zip(axes, offset, stride, (y.shape[a] for a in axes)):
-            start[a], limit[a], strides[a] = d, d + (o - 1) * s + 1, s
+    def window_element(start):  # x at offset `start` within every window, shaped like y
+        limit = [d + (o - 1) * s + 1 for d, o, s in zip(start, y.shape, strides)]
         return lax.slice(padded, start, limit, strides)
 
     first = jnp.full(y.shape, len(offsets), jnp.int32)  # the first maximum's offset number
@@ -90,10 +86,10 @@ def max_pool_backward_gather(x, y, dy, *, ws, stride, pad, layout: str):
     zero = jnp.array(0, acc)
     dx = None
     for k, offset in enumerate(offsets):
-        config = [(0, 0, 0)] * nd
-        for a, d, s, p in zip(axes, offset, stride, pad):
-            low = d - p  # window o's element d sits at image index o * s + d - p
-            config[a] = (low, x.shape[a] - low - (y.shape[a] - 1) * s - 1, s - 1)
+        # window o's element d sits at image index o * s + d - p: pad (negative: crop) there
+        lows = [d - p for d, p in zip(offset, padding)]
+        config = [(low, n - low - (o - 1) * s - 1, s - 1)
+                  for low, n, o, s in zip(lows, x.shape, y.shape, strides)]
         term = lax.pad(jnp.where(first == k, dy, zero), zero, config)
         dx = term if dx is None else dx + term
     return dx.astype(x.dtype)
