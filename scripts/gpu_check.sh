@@ -161,16 +161,22 @@ reliability() {
 run_stage reliability reliability
 # Not a default stage: three soaks with SOAK_THREADS (8) threads that tell apart what the
 # 8-thread crash of RELIABILITY.md comes from: each model alone long enough for every
-# injection to run beside the workers, then both models with no injections.
+# injection to run beside the workers, and both models with no injections. The three run at
+# once, as processes of their own that allocate device memory as they go (a crash, with
+# PYTHONFAULTHANDLER's thread stacks, stays in its own log: soak_*.out).
 soakbisect() {
-  local rc=0 threads=${SOAK_THREADS:-8} seconds=${SOAK_SECONDS:-45}
-  for models in cnn lstm; do
-    PYTHONFAULTHANDLER=1 timeout $((seconds + 300)) "$PYTHON" benchmarks/soak.py \
-      "$LOG_DIR/soak_$models" --seconds "$seconds" --threads "$threads" --models $models \
-      --inject-every 2 || rc=1
+  local rc=0 threads=${SOAK_THREADS:-8} seconds=${SOAK_SECONDS:-45} pids=()
+  local run name options
+  for run in "cnn:--models cnn --inject-every 2" "lstm:--models lstm --inject-every 2" \
+    "no_inject:--no-inject"; do
+    name=soak_${run%%:*} options=${run#*:}
+    # shellcheck disable=SC2086 # the options word-split
+    PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout $((seconds + 400)) \
+      "$PYTHON" benchmarks/soak.py "$LOG_DIR/$name" --seconds "$seconds" \
+      --threads "$threads" $options >"$LOG_DIR/$name.out" 2>&1 &
+    pids+=($!)
   done
-  PYTHONFAULTHANDLER=1 timeout $((seconds + 300)) "$PYTHON" benchmarks/soak.py \
-    "$LOG_DIR/soak_no_inject" --seconds "$seconds" --threads "$threads" --no-inject || rc=1
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
   return $rc
 }
 run_stage soakbisect soakbisect
