@@ -12,7 +12,8 @@
 # times the RNN peers at H1024 and at T512);
 # "alltests" runs the whole suite on the GPU too (the CPU tests then exercise jaxdnn's
 # default path there).
-# TESTS (default "tests") names the test files or folders the test stages run; BENCH_OPS
+# TESTS (default "tests") names the test files or folders the test stages run (TEST_JOBS:
+# how many pytest processes share them, below); BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
 # "inmodel" (not a default stage; estimated 5-10 minutes, 2-3 with INMODEL_ARGS=--quick)
@@ -115,10 +116,44 @@ run_stage build build
 run_stage wheel wheel
 run_stage info "$PYTHON" -m jaxdnn info
 # (The slow GPU tests, the arrays past 2**31 elements, run in the reliability stage.)
-run_stage tests "$PYTHON" -m pytest -m "gpu and not slow" -v -rs -p no:cacheprovider "${TESTS[@]}"
+# TEST_JOBS (default 1) > 1 splits the test files over that many pytest processes at once
+# (the largest files first, each to the job with the fewest lines so far), each allocating
+# device memory as it goes; each job logs to NAME.jobK.log, the stage's log gets their ends.
+gpu_tests() {  # name, pytest options...
+  local name=$1; shift
+  local jobs=${TEST_JOBS:-1}
+  if [ "$jobs" -le 1 ]; then
+    "$PYTHON" -m pytest -m "gpu and not slow" -rs -p no:cacheprovider "$@" "${TESTS[@]}"
+    return
+  fi
+  local groups=() sizes=() file k best pids=() rc=0
+  for ((k = 0; k < jobs; k++)); do groups[k]="" sizes[k]=0; done
+  while read -r _ file; do
+    best=0
+    for ((k = 1; k < jobs; k++)); do ((sizes[k] < sizes[best])) && best=$k; done
+    groups[best]+=" $file" sizes[best]=$((sizes[best] + $(wc -l <"$file")))
+  done < <(find "${TESTS[@]}" -name 'test_*.py' -exec wc -l {} + | grep -v ' total$' | sort -rn)
+  for ((k = 0; k < jobs; k++)); do
+    [ -n "${groups[k]}" ] || continue
+    # shellcheck disable=SC2086 # the group's files word-split
+    XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m pytest -m "gpu and not slow" -rs \
+      -p no:cacheprovider "$@" ${groups[k]} >"$LOG_DIR/$name.job$k.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for ((k = 0; k < jobs; k++)); do
+    [ -f "$LOG_DIR/$name.job$k.log" ] && echo "job $k:${groups[k]}" &&
+      tail -n 3 "$LOG_DIR/$name.job$k.log"
+  done
+  return $rc
+}
+run_stage tests gpu_tests tests -v
 # The same GPU tests with XLA running the custom calls inside CUDA graphs.
-run_stage graphs env XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  "$PYTHON" -m pytest -m "gpu and not slow" -q -rs -p no:cacheprovider "${TESTS[@]}"
+graph_tests() {
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
+    gpu_tests graphs -q
+}
+run_stage graphs graph_tests
 # Differential fuzzing on cuDNN (tests/test_fuzz.py): FUZZ_CASES random configurations of
 # each op family, each against the float64 oracles and the XLA path.
 run_stage fuzz env JAXDNN_FUZZ_CASES="${FUZZ_CASES:-200}" \
