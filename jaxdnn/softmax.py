@@ -8,7 +8,8 @@ only the output y as residual.
 """
 from __future__ import annotations
 
-
+import jax
+import jax.numpy as jnp
 
 from jaxdnn import _validate
 from jaxdnn._compat import ShapedArray, ad, zero_tangent_like
@@ -88,7 +89,8 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     algo: 'accurate' (subtract the maximum first), 'fast' (do not), or 'log' (log-softmax).
     mode: 'channel' normalizes over C at each (n, h, w); 'instance' over all of C, H, W of
     each image. data_format: 'NCHW' or 'NHWC' (for 2-D input, 'NCHW' means (N, C)).
-    The output has the input's shape and dtype.
+    The output has the input's shape and dtype. Where the call takes XLA's path, float32
+    and float64 arrays run `jax.nn.softmax` (`jax.nn.log_softmax`) itself.
     """
     op = "dnn_softmax"
     _validate.check_choice(op, "algo", algo, ALGOS)
@@ -96,16 +98,33 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     _validate.check_rank(op, "x", x, (2, 4), " ((N, C) or an image batch)")
     _validate.check_floating(op, "x", x)
     layout = normalize_data_format(data_format, 4, op=op)
-    if x.ndim == 2:  # (N, C) is the same whatever the layout: a batch of 1x1 images
-        return dnn_softmax(x[:, :, None, None], algo, mode, "NCHW")[:, :, 0, 0]
-    spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
+    spatial = (1, 1) if x.ndim == 2 else x.shape[2:] if layout == "NCHW" else x.shape[1:3]
     if spatial == (1, 1):
         # On 1x1 images both modes normalize over C; cuDNN's instance mode runs at XLA's
         # speed there while its channel mode is far slower, backward most of all
         # (BENCHMARKS.md, softmax).
         mode = "instance"
     impl = choose_impl(op, _xla_is_faster(mode, layout, spatial), shapes=[x.shape])
+    if impl == "xla" and x.dtype in _JAX_NN_DTYPES:
+        return _jax_nn_softmax(x, algo, mode, layout)
+    if x.ndim == 2:  # (N, C) is the same whatever the layout: a batch of 1x1 images
+        return dnn_softmax(x[:, :, None, None], algo, mode, "NCHW")[:, :, 0, 0]
     return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
+
+
+# The dtypes whose XLA path is jax.nn.softmax itself rather than the primitives' reference.
+# Both compute in the input's dtype there, but XLA compiles jax.nn's formulation (the
+# backward from exp(x - max) and its sum, not from the output) into faster programs:
+# float32 forward+backward inside one program took 0.73x jax.nn.softmax's speed on the
+# primitives (BENCHMARKS.md, "Softmax and batch norm where models use them"). In 16-bit
+# dtypes the primitives' float32 arithmetic was the faster one (1.05-1.33x), so those stay.
+_JAX_NN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+def _jax_nn_softmax(x, algo: str, mode: str, layout: str):
+    """jax.nn's softmax (log_softmax for algo 'log') over the axes `mode` normalizes."""
+    axes = (1,) if x.ndim == 2 else reference.reduction_axes(mode, layout, x.ndim)
+    return (jax.nn.log_softmax if algo == "log" else jax.nn.softmax)(x, axis=axes)
 
 
 def _xla_is_faster(mode: str, layout: str, spatial) -> bool:

@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 from oracles import pooling_softmax as ref
 from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
 from helpers import jit_run as _jit_run
+import jaxdnn.softmax
 from jaxdnn import dnn_log_softmax, dnn_softmax
 
 ALGOS = ("fast", "accurate", "log")
@@ -34,6 +35,32 @@ algos = pytest.mark.parametrize("algo", ALGOS)
 modes = pytest.mark.parametrize("mode", MODES)
 layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
 small_layouts = pytest.mark.parametrize("layout", list(SMALL_LAYOUTS))
+
+
+# Tests about the routes themselves, which pick their own.
+ONE_ROUTE_TESTS = {"test_xla_route_of_32_and_64_bit_floats_is_jax_nn_itself",
+                   "test_xla_route_of_16_bit_floats_is_the_primitives",
+                   "test_reverse_mode_runs_the_softmax_backward_pass"}
+
+
+def pytest_generate_tests(metafunc):
+    """The tests without a GPU run once on each XLA route (below); the GPU tests, which
+    force cuDNN where the route does not matter, once."""
+    if (metafunc.definition.get_closest_marker("gpu") is None
+            and metafunc.function.__name__ not in ONE_ROUTE_TESTS):
+        metafunc.parametrize("xla_route", ["jax.nn", "primitives"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def xla_route(request, monkeypatch):
+    """Where a call takes XLA's path, float32 and float64 arrays run jax.nn.softmax itself
+    (jaxdnn/softmax.py, _JAX_NN_DTYPES). 'primitives' turns that off, so that the
+    primitives' XLA lowering and their differentiation and batching rules, which the cuDNN
+    path shares, stay tested in those dtypes too."""
+    route = getattr(request, "param", "jax.nn")
+    if route == "primitives":
+        monkeypatch.setattr(jaxdnn.softmax, "_JAX_NN_DTYPES", ())
+    return route
 
 
 def _data(rng, shape, scale=2.0):
@@ -180,6 +207,39 @@ def test_xla_path_gives_the_same_numbers(rng, algo, mode, layout):
     assert_close(y_xla, y_default, "float32")
 
 
+def _step_program(fn, x):
+    """The StableHLO of fn's forward and its VJP for a given cotangent, without locations."""
+    def step(x, ct):
+        y, vjp = jax.vjp(fn, x)
+        return y, vjp(ct)[0]
+    return jax.jit(step).lower(x, x).as_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("algo,jax_fn", [("accurate", jax.nn.softmax),
+                                         ("log", jax.nn.log_softmax)])
+@pytest.mark.parametrize("shape,fmt,axis", [((6, 10), "NCHW", -1), ((2, 3, 4, 5), "NCHW", 1),
+                                            ((2, 4, 5, 3), "NHWC", -1)])
+def test_xla_route_of_32_and_64_bit_floats_is_jax_nn_itself(dtype, algo, jax_fn, shape, fmt,
+                                                            axis):
+    """On XLA's path, float32 and float64 softmax compile to jax.nn's own program, forward
+    and backward: XLA built faster programs from it than from the primitives' formulation
+    (BENCHMARKS.md, "Softmax and batch norm where models use them")."""
+    x = jnp.ones(shape, dtype)
+    ours = _step_program(lambda x: dnn_softmax(x, algo=algo, data_format=fmt), x)
+    theirs = _step_program(lambda x: jax_fn(x, axis=axis), x)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_xla_route_of_16_bit_floats_is_the_primitives(dtype):
+    """16-bit softmax keeps the primitives' float32 arithmetic on XLA's path, which was
+    the faster of the two there."""
+    jaxpr = str(jax.make_jaxpr(lambda x: jax.vjp(dnn_softmax, x)[1](x))(
+        jnp.ones((2, 3, 4, 5), dtype)))
+    assert "jaxdnn_softmax_fwd" in jaxpr and "jaxdnn_softmax_bwd" in jaxpr, jaxpr
+
+
 # ---------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------
@@ -265,9 +325,10 @@ def test_forward_over_reverse_hessian(rng, algo):
                                atol=1e-12)
 
 
-def test_reverse_mode_runs_the_softmax_backward_pass(rng):
+def test_reverse_mode_runs_the_softmax_backward_pass(rng, monkeypatch):
     """The gradient transposes the forward's tangent into softmax_bwd (cudnnSoftmaxBackward
     on the cuDNN path), for log-softmax too: no other primitive in the backward."""
+    monkeypatch.setattr(jaxdnn.softmax, "_JAX_NN_DTYPES", ())  # the primitives' route
     x = jnp.ones((2, 3, 4, 5), jnp.float32)
     for algo in ALGOS:
         text = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(jnp.sin(
