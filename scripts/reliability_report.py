@@ -99,10 +99,12 @@ def soak_section(data) -> list[str]:
         ("unexpected exceptions (crashes)", data["unexpected_exceptions"]),
         ("injected failures: tried, raised, recovered", f"{inj['tried']}, {inj['raised']}, "
          f"{inj['recovered']} ({kinds})"),
-        ("host RSS: before -> after the threads (growth; max while they ran)",
+        ("host RSS: before the threads -> settled -> after them (growth after the "
+         "threads' start-up; max while they ran)",
          "n/a" if rss is None else
-         f"{_mib(rss['start'])} -> {_mib(rss['end'])} ({_mib(rss['growth'])}, slack "
-         f"{s['rss_slack_mib']} MiB; {_mib(rss['max'])})"),
+         f"{_mib(rss['start'])} -> {_mib(rss.get('settled', rss['start']))} at "
+         f"{rss.get('settle_seconds', 0)} s -> {_mib(rss['end'])} ({_mib(rss['growth'])}, "
+         f"slack {s['rss_slack_mib']} MiB; {_mib(rss['max'])})"),
         ("device memory in use: before -> after the threads (growth; max while they ran)",
          "n/a (the backend reports none)" if dev is None else
          f"{_mib(dev['start'])} -> {_mib(dev['end'])} ({_mib(dev['growth'])}, slack "
