@@ -117,7 +117,7 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
 # backward from exp(x - max) and its sum, not from the output) into faster programs:
 # float32 forward+backward inside one program took 0.73x jax.nn.softmax's speed on the
 # primitives (BENCHMARKS.md, "Softmax and batch norm where models use them"). In 16-bit
-# dtypes the primitives' float32 arithmetic was the faster one (1.05-1.33x), so those stay.
+# dtypes the primitives' float32 arithmetic was as fast or faster (1.00-1.33x): those stay.
 _JAX_NN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
