@@ -33,7 +33,8 @@
 # FUZZ_RUN_CONFIGS (12000), FUZZ_RUN_GROUP (8 configurations per program),
 # FUZZ_RUN_XLA_EVERY (1: every configuration also against the XLA path) and
 # FUZZ_RUN_WORKERS (cores less one, at most 12) bound it. "soakbisect" (not a default
-# stage, about 5 minutes) runs three soaks that narrow down a concurrency failure.
+# stage, about 5 minutes) runs three soaks that narrow down a concurrency failure;
+# "soakcrash" (not a default stage, about 4 minutes) reruns the one left with variants.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu-logs}}
@@ -215,6 +216,44 @@ soakbisect() {
   return $rc
 }
 run_stage soakbisect soakbisect
+# Not a default stage: the crash of both models at once (RELIABILITY.md), made likely and
+# told apart. Per variant of SOAKCRASH_VARIANTS ("default cuda_graph_off
+# command_buffers_off": jaxdnn's own RNN graphs off, XLA's command buffers off),
+# SOAKCRASH_RUNS (1) soaks of both models with no injections for SOAKCRASH_SECONDS (140),
+# all at once, each a process of its own, under gdb where the machine has it and
+# SOAKCRASH_GDB is not 0 (a native backtrace of every thread at the fault:
+# soakcrash_VARIANT_K.out), else with PYTHONFAULTHANDLER's Python stacks.
+soakcrash() {
+  local variant k name flags pids=() names=() seconds=${SOAKCRASH_SECONDS:-140} wrap=() rc
+  local python
+  python=$("$PYTHON" -c "import sys; print(sys.executable)") || return 1
+  [ "${SOAKCRASH_GDB:-1}" = 1 ] && command -v gdb >/dev/null &&
+    wrap=(gdb -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass" -ex run
+      -ex "thread apply all bt 40" --args)
+  for variant in ${SOAKCRASH_VARIANTS:-default cuda_graph_off command_buffers_off}; do
+    flags=()
+    case $variant in
+      cuda_graph_off) flags=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
+      command_buffers_off) flags=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
+    esac
+    for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
+      name=soakcrash_${variant}_$k
+      env "${flags[@]}" PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        timeout $((seconds + 300)) "${wrap[@]}" "$python" benchmarks/soak.py \
+        "$LOG_DIR/$name" --seconds "$seconds" --threads 8 --no-inject \
+        >"$LOG_DIR/$name.out" 2>&1 &
+      pids+=($!) names+=("$name")
+    done
+  done
+  # each run's exit status (139: a segmentation fault; under gdb, see its .out) and summary
+  for k in "${!pids[@]}"; do
+    wait "${pids[k]}"
+    rc=$?
+    echo "${names[k]}: exit $rc; $(grep -m1 -E "^soak \(|SIGSEGV|Fatal Python error" \
+      "$LOG_DIR/${names[k]}.out")"
+  done
+}
+run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
 run_stage bench "$PYTHON" benchmarks/run.py "$LOG_DIR" ${BENCH_OPS:+--ops $BENCH_OPS}
 # Recurrent networks beside jax.experimental.rnn, Flax and PyTorch; Flax training steps.
