@@ -218,7 +218,8 @@ soakbisect() {
 run_stage soakbisect soakbisect
 # Not a default stage: the crash of both models at once (RELIABILITY.md), made likely and
 # told apart. Per variant of SOAKCRASH_VARIANTS ("default cuda_graph_off
-# command_buffers_off": jaxdnn's own RNN graphs off, XLA's command buffers off),
+# command_buffers_off one_handle": jaxdnn's own RNN graphs off, XLA's command buffers off,
+# one cuDNN handle per device so that jaxdnn's cuDNN calls are enqueued one at a time),
 # SOAKCRASH_RUNS (1) soaks of both models with no injections for SOAKCRASH_SECONDS (140),
 # all at once, each a process of its own, under gdb where the machine has it and
 # SOAKCRASH_GDB is not 0 (a native backtrace of every thread at the fault:
@@ -230,11 +231,12 @@ soakcrash() {
   [ "${SOAKCRASH_GDB:-1}" = 1 ] && command -v gdb >/dev/null &&
     wrap=(gdb -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass" -ex run
       -ex "thread apply all bt 40" --args)
-  for variant in ${SOAKCRASH_VARIANTS:-default cuda_graph_off command_buffers_off}; do
+  for variant in ${SOAKCRASH_VARIANTS:-default cuda_graph_off command_buffers_off one_handle}; do
     flags=()
     case $variant in
       cuda_graph_off) flags=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
       command_buffers_off) flags=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
+      one_handle) flags=(JAXDNN_MAX_CUDNN_HANDLES=1) ;;
     esac
     for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
       name=soakcrash_${variant}_$k

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -49,12 +50,25 @@ class ScopedDevice {
   bool restore_ = false;
 };
 
+// JAXDNN_MAX_CUDNN_HANDLES, a diagnosis: at most this many handles per device, so that at
+// most this many jaxdnn cuDNN calls of a device are enqueued at once (1: one at a time, as
+// PyTorch runs its cuDNN RNN calls); unset or 0: a handle for every call that runs at once.
+int MaxHandles() {
+  static const int max_handles = [] {
+    const char* value = std::getenv("JAXDNN_MAX_CUDNN_HANDLES");
+    return value != nullptr ? std::atoi(value) : 0;
+  }();
+  return max_handles;
+}
+
 }  // namespace
 
 ffi::Error ReserveCudnnHandle(const char* op, int device) {
   std::lock_guard<std::mutex> lock(PoolMutex());
   DeviceHandles& handles = Pool()[device];
   if (!handles.free.empty()) return ffi::Error::Success();
+  // At the bound, execute waits for a handle in use to come back.
+  if (MaxHandles() > 0 && handles.created >= MaxHandles()) return ffi::Error::Success();
   ScopedDevice scoped(device);
   cudnnHandle_t created = nullptr;
   JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
