@@ -127,6 +127,23 @@ def test_soak_memory_growth_is_late_median_less_early_median(module):
     assert soak.host_rss_bytes() > 1 << 20
 
 
+def test_soak_rss_growth_counts_from_the_settled_sample(module):
+    """A start-up step while the threads start is reported apart; what the slack bounds is
+    the growth after --settle-seconds."""
+    soak = module("soak")
+    samples = [{"t": t, "rss": rss} for t, rss in
+               [(0.5, 150), (2.0, 290), (9.9, 300), (10.0, 301), (20.0, 302), (30.0, 303)]]
+    quiet = [{"rss": 100}, {"rss": 304}]
+    whole = soak.summarize(samples, quiet, "rss")
+    assert whole["growth"] == 204 and "startup" not in whole
+    settled = soak.summarize(samples, quiet, "rss", settle_seconds=10.0)
+    assert (settled["settled"], settled["startup"], settled["growth"]) == (301, 201, 3)
+    assert settled["max"] == 304 and settled["start"] == 100 and settled["end"] == 304
+    # no sample that late: the growth is counted from the start
+    early = soak.summarize(samples[:2], quiet, "rss", settle_seconds=10.0)
+    assert (early["startup"], early["growth"]) == (0, 204)
+
+
 # ---- the report ---------------------------------------------------------------------------
 
 def test_report_replaces_only_its_own_section(module):
