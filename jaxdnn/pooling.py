@@ -110,8 +110,8 @@ pool_max_tangent_p = define_primitive(
 # ---- differentiation: JVP rules on the primitives; reverse mode transposes them --------------
 # Linear modes: pooling and pool_bwd_linear are each other's transposes. Max modes: the
 # forward's tangent is pool_max_tangent(x, y, t), linear in t, and reverse mode transposes
-# it into pool_bwd, the cuDNN backward, with the implementation chosen for the backward
-# half when the derivative is taken (_implementation). pool_bwd and pool_max_tangent are
+# it into pool_bwd, the cuDNN backward, on the forward's implementation (_implementation
+# gives both halves the same one). pool_bwd and pool_max_tangent are
 # linear in their last operand and piecewise constant in x and y (the maxima move only
 # where x has ties): their derivatives in x and y are zero.
 define_linear_pair(
@@ -128,8 +128,7 @@ def _fwd_jvp(primals, tangents, **params):
     y = pool_fwd_p.bind(x, **params)
     if type(t) is ad.Zero:
         return y, zero_tangent_like(y)
-    backward_impl = _implementation("dnn_pool", x.shape)
-    return y, pool_max_tangent_p.bind(x, y, t, **{**params, "impl": backward_impl})
+    return y, pool_max_tangent_p.bind(x, y, t, **params)
 
 
 ad.primitive_jvps[pool_fwd_p] = _fwd_jvp
@@ -179,7 +178,6 @@ def dnn_pool(img, ws, stride=None, mode: str = "max", pad=None, data_format: str
         mode = "average_inc_pad"
     if mode == "max" and config.read("dnn.deterministic"):
         mode = "max_deterministic"
-    # (the backward's implementation is chosen where the derivative is taken, _fwd_jvp)
     return pool_fwd_p.bind(img, mode=mode, ws=ws, stride=stride, pad=pad, layout=layout,
                            impl=_implementation(op, img.shape))
 

@@ -108,7 +108,8 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
     if impl == "xla" and x.dtype in _JAX_NN_DTYPES:
         return _jax_nn_softmax(x, algo, mode, layout)
     if x.ndim == 2:  # (N, C) is the same whatever the layout: a batch of 1x1 images
-        return dnn_softmax(x[:, :, None, None], algo, mode, "NCHW")[:, :, 0, 0]
+        return softmax_fwd_p.bind(x[:, :, None, None], algo=algo, mode=mode, layout="NCHW",
+                                  impl=impl)[:, :, 0, 0]
     return softmax_fwd_p.bind(x, algo=algo, mode=mode, layout=layout, impl=impl)
 
 

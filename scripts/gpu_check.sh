@@ -195,25 +195,48 @@ reliability() {
   return $rc
 }
 run_stage reliability reliability
+# Soaks at once, each a process of its own that allocates device memory as it goes, its
+# output (a crash's PYTHONFAULTHANDLER stacks too) in LOG_DIR/NAME.out.
+# start_soak NAME SECONDS [VAR=VALUE...] -- [soak.py options...] starts one (under
+# SOAK_WRAP, a command prefix, when set); wait_soaks waits for all and prints each one's
+# exit status (139: a segmentation fault) and summary line; it fails if any failed.
+SOAK_PIDS=() SOAK_NAMES=() SOAK_WRAP=()
+start_soak() {
+  local name=$1 seconds=$2 vars=()
+  shift 2
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do vars+=("$1"); shift; done
+  shift
+  env "${vars[@]}" PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout $((seconds + 400)) "${SOAK_WRAP[@]}" "$SOAK_PYTHON" benchmarks/soak.py \
+    "$LOG_DIR/$name" --seconds "$seconds" "$@" >"$LOG_DIR/$name.out" 2>&1 &
+  SOAK_PIDS+=($!) SOAK_NAMES+=("$name")
+}
+wait_soaks() {
+  local k status rc=0
+  for k in "${!SOAK_PIDS[@]}"; do
+    wait "${SOAK_PIDS[k]}"
+    status=$?
+    [ $status -eq 0 ] || rc=1
+    echo "${SOAK_NAMES[k]}: exit $status; $(grep -m1 -E "^soak \(|SIGSEGV|Fatal Python error" \
+      "$LOG_DIR/${SOAK_NAMES[k]}.out")"
+  done
+  SOAK_PIDS=() SOAK_NAMES=()
+  return $rc
+}
+# The interpreter itself (gdb cannot run a launcher script such as a pyenv shim).
+SOAK_PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)" 2>/dev/null || echo "$PYTHON")
+
 # Not a default stage: three soaks with SOAK_THREADS (8) threads that tell apart what the
 # 8-thread crash of RELIABILITY.md comes from: each model alone long enough for every
-# injection to run beside the workers, and both models with no injections. The three run at
-# once, as processes of their own that allocate device memory as they go (a crash, with
-# PYTHONFAULTHANDLER's thread stacks, stays in its own log: soak_*.out).
+# injection to run beside the workers, and both models with no injections, all at once.
 soakbisect() {
-  local rc=0 threads=${SOAK_THREADS:-8} seconds=${SOAK_SECONDS:-45} pids=()
-  local run name options
-  for run in "cnn:--models cnn --inject-every 2" "lstm:--models lstm --inject-every 2" \
-    "no_inject:--no-inject"; do
-    name=soak_${run%%:*} options=${run#*:}
-    # shellcheck disable=SC2086 # the options word-split
-    PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout $((seconds + 400)) \
-      "$PYTHON" benchmarks/soak.py "$LOG_DIR/$name" --seconds "$seconds" \
-      --threads "$threads" $options >"$LOG_DIR/$name.out" 2>&1 &
-    pids+=($!)
+  local threads=${SOAK_THREADS:-8} seconds=${SOAK_SECONDS:-45} models
+  for models in cnn lstm; do
+    start_soak "soak_$models" "$seconds" -- --threads "$threads" --models $models \
+      --inject-every 2
   done
-  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-  return $rc
+  start_soak soak_no_inject "$seconds" -- --threads "$threads" --no-inject
+  wait_soaks
 }
 run_stage soakbisect soakbisect
 # Not a default stage: the crash of both models at once (RELIABILITY.md), made likely and
@@ -221,39 +244,30 @@ run_stage soakbisect soakbisect
 # command_buffers_off one_handle": jaxdnn's own RNN graphs off, XLA's command buffers off,
 # one cuDNN handle per device so that jaxdnn's cuDNN calls are enqueued one at a time),
 # SOAKCRASH_RUNS (1) soaks of both models with no injections for SOAKCRASH_SECONDS (140),
-# all at once, each a process of its own, under gdb where the machine has it and
-# SOAKCRASH_GDB is not 0 (a native backtrace of every thread at the fault:
-# soakcrash_VARIANT_K.out), else with PYTHONFAULTHANDLER's Python stacks.
+# all at once, under gdb where the machine has it and SOAKCRASH_GDB is not 0 (a native
+# backtrace of every thread at the fault: soakcrash_VARIANT_K.out), else with
+# PYTHONFAULTHANDLER's Python stacks.
 soakcrash() {
-  local variant k name flags pids=() names=() seconds=${SOAKCRASH_SECONDS:-140} wrap=() rc
-  local python
-  python=$("$PYTHON" -c "import sys; print(sys.executable)") || return 1
+  local variant k vars
   [ "${SOAKCRASH_GDB:-1}" = 1 ] && command -v gdb >/dev/null &&
-    wrap=(gdb -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass" -ex run
-      -ex "thread apply all bt 40" --args)
+    SOAK_WRAP=(gdb -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass"
+      -ex run -ex "thread apply all bt 40" --args)
   for variant in ${SOAKCRASH_VARIANTS:-default cuda_graph_off command_buffers_off one_handle}; do
-    flags=()
     case $variant in
-      cuda_graph_off) flags=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
-      command_buffers_off) flags=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
-      one_handle) flags=(JAXDNN_MAX_CUDNN_HANDLES=1) ;;
+      cuda_graph_off) vars=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
+      command_buffers_off) vars=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
+      one_handle) vars=(JAXDNN_MAX_CUDNN_HANDLES=1) ;;
+      *) vars=() ;;
     esac
     for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
-      name=soakcrash_${variant}_$k
-      env "${flags[@]}" PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
-        timeout $((seconds + 300)) "${wrap[@]}" "$python" benchmarks/soak.py \
-        "$LOG_DIR/$name" --seconds "$seconds" --threads 8 --no-inject \
-        >"$LOG_DIR/$name.out" 2>&1 &
-      pids+=($!) names+=("$name")
+      start_soak "soakcrash_${variant}_$k" "${SOAKCRASH_SECONDS:-140}" "${vars[@]}" -- \
+        --threads 8 --no-inject
     done
   done
-  # each run's exit status (139: a segmentation fault; under gdb, see its .out) and summary
-  for k in "${!pids[@]}"; do
-    wait "${pids[k]}"
-    rc=$?
-    echo "${names[k]}: exit $rc; $(grep -m1 -E "^soak \(|SIGSEGV|Fatal Python error" \
-      "$LOG_DIR/${names[k]}.out")"
-  done
+  local rc=0
+  wait_soaks || rc=1
+  SOAK_WRAP=()
+  return $rc
 }
 run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
