@@ -240,34 +240,36 @@ soakbisect() {
 }
 run_stage soakbisect soakbisect
 # Not a default stage: the crash of both models at once (RELIABILITY.md), made likely and
-# told apart. Per variant of SOAKCRASH_VARIANTS ("default cuda_graph_off
-# command_buffers_off one_handle": jaxdnn's own RNN graphs off, XLA's command buffers off,
-# one cuDNN handle per device so that jaxdnn's cuDNN calls are enqueued one at a time),
-# SOAKCRASH_RUNS (1) soaks of both models with no injections for SOAKCRASH_SECONDS (140),
-# all at once, under gdb where the machine has it and SOAKCRASH_GDB is not 0 (a native
-# backtrace of every thread at the fault: soakcrash_VARIANT_K.out), else with
-# PYTHONFAULTHANDLER's Python stacks.
+# told apart. Per variant of SOAKCRASH_VARIANTS ("default default_gdb cuda_graph_off
+# command_buffers_off one_handle": as is; as is under a debugger; jaxdnn's own RNN graphs
+# off; XLA's command buffers off; one cuDNN handle per device so that jaxdnn's cuDNN calls
+# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models with no injections
+# for SOAKCRASH_SECONDS (140), all at once. A *_gdb variant runs under gdb, or cuda-gdb
+# where the machine has no gdb (it debugs host code too), which prints a native backtrace
+# of every thread at the fault in soakcrash_VARIANT_K.out; the others leave
+# PYTHONFAULTHANDLER's Python stacks there.
 soakcrash() {
-  local variant k vars
-  [ "${SOAKCRASH_GDB:-1}" = 1 ] && command -v gdb >/dev/null &&
-    SOAK_WRAP=(gdb -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass"
-      -ex run -ex "thread apply all bt 40" --args)
-  for variant in ${SOAKCRASH_VARIANTS:-default cuda_graph_off command_buffers_off one_handle}; do
+  local variant k vars debugger
+  debugger=$(command -v gdb || command -v cuda-gdb || true)
+  for variant in ${SOAKCRASH_VARIANTS:-default default_gdb cuda_graph_off command_buffers_off one_handle}; do
     case $variant in
       cuda_graph_off) vars=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
       command_buffers_off) vars=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
       one_handle) vars=(JAXDNN_MAX_CUDNN_HANDLES=1) ;;
       *) vars=() ;;
     esac
+    SOAK_WRAP=()
+    if [[ $variant == *_gdb && -n $debugger ]]; then
+      SOAK_WRAP=("$debugger" -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass"
+        -ex run -ex "thread apply all bt 40" --args)
+    fi
     for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
       start_soak "soakcrash_${variant}_$k" "${SOAKCRASH_SECONDS:-140}" "${vars[@]}" -- \
         --threads 8 --no-inject
     done
   done
-  local rc=0
-  wait_soaks || rc=1
   SOAK_WRAP=()
-  return $rc
+  wait_soaks
 }
 run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
