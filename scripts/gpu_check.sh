@@ -62,8 +62,9 @@ build() {
     "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir .whl/*.whl || return 1
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  # Unstripped, so that a native backtrace names jaxdnn's own functions.
   "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
-    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON || return 1
+    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON -Cinstall.strip=false || return 1
 }
 
 # "wheel" (not a default stage): the pure jaxdnn wheel and the CUDA 13 plugin wheel (CUDA=12
@@ -246,11 +247,15 @@ run_stage soakbisect soakbisect
 # are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models with no injections
 # for SOAKCRASH_SECONDS (140), all at once. A *_gdb variant runs under gdb, or cuda-gdb
 # where the machine has no gdb (it debugs host code too), which prints a native backtrace
-# of every thread at the fault in soakcrash_VARIANT_K.out; the others leave
-# PYTHONFAULTHANDLER's Python stacks there.
+# of every thread at the fault in soakcrash_VARIANT_K.out; the others leave there
+# PYTHONFAULTHANDLER's Python stacks and the faulting thread's native stack
+# (scripts/native_backtrace.c, preloaded where a C compiler is), whose frames in jaxdnn's
+# extension are then named with addr2line.
 soakcrash() {
-  local variant k vars debugger
+  local variant k vars debugger preload=()
   debugger=$(command -v gdb || command -v cuda-gdb || true)
+  cc -shared -fPIC -O1 -o "$LOG_DIR/native_backtrace.so" scripts/native_backtrace.c &&
+    preload=(LD_PRELOAD="$LOG_DIR/native_backtrace.so")
   for variant in ${SOAKCRASH_VARIANTS:-default default_gdb cuda_graph_off command_buffers_off one_handle}; do
     case $variant in
       cuda_graph_off) vars=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
@@ -262,6 +267,8 @@ soakcrash() {
     if [[ $variant == *_gdb && -n $debugger ]]; then
       SOAK_WRAP=("$debugger" -q -batch -ex "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass"
         -ex run -ex "thread apply all bt 40" --args)
+    else
+      vars+=("${preload[@]}")
     fi
     for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
       start_soak "soakcrash_${variant}_$k" "${SOAKCRASH_SECONDS:-140}" "${vars[@]}" -- \
@@ -269,7 +276,20 @@ soakcrash() {
     done
   done
   SOAK_WRAP=()
-  wait_soaks
+  local rc=0
+  wait_soaks || rc=1
+  symbolize_jaxdnn_frames "$LOG_DIR"/soakcrash_*.out
+  return $rc
+}
+# Names the frames of jaxdnn's extension in native backtraces (lines "path.so(+0xOFFSET)").
+symbolize_jaxdnn_frames() {
+  command -v addr2line >/dev/null || return 0
+  local file frame
+  for file in "$@"; do
+    grep -o '^[^ (]*jaxdnn[^ (]*\.so(+0x[0-9a-f]*)' "$file" | while read -r frame; do
+      echo "$frame -> $(addr2line -f -C -i -e "${frame%%(*}" "$(sed 's/.*(+\(0x[0-9a-f]*\))/\1/' <<<"$frame")" | tr '\n' ' ')"
+    done >"${file%.out}.symbols" 2>&1
+  done
 }
 run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
