@@ -244,8 +244,8 @@ run_stage soakbisect soakbisect
 # told apart. Per variant of SOAKCRASH_VARIANTS ("default default_gdb cuda_graph_off
 # command_buffers_off one_handle": as is; as is under a debugger; jaxdnn's own RNN graphs
 # off; XLA's command buffers off; one cuDNN handle per device so that jaxdnn's cuDNN calls
-# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models with no injections
-# for SOAKCRASH_SECONDS (140), all at once. A *_gdb variant runs under gdb, or cuda-gdb
+# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models for SOAKCRASH_SECONDS (140)
+# with the soak options SOAKCRASH_SOAK_ARGS (default --no-inject), all at once. A *_gdb variant runs under gdb, or cuda-gdb
 # where the machine has no gdb (it debugs host code too), which prints a native backtrace
 # of every thread at the fault in soakcrash_VARIANT_K.out; the others leave there
 # PYTHONFAULTHANDLER's Python stacks and the faulting thread's native stack
@@ -272,7 +272,7 @@ soakcrash() {
     fi
     for ((k = 0; k < ${SOAKCRASH_RUNS:-1}; k++)); do
       start_soak "soakcrash_${variant}_$k" "${SOAKCRASH_SECONDS:-140}" "${vars[@]}" -- \
-        --threads 8 --no-inject
+        --threads 8 ${SOAKCRASH_SOAK_ARGS:---no-inject}
     done
   done
   SOAK_WRAP=()
