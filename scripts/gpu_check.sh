@@ -244,13 +244,13 @@ run_stage soakbisect soakbisect
 # told apart. Per variant of SOAKCRASH_VARIANTS ("default default_gdb cuda_graph_off
 # command_buffers_off one_handle": as is; as is under a debugger; jaxdnn's own RNN graphs
 # off; XLA's command buffers off; one cuDNN handle per device so that jaxdnn's cuDNN calls
-# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models for SOAKCRASH_SECONDS (140)
-# with the soak options SOAKCRASH_SOAK_ARGS (default --no-inject), all at once. A *_gdb variant runs under gdb, or cuda-gdb
-# where the machine has no gdb (it debugs host code too), which prints a native backtrace
-# of every thread at the fault in soakcrash_VARIANT_K.out; the others leave there
-# PYTHONFAULTHANDLER's Python stacks and the faulting thread's native stack
-# (scripts/native_backtrace.c, preloaded where a C compiler is), whose frames in jaxdnn's
-# extension are then named with addr2line.
+# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models for
+# SOAKCRASH_SECONDS (140) with the soak options SOAKCRASH_SOAK_ARGS (default --no-inject),
+# all at once. A *_gdb variant runs under gdb, or cuda-gdb where the machine has no gdb (it
+# debugs host code too), which prints a native backtrace of every thread at the fault in
+# soakcrash_VARIANT_K.out; the others leave there PYTHONFAULTHANDLER's Python stacks and the
+# faulting thread's native stack (scripts/native_backtrace.c, preloaded where a C compiler
+# is), whose frames in jaxdnn's extension are then named with addr2line.
 soakcrash() {
   local variant k vars debugger preload=()
   debugger=$(command -v gdb || command -v cuda-gdb || true)
