@@ -242,9 +242,8 @@ soakbisect() {
 run_stage soakbisect soakbisect
 # Not a default stage: the crash of both models at once (RELIABILITY.md), made likely and
 # told apart. Per variant of SOAKCRASH_VARIANTS ("default default_gdb cuda_graph_off
-# command_buffers_off one_handle": as is; as is under a debugger; jaxdnn's own RNN graphs
-# off; XLA's command buffers off; one cuDNN handle per device so that jaxdnn's cuDNN calls
-# are enqueued one at a time), SOAKCRASH_RUNS (1) soaks of both models for
+# command_buffers_off": as is; as is under a debugger; jaxdnn's own RNN graphs off; XLA's
+# command buffers off), SOAKCRASH_RUNS (1) soaks of both models for
 # SOAKCRASH_SECONDS (140) with the soak options SOAKCRASH_SOAK_ARGS (default --no-inject),
 # all at once. A *_gdb variant runs under gdb, or cuda-gdb where the machine has no gdb (it
 # debugs host code too), which prints a native backtrace of every thread at the fault in
@@ -256,11 +255,10 @@ soakcrash() {
   debugger=$(command -v gdb || command -v cuda-gdb || true)
   cc -shared -fPIC -O1 -o "$LOG_DIR/native_backtrace.so" scripts/native_backtrace.c &&
     preload=(LD_PRELOAD="$LOG_DIR/native_backtrace.so")
-  for variant in ${SOAKCRASH_VARIANTS:-default default_gdb cuda_graph_off command_buffers_off one_handle}; do
+  for variant in ${SOAKCRASH_VARIANTS:-default default_gdb cuda_graph_off command_buffers_off}; do
     case $variant in
       cuda_graph_off) vars=(JAXDNN_FLAGS=dnn.rnn.cuda_graph=False) ;;
       command_buffers_off) vars=(XLA_FLAGS=--xla_gpu_enable_command_buffer=) ;;
-      one_handle) vars=(JAXDNN_MAX_CUDNN_HANDLES=1) ;;
       *) vars=() ;;
     esac
     SOAK_WRAP=()

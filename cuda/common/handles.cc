@@ -2,7 +2,6 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -10,9 +9,14 @@
 namespace jaxdnn {
 namespace {
 
+// The idle handles of one device, by the stream they are bound to: a handle is bound to one
+// stream for good. cudnnSetStream records an event on the handle's previous stream, so moving
+// a handle off a stream that has since been destroyed (XLA creates and destroys streams of its
+// own) crashed inside the driver (RELIABILITY.md); a handle is therefore only ever bound once,
+// from its creation's null stream, and a stream whose handles are all busy takes a spare.
 struct DeviceHandles {
-  std::vector<cudnnHandle_t> free;
-  int created = 0;
+  std::map<cudaStream_t, std::vector<cudnnHandle_t>> idle;  // nullptr: spares, bound to none
+  int waiting = 0;                                          // executions waiting for a handle
 };
 
 std::mutex& PoolMutex() {
@@ -20,10 +24,10 @@ std::mutex& PoolMutex() {
   return mutex;
 }
 
-// Signalled when a handle goes back to the pool.
-std::condition_variable& HandleReturned() {
-  static auto* returned = new std::condition_variable();
-  return *returned;
+// Signalled when a handle becomes idle.
+std::condition_variable& HandleIdle() {
+  static auto* idle = new std::condition_variable();
+  return *idle;
 }
 
 // Never destroyed (see handles.h): a leaked heap map outlives static destruction.
@@ -50,15 +54,23 @@ class ScopedDevice {
   bool restore_ = false;
 };
 
-// JAXDNN_MAX_CUDNN_HANDLES, a diagnosis: at most this many handles per device, so that at
-// most this many jaxdnn cuDNN calls of a device are enqueued at once (1: one at a time, as
-// PyTorch runs its cuDNN RNN calls); unset or 0: a handle for every call that runs at once.
-int MaxHandles() {
-  static const int max_handles = [] {
-    const char* value = std::getenv("JAXDNN_MAX_CUDNN_HANDLES");
-    return value != nullptr ? std::atoi(value) : 0;
-  }();
-  return max_handles;
+// A new spare handle of `device` (PoolMutex held).
+ffi::Error AddSpare(const char* op, int device, DeviceHandles& handles) {
+  ScopedDevice scoped(device);
+  cudnnHandle_t created = nullptr;
+  JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
+  handles.idle[nullptr].push_back(created);
+  return ffi::Error::Success();
+}
+
+bool Capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (stream == nullptr) return false;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: assume the worst (no cudnnCreate)
+  }
+  return status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace
@@ -66,53 +78,58 @@ int MaxHandles() {
 ffi::Error ReserveCudnnHandle(const char* op, int device) {
   std::lock_guard<std::mutex> lock(PoolMutex());
   DeviceHandles& handles = Pool()[device];
-  if (!handles.free.empty()) return ffi::Error::Success();
-  // At the bound, execute waits for a handle in use to come back.
-  if (MaxHandles() > 0 && handles.created >= MaxHandles()) return ffi::Error::Success();
-  ScopedDevice scoped(device);
-  cudnnHandle_t created = nullptr;
-  JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
-  handles.free.push_back(created);
-  ++handles.created;
+  // One spare for a stream execute has not seen yet (under command buffers XLA executes on a
+  // stream of its own), and one more for each execution already waiting.
+  while (handles.idle[nullptr].size() < static_cast<size_t>(1 + handles.waiting))
+    JAXDNN_RETURN_IF_ERROR(AddSpare(op, device, handles));
+  if (handles.waiting > 0) HandleIdle().notify_all();
   return ffi::Error::Success();
 }
 
 BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream)
-    : device_(device) {
-  {
-    std::unique_lock<std::mutex> lock(PoolMutex());
-    DeviceHandles& handles = Pool()[device];
-    // More executions can run at once than initialize stages reserved handles for: XLA
-    // runs one executable from several threads, and inside command buffers it may trace
-    // the handler without a fresh initialize. A handle is held only while the launches
-    // are enqueued, so wait for one to come back rather than fail (a failed trace has
-    // crashed the process inside XLA); the bound only turns a bug into an error.
-    bool got = handles.created > 0 &&
-               HandleReturned().wait_for(lock, std::chrono::seconds(60),
-                                         [&handles] { return !handles.free.empty(); });
-    if (!got) {
-      error_ = ffi::Error::Internal(
-          std::string("jaxdnn ") + op +
-          (handles.created == 0
-               ? ": no cuDNN handle for this device; the initialize stage did not run "
-                 "before execute"
-               : ": no cuDNN handle came free in 60 s"));
-      return;
-    }
-    handle_ = handles.free.back();
-    handles.free.pop_back();
+    : device_(device), stream_(stream) {
+  std::unique_lock<std::mutex> lock(PoolMutex());
+  DeviceHandles& handles = Pool()[device];
+  auto& bound = handles.idle[stream];
+  auto& spares = handles.idle[nullptr];
+  // More executions can run at once than initialize stages reserved spares for: XLA runs one
+  // executable from several threads. Outside capture a spare is created here; inside
+  // (cudnnCreate allocates), wait for one to come back rather than fail (a failed trace has
+  // crashed the process inside XLA); the bound only turns a bug into an error.
+  if (bound.empty() && spares.empty() && !Capturing(stream)) {
+    error_ = AddSpare(op, device, handles);
+    if (error_.failure()) return;
   }
+  ++handles.waiting;
+  const bool got = HandleIdle().wait_for(lock, std::chrono::seconds(60),
+                                         [&] { return !bound.empty() || !spares.empty(); });
+  --handles.waiting;
+  if (!got) {
+    error_ =
+        ffi::Error::Internal(std::string("jaxdnn ") + op + ": no cuDNN handle came free in 60 s");
+    return;
+  }
+  auto& from = bound.empty() ? spares : bound;
+  handle_ = from.back();
+  from.pop_back();
+  if (&from == &bound) return;  // bound to `stream` already
+  lock.unlock();
   cudnnStatus_t status = cudnnSetStream(handle_, stream);
   if (status != CUDNN_STATUS_SUCCESS) error_ = CudnnError(op, "cudnnSetStream", status);
 }
 
 BorrowedCudnnHandle::~BorrowedCudnnHandle() {
   if (handle_ == nullptr) return;
+  // A launch may have bound the handle to a stream of its own (a graph capture's, still
+  // alive here): bind it back, so that it stays filed under the one stream it is bound to.
+  cudaStream_t current = nullptr;
+  if (cudnnGetStream(handle_, &current) != CUDNN_STATUS_SUCCESS || current != stream_)
+    cudnnSetStream(handle_, stream_);
   {
     std::lock_guard<std::mutex> lock(PoolMutex());
-    Pool()[device_].free.push_back(handle_);
+    Pool()[device_].idle[stream_].push_back(handle_);
   }
-  HandleReturned().notify_one();
+  HandleIdle().notify_all();
 }
 
 }  // namespace jaxdnn

@@ -1,9 +1,9 @@
-// A process-wide pool of cuDNN handles per device.
+// A process-wide pool of cuDNN handles per device, each bound to one stream for good.
 //
-// cudnnCreate allocates device memory and may synchronize, so handles are only created in
-// the initialize stage (outside CUDA-graph capture). Execute borrows a free handle of its
-// device, binds it to the stream it runs on (cudnnSetStream only records the stream, which
-// is capture-safe) and gives it back when done; handles are not keyed by stream because
+// cudnnCreate allocates device memory and may synchronize, so handles are created in the
+// initialize stage (outside CUDA-graph capture), or in execute where its stream is not being
+// captured. Execute borrows an idle handle bound to its stream, or binds a spare to it
+// (cudnnSetStream; capture-safe), and gives it back when done. Streams are not known ahead:
 // under command buffers XLA executes on a capture stream that initialize never saw.
 // Handles live as long as the process: destroying them at exit races with the CUDA
 // driver's own teardown, and there are few of them.
@@ -16,12 +16,11 @@
 
 namespace jaxdnn {
 
-// Initialize stage: make sure `device` has a free handle for the next execute.
+// Initialize stage: make sure `device` has a spare handle for the next execute.
 ffi::Error ReserveCudnnHandle(const char* op, int device);
 
 // Execute stage: a handle of `device`, exclusively ours while this object lives, bound to
-// `stream`. Never creates a handle (waits for one in use to come back); error() says why
-// none could be borrowed.
+// `stream`; error() says why none could be borrowed.
 class BorrowedCudnnHandle {
  public:
   BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream);
@@ -34,6 +33,7 @@ class BorrowedCudnnHandle {
 
  private:
   int device_;
+  cudaStream_t stream_;
   cudnnHandle_t handle_ = nullptr;
   ffi::Error error_;
 };
