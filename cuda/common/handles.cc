@@ -120,14 +120,16 @@ BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_
 
 BorrowedCudnnHandle::~BorrowedCudnnHandle() {
   if (handle_ == nullptr) return;
-  // A launch may have bound the handle to a stream of its own (a graph capture's, still
-  // alive here): bind it back, so that it stays filed under the one stream it is bound to.
-  cudaStream_t current = nullptr;
-  if (cudnnGetStream(handle_, &current) != CUDNN_STATUS_SUCCESS || current != stream_)
-    cudnnSetStream(handle_, stream_);
+  // A launch may have bound the handle to a stream of its own (a graph capture's, alive
+  // here): bind it back, and file it under the stream it is bound to. One whose stream is
+  // unknown is retired.
+  cudaStream_t bound_to = nullptr;
+  if (cudnnGetStream(handle_, &bound_to) != CUDNN_STATUS_SUCCESS) return;
+  if (bound_to != stream_ && cudnnSetStream(handle_, stream_) == CUDNN_STATUS_SUCCESS)
+    bound_to = stream_;
   {
     std::lock_guard<std::mutex> lock(PoolMutex());
-    Pool()[device_].idle[stream_].push_back(handle_);
+    Pool()[device_].idle[bound_to].push_back(handle_);
   }
   HandleIdle().notify_all();
 }
