@@ -13,7 +13,8 @@ namespace {
 // stream for good. cudnnSetStream records an event on the handle's previous stream, so moving
 // a handle off a stream that has since been destroyed (XLA creates and destroys streams of its
 // own) crashed inside the driver (RELIABILITY.md); a handle is therefore only ever bound once,
-// from its creation's null stream, and a stream whose handles are all busy takes a spare.
+// from its creation's null stream, and a stream whose handles are all busy takes a spare
+// (jaxlib's own handle pools are keyed by stream the same way).
 struct DeviceHandles {
   std::map<cudaStream_t, std::vector<cudnnHandle_t>> idle;  // nullptr: spares, bound to none
   int waiting = 0;                                          // executions waiting for a handle
