@@ -11,8 +11,9 @@ namespace {
 
 // The idle handles of one device, by the stream they are bound to: a handle is bound to one
 // stream for good. cudnnSetStream records an event on the handle's previous stream, so moving
-// a handle off a stream that has since been destroyed (XLA creates and destroys streams of its
-// own) crashed inside the driver (RELIABILITY.md); a handle is therefore only ever bound once,
+// a handle off a stream destroyed since (a GraphCache's capture stream goes with its
+// executable; XLA's streams may go too) crashed inside the driver (RELIABILITY.md); a handle
+// is therefore only ever bound once,
 // from its creation's null stream, and a stream whose handles are all busy takes a spare
 // (jaxlib's own handle pools are keyed by stream the same way).
 struct DeviceHandles {
