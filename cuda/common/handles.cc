@@ -13,9 +13,8 @@ namespace {
 // stream for good. cudnnSetStream records an event on the handle's previous stream, so moving
 // a handle off a stream destroyed since (a GraphCache's capture stream goes with its
 // executable; XLA's streams may go too) crashed inside the driver (RELIABILITY.md); a handle
-// is therefore only ever bound once,
-// from its creation's null stream, and a stream whose handles are all busy takes a spare
-// (jaxlib's own handle pools are keyed by stream the same way).
+// is therefore only ever bound once, from its creation's null stream, and a stream whose
+// handles are all busy takes a spare (jaxlib's own handle pools are keyed by stream too).
 struct DeviceHandles {
   std::map<cudaStream_t, std::vector<cudnnHandle_t>> idle;  // nullptr: spares, bound to none
   int waiting = 0;                                          // executions waiting for a handle
