@@ -62,9 +62,8 @@ build() {
     "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir .whl/*.whl || return 1
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  # Unstripped, so that a native backtrace names jaxdnn's own functions.
   "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
-    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON -Cinstall.strip=false || return 1
+    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON || return 1
 }
 
 # "wheel" (not a default stage): the pure jaxdnn wheel and the CUDA 13 plugin wheel (CUDA=12
@@ -249,7 +248,7 @@ run_stage soakbisect soakbisect
 # debugs host code too), which prints a native backtrace of every thread at the fault in
 # soakcrash_VARIANT_K.out; the others leave there PYTHONFAULTHANDLER's Python stacks and the
 # faulting thread's native stack (scripts/native_backtrace.c, preloaded where a C compiler
-# is), whose frames in jaxdnn's extension are then named with addr2line.
+# is).
 soakcrash() {
   local variant k vars debugger preload=()
   debugger=$(command -v gdb || command -v cuda-gdb || true)
@@ -276,18 +275,7 @@ soakcrash() {
   SOAK_WRAP=()
   local rc=0
   wait_soaks || rc=1
-  symbolize_jaxdnn_frames "$LOG_DIR"/soakcrash_*.out
   return $rc
-}
-# Names the frames of jaxdnn's extension in native backtraces (lines "path.so(+0xOFFSET)").
-symbolize_jaxdnn_frames() {
-  command -v addr2line >/dev/null || return 0
-  local file frame
-  for file in "$@"; do
-    grep -o '^[^ (]*jaxdnn[^ (]*\.so(+0x[0-9a-f]*)' "$file" | while read -r frame; do
-      echo "$frame -> $(addr2line -f -C -i -e "${frame%%(*}" "$(sed 's/.*(+\(0x[0-9a-f]*\))/\1/' <<<"$frame")" | tr '\n' ' ')"
-    done >"${file%.out}.symbols" 2>&1
-  done
 }
 run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"
