@@ -1,9 +1,8 @@
 #include "common/handles.h"
 
-#include <chrono>
-#include <condition_variable>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 namespace jaxdnn {
@@ -17,18 +16,11 @@ namespace {
 // handles are all busy takes a spare (jaxlib's own handle pools are keyed by stream too).
 struct DeviceHandles {
   std::map<cudaStream_t, std::vector<cudnnHandle_t>> idle;  // nullptr: spares, bound to none
-  int waiting = 0;                                          // executions waiting for a handle
 };
 
 std::mutex& PoolMutex() {
   static std::mutex mutex;
   return mutex;
-}
-
-// Signalled when a handle becomes idle.
-std::condition_variable& HandleIdle() {
-  static auto* idle = new std::condition_variable();
-  return *idle;
 }
 
 // Never destroyed (see handles.h): a leaked heap map outlives static destruction.
@@ -55,21 +47,23 @@ class ScopedDevice {
   bool restore_ = false;
 };
 
-// A new spare handle of `device` (PoolMutex held).
-ffi::Error AddSpare(const char* op, int device, DeviceHandles& handles) {
+// A new spare handle of `device`.
+ffi::Error AddSpare(const char* op, int device) {
   ScopedDevice scoped(device);
   cudnnHandle_t created = nullptr;
   JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
-  handles.idle[nullptr].push_back(created);
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  Pool()[device].idle[nullptr].push_back(created);
   return ffi::Error::Success();
 }
 
+// Whether this thread is capturing `stream` into a CUDA graph (or cannot tell).
 bool Capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (stream == nullptr) return false;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
     (void)cudaGetLastError();
-    return true;  // unknown: assume the worst (no cudnnCreate)
+    return true;
   }
   return status != cudaStreamCaptureStatusNone;
 }
@@ -77,14 +71,13 @@ bool Capturing(cudaStream_t stream) {
 }  // namespace
 
 ffi::Error ReserveCudnnHandle(const char* op, int device) {
-  std::lock_guard<std::mutex> lock(PoolMutex());
-  DeviceHandles& handles = Pool()[device];
-  // One spare for a stream execute has not seen yet (under command buffers XLA executes on a
-  // stream of its own), and one more for each execution already waiting.
-  while (handles.idle[nullptr].size() < static_cast<size_t>(1 + handles.waiting))
-    JAXDNN_RETURN_IF_ERROR(AddSpare(op, device, handles));
-  if (handles.waiting > 0) HandleIdle().notify_all();
-  return ffi::Error::Success();
+  {
+    std::lock_guard<std::mutex> lock(PoolMutex());
+    if (!Pool()[device].idle[nullptr].empty()) return ffi::Error::Success();
+  }
+  // A spare for a stream execute has not seen yet: under command buffers XLA executes on a
+  // stream of its own, being captured, where no handle may be created.
+  return AddSpare(op, device);
 }
 
 BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_t stream)
@@ -93,22 +86,19 @@ BorrowedCudnnHandle::BorrowedCudnnHandle(const char* op, int device, cudaStream_
   DeviceHandles& handles = Pool()[device];
   auto& bound = handles.idle[stream];
   auto& spares = handles.idle[nullptr];
-  // More executions can run at once than initialize stages reserved spares for: XLA runs one
-  // executable from several threads. Outside capture a spare is created here; inside
-  // (cudnnCreate allocates), wait for one to come back rather than fail (a failed trace has
-  // crashed the process inside XLA); the bound only turns a bug into an error.
-  if (bound.empty() && spares.empty() && !Capturing(stream)) {
-    error_ = AddSpare(op, device, handles);
+  // More executions can run at once than initialize stages reserved spares for (XLA runs
+  // one executable from several threads): then a spare is made here. cudnnCreate allocates,
+  // which a thread capturing a CUDA graph may not: such a thread has it made on a thread of
+  // its own (XLA and jaxdnn capture in thread-local mode, which binds no other thread).
+  while (bound.empty() && spares.empty()) {
+    lock.unlock();
+    if (Capturing(stream)) {
+      std::thread([&] { error_ = AddSpare(op, device); }).join();
+    } else {
+      error_ = AddSpare(op, device);
+    }
     if (error_.failure()) return;
-  }
-  ++handles.waiting;
-  const bool got = HandleIdle().wait_for(lock, std::chrono::seconds(60),
-                                         [&] { return !bound.empty() || !spares.empty(); });
-  --handles.waiting;
-  if (!got) {
-    error_ =
-        ffi::Error::Internal(std::string("jaxdnn ") + op + ": no cuDNN handle came free in 60 s");
-    return;
+    lock.lock();
   }
   auto& from = bound.empty() ? spares : bound;
   handle_ = from.back();
@@ -128,11 +118,8 @@ BorrowedCudnnHandle::~BorrowedCudnnHandle() {
   if (cudnnGetStream(handle_, &bound_to) != CUDNN_STATUS_SUCCESS) return;
   if (bound_to != stream_ && cudnnSetStream(handle_, stream_) == CUDNN_STATUS_SUCCESS)
     bound_to = stream_;
-  {
-    std::lock_guard<std::mutex> lock(PoolMutex());
-    Pool()[device_].idle[bound_to].push_back(handle_);
-  }
-  HandleIdle().notify_all();
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  Pool()[device_].idle[bound_to].push_back(handle_);
 }
 
 }  // namespace jaxdnn

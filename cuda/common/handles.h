@@ -1,12 +1,12 @@
 // A process-wide pool of cuDNN handles per device, each bound to one stream for good.
 //
-// cudnnCreate allocates device memory and may synchronize, so handles are created in the
-// initialize stage (outside CUDA-graph capture), or in execute where its stream is not being
-// captured. Execute borrows an idle handle bound to its stream, or binds a spare to it
-// (cudnnSetStream; capture-safe), and gives it back when done. Streams are not known ahead:
-// under command buffers XLA executes on a capture stream that initialize never saw.
-// Handles live as long as the process: destroying them at exit races with the CUDA
-// driver's own teardown, and there are few of them.
+// cudnnCreate allocates device memory and may synchronize, so a thread capturing a CUDA
+// graph never creates a handle itself: initialize (outside capture) keeps a spare ready, and
+// execute makes another where more run at once. Execute borrows an idle handle bound to its
+// stream, or binds a spare to it (cudnnSetStream; capture-safe), and gives it back when
+// done. Streams are not known ahead: under command buffers XLA executes on a capture stream
+// that initialize never saw. Handles live as long as the process: destroying them at exit
+// races with the CUDA driver's own teardown, and there are few of them.
 #pragma once
 
 #include <cuda_runtime_api.h>
