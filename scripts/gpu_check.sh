@@ -273,9 +273,7 @@ soakcrash() {
     done
   done
   SOAK_WRAP=()
-  local rc=0
-  wait_soaks || rc=1
-  return $rc
+  wait_soaks
 }
 run_stage soakcrash soakcrash
 run_stage alltests "$PYTHON" -m pytest -m "not gpu" -q -rs -p no:cacheprovider "${TESTS[@]}"

@@ -57,7 +57,8 @@ ffi::Error AddSpare(const char* op, int device) {
   return ffi::Error::Success();
 }
 
-// Whether this thread is capturing `stream` into a CUDA graph (or cannot tell).
+// Whether `stream` is being captured into a CUDA graph, or that cannot be told (a handle
+// is then made as if it were). Only the thread that runs on `stream` asks.
 bool Capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (stream == nullptr) return false;
