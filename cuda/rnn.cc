@@ -501,7 +501,12 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
         const size_t reserve_bytes = reserve->size_bytes();
         void* reserve_data = reserve_bytes > 0 ? reserve->untyped_data() : nullptr;
         auto launch = [&](cudaStream_t on) -> ffi::Error {
-          JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnSetStream(handle, on));
+          // The borrowed handle is bound to `stream`; a graph capture launches on a stream
+          // of its own, and its fallback on `stream` again. Rebind only on a change:
+          // cudnnSetStream records an event on the stream the handle leaves.
+          cudaStream_t bound_to = nullptr;
+          JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnGetStream(handle, &bound_to));
+          if (bound_to != on) JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnSetStream(handle, on));
           return JAXDNN_CUDNN_CALL(
               kFwd,
               cudnnRNNForward(
