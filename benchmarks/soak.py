@@ -221,6 +221,15 @@ def host_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, as a fallback
 
 
+def cudnn_handle_counts() -> dict | None:
+    """{device: [handles made, streams they were bound to]} of jaxdnn's handle pool: a
+    handle stays bound to its first stream, so a stream that is gone keeps its handles, and
+    this tells whether they grow with the steps (None without the extension)."""
+    from jaxdnn import _extension
+    query = getattr(_extension.extension(), "cudnn_handle_counts", None)
+    return None if query is None else {int(k): list(v) for k, v in dict(query()).items()}
+
+
 def device_bytes() -> tuple[int, int] | None:
     """(bytes in use, peak bytes in use) summed over the devices, or None."""
     total = peak = 0
@@ -459,6 +468,7 @@ class Soak:
         warmup_seconds = time.perf_counter() - w0
         samples: list[dict] = []
         self.quiet = [quiescent_memory()]  # nothing in flight: before the threads start
+        self.handles = [cudnn_handle_counts() if self.cudnn else None]
         self.t0 = time.perf_counter()
         deadline = self.t0 + self.args.seconds
         threads = [threading.Thread(target=self.worker, args=(i,), daemon=True)
@@ -473,6 +483,7 @@ class Soak:
         self.stop.set()
         mon.join()
         self.quiet.append(quiescent_memory())  # and after they have ended
+        self.handles.append(cudnn_handle_counts() if self.cudnn else None)
         seconds = time.perf_counter() - self.t0
         jaxdnn.config.update("dnn.deterministic", False)
         return warmup_seconds, seconds, samples, injector
@@ -576,6 +587,7 @@ def main(argv=None) -> int:
         "devices": jax.local_device_count(), "warmup_seconds": round(warmup_seconds, 1),
         "seconds": round(seconds, 1), "steps_per_second": round(soak.count / seconds, 1),
         "rss_bytes": rss, "device_bytes": dev,
+        "cudnn_handles": {"after_warmup": soak.handles[0], "end": soak.handles[-1]},
         "device_peak_bytes": None if peak is None else peak[1],
         "checks": soak.checks, "mismatches": len(soak.mismatches),
         "mismatch_details": soak.mismatches[:20],
@@ -604,6 +616,9 @@ def main(argv=None) -> int:
     if dev:
         print(f"  device {mib(dev['start'])} -> {mib(dev['end'])} (max {mib(dev['max'])}, "
               f"growth {mib(dev['growth'])})")
+    if soak.handles[-1]:
+        print(f"  cuDNN handles (device: [made, streams bound to]) {soak.handles[0]} after "
+              f"the warm-up -> {soak.handles[-1]}")
     for line in failures:
         print(f"  FAILED: {line}")
     return 0 if not failures else 1

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 
 #include "common/graph_capture.h"
+#include "common/handles.h"
 #include "common/registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -110,6 +111,17 @@ NB_MODULE(_jaxdnn_cuda, m) {
       "calls run directly, replays of a cached graph, instantiations and updates after a "
       "capture, launches left to XLA's capture, failures that fell back to a direct launch, "
       "and direct launches of states that gave capture up (for tests and benchmarks).");
+
+  m.def(
+      "cudnn_handle_counts",
+      [] {
+        nb::dict counts;
+        for (const auto& [device, c] : jaxdnn::CountCudnnHandles())
+          counts[nb::int_(device)] = nb::make_tuple(c.created, c.streams);
+        return counts;
+      },
+      "device -> (cuDNN handles made, streams they were bound to): the handle pool's size "
+      "(common/handles.h), for the soak.");
 
   m.def(
       "cudnn_runtime_version", [] { return static_cast<int64_t>(cudnnGetVersion()); },

@@ -16,6 +16,7 @@ namespace {
 // handles are all busy takes a spare (jaxlib's own handle pools are keyed by stream too).
 struct DeviceHandles {
   std::map<cudaStream_t, std::vector<cudnnHandle_t>> idle;  // nullptr: spares, bound to none
+  int64_t created = 0;
 };
 
 std::mutex& PoolMutex() {
@@ -53,7 +54,9 @@ ffi::Error AddSpare(const char* op, int device) {
   cudnnHandle_t created = nullptr;
   JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnCreate(&created));
   std::lock_guard<std::mutex> lock(PoolMutex());
-  Pool()[device].idle[nullptr].push_back(created);
+  DeviceHandles& handles = Pool()[device];
+  handles.idle[nullptr].push_back(created);
+  ++handles.created;
   return ffi::Error::Success();
 }
 
@@ -70,6 +73,18 @@ bool Capturing(cudaStream_t stream) {
 }
 
 }  // namespace
+
+std::map<int, CudnnHandleCounts> CountCudnnHandles() {
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  std::map<int, CudnnHandleCounts> counts;
+  for (const auto& [device, handles] : Pool()) {
+    CudnnHandleCounts& c = counts[device];
+    c.created = handles.created;
+    for (const auto& [stream, idle] : handles.idle)
+      if (stream != nullptr) ++c.streams;
+  }
+  return counts;
+}
 
 ffi::Error ReserveCudnnHandle(const char* op, int device) {
   {

@@ -12,9 +12,20 @@
 #include <cuda_runtime_api.h>
 #include <cudnn.h>
 
+#include <cstdint>
+#include <map>
+
 #include "common/status.h"
 
 namespace jaxdnn {
+
+// What the pool of one device holds: the handles it made, and the streams they were bound
+// to (a handle bound to a stream that is gone stays with it, unused; the soak reports these).
+struct CudnnHandleCounts {
+  int64_t created = 0;
+  int64_t streams = 0;
+};
+std::map<int, CudnnHandleCounts> CountCudnnHandles();  // by device
 
 // Initialize stage: make sure `device` has a spare handle for the next execute.
 ffi::Error ReserveCudnnHandle(const char* op, int device);

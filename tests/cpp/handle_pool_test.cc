@@ -201,6 +201,13 @@ int main() {
     Check(handles_created == created_before + 1, "one handle is made for the second borrow");
   }
 
+  int64_t counted = 0;
+  for (const auto& [device, counts] : jaxdnn::CountCudnnHandles()) {
+    counted += counts.created;
+    Check(counts.streams >= 1, "a device's count names the streams its handles were bound to");
+  }
+  Check(counted == handles_created, "the pool counts every handle it made");
+
   for (const std::string& violation : violations) Check(false, violation);
   std::printf("handles created: %d, cudnnSetStream calls: %d\n", handles_created, set_stream_calls);
   if (failures > 0) {
