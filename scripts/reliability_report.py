@@ -110,6 +110,14 @@ def soak_section(data) -> list[str]:
          f"{_mib(dev['start'])} -> {_mib(dev['end'])} ({_mib(dev['growth'])}, slack "
          f"{s['device_slack_mib']} MiB; {_mib(dev['max'])})"),
     ]
+    handles = data.get("cudnn_handles") or {}
+    if handles.get("end"):
+        def per_device(counts):
+            return ", ".join(f"device {d}: {made} on {streams}"
+                             for d, (made, streams) in sorted(counts.items()))
+        rows.append(("cuDNN handles made, on how many streams: after the warm-up -> at the end",
+                     f"{per_device(handles.get('after_warmup') or {})} -> "
+                     f"{per_device(handles['end'])}"))
     out += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return out + [""]
 

@@ -156,6 +156,23 @@ def test_report_replaces_only_its_own_section(module):
     assert twice.count("hand-written") == 1
 
 
+def test_report_gives_the_soaks_cudnn_handle_counts(module):
+    report = module("reliability_report")
+    soak = {"injected": {"tried": 1, "raised": 1, "recovered": 1, "per_kind": {}},
+            "settings": {"buckets": {"cnn": [], "lstm": []}, "flag_sets": [], "flip_every": 2},
+            "passed": True, "steps": 2, "steps_per_model": {"cnn": 1, "lstm": 1},
+            "threads": 8, "devices": 2, "seconds": 1, "warmup_seconds": 1,
+            "steps_per_second": 2, "checks": 1, "mismatches": 0, "unexpected_exceptions": 0,
+            "rss_bytes": None, "device_bytes": None}
+    rows = "\n".join(report.soak_section(soak))
+    assert "cuDNN handles" not in rows  # the XLA path has none
+    soak["cudnn_handles"] = {"after_warmup": {"0": [7, 3], "1": [2, 1]},
+                             "end": {"0": [27, 17], "1": [2, 1]}}
+    rows = "\n".join(report.soak_section(soak))
+    assert ("| cuDNN handles made, on how many streams: after the warm-up -> at the end | "
+            "device 0: 7 on 3, device 1: 2 on 1 -> device 0: 27 on 17, device 1: 2 on 1 |") in rows
+
+
 @pytest.mark.slow
 def test_short_runs_write_the_figures_and_the_report(tmp_path, module):
     """fuzz_run (14 configurations) and soak (3 s) as scripts, then the report."""
