@@ -584,12 +584,15 @@ def on_gpu() -> bool:
 
 def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,
         progress: Callable[[int, int, str], None] | None = None,
-        bandwidth_gbs: float | None = None) -> list[dict]:
+        bandwidth_gbs: float | None = None,
+        on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Time every case of `size` (default: 'full' where cuDNN can serve, else 'small') for
     `ops` (default: all), both passes, and return one row per (case, pass) with FIELDS.
 
-    progress(done, total, what) is called before each timing and once at the end. On a
-    GPU the memory bandwidth is measured first (unless given) for the HBM floor.
+    progress(done, total, what) is called before each timing and once at the end;
+    on_row(row) with each row as soon as it is timed (a caller interrupted midway keeps
+    those). On a GPU the memory bandwidth is measured first (unless given) for the HBM
+    floor.
     """
     size = size or default_size()
     if repeats < 1:
@@ -619,6 +622,8 @@ def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None =
             "hbm_fraction": floor_ms / jaxdnn_ms if floor_ms else None,
             "hbm_gbs": bandwidth_gbs, "device": device, "date": date,
         })
+        if on_row:
+            on_row(rows[-1])
     if progress:
         progress(len(steps), len(steps), "done")
     return rows
@@ -669,10 +674,12 @@ def _torch_setup(use_torch: bool) -> tuple[Any, str | None, str]:
 
 def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,
           copies: int = 8, torch: bool = True,
-          progress: Callable[[int, int, str], None] | None = None) -> tuple[list[dict], str]:
+          progress: Callable[[int, int, str], None] | None = None,
+          on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], str]:
     """jaxdnn (its default flags) beside XLA and, where importable, PyTorch, for every case
     of `size` and `ops` and both passes, each timed per call and inside one program of
     `copies` applications. Returns (rows with PEER_FIELDS, a line on the PyTorch column).
+    progress and on_row as in `run`.
 
     JAX: per call, a steady stream of one jitted call at a time (`steady_time_ms`); in a
     program, `in_program_ms`. PyTorch, eager, has no program: its 'program' time is that of
@@ -709,6 +716,8 @@ def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None
                          "jaxdnn_ms": jaxdnn_ms, "xla_ms": xla_ms, "torch_ms": torch_ms,
                          "best_peer": best_peer, "vs_best_peer": best_ms / jaxdnn_ms,
                          "path": path})
+            if on_row:
+                on_row(rows[-1])
     if progress:
         progress(len(steps), len(steps), "done")
     return rows, note

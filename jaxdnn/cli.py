@@ -13,9 +13,11 @@ import datetime
 import io
 import json
 import os
+import contextlib
 import platform
+import signal
 import sys
-from typing import Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 import jax
 import jaxlib
@@ -107,6 +109,43 @@ class ProgressBar:
         self.stream.flush()
 
 
+# The exit status of a bench that was interrupted (as a shell reports SIGINT).
+INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what `timeout` and job schedulers send) raises KeyboardInterrupt while
+    timing, as Ctrl-C does, so that the rows timed so far are still printed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _time_rows(timing: Callable[[Callable[[dict], None]], list[dict]],
+               human: TextIO) -> tuple[list[dict], bool]:
+    """(rows, interrupted): `timing(on_row)`'s rows, or after Ctrl-C or SIGTERM the rows it
+    had timed by then."""
+    timed: list[dict] = []
+    with _terminate_as_interrupt():
+        try:
+            return timing(timed.append), False
+        except KeyboardInterrupt:
+            pass
+    sys.stderr.write("\n")  # past the progress bar's line
+    print(f"interrupted: the {len(timed)} rows timed before it", file=human)
+    return timed, True
+
+
 def _bench_header(size: str, repeats: int, bandwidth_gbs: float | None,
                   ratio: str = "speedup = XLA ms / jaxdnn ms (above 1: jaxdnn is faster)") -> str:
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -165,8 +204,10 @@ def _bench(args: argparse.Namespace) -> int:
     human = sys.stderr if machine_readable and not args.out else sys.stdout
     bandwidth = bench.measure_bandwidth() if bench.on_gpu() else None
     print(_bench_header(size, args.repeats, bandwidth), file=human, flush=True)
-    rows = bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
-                     progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth)
+    rows, interrupted = _time_rows(
+        lambda on_row: bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
+                                 progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth,
+                                 on_row=on_row), human)
     print(bench.format_table(rows), file=human)
     _write_rows(args, rows, bench.format_table(rows, markdown=True), human)
     if args.save:
@@ -182,7 +223,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"{regressions} regression(s): jaxdnn slower by more than "
                   f"{args.tolerance:.0%} while XLA was not", file=human)
             return 1
-    return 0
+    return INTERRUPTED if interrupted else 0
 
 
 def _write_rows(args: argparse.Namespace, rows: list[dict], markdown: str,
@@ -210,12 +251,21 @@ def _bench_peers(args: argparse.Namespace, ops: list[str], size: str) -> int:
              "application; vs best peer = the faster peer's ms / jaxdnn ms (above 1: jaxdnn "
              "is faster)")
     print(_bench_header(size, args.repeats, None, ratio), file=human, flush=True)
-    rows, torch_note = bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
-                                   copies=args.copies, progress=ProgressBar(sys.stderr))
-    print(torch_note, file=human)
+    notes: list[str] = []
+
+    def timing(on_row):
+        rows, torch_note = bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
+                                       copies=args.copies, progress=ProgressBar(sys.stderr),
+                                       on_row=on_row)
+        notes.append(torch_note)
+        return rows
+
+    rows, interrupted = _time_rows(timing, human)
+    for note in notes:
+        print(note, file=human)
     print(bench.format_peers(rows), file=human)
     _write_rows(args, rows, bench.format_peers(rows, markdown=True), human)
-    return 0
+    return INTERRUPTED if interrupted else 0
 
 
 def _parser() -> argparse.ArgumentParser:

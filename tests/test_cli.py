@@ -318,6 +318,47 @@ def test_bench_peers_puts_pytorch_beside_xla(capsys, monkeypatch):
     assert sorted(set(timed)) == [1, 2]
 
 
+class _InterruptAt:
+    """A progress bar that raises KeyboardInterrupt (Ctrl-C) when step `at` begins."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, stream):
+        def progress(done, total, what):
+            if done == self.at:
+                raise KeyboardInterrupt
+        return progress
+
+
+@pytest.mark.parametrize("peers", [False, True])
+def test_an_interrupted_bench_prints_the_rows_timed_before_it(capsys, monkeypatch, peers):
+    from jaxdnn import cli
+    monkeypatch.setattr(cli, "ProgressBar", _InterruptAt(1 if peers else 2))
+    argv = ["bench", "softmax", "--size", "small", "--repeats", "1", "--calls", "1", "--json"]
+    assert main(argv + (["--peers", "--copies", "2"] if peers else [])) == cli.INTERRUPTED
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    case = bench.cases("small", ["softmax"])[0]
+    expected = ([(case.label, "fwd", t) for t in ("per call", "program x2")] if peers
+                else [(case.label, p, None) for p in bench.PASSES[:2]])
+    assert [(r["case"], r["pass"], r.get("timing")) for r in rows] == expected
+    assert all(r["jaxdnn_ms"] > 0 and r["xla_ms"] > 0 for r in rows)
+    assert "interrupted: the 2 rows timed before it" in captured.err
+
+
+def test_sigterm_interrupts_a_bench_as_ctrl_c_does():
+    import signal
+    import time
+    from jaxdnn import cli
+    before = signal.getsignal(signal.SIGTERM)
+    with cli._terminate_as_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_bench_peers_refuses_save_and_compare(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "--peers", "--save", str(tmp_path / "x.json")])
