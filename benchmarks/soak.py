@@ -449,7 +449,9 @@ class Soak:
             dev = device_bytes()
             samples.append({"t": round(now - self.t0, 2), "steps": self.count,
                             "rss": host_rss_bytes(),
-                            "device": None if dev is None else dev[0]})
+                            "device": None if dev is None else dev[0],
+                            # whether the handles grow with time or with new programs
+                            "cudnn_handles": cudnn_handle_counts() if self.cudnn else None})
             if self.args.flip_every > 0 and now - last_flip >= self.args.flip_every:
                 deterministic = not deterministic
                 jaxdnn.config.update("dnn.deterministic", deterministic)
