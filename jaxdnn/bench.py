@@ -764,19 +764,21 @@ def compare(before: list[dict], after: list[dict], tolerance: float = 0.10) -> l
     """The rows of `after` that `before` also timed, each with both runs' jaxdnn and XLA
     times and `slowdown` = after's jaxdnn ms / before's; `regression` is True where that
     exceeds 1 + `tolerance` while XLA's own time moved by less (a slower card or a busier
-    machine slows both sides alike)."""
+    machine slows both sides alike). Rows of `peers` match on their timing too (per call,
+    or inside one program)."""
     if tolerance < 0:
         raise ValueError(f"tolerance={tolerance}; expected a fraction >= 0")
-    earlier = {tuple(row[k] for k in ROW_KEY): row for row in before}
+    key = ROW_KEY + (("timing",) if any("timing" in row for row in after) else ())
+    earlier = {tuple(row.get(k) for k in key): row for row in before}
     compared = []
     for row in after:
-        old = earlier.get(tuple(row[k] for k in ROW_KEY))
+        old = earlier.get(tuple(row.get(k) for k in key))
         if old is None:
             continue
         slowdown = row["jaxdnn_ms"] / old["jaxdnn_ms"]
         xla_slowdown = row["xla_ms"] / old["xla_ms"]
         compared.append({
-            **{k: row[k] for k in ROW_KEY},
+            **{k: row[k] for k in key},
             "before_ms": old["jaxdnn_ms"], "after_ms": row["jaxdnn_ms"], "slowdown": slowdown,
             "xla_before_ms": old["xla_ms"], "xla_after_ms": row["xla_ms"],
             "regression": slowdown > 1 + tolerance and xla_slowdown <= 1 + tolerance,
@@ -789,7 +791,8 @@ def format_comparison(rows: list[dict]) -> str:
              f"{'after/before':>12}  {'XLA after/before':>16}"]
     for r in rows:
         mark = "  REGRESSION" if r["regression"] else ""
-        lines.append(f"{r['op']:<10} {r['case'][:44]:<44} {r['pass']:<8} "
+        lines.append(f"{r['op']:<10} {r['case'][:44]:<44} "
+                     f"{r['pass'] + (' ' + r['timing'] if 'timing' in r else ''):<8} "
                      f"{format_ms(r['before_ms']):>10} {format_ms(r['after_ms']):>10} "
                      f"{r['slowdown']:>11.2f}x  {r['xla_after_ms'] / r['xla_before_ms']:>15.2f}x"
                      f"{mark}")

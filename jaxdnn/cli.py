@@ -193,23 +193,21 @@ def _bench(args: argparse.Namespace) -> int:
                 before = json.load(f)
         except (OSError, ValueError) as e:
             args.bench_parser.error(f"--compare {args.compare}: {e}")
-    if args.peers and (args.save or args.compare):
-        args.bench_parser.error("--peers cannot be combined with --save or --compare")
     if args.copies < 1:
         args.bench_parser.error(f"--copies {args.copies}: expected at least 1")
-    if args.peers:
-        return _bench_peers(args, ops, size)
-    machine_readable = args.json or args.csv
     # With machine-readable rows on stdout, the human-readable part goes to stderr.
-    human = sys.stderr if machine_readable and not args.out else sys.stdout
-    bandwidth = bench.measure_bandwidth() if bench.on_gpu() else None
-    print(_bench_header(size, args.repeats, bandwidth), file=human, flush=True)
-    rows, interrupted = _time_rows(
-        lambda on_row: bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
-                                 progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth,
-                                 on_row=on_row), human)
-    print(bench.format_table(rows), file=human)
-    _write_rows(args, rows, bench.format_table(rows, markdown=True), human)
+    human = sys.stderr if (args.json or args.csv) and not args.out else sys.stdout
+    if args.peers:
+        rows, interrupted = _bench_peers(args, ops, size, human)
+    else:
+        bandwidth = bench.measure_bandwidth() if bench.on_gpu() else None
+        print(_bench_header(size, args.repeats, bandwidth), file=human, flush=True)
+        rows, interrupted = _time_rows(
+            lambda on_row: bench.run(ops, size=size, repeats=args.repeats, calls=args.calls,
+                                     progress=ProgressBar(sys.stderr), bandwidth_gbs=bandwidth,
+                                     on_row=on_row), human)
+        print(bench.format_table(rows), file=human)
+        _write_rows(args, rows, bench.format_table(rows, markdown=True), human)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(rows, f, indent=1)
@@ -243,9 +241,10 @@ def _write_rows(args: argparse.Namespace, rows: list[dict], markdown: str,
         sys.stdout.write(text)
 
 
-def _bench_peers(args: argparse.Namespace, ops: list[str], size: str) -> int:
-    """jaxdnn bench --peers: jaxdnn beside XLA and PyTorch, per call and in one program."""
-    human = sys.stderr if (args.json or args.csv) and not args.out else sys.stdout
+def _bench_peers(args: argparse.Namespace, ops: list[str], size: str,
+                 human: TextIO) -> tuple[list[dict], bool]:
+    """jaxdnn bench --peers: jaxdnn beside XLA and PyTorch, per call and in one program;
+    (rows, interrupted)."""
     ratio = (f"per call: one jitted call at a time; program x{args.copies}: {args.copies} "
              "applications in one jitted program (PyTorch: as many back-to-back calls), ms per "
              "application; vs best peer = the faster peer's ms / jaxdnn ms (above 1: jaxdnn "
@@ -265,7 +264,7 @@ def _bench_peers(args: argparse.Namespace, ops: list[str], size: str) -> int:
         print(note, file=human)
     print(bench.format_peers(rows), file=human)
     _write_rows(args, rows, bench.format_peers(rows, markdown=True), human)
-    return INTERRUPTED if interrupted else 0
+    return rows, interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -299,8 +298,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the JSON/CSV rows (or a Markdown table) to FILE, not stdout")
     b.add_argument("--save", metavar="FILE", help="also save the rows as JSON, for --compare")
     b.add_argument("--compare", metavar="FILE",
-                   help="compare with the rows a run saved (--save): exit 1 where jaxdnn "
-                        "got slower by more than --tolerance while XLA did not")
+                   help="compare with the rows a run saved (--save; with --peers, each "
+                        "timing with its own): exit 1 where jaxdnn got slower by more than "
+                        "--tolerance while XLA did not")
     b.add_argument("--tolerance", type=float, default=0.10,
                    help="the slowdown --compare accepts, as a fraction (default 0.10)")
     b.add_argument("--peers", action="store_true",

@@ -359,10 +359,34 @@ def test_sigterm_interrupts_a_bench_as_ctrl_c_does():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_bench_peers_refuses_save_and_compare(capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["bench", "--peers", "--save", str(tmp_path / "x.json")])
-    assert "--peers cannot be combined" in capsys.readouterr().err
+def test_bench_peers_save_then_compare_per_timing(capsys, tmp_path):
+    """--peers rows save and compare as the plain ones do, each timing (per call, in one
+    program) against its own."""
+    saved = tmp_path / "before.json"
+    args = ["bench", "--peers", "softmax", "--size", "small", "--repeats", "1", "--calls", "1",
+            "--copies", "2"]
+    assert main([*args, "--save", str(saved)]) == 0
+    rows = json.loads(saved.read_text())
+    assert {r["timing"] for r in rows} == {"per call", "program x2"}
+    # before: per call, jaxdnn 1000x faster and XLA 1000x slower (jaxdnn regressed, XLA did
+    # not, whatever the noise of the rerun); in one program both 1000x faster (the machine):
+    # only the per-call rows regress
+    before = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] * 1000)
+              if r["timing"] == "per call" else
+              dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] / 1000) for r in rows]
+    (tmp_path / "fast.json").write_text(json.dumps(before))
+    capsys.readouterr()
+    assert main([*args, "--compare", str(tmp_path / "fast.json")]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
+    assert len(flagged) == sum(r["timing"] == "per call" for r in rows)
+    assert all(" per call " in line for line in flagged)
+    compared = bench.compare(before, rows)
+    assert len(compared) == len(rows)
+    assert all(c["regression"] == (c["timing"] == "per call") for c in compared)
+
+
+def test_bench_peers_refuses_too_few_copies(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--peers", "--copies", "0"])
     assert "--copies 0" in capsys.readouterr().err
