@@ -16,6 +16,7 @@
 # how many pytest processes share them, below); BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
+# "peers" (not a default stage) runs `jaxdnn bench --peers` (PEERS_ARGS: its options).
 # "inmodel" (not a default stage; estimated 5-10 minutes, 2-3 with INMODEL_ARGS=--quick)
 # times softmax and batch norm where models use them (attention, a classifier head,
 # ReLU(batch norm) in every dtype, layout and mode; inside one program and per call),
@@ -295,6 +296,12 @@ run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
 # Softmax and batch norm inside the programs models compile (not a default stage).
 run_stage inmodel "$PYTHON" benchmarks/in_model.py "$LOG_DIR" ${INMODEL_ARGS:-}
+# Not a default stage (73 of its 98 cases took 400 s on an H100): `jaxdnn bench --peers`,
+# each case per call and in one program beside XLA and PyTorch, as a user reruns it
+# (PEERS_ARGS: its options, e.g. ops or --compare FILE); the rows go to peers.md and
+# peers.json, also those timed before a SIGTERM.
+run_stage peers "$PYTHON" -m jaxdnn bench --peers --out "$LOG_DIR/peers.md" \
+  --save "$LOG_DIR/peers.json" ${PEERS_ARGS:-}
 # Host time per call: the smallest case of each op, jitted single calls beside XLA's.
 run_stage percall "$PYTHON" benchmarks/per_call.py "$LOG_DIR"
 # Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per
