@@ -787,12 +787,14 @@ def compare(before: list[dict], after: list[dict], tolerance: float = 0.10) -> l
 
 
 def format_comparison(rows: list[dict]) -> str:
-    lines = [f"{'op':<10} {'case':<44} {'pass':<8} {'before ms':>10} {'after ms':>10} "
+    # a peers row's pass says its timing too ("fwd per call")
+    passes = [r["pass"] + (" " + r["timing"] if "timing" in r else "") for r in rows]
+    width = max([8, *map(len, passes)])
+    lines = [f"{'op':<10} {'case':<44} {'pass':<{width}} {'before ms':>10} {'after ms':>10} "
              f"{'after/before':>12}  {'XLA after/before':>16}"]
-    for r in rows:
+    for r, pass_ in zip(rows, passes):
         mark = "  REGRESSION" if r["regression"] else ""
-        lines.append(f"{r['op']:<10} {r['case'][:44]:<44} "
-                     f"{r['pass'] + (' ' + r['timing'] if 'timing' in r else ''):<8} "
+        lines.append(f"{r['op']:<10} {r['case'][:44]:<44} {pass_:<{width}} "
                      f"{format_ms(r['before_ms']):>10} {format_ms(r['after_ms']):>10} "
                      f"{r['slowdown']:>11.2f}x  {r['xla_after_ms'] / r['xla_before_ms']:>15.2f}x"
                      f"{mark}")

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import io
 import json
 import os
-import contextlib
 import platform
 import signal
 import sys

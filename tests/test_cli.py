@@ -245,13 +245,15 @@ def test_bench_save_then_compare(capsys, tmp_path):
     assert main([*args, "--save", str(saved)]) == 0
     rows = json.loads(saved.read_text())
     assert rows and all(r["op"] == "softmax" for r in rows)
-    # Against a run 1000x faster than any real one, every row regresses unless XLA did too:
-    # scale both sides, so the slowdown is shared and nothing is flagged...
-    fast = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] / 1000) for r in rows]
+    # Against a run where everything took no time, every row regresses unless XLA did too:
+    # both sides so, the slowdown is shared and nothing is flagged (whatever the rerun's
+    # noise)...
+    fast = [dict(r, jaxdnn_ms=1e-9, xla_ms=1e-9) for r in rows]
     (tmp_path / "fast.json").write_text(json.dumps(fast))
     assert main([*args, "--compare", str(tmp_path / "fast.json")]) == 0
-    # ...then only jaxdnn's: every row is a regression and the command fails.
-    fast_jaxdnn = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000) for r in rows]
+    # ...then jaxdnn alone, XLA having taken forever: every row is a regression and the
+    # command fails.
+    fast_jaxdnn = [dict(r, jaxdnn_ms=1e-9, xla_ms=1e9) for r in rows]
     (tmp_path / "fast_jaxdnn.json").write_text(json.dumps(fast_jaxdnn))
     capsys.readouterr()
     assert main([*args, "--compare", str(tmp_path / "fast_jaxdnn.json")]) == 1
@@ -368,18 +370,17 @@ def test_bench_peers_save_then_compare_per_timing(capsys, tmp_path):
     assert main([*args, "--save", str(saved)]) == 0
     rows = json.loads(saved.read_text())
     assert {r["timing"] for r in rows} == {"per call", "program x2"}
-    # before: per call, jaxdnn 1000x faster and XLA 1000x slower (jaxdnn regressed, XLA did
-    # not, whatever the noise of the rerun); in one program both 1000x faster (the machine):
-    # only the per-call rows regress
-    before = [dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] * 1000)
-              if r["timing"] == "per call" else
-              dict(r, jaxdnn_ms=r["jaxdnn_ms"] / 1000, xla_ms=r["xla_ms"] / 1000) for r in rows]
+    # before, per call: jaxdnn took no time and XLA forever (the rerun's jaxdnn regressed and
+    # its XLA did not, whatever the noise); in one program jaxdnn took forever: only the
+    # per-call rows regress
+    before = [dict(r, jaxdnn_ms=1e-9, xla_ms=1e9) if r["timing"] == "per call" else
+              dict(r, jaxdnn_ms=1e9) for r in rows]
     (tmp_path / "fast.json").write_text(json.dumps(before))
     capsys.readouterr()
     assert main([*args, "--compare", str(tmp_path / "fast.json")]) == 1
     out = capsys.readouterr().out
     flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
-    assert len(flagged) == sum(r["timing"] == "per call" for r in rows)
+    assert len(flagged) == sum(r["timing"] == "per call" for r in rows), "\n".join(flagged)
     assert all(" per call " in line for line in flagged)
     compared = bench.compare(before, rows)
     assert len(compared) == len(rows)
