@@ -115,9 +115,16 @@ def soak_section(data) -> list[str]:
         def per_device(counts):
             return ", ".join(f"device {d}: {made} on {streams}"
                              for d, (made, streams) in sorted(counts.items()))
-        rows.append(("cuDNN handles made, on how many streams: after the warm-up -> at the end",
-                     f"{per_device(handles.get('after_warmup') or {})} -> "
-                     f"{per_device(handles['end'])}"))
+        # the samples' counts at a quarter, half and three quarters of the run: growth that
+        # levels off (streams XLA keeps in a pool) or goes on (streams it makes anew)
+        counted = [x for x in data.get("samples", []) if x.get("cudnn_handles")]
+        middle = [f"{per_device(counted[len(counted) * q // 4]['cudnn_handles'])} at "
+                  f"{counted[len(counted) * q // 4]['t']:.0f} s" for q in (1, 2, 3)
+                  if counted]
+        rows.append(("cuDNN handles made, on how many streams: after the warm-up -> during "
+                     "the run -> at the end",
+                     " -> ".join([per_device(handles.get("after_warmup") or {}), *middle,
+                                  per_device(handles["end"])])))
     out += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return out + [""]
 

@@ -169,8 +169,15 @@ def test_report_gives_the_soaks_cudnn_handle_counts(module):
     soak["cudnn_handles"] = {"after_warmup": {"0": [7, 3], "1": [2, 1]},
                              "end": {"0": [27, 17], "1": [2, 1]}}
     rows = "\n".join(report.soak_section(soak))
-    assert ("| cuDNN handles made, on how many streams: after the warm-up -> at the end | "
-            "device 0: 7 on 3, device 1: 2 on 1 -> device 0: 27 on 17, device 1: 2 on 1 |") in rows
+    assert ("| cuDNN handles made, on how many streams: after the warm-up -> during the run "
+            "-> at the end | device 0: 7 on 3, device 1: 2 on 1 -> device 0: 27 on 17, "
+            "device 1: 2 on 1 |") in rows
+    # with samples: their counts at a quarter, half and three quarters of the run
+    soak["samples"] = [{"t": t, "cudnn_handles": {"0": [7 + t, 3 + t]}} for t in range(8)]
+    rows = "\n".join(report.soak_section(soak))
+    assert ("| device 0: 7 on 3, device 1: 2 on 1 -> device 0: 9 on 5 at 2 s -> "
+            "device 0: 11 on 7 at 4 s -> device 0: 13 on 9 at 6 s -> device 0: 27 on 17, "
+            "device 1: 2 on 1 |") in rows
 
 
 @pytest.mark.slow
