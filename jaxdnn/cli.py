@@ -142,7 +142,7 @@ def _time_rows(timing: Callable[[Callable[[dict], None]], list[dict]],
         except KeyboardInterrupt:
             pass
     sys.stderr.write("\n")  # past the progress bar's line
-    print(f"interrupted: the {len(timed)} rows timed before it", file=human)
+    print(f"interrupted; rows timed before it: {len(timed)}", file=human)
     return timed, True
 
 

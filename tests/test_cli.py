@@ -346,7 +346,7 @@ def test_an_interrupted_bench_prints_the_rows_timed_before_it(capsys, monkeypatc
                 else [(case.label, p, None) for p in bench.PASSES[:2]])
     assert [(r["case"], r["pass"], r.get("timing")) for r in rows] == expected
     assert all(r["jaxdnn_ms"] > 0 and r["xla_ms"] > 0 for r in rows)
-    assert "interrupted: the 2 rows timed before it" in captured.err
+    assert "interrupted; rows timed before it: 2" in captured.err
 
 
 def test_sigterm_interrupts_a_bench_as_ctrl_c_does():
