@@ -68,7 +68,6 @@ import numpy as np  # noqa: E402
 
 import jaxdnn  # noqa: E402
 import jaxdnn.flax as jdflax  # noqa: E402
-from jaxdnn import _extension  # noqa: E402
 import peers_torch  # noqa: E402  (beside this file)
 from jaxdnn import bench  # noqa: E402
 from jaxdnn.cli import ProgressBar, collect_info  # noqa: E402
@@ -149,9 +148,8 @@ def _jaxdnn_algo(algo: str):
 
 def graph_capture_stats() -> dict | None:
     """The extension's counts of the handlers' own CUDA graphs (None without it)."""
-    extension = _extension.extension()
-    query = getattr(extension, "graph_capture_stats", None)
-    return dict(query()) if query is not None else None
+    counters = bench.extension_counters()
+    return None if counters is None else counters["graph_capture"]
 
 
 def _random_variables(module: nn.Module, x, s: Shape):

@@ -73,6 +73,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdnn  # noqa: E402
+from jaxdnn import bench  # noqa: E402
 
 SIZES = {
     # cnn buckets: (batch, image side); channels (c1, c2), classes; lstm buckets:
@@ -225,9 +226,8 @@ def cudnn_handle_counts() -> dict | None:
     """{device: [handles made, streams they were bound to]} of jaxdnn's handle pool: a
     handle stays bound to its first stream, so a stream that is gone keeps its handles, and
     this tells whether they grow with the steps (None without the extension)."""
-    from jaxdnn import _extension
-    query = getattr(_extension.extension(), "cudnn_handle_counts", None)
-    return None if query is None else {int(k): list(v) for k, v in dict(query()).items()}
+    counters = bench.extension_counters()
+    return None if counters is None else counters["cudnn_handles"]
 
 
 def device_bytes() -> tuple[int, int] | None:

@@ -35,7 +35,7 @@ from jaxdnn.reference import rnn as rnn_reference
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
            "run", "time_ms", "steady_time_ms", "in_program_ms", "measure_bandwidth",
            "lowered_path", "default_size", "on_gpu", "format_table", "format_ms", "peers",
-           "PEER_FIELDS", "format_peers"]
+           "PEER_FIELDS", "format_peers", "extension_counters"]
 
 OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
@@ -580,6 +580,28 @@ def default_size() -> str:
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def extension_counters() -> dict | None:
+    """What jaxdnn's CUDA extension has counted in this process, for benchmarks and soaks:
+    'graph_capture', its handlers' own CUDA graphs (warm-ups, replays, instantiations,
+    updates, launches left to XLA's capture, failures, direct launches), and
+    'cudnn_handles', its cuDNN handle pool ({device: [handles made, streams they are
+    bound to]}). None without the extension; a count an older build lacks is None."""
+    from jaxdnn import _extension
+    extension = _extension.extension()
+    if extension is None:
+        return None
+
+    def query(name, convert):
+        function = getattr(extension, name, None)
+        return None if function is None else convert(function())
+
+    return {
+        "graph_capture": query("graph_capture_stats", dict),
+        "cudnn_handles": query("cudnn_handle_counts",
+                               lambda counts: {int(d): list(c) for d, c in counts.items()}),
+    }
 
 
 def run(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,

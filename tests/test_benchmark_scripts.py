@@ -257,3 +257,37 @@ def test_in_model_sides_compute_the_same(script):
 def jaxdnn_available() -> bool:
     import jaxdnn
     return jaxdnn.is_available()
+
+
+def test_extension_counters_read_what_the_extension_counted(monkeypatch):
+    from jaxdnn import _extension, bench
+
+    class Extension:  # the two queries as the extension module answers them
+        @staticmethod
+        def graph_capture_stats():
+            return {"warmups": 2, "replays": 5}
+
+        @staticmethod
+        def cudnn_handle_counts():
+            return {0: (7, 3), 1: (2, 1)}
+
+    class OlderExtension:  # a build from before the handle counts
+        graph_capture_stats = Extension.graph_capture_stats
+
+    monkeypatch.setattr(_extension, "extension", lambda: Extension)
+    assert bench.extension_counters() == {"graph_capture": {"warmups": 2, "replays": 5},
+                                          "cudnn_handles": {0: [7, 3], 1: [2, 1]}}
+    monkeypatch.setattr(_extension, "extension", lambda: OlderExtension)
+    assert bench.extension_counters()["cudnn_handles"] is None
+    monkeypatch.setattr(_extension, "extension", lambda: None)
+    assert bench.extension_counters() is None
+
+
+def test_extension_counters_of_the_built_extension():
+    from jaxdnn import _extension, bench
+    if _extension.extension() is None:
+        pytest.skip("no jaxdnn extension in this environment")
+    counters = bench.extension_counters()
+    assert set(counters["graph_capture"]) >= {"warmups", "replays", "failures"}
+    for made, streams in counters["cudnn_handles"].values():
+        assert made >= 1 and streams >= 0
