@@ -502,11 +502,8 @@ ffi::Error ExecuteFwd(cudaStream_t stream, int device, RnnState* state, Buffer x
         void* reserve_data = reserve_bytes > 0 ? reserve->untyped_data() : nullptr;
         auto launch = [&](cudaStream_t on) -> ffi::Error {
           // The borrowed handle is bound to `stream`; a graph capture launches on a stream
-          // of its own, and its fallback on `stream` again. Rebind only on a change:
-          // cudnnSetStream records an event on the stream the handle leaves.
-          cudaStream_t bound_to = nullptr;
-          JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnGetStream(handle, &bound_to));
-          if (bound_to != on) JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, cudnnSetStream(handle, on));
+          // of its own, and its fallback on `stream` again.
+          JAXDNN_RETURN_IF_CUDNN_ERROR(kFwd, BindCudnnHandle(handle, on));
           return JAXDNN_CUDNN_CALL(
               kFwd,
               cudnnRNNForward(

@@ -118,9 +118,8 @@ def soak_section(data) -> list[str]:
         # the samples' counts at a quarter, half and three quarters of the run: growth that
         # levels off (streams XLA keeps in a pool) or goes on (streams it makes anew)
         counted = [x for x in data.get("samples", []) if x.get("cudnn_handles")]
-        middle = [f"{per_device(counted[len(counted) * q // 4]['cudnn_handles'])} at "
-                  f"{counted[len(counted) * q // 4]['t']:.0f} s" for q in (1, 2, 3)
-                  if counted]
+        quarters = [counted[len(counted) * q // 4] for q in (1, 2, 3)] if counted else []
+        middle = [f"{per_device(x['cudnn_handles'])} at {x['t']:.0f} s" for x in quarters]
         rows.append(("cuDNN handles made, on how many streams: after the warm-up -> during "
                      "the run -> at the end",
                      " -> ".join([per_device(handles.get("after_warmup") or {}), *middle,

@@ -74,6 +74,13 @@ bool Capturing(cudaStream_t stream) {
 
 }  // namespace
 
+cudnnStatus_t BindCudnnHandle(cudnnHandle_t handle, cudaStream_t stream) {
+  cudaStream_t bound_to = nullptr;
+  cudnnStatus_t status = cudnnGetStream(handle, &bound_to);
+  if (status != CUDNN_STATUS_SUCCESS || bound_to == stream) return status;
+  return cudnnSetStream(handle, stream);
+}
+
 std::map<int, CudnnHandleCounts> CountCudnnHandles() {
   std::lock_guard<std::mutex> lock(PoolMutex());
   std::map<int, CudnnHandleCounts> counts;
@@ -130,10 +137,10 @@ BorrowedCudnnHandle::~BorrowedCudnnHandle() {
   // A launch may have bound the handle to a stream of its own (a graph capture's, alive
   // here): bind it back, and file it under the stream it is bound to. One whose stream is
   // unknown is retired.
-  cudaStream_t bound_to = nullptr;
-  if (cudnnGetStream(handle_, &bound_to) != CUDNN_STATUS_SUCCESS) return;
-  if (bound_to != stream_ && cudnnSetStream(handle_, stream_) == CUDNN_STATUS_SUCCESS)
-    bound_to = stream_;
+  cudaStream_t bound_to = stream_;
+  if (BindCudnnHandle(handle_, stream_) != CUDNN_STATUS_SUCCESS &&
+      cudnnGetStream(handle_, &bound_to) != CUDNN_STATUS_SUCCESS)
+    return;
   std::lock_guard<std::mutex> lock(PoolMutex());
   Pool()[device_].idle[bound_to].push_back(handle_);
 }

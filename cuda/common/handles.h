@@ -27,6 +27,11 @@ struct CudnnHandleCounts {
 };
 std::map<int, CudnnHandleCounts> CountCudnnHandles();  // by device
 
+// Binds `handle` to `stream` unless it is bound there already: cudnnSetStream records an
+// event on the stream the handle leaves, so a needless rebind is work, and one off a stream
+// destroyed since crashes. What a launch that moves a borrowed handle calls.
+cudnnStatus_t BindCudnnHandle(cudnnHandle_t handle, cudaStream_t stream);
+
 // Initialize stage: make sure `device` has a spare handle for the next execute.
 ffi::Error ReserveCudnnHandle(const char* op, int device);
 
