@@ -13,6 +13,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
@@ -70,6 +71,10 @@ struct RnnShape {
   cudnnDataType_t type = CUDNN_DATA_FLOAT;
   int steps = 0, batch = 0, input_size = 0;
   std::vector<int> lengths;  // of each sequence; empty: every one `steps` long
+  // A target without lengths (every sequence `steps` long): x and y described in cuDNN's
+  // packed layout with padded IO off, which spares cuDNN the padding; the *_host_lengths
+  // targets' lengths need the unpacked layout and padded IO. The same bytes either way.
+  bool packed = false;
 };
 
 // Everything a call needs, built once per (device, config, shape) and then only read.
@@ -163,11 +168,12 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   cudnnMathType_t math;
   MathFor(c, s.type, &precision, &math);
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDescriptor_v8(d->rnn.get(), c.algo, c.cell, CUDNN_RNN_DOUBLE_BIAS,
-                                   c.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
-                                   c.input_mode, s.type, precision, math, s.input_size,
-                                   c.hidden_size, /*projSize=*/OutputSize(c), c.num_layers,
-                                   d->dropout.get(), CUDNN_RNN_PADDED_IO_ENABLED));
+      op,
+      cudnnSetRNNDescriptor_v8(
+          d->rnn.get(), c.algo, c.cell, CUDNN_RNN_DOUBLE_BIAS,
+          c.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL, c.input_mode, s.type,
+          precision, math, s.input_size, c.hidden_size, /*projSize=*/OutputSize(c), c.num_layers,
+          d->dropout.get(), s.packed ? CUDNN_RNN_PADDED_IO_DISABLED : CUDNN_RNN_PADDED_IO_ENABLED));
   if (c.algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC)  // compiles kernels for this batch size
     JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnBuildRNNDynamic(handle, d->rnn.get(), s.batch));
 
@@ -175,15 +181,17 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   // each end.
   std::vector<int> lengths = s.lengths.empty() ? std::vector<int>(s.batch, s.steps) : s.lengths;
   double zero = 0.0;  // paddingFill is read in the data's type: zero bytes are zero in all
+  const cudnnRNNDataLayout_t layout =
+      s.packed ? CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED : CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED;
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->x));
+  void* fill = s.packed ? nullptr : &zero;  // packed data has no padding to fill
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(d->x.get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
-                                    s.steps, s.batch, s.input_size, lengths.data(), &zero));
+      op, cudnnSetRNNDataDescriptor(d->x.get(), s.type, layout, s.steps, s.batch, s.input_size,
+                                    lengths.data(), fill));
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->y));
   JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(d->y.get(), s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
-                                    s.steps, s.batch, Directions(c) * OutputSize(c), lengths.data(),
-                                    &zero));
+      op, cudnnSetRNNDataDescriptor(d->y.get(), s.type, layout, s.steps, s.batch,
+                                    Directions(c) * OutputSize(c), lengths.data(), fill));
   // h (hx, hy) has OutputSize(c) features, c (cx, cy) hidden_size: different shapes with a
   // projection.
   for (auto [descriptor, size] :
@@ -224,6 +232,7 @@ ffi::Error CachedDescriptors(const char* op, cudnnHandle_t handle, int device, c
       .Add(s.steps)
       .Add(s.batch)
       .Add(s.input_size)
+      .Add(static_cast<int64_t>(s.packed))
       .AddAll(s.lengths);
   return ProcessCache<RnnDescriptors>().GetOrBuild(
       key, [&](RnnDescriptors* d) { return BuildDescriptors(op, handle, c, s, d); }, out);
@@ -375,6 +384,7 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, RnnState*
         RnnShape shape;
         JAXDNN_RETURN_IF_ERROR(CheckOperands(op, c, in, &shape));
         const int64_t steps = shape.steps, batch = shape.batch;
+        shape.packed = !config.host_lengths;
         if (!config.static_lengths.empty()) {
           if (config.static_lengths.size() != static_cast<size_t>(batch))
             return InvalidArgument(op, "static_lengths must hold one length per sequence (N)");
@@ -612,7 +622,7 @@ struct Query {
   std::shared_ptr<const RnnDescriptors> descriptors;
 };
 
-Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch) {
+Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch, bool packed) {
   const char* op = "rnn query";
   auto text = [&](const char* key) { return nb::cast<std::string>(kw[key]); };
   auto number = [&](const char* key) { return nb::cast<int64_t>(kw[key]); };
@@ -635,7 +645,8 @@ Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch) {
              static_cast<int>(steps),
              static_cast<int>(batch),
              static_cast<int>(input_dim),
-             {}};
+             {},
+             packed};
   Query q;
   cudaError_t status = cudaGetDevice(&q.device);
   if (status != cudaSuccess) ThrowIfError(CudaError(op, "cudaGetDevice", status));
@@ -704,21 +715,29 @@ void AddRnnQueries(nb::module_& m) {
   m.def(
       "rnn_temp_space_sizes",
       [](nb::kwargs kw) {
-        Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
-                           nb::cast<int64_t>(kw["batch_size"]));
-        const RnnDescriptors& d = *q.descriptors;
-        if (!nb::cast<bool>(kw["training"]))
-          return std::pair<int64_t, int64_t>(d.inference_workspace_bytes, 0);
-        return std::pair<int64_t, int64_t>(d.training_workspace_bytes, d.reserve_bytes);
+        // The larger of the two layouts' sizes (see RnnShape): Python sizes the buffers
+        // of every target with them.
+        const bool training = nb::cast<bool>(kw["training"]);
+        std::pair<int64_t, int64_t> sizes{0, 0};
+        for (bool packed : {true, false}) {
+          Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
+                             nb::cast<int64_t>(kw["batch_size"]), packed);
+          const RnnDescriptors& d = *q.descriptors;
+          sizes.first = std::max<int64_t>(
+              sizes.first, training ? d.training_workspace_bytes : d.inference_workspace_bytes);
+          if (training) sizes.second = std::max<int64_t>(sizes.second, d.reserve_bytes);
+        }
+        return sizes;
       },
       "(workspace, reserve) bytes cudnnGetRNNTempSpaceSizes gives one RNN configuration (the "
       "attributes' keywords, proj_size optional, dtype, input_dim, max_seq_length, batch_size, "
-      "training) on the current device; reserve 0 unless training.");
+      "training) on the current device, the larger of its two data layouts; reserve 0 unless "
+      "training.");
   m.def(
       "rnn_weight_params",
       [](nb::kwargs kw) {
         constexpr char op[] = "rnn_weight_params";
-        Query q = RunQuery(kw, 1, 1);
+        Query q = RunQuery(kw, 1, 1, /*packed=*/true);      // the weights' layout has no lengths
         BorrowedCudnnHandle handle(op, q.device, nullptr);  // RunQuery reserved one
         ThrowIfError(handle.error());
         nb::list params;

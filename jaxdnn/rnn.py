@@ -43,8 +43,8 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
   variable_lengths=0). cuDNN plans each call from lengths on the host (given devSeqLengths
   but host lengths all T, it starts the backward direction at T: measured on the GPU), so:
   - without lengths (variable_lengths=0) the targets jaxdnn_rnn_* build their descriptors
-    once, at initialize; execute only launches, with no host synchronization, and may run
-    inside CUDA graphs;
+    once, at initialize, describing x and y as cuDNN's packed layout with padded IO off;
+    execute only launches, with no host synchronization, and may run inside CUDA graphs;
   - with lengths (variable_lengths=1) the primitives lower to jaxdnn_rnn_*_host_lengths,
     which XLA runs outside CUDA graphs (not command-buffer compatible: cuDNN's
     variable-length calls failed inside graphs, measured on the GPU). Lengths given as host data
@@ -59,7 +59,8 @@ What the cuDNN handlers (cuda/rnn.cc) receive:
     lengths as NumPy values (e.g. one compiled step per bucket of lengths) or pad to
     equal lengths.
 * reserve: u8. rnn_fwd produces `reserve_bytes` of it (cudnnGetRNNTempSpaceSizes in the
-  mode `training` says; training=0 is cuDNN's inference mode and writes none).
+  mode `training` says, the larger of the two layouts' sizes, as is the workspace;
+  training=0 is cuDNN's inference mode and writes none).
   rnn_bwd_data reads and updates it (its reserveSpace is in/out) and returns the updated
   copy (the operand is not aliased to the result: the handler copies it there first),
   which rnn_bwd_weights reads: that data dependency orders the two calls as cuDNN
