@@ -163,7 +163,7 @@ lint:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "ruff==0.17.6" "clang-format==23.1.5"
 	$(BIN)/ruff check jaxdnn tests benchmarks examples scripts
-	$(BIN)/clang-format --dry-run --Werror cuda/*.cc cuda/common/*
+	$(BIN)/clang-format --dry-run --Werror cuda/*.cc cuda/common/* tests/cpp/*.cc
 
 # The API reference from the docstrings (pdoc, pinned like the linters), into build/docs:
 # open build/docs/index.html. Flax's own annotations draw pdoc warnings; -W silences them.

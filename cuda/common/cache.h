@@ -1,6 +1,7 @@
 // The process-wide caches of descriptors and plans: one map per value type, keyed by
-// everything that shapes the cached object (op, dtype, dims, layout, mode, flags), behind
-// a mutex. Values are immutable once built and shared by every compiled instance.
+// everything that shapes the cached object (op, dtype, dims, layout, mode, flags), each key
+// built once behind a lock of its own. Values are immutable once built and shared by every
+// compiled instance.
 #pragma once
 
 #include <cstdint>
@@ -43,23 +44,36 @@ class CacheKey {
 template <typename Value>
 class KeyedCache {
  public:
-  // The cached value for `key`, built with `build(Value*)` on a miss.
+  // The cached value for `key`, built with `build(Value*)` on a miss. A build holds only its
+  // own key's lock, not the map's: calls for other keys go on meanwhile (a plan search may
+  // take seconds), calls for the same key wait for it and share its value. A failed build
+  // caches nothing: the next call for the key builds again.
   ffi::Error GetOrBuild(const CacheKey& key, const std::function<ffi::Error(Value*)>& build,
                         std::shared_ptr<const Value>* out) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = entries_.find(key.str());
-    if (it == entries_.end()) {
+    std::shared_ptr<Slot> slot;
+    {
+      std::lock_guard<std::mutex> lock(map_mutex_);
+      std::shared_ptr<Slot>& entry = slots_[key.str()];
+      if (entry == nullptr) entry = std::make_shared<Slot>();
+      slot = entry;
+    }
+    std::lock_guard<std::mutex> lock(slot->mutex);
+    if (slot->value == nullptr) {
       auto value = std::make_shared<Value>();
       JAXDNN_RETURN_IF_ERROR(build(value.get()));
-      it = entries_.emplace(key.str(), std::move(value)).first;
+      slot->value = std::move(value);
     }
-    *out = it->second;
+    *out = slot->value;
     return ffi::Error::Success();
   }
 
  private:
-  std::mutex mutex_;
-  std::unordered_map<std::string, std::shared_ptr<const Value>> entries_;
+  struct Slot {
+    std::mutex mutex;                    // held while the value is built, and to read it
+    std::shared_ptr<const Value> value;  // null until a build succeeds
+  };
+  std::mutex map_mutex_;  // guards slots_, never held during a build
+  std::unordered_map<std::string, std::shared_ptr<Slot>> slots_;
 };
 
 // The one cache of `Value`s in the process (keys of values shared by several ops, such

@@ -7,7 +7,7 @@
 //     RELIABILITY.md: an event recorded on a destroyed stream);
 //   - no handle is created on a thread that is capturing a CUDA graph: a spare is made
 //     ahead, or another thread makes one.
-// tests/test_handle_pool.py builds and runs it; it prints "handle pool: N checks passed".
+// tests/test_cpp.py builds and runs it; it prints "handle pool: N checks passed".
 #include <atomic>
 #include <chrono>
 #include <cstdint>
