@@ -35,7 +35,7 @@ from jaxdnn.reference import rnn as rnn_reference
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
            "run", "time_ms", "steady_time_ms", "in_program_ms", "measure_bandwidth",
            "lowered_path", "default_size", "on_gpu", "format_table", "format_ms", "peers",
-           "PEER_FIELDS", "format_peers", "extension_counters"]
+           "peers_torch_note", "PEER_FIELDS", "format_peers", "extension_counters"]
 
 OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
@@ -692,6 +692,12 @@ def _torch_setup(use_torch: bool) -> tuple[Any, str | None, str]:
     elif where == "cpu":
         note += " (JAX runs on the CPU too)"
     return _torch_peer, where, note
+
+
+def peers_torch_note(torch: bool = True) -> str:
+    """The line `peers` returns on its PyTorch column (which PyTorch on which device, or
+    why there is none), known before any case is timed."""
+    return _torch_setup(torch)[2]
 
 
 def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,

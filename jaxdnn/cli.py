@@ -250,18 +250,11 @@ def _bench_peers(args: argparse.Namespace, ops: list[str], size: str,
              "application; vs best peer = the faster peer's ms / jaxdnn ms (above 1: jaxdnn "
              "is faster)")
     print(_bench_header(size, args.repeats, None, ratio), file=human, flush=True)
-    notes: list[str] = []
-
-    def timing(on_row):
-        rows, torch_note = bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
-                                       copies=args.copies, progress=ProgressBar(sys.stderr),
-                                       on_row=on_row)
-        notes.append(torch_note)
-        return rows
-
-    rows, interrupted = _time_rows(timing, human)
-    for note in notes:
-        print(note, file=human)
+    print(bench.peers_torch_note(), file=human, flush=True)
+    rows, interrupted = _time_rows(
+        lambda on_row: bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
+                                   copies=args.copies, progress=ProgressBar(sys.stderr),
+                                   on_row=on_row)[0], human)
     print(bench.format_peers(rows), file=human)
     _write_rows(args, rows, bench.format_peers(rows, markdown=True), human)
     return rows, interrupted
