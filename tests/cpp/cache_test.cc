@@ -8,24 +8,17 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdio>
 #include <future>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
-int checks = 0, failures = 0;
-
-void Check(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using checks::Check;
 
 struct Value {
   int number = 0;
@@ -132,10 +125,5 @@ int main() {
           "a successful build is kept");
   }
 
-  if (failures > 0) {
-    std::printf("cache: %d of %d checks failed\n", failures, checks);
-    return 1;
-  }
-  std::printf("cache: %d checks passed\n", checks);
-  return 0;
+  return checks::Report("cache");
 }

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "checks.h"
 #include "common/handles.h"
 
 struct cudnnContext {
@@ -83,15 +84,7 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* 
 
 namespace {
 
-int checks = 0, failures = 0;
-
-void Check(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using checks::Check;
 
 // Marks `stream` as being captured by this thread while the object lives.
 class Capture {
@@ -210,10 +203,5 @@ int main() {
 
   for (const std::string& violation : violations) Check(false, violation);
   std::printf("handles created: %d, cudnnSetStream calls: %d\n", handles_created, set_stream_calls);
-  if (failures > 0) {
-    std::printf("handle pool: %d of %d checks failed\n", failures, checks);
-    return 1;
-  }
-  std::printf("handle pool: %d checks passed\n", checks);
-  return 0;
+  return checks::Report("handle pool");
 }
