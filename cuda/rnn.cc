@@ -715,23 +715,21 @@ void AddRnnQueries(nb::module_& m) {
   m.def(
       "rnn_temp_space_sizes",
       [](nb::kwargs kw) {
-        // The larger of the two layouts' sizes (see RnnShape): Python sizes the buffers
-        // of every target with them.
+        // The layout of the call's target (see RnnShape): variable_lengths, optional,
+        // names the *_host_lengths targets' unpacked layout.
+        const bool packed =
+            !(kw.contains("variable_lengths") && nb::cast<bool>(kw["variable_lengths"]));
         const bool training = nb::cast<bool>(kw["training"]);
-        std::pair<int64_t, int64_t> sizes{0, 0};
-        for (bool packed : {true, false}) {
-          Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
-                             nb::cast<int64_t>(kw["batch_size"]), packed);
-          const RnnDescriptors& d = *q.descriptors;
-          sizes.first = std::max<int64_t>(
-              sizes.first, training ? d.training_workspace_bytes : d.inference_workspace_bytes);
-          if (training) sizes.second = std::max<int64_t>(sizes.second, d.reserve_bytes);
-        }
-        return sizes;
+        Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
+                           nb::cast<int64_t>(kw["batch_size"]), packed);
+        const RnnDescriptors& d = *q.descriptors;
+        return std::pair<int64_t, int64_t>(
+            training ? d.training_workspace_bytes : d.inference_workspace_bytes,
+            training ? d.reserve_bytes : 0);
       },
       "(workspace, reserve) bytes cudnnGetRNNTempSpaceSizes gives one RNN configuration (the "
-      "attributes' keywords, proj_size optional, dtype, input_dim, max_seq_length, batch_size, "
-      "training) on the current device, the larger of its two data layouts; reserve 0 unless "
+      "attributes' keywords, proj_size and variable_lengths optional, dtype, input_dim, "
+      "max_seq_length, batch_size, training) on the current device; reserve 0 unless "
       "training.");
   m.def(
       "rnn_weight_params",

@@ -143,17 +143,21 @@ DIRECTION_MODES = ("unidirectional", "bidirectional")
 def temp_space_sizes(*, mode: str, input_mode: str, algo: str, hidden_size: int,
                      num_layers: int, bidirectional: bool, allow_tf32: bool, dtype: str,
                      max_seq_length: int, batch_size: int, input_dim: int,
-                     training: bool, proj_size: int = 0) -> tuple[int, int]:
+                     training: bool, proj_size: int = 0,
+                     variable_lengths: bool = False) -> tuple[int, int]:
     """(workspace, reserve) bytes that cudnnGetRNNTempSpaceSizes gives one configuration
     (data descriptors of max_seq_length x batch_size, every length max_seq_length, as the
     handlers build them), asked of the extension once per configuration (it needs a GPU).
-    The reserve is 0 unless `training`. Calls with shorter lengths get the same sizes
-    (full-length sequences are the longest; the GPU tests run variable lengths with them)."""
+    The reserve is 0 unless `training`. `variable_lengths` sizes the layout of the calls
+    with lengths (the *_host_lengths targets; see the module docstring), whose shorter
+    lengths get the same sizes (full-length sequences are the longest; the GPU tests run
+    variable lengths with them)."""
     return _query_temp_space_sizes(
         mode=mode, input_mode=input_mode, algo=algo, hidden_size=hidden_size,
         num_layers=num_layers, bidirectional=bool(bidirectional), allow_tf32=bool(allow_tf32),
         dtype=dtype, max_seq_length=max_seq_length, batch_size=batch_size,
-        input_dim=input_dim, training=bool(training), proj_size=int(proj_size))
+        input_dim=input_dim, training=bool(training), proj_size=int(proj_size),
+        variable_lengths=bool(variable_lengths))
 
 
 def _extension_query(name: str):
@@ -216,9 +220,9 @@ class _Config(NamedTuple):
     proj_size: int = 0     # lstm's projection of the hidden state; 0: none
 
 
-# What the sizes depend on: not the lengths (sized for full-length sequences).
-_SIZE_KEYS = tuple(k for k in _Config._fields
-                   if k not in ("impl", "variable_lengths", "static_lengths"))
+# What the sizes depend on: whether there are lengths (the data's layout), not their
+# values (sized for full-length sequences).
+_SIZE_KEYS = tuple(k for k in _Config._fields if k not in ("impl", "static_lengths"))
 
 
 def _space_sizes(params: dict, x, training: bool) -> tuple[int, int]:

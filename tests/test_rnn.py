@@ -20,7 +20,7 @@ from jax.test_util import check_grads
 
 import jaxdnn
 from oracles import rnn as ref
-from helpers import FLOAT_DTYPES, assert_close, cast, to_f64, xla_path
+from helpers import FLOAT_DTYPES, assert_close, cast, fake_temp_space_sizes, to_f64, xla_path
 from helpers import jit_run as _jit_run
 from jaxdnn import _extension
 from jaxdnn import rnn as rnn_module
@@ -749,6 +749,27 @@ def test_cuda_lowering_once_the_handlers_exist(cudnn_on_cpu):
     assert "training = 0 : i64" in attrs and "variable_lengths = 0 : i64" in attrs
     assert f"tensor<1x{BATCH}x0xf32>" in text and "tensor<0xui8>" in text
     assert f"tensor<{STEPS}x{BATCH}x{INPUT_DIM}xf32>" in text
+
+
+def test_space_sizes_are_asked_for_the_targets_layout(cudnn_on_cpu, monkeypatch):
+    """The targets with lengths describe the data in another layout than those without
+    (cuda/rnn.cc, RnnShape): each call's sizes are asked for its own layout."""
+    asked = []
+
+    def recording_sizes(*, variable_lengths=None, **config):
+        asked.append(variable_lengths)
+        return fake_temp_space_sizes(**config)
+
+    monkeypatch.setattr(rnn_module, "temp_space_sizes", recording_sizes)
+    block = make_block("gru")
+    w = jnp.zeros(block.get_param_size((BATCH, INPUT_DIM)))
+    x, hx = jnp.zeros((STEPS, BATCH, INPUT_DIM)), jnp.zeros((1, BATCH, HIDDEN))
+    _cuda_hlo(lambda w, x, h: block.apply(w, x, h), w, x, hx)
+    assert asked and set(asked) == {False}
+    asked.clear()
+    _cuda_hlo(lambda w, x, h, lengths: block.apply(w, x, h, None, lengths), w, x, hx,
+              jnp.asarray(LENGTHS, jnp.int32))
+    assert asked and set(asked) == {True}
 
 
 def test_rnn_algo_flag_reaches_the_handlers(cudnn_on_cpu):
