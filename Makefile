@@ -30,8 +30,14 @@ CUDA_PACKAGES_12 := "jax[cuda12]>=0.10.1" "nvidia-cudnn-cu12>=9.8,<10" "nvidia-c
 CUDA_PACKAGES_13 := "jax[cuda13]>=0.10.1" "nvidia-cudnn-cu13>=9.12,<10" "nvidia-cuda-nvrtc>=13,<14"
 CUDA_PACKAGES := $(if $(CUDA),$(CUDA_PACKAGES_$(CUDA)))
 CUDNN_WHEEL := nvidia-cudnn-cu$(if $(CUDA),$(CUDA),12)>=9.8,<10
-# The CUDA runtime headers, for a machine without a CUDA toolkit (CMake prefers a toolkit).
-HEADER_WHEELS_12 := nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12
+# Without CUDA the cuDNN wheel serves only its headers and libcudnn.so.9, which the
+# extension links and loads (its engines load on first use, never on the CPU): the wheel's
+# dependency cuBLAS (0.8 GB) is left out, which keeps CI's disk use down.
+CUDNN_WHEEL_DEPS := $(if $(CUDA),,--no-deps)
+# The CUDA runtime headers, for a machine without a CUDA toolkit (CMake prefers a toolkit),
+# and NVRTC, which the extension links (plugin/pyproject.toml says why).
+HEADER_WHEELS_12 := nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12 \
+	nvidia-cuda-nvrtc-cu12
 HEADER_WHEELS_13 := "nvidia-cuda-runtime>=13,<14" "nvidia-cuda-crt>=13,<14" \
 	"nvidia-cuda-cccl>=13,<14" "nvidia-cuda-nvrtc>=13,<14"
 HEADER_WHEELS := $(HEADER_WHEELS_$(if $(CUDA),$(CUDA),12))
@@ -62,7 +68,8 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard cuda/*.cc cuda/comm
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Build requirements first, so that the build below needs no isolated environment.
 	$(BIN)/python -m pip install -q scikit-build-core nanobind ninja cmake jax jaxlib \
-		"$(CUDNN_WHEEL)" $(HEADER_WHEELS) "nvidia-cudnn-frontend>=1.16,<1.29" $(CUDA_PACKAGES)
+		$(HEADER_WHEELS) "nvidia-cudnn-frontend>=1.16,<1.29" $(CUDA_PACKAGES)
+	$(BIN)/python -m pip install -q $(CUDNN_WHEEL_DEPS) "$(CUDNN_WHEEL)"
 	$(BIN)/python -m pip install -q --no-build-isolation \
 		-Ccmake.define.JAXDNN_REQUIRE_CUDA=$(REQUIRE_CUDA) -e ".[$(EXTRAS)]"
 	touch $@
