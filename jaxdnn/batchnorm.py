@@ -100,16 +100,15 @@ def _xla_is_faster(layout: str, dtype, mode: str, training: bool) -> bool:
 
     Inside a jitted program XLA fuses batch norm's reductions and its elementwise
     normalization with the convolution, activation and residual add around it; a cuDNN
-    call reads and writes the whole image on its own. Spatial training, N64 C256 28²,
-    forward+backward, H100: float32 NCHW took 0.58x XLA's speed inside one program of 8
-    applications (0.98x per call), bfloat16 NHWC 0.91x per call and bfloat16 0.73-0.93x
-    in both layouts (BENCHMARKS.md, "Batch normalization"). The one per-call win, float32
-    NHWC spatial training (1.37x forward+backward, cuDNN's graph API), has no in-program
-    measurement, and a float32 CNN training step that ran its batch norm there took 0.84x
-    Flax's (BENCHMARKS.md, "Data-parallel training steps on one device"), so it takes
-    XLA too; so do per-activation mode (unmeasured) and inference, an elementwise pass
-    XLA folds into its neighbours. in_model.py times each case beside cuDNN forced: a
-    case goes back to cuDNN once that shows cuDNN ahead inside a program.
+    call reads and writes the whole image on its own. In the spatial training cases
+    measured, per call or inside a program, cuDNN ran slower than XLA (BENCHMARKS.md,
+    "Batch normalization" and "Softmax and batch norm where models use them") but for one
+    per-call win, float32 NHWC through cuDNN's graph API; a float32 CNN training step that
+    ran its batch norm there was slower than Flax's (BENCHMARKS.md, "Data-parallel
+    training steps on one device"), so it takes XLA too; so do per-activation mode
+    (unmeasured) and inference, an elementwise pass XLA folds into its neighbours.
+    in_model.py times each case beside cuDNN forced: a case goes back to cuDNN once that
+    shows cuDNN ahead inside a program.
     """
     del layout, mode, training  # one answer for every non-float64 case measured so far
     return jnp.dtype(dtype) != jnp.float64

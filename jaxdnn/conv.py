@@ -321,8 +321,8 @@ def _compute_dtype(op: str, precision, dtype) -> str:
 
 def _cudnn_computes(dtype, compute_dtype: str) -> bool:
     """Whether jaxdnn sends `dtype` data computed in `compute_dtype` to cuDNN: the data's own
-    type, or float32 for half-precision data. Not float64: on an H100 with cuDNN 9.19 the
-    frontend's float64 forward and backward-data plans wrote garbage (every element wrong,
+    type, or float32 for half-precision data. Not float64: with cuDNN 9.19 the frontend's
+    float64 forward and backward-data plans wrote garbage (every element wrong,
     in tests/test_conv.py), so float64 convolutions take XLA's path, which reaches cuDNN's
     legacy float64 kernels itself."""
     data = jnp.dtype(dtype).name

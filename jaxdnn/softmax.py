@@ -115,10 +115,10 @@ def dnn_softmax(x, algo: str = "accurate", mode: str = "channel", data_format: s
 
 # The dtypes whose XLA path is jax.nn.softmax itself rather than the primitives' reference.
 # Both compute in the input's dtype there, but XLA compiles jax.nn's formulation (the
-# backward from exp(x - max) and its sum, not from the output) into faster programs:
-# float32 forward+backward inside one program took 0.73x jax.nn.softmax's speed on the
-# primitives (BENCHMARKS.md, "Softmax and batch norm where models use them"). In 16-bit
-# dtypes the primitives' float32 arithmetic was as fast or faster (1.00-1.33x): those stay.
+# backward from exp(x - max) and its sum, not from the output) into faster float32
+# programs, forward+backward inside one program (BENCHMARKS.md, "Softmax and batch norm
+# where models use them"). In 16-bit dtypes the primitives' float32 arithmetic was as fast
+# or faster: those stay.
 _JAX_NN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
@@ -134,12 +134,12 @@ def _xla_is_faster(mode: str, layout: str, spatial) -> bool:
 
     Inside a jitted program XLA fuses its softmax with the neighbouring ops (the scaling
     and masking before it, the matrix product after it, their gradients), which a cuDNN
-    call cannot join. On (N, C) rows (8192x4096 float32, H100) cuDNN took 0.29x XLA's speed
-    with the backward inside one program of 8 applications and 0.67x per call; attention
-    scores and classifier heads reach it as such rows (jaxdnn.nn.softmax). No measurement
-    shows cuDNN's softmax ahead inside a program: the one per-call win, channel mode on
-    channels-last images with the backward (1.23x, BENCHMARKS.md, "Softmax and pooling,
-    per call"), came with a forward at 0.74x, and per-call margins shrink in a program.
+    call cannot join: on (N, C) rows, the shape attention scores and classifier heads reach
+    it as (jaxdnn.nn.softmax), cuDNN ran slower than XLA per call and further behind
+    inside a program. No measurement shows cuDNN's softmax ahead inside a program: the one
+    per-call win, channel mode on channels-last images with the backward (BENCHMARKS.md,
+    "Softmax and pooling, per call"), came with a slower forward, and per-call margins
+    shrink in a program.
     So 'auto' keeps XLA until an in-program measurement (in_model.py's "jaxdnn, cuDNN
     forced" column) shows cuDNN ahead for a (mode, layout); dnn.enabled=True runs cuDNN.
     """
