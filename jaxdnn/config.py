@@ -111,8 +111,9 @@ _FLAGS = {f.name: f for f in (
          "Most bytes of workspace one convolution may use; 'none'/'small'/'large' scale within it."),
     Flag("dnn.conv.layout_route", "auto", _choice(LAYOUT_ROUTES),
          "How a channels-first convolution reaches cuDNN: 'auto' as measured fastest "
-         "(jaxdnn.conv.CHANNELS_LAST_DTYPES), 'channels_last' through transposes, 'own' in "
-         "the image's layout. Pointwise (1x1) kernels always keep the image's layout."),
+         "(jaxdnn.conv.CHANNELS_LAST_DTYPES, FEW_CHANNELS), 'channels_last' through "
+         "transposes in every pass, 'own' in the image's layout. Pointwise (1x1) kernels "
+         "always keep the image's layout."),
     Flag("dnn.rnn.algo", "standard", _choice(RNN_ALGOS),
          "cuDNN RNN algorithm of RNNBlock: 'standard', or one of cuDNN's persistent kernels "
          "(limited to some sizes and types; cuDNN refuses the others at trace time)."),

@@ -14,7 +14,8 @@ conv_dgrad, conv_wgrad), each with a trailing u8 workspace result sized here by
 has no engine for the data type / compute type pair (float32 data computed in float64,
 say) the call takes the XLA path (jaxdnn/reference/conv.py), as it does elsewhere.
 Channels-first images (but for 1x1 kernels) reach cuDNN channels-last, transposed around
-the call as XLA's own layout assignment does (CHANNELS_LAST_DTYPES says why). The input
+the call as XLA's own layout assignment does (CHANNELS_LAST_DTYPES says why); the backward
+passes of a float32 image of few channels keep its layout (FEW_CHANNELS says why). The input
 gradient of a stride-1 depthwise convolution runs as a forward convolution
 (_bwd_data_as_forward says why).
 """
@@ -244,10 +245,22 @@ def _bind_bwd_data(kerns, topgrad, *, img_shape, **params):
 
 # Bilinear AD: each pass's transposes are the other two passes.
 def _fwd_transpose_img(ct, img, kerns, **params):
+    own = _backward_in_image_layout(params)
+    if own is not None:  # a routed forward's backward in the image's own layout
+        n, *spatial, c = img.aval.shape
+        dimg = _bind_bwd_data(_kernels_from(kerns, params["layout"]), _to_channels_first(ct),
+                              img_shape=(n, c, *spatial), **own)
+        return _to_channels_last(dimg)
     return _bind_bwd_data(kerns, ct, img_shape=tuple(img.aval.shape), **params)
 
 
 def _fwd_transpose_kerns(ct, img, kerns, **params):
+    own = _backward_in_image_layout(params)
+    if own is not None:
+        k, *spatial, c = kerns.aval.shape
+        dkerns = conv_bwd_filter_p.bind(_to_channels_first(img), _to_channels_first(ct),
+                                        kerns_shape=(k, c, *spatial), **own)
+        return _kernels_for(dkerns, params["layout"])
     return conv_bwd_filter_p.bind(img, ct, kerns_shape=tuple(kerns.aval.shape), **params)
 
 
@@ -416,15 +429,44 @@ def _pointwise(kerns_shape) -> bool:
     return all(k == 1 for k in kerns_shape[2:])
 
 
-def _channels_last_params(params: dict, dtype, kerns_shape) -> dict | None:
+# Float32 images of at most this many channels (RGB or grey: a network's stem) take
+# the channels-last route in the forward pass only; the backward passes of that forward
+# run in the image's own layout. Measured inside one program on the stem 7x7/2 3->64
+# (BENCHMARKS.md, "Convolutions inside one program"): its forward ran faster through the
+# transposes, its forward+backward faster in the image's layout, while bfloat16 ran both
+# faster through the transposes.
+FEW_CHANNELS = 3
+
+
+def _channels_last_params(params: dict, dtype, kerns_shape, forward: bool = False
+                          ) -> dict | None:
     """The parameters of the channels-last call that serves a channels-first one on the
-    cuDNN path, or None where the call keeps its layout."""
+    cuDNN path, or None where the call keeps its layout. For a `forward` pass whose
+    backward passes keep the image's layout (FEW_CHANNELS), they carry that layout as
+    `backward_layout`, which the transpose rules read."""
     layout, route = params["layout"], config.read("dnn.conv.layout_route")
     if params["impl"] != "cudnn" or is_channels_last(layout) or _pointwise(kerns_shape):
         return None
     if route == "own" or (route == "auto" and jnp.dtype(dtype).name not in CHANNELS_LAST_DTYPES):
         return None
-    return dict(params, layout=CHANNELS_LAST[len(layout)])
+    routed = dict(params, layout=CHANNELS_LAST[len(layout)])
+    image_channels = kerns_shape[1] * params["groups"]
+    if (forward and route == "auto" and jnp.dtype(dtype) == jnp.float32
+            and image_channels <= FEW_CHANNELS):
+        routed["backward_layout"] = layout
+    return routed
+
+
+def _backward_in_image_layout(params: dict) -> dict | None:
+    """The parameters of a routed forward's backward passes where they keep the image's
+    own layout (`_channels_last_params`), else None. Their operands are the forward's,
+    transposed back: XLA folds each transpose pair into none."""
+    layout = params.get("backward_layout")
+    if layout is None:
+        return None
+    own = dict(params, layout=layout)
+    del own["backward_layout"]
+    return own
 
 
 def _to_channels_last(x):
@@ -488,7 +530,8 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
         workmem=workmem, ranks=_ranks)
-    routed = _channels_last_params(params, jnp.result_type(img), jnp.shape(kerns))
+    routed = _channels_last_params(params, jnp.result_type(img), jnp.shape(kerns),
+                                   forward=True)
     if routed is not None:
         out = conv_fwd_p.bind(_to_channels_last(img), _kernels_for(kerns, routed["layout"]),
                               **routed)

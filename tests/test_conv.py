@@ -1074,6 +1074,8 @@ GPU_CONFIGS = {
     "2d-half-depthwise-s1": ((2, 8, 10, 11), (8, 1, 3, 3), "half", (1, 1), (1, 1), 8),
     "3d-valid-d2-depthwise-s1": ((2, 4, 6, 7, 6), (4, 1, 3, 2, 3), "valid", (1, 1, 1), (2, 1, 1),
                                  4),
+    # a stem: float32 channels-first takes the route forward only (jaxdnn.conv.FEW_CHANNELS)
+    "2d-stem-s2": ((2, 3, 15, 14), (8, 3, 7, 7), 3, (2, 2), (1, 1), 1),
 }
 gpu_configs = pytest.mark.parametrize("config", list(GPU_CONFIGS))
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -1272,3 +1274,45 @@ def test_gpu_time_once_persists_its_choice_under_jaxdnn_cache_dir(tmp_path):
     written = plan_file.stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", _TIMED_SCRIPT], env=env, check=True, timeout=300)
     assert plan_file.stat().st_mtime_ns == written
+
+
+def test_a_float32_stems_backward_in_the_images_layout_is_the_gradient(rng, cudnn_on_cpu):
+    """A float32 image of few channels (jaxdnn.conv.FEW_CHANNELS) takes the channels-last
+    route in the forward only; its backward passes transpose their operands back to the
+    image's layout (tests/test_lowering.py checks the layouts). On the CPU the cuDNN-path
+    primitives lower to their references: the gradients, a vmapped gradient, a second
+    order and a JVP through that path against lax.conv_general_dilated's."""
+    x = jnp.asarray(rng.standard_normal((2, 3, 11, 9)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 3, 3, 4)), jnp.float32)
+    dims = ("NCHW", "OIHW", "NCHW")
+
+    def ours(x, w):
+        return dnn_conv(x, w, border_mode=(1, 2), subsample=(2, 1), conv_mode="cross")
+
+    def lax_conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (2, 1), ((1, 1), (2, 2)),
+                                            dimension_numbers=dims,
+                                            precision=jax.lax.Precision.HIGHEST)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    tol = dict(rtol=2e-4, atol=2e-4)
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w),
+                             jax.grad(loss(lax_conv), (0, 1))(x, w)):
+            np.testing.assert_allclose(got, want, **tol)
+        xs = jnp.stack([x, 2 * x])
+        np.testing.assert_allclose(
+            jax.jit(jax.vmap(jax.grad(loss(ours), 1), (0, None)))(xs, w),
+            jax.vmap(jax.grad(loss(lax_conv), 1), (0, None))(xs, w), **tol)
+
+        def second(conv):
+            return lambda x, w: jnp.sum(jax.grad(loss(conv), 1)(x, w) ** 2)
+
+        for got, want in zip(jax.jit(jax.grad(second(ours), (0, 1)))(x, w),
+                             jax.grad(second(lax_conv), (0, 1))(x, w)):
+            np.testing.assert_allclose(got, want, **tol)
+        tangents = (jnp.cos(x), jnp.sin(w))
+        np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1],
+                                   jax.jvp(lax_conv, (x, w), tangents)[1], **tol)

@@ -256,6 +256,28 @@ def test_channels_first_convolutions_run_channels_last(dtype, cudnn_forced):
     assert len(calls) == 2 and all('layout = "NCHW"' in c[1] for c in calls)
 
 
+@pytest.mark.parametrize("dtype,channels,route,backward_layout", [
+    (jnp.float32, 3, "auto", "NCHW"),  # a stem: conv.FEW_CHANNELS
+    (jnp.float32, 8, "auto", "NHWC"),
+    (jnp.bfloat16, 3, "auto", "NHWC"),
+    (jnp.float32, 3, "channels_last", "NHWC"),  # the flag routes every pass
+])
+def test_a_float32_stems_backward_keeps_the_images_layout(dtype, channels, route,
+                                                          backward_layout, cudnn_forced):
+    x, w = jnp.ones((2, channels, 9, 7), dtype), jnp.ones((6, channels, 3, 5), dtype)
+    jaxdnn.config.update("dnn.conv.layout_route", route)
+    f = lambda x, w: jaxdnn.dnn_conv(x, w, subsample=(2, 2)).astype(jnp.float32).sum()
+    ((name, attrs),) = custom_calls(cuda_hlo(f, x, w))
+    assert name == "jaxdnn_conv_fwd" and 'layout = "NHWC"' in attrs
+    text = cuda_hlo(jax.grad(f, (0, 1)), x, w)
+    calls = custom_calls(text)
+    assert sorted(c[0] for c in calls) == ["jaxdnn_conv_bwd_data", "jaxdnn_conv_bwd_filter"]
+    assert all(f'layout = "{backward_layout}"' in c[1] for c in calls), calls
+    kernels = (6, channels, 3, 5) if backward_layout == "NCHW" else (6, 3, 5, channels)
+    name = {jnp.bfloat16: "bf16", jnp.float32: "f32"}[dtype]
+    assert f"tensor<{'x'.join(map(str, kernels))}x{name}>" in text
+
+
 @pytest.mark.parametrize("route,dtype,layout", [("own", jnp.float32, "NCHW"),
                                                 ("own", jnp.bfloat16, "NCHW"),
                                                 ("channels_last", jnp.float32, "NHWC"),
