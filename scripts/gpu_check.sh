@@ -16,7 +16,8 @@
 # how many pytest processes share them, below); BENCH_OPS
 # (default: all) the ops of the bench stage, INPROGRAM_OPS (default conv pool) those of
 # the inprogram stage, KERNEL_TIMES_ARGS the options of the kerneltimes stage.
-# "peers" (not a default stage) runs `jaxdnn bench --peers` (PEERS_ARGS: its options).
+# "peers" (not a default stage) runs `jaxdnn bench --peers` (PEERS_ARGS: its options);
+# "routes" (not a default stage) times convolutions on each layout route (ROUTES_ARGS).
 # "inmodel" (not a default stage; estimated 5-10 minutes, 2-3 with INMODEL_ARGS=--quick)
 # times softmax and batch norm where models use them (attention, a classifier head,
 # ReLU(batch norm) in every dtype, layout and mode; inside one program and per call),
@@ -294,6 +295,20 @@ run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # PyTorch; convolutions with time_once on all three passes.
 run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
+# Not a default stage: the convolutions ROUTES_ARGS picks (in_program.py's options; default
+# the float32 NCHW stem, whose backward passes 'auto' runs in the image's layout) inside one
+# program, on 'auto' (its "other route" column: the image's layout in every pass) and with
+# dnn.conv.layout_route=channels_last (the route in every pass), into LOG_DIR/routes_*.
+routes() {
+  local route rc=0
+  for route in auto channels_last; do
+    JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once,dnn.conv.layout_route=$route" \
+      "$PYTHON" benchmarks/in_program.py "$LOG_DIR/routes_$route" \
+      ${ROUTES_ARGS:---ops conv --match stem --dtype float32 --layout NCHW} || rc=1
+  done
+  return $rc
+}
+run_stage routes routes
 # Softmax and batch norm inside the programs models compile (not a default stage).
 run_stage inmodel "$PYTHON" benchmarks/in_model.py "$LOG_DIR" ${INMODEL_ARGS:-}
 # Not a default stage (73 of its 98 cases took 400 s on an H100): `jaxdnn bench --peers`,
