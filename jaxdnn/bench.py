@@ -35,7 +35,7 @@ from jaxdnn.reference import rnn as rnn_reference
 __all__ = ["Case", "OPS", "SIZES", "PASSES", "FIELDS", "CALLS", "cases", "inputs", "build",
            "run", "time_ms", "steady_time_ms", "in_program_ms", "measure_bandwidth",
            "lowered_path", "default_size", "on_gpu", "format_table", "format_ms", "peers",
-           "peers_torch_note", "PEER_FIELDS", "format_peers", "extension_counters"]
+           "PEER_FIELDS", "format_peers", "extension_counters"]
 
 OPS = ("softmax", "pool", "conv", "batchnorm", "stn", "rnn")
 SIZES = ("small", "full")
@@ -694,20 +694,16 @@ def _torch_setup(use_torch: bool) -> tuple[Any, str | None, str]:
     return _torch_peer, where, note
 
 
-def peers_torch_note(torch: bool = True) -> str:
-    """The line `peers` returns on its PyTorch column (which PyTorch on which device, or
-    why there is none), known before any case is timed."""
-    return _torch_setup(torch)[2]
-
-
 def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,
           copies: int = 8, torch: bool = True,
           progress: Callable[[int, int, str], None] | None = None,
-          on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], str]:
+          on_row: Callable[[dict], None] | None = None,
+          on_note: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
     """jaxdnn (its default flags) beside XLA and, where importable, PyTorch, for every case
     of `size` and `ops` and both passes, each timed per call and inside one program of
-    `copies` applications. Returns (rows with PEER_FIELDS, a line on the PyTorch column).
-    progress and on_row as in `run`.
+    `copies` applications. Returns (rows with PEER_FIELDS, a line on the PyTorch column:
+    which PyTorch on which device, or why there is none), the line also given to on_note
+    before any case is timed. progress and on_row as in `run`.
 
     JAX: per call, a steady stream of one jitted call at a time (`steady_time_ms`); in a
     program, `in_program_ms`. PyTorch, eager, has no program: its 'program' time is that of
@@ -717,6 +713,8 @@ def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None
     size = size or default_size()
     calls = calls or CALLS[size]
     torch_peer, where, note = _torch_setup(torch)
+    if on_note:
+        on_note(note)
     steps = [(case, pass_) for case in cases(size, ops) for pass_ in PASSES]
     rows = []
     for done, (case, pass_) in enumerate(steps):

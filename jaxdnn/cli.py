@@ -250,11 +250,12 @@ def _bench_peers(args: argparse.Namespace, ops: list[str], size: str,
              "application; vs best peer = the faster peer's ms / jaxdnn ms (above 1: jaxdnn "
              "is faster)")
     print(_bench_header(size, args.repeats, None, ratio), file=human, flush=True)
-    print(bench.peers_torch_note(), file=human, flush=True)
     rows, interrupted = _time_rows(
         lambda on_row: bench.peers(ops, size=size, repeats=args.repeats, calls=args.calls,
                                    copies=args.copies, progress=ProgressBar(sys.stderr),
-                                   on_row=on_row)[0], human)
+                                   on_row=on_row,
+                                   on_note=lambda note: print(note, file=human, flush=True))[0],
+        human)
     print(bench.format_peers(rows), file=human)
     _write_rows(args, rows, bench.format_peers(rows, markdown=True), human)
     return rows, interrupted
