@@ -13,7 +13,6 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
-#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
@@ -155,6 +154,21 @@ void MathFor(const RnnConfig& c, cudnnDataType_t type, cudnnDataType_t* precisio
   }
 }
 
+// Sets x's and y's data descriptors to `lengths` in the shape's layout (see RnnShape).
+ffi::Error SetDataDescriptors(const char* op, const RnnConfig& c, const RnnShape& s,
+                              const int* lengths, cudnnRNNDataDescriptor_t x,
+                              cudnnRNNDataDescriptor_t y) {
+  const cudnnRNNDataLayout_t layout =
+      s.packed ? CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED : CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED;
+  double zero = 0.0;  // paddingFill is read in the data's type: zero bytes are zero in all
+  void* fill = s.packed ? nullptr : &zero;  // packed data has no padding to fill
+  for (auto [data, size] :
+       {std::pair{x, s.input_size}, std::pair{y, Directions(c) * OutputSize(c)}})
+    JAXDNN_RETURN_IF_CUDNN_ERROR(
+        op, cudnnSetRNNDataDescriptor(data, s.type, layout, s.steps, s.batch, size, lengths, fill));
+  return ffi::Error::Success();
+}
+
 ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfig& c,
                             const RnnShape& s, RnnDescriptors* d) {
   d->config = c;
@@ -177,21 +191,12 @@ ffi::Error BuildDescriptors(const char* op, cudnnHandle_t handle, const RnnConfi
   if (c.algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC)  // compiles kernels for this batch size
     JAXDNN_RETURN_IF_CUDNN_ERROR(op, cudnnBuildRNNDynamic(handle, d->rnn.get(), s.batch));
 
-  // The lengths the descriptors describe (see the top of the file); zero written past
-  // each end.
+  // The lengths the descriptors describe (see the top of the file); unpacked, zero is
+  // written past each end.
   std::vector<int> lengths = s.lengths.empty() ? std::vector<int>(s.batch, s.steps) : s.lengths;
-  double zero = 0.0;  // paddingFill is read in the data's type: zero bytes are zero in all
-  const cudnnRNNDataLayout_t layout =
-      s.packed ? CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED : CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED;
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->x));
-  void* fill = s.packed ? nullptr : &zero;  // packed data has no padding to fill
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(d->x.get(), s.type, layout, s.steps, s.batch, s.input_size,
-                                    lengths.data(), fill));
   JAXDNN_RETURN_IF_ERROR(CreateDescriptor(op, cudnnCreateRNNDataDescriptor, &d->y));
-  JAXDNN_RETURN_IF_CUDNN_ERROR(
-      op, cudnnSetRNNDataDescriptor(d->y.get(), s.type, layout, s.steps, s.batch,
-                                    Directions(c) * OutputSize(c), lengths.data(), fill));
+  JAXDNN_RETURN_IF_ERROR(SetDataDescriptors(op, c, s, lengths.data(), d->x.get(), d->y.get()));
   // h (hx, hy) has OutputSize(c) features, c (cx, cy) hidden_size: different shapes with a
   // projection.
   for (auto [descriptor, size] :
@@ -449,14 +454,8 @@ ffi::Error HostLengthsData(const char* op, cudaStream_t stream, RnnState* state,
                           sizeof(int32_t) * s.batch, cudaMemcpyDeviceToHost, stream));
   JAXDNN_RETURN_IF_CUDA_ERROR(op, cudaStreamSynchronize(stream));
   JAXDNN_RETURN_IF_ERROR(CheckLengths(op, state->lengths.data, state->lengths.size, s.steps));
-  double zero = 0.0;
-  const int output_size = Directions(d.config) * OutputSize(d.config);
-  for (auto [data, size] : {std::pair{state->call_x.get(), s.input_size},
-                            std::pair{state->call_y.get(), output_size}}) {
-    JAXDNN_RETURN_IF_CUDNN_ERROR(
-        op, cudnnSetRNNDataDescriptor(data, s.type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_UNPACKED,
-                                      s.steps, s.batch, size, state->lengths.data, &zero));
-  }
+  JAXDNN_RETURN_IF_ERROR(SetDataDescriptors(op, d.config, s, state->lengths.data,
+                                            state->call_x.get(), state->call_y.get()));
   call->x = state->call_x.get();
   call->y = state->call_y.get();
   return ffi::Error::Success();
