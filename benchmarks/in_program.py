@@ -109,8 +109,10 @@ def _other_route_ms(case, fn, fn_args, args) -> float | None:
 
 
 def _conv_flags() -> str:
+    """The flags that choose what a case runs: the algorithms, the layout route, the path."""
     return ", ".join(f"{k}={v}" for k, v in jaxdnn.config.values().items()
-                     if k.startswith("dnn.conv.algo") or k == "dnn.enabled")
+                     if k.startswith("dnn.conv.algo")
+                     or k in ("dnn.conv.layout_route", "dnn.enabled"))
 
 
 def _geomean(values):

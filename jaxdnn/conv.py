@@ -434,7 +434,8 @@ def _pointwise(kerns_shape) -> bool:
 # run in the image's own layout. Measured inside one program on the stem 7x7/2 3->64
 # (BENCHMARKS.md, "Convolutions inside one program"): its forward ran faster through the
 # transposes, its forward+backward faster in the image's layout, while bfloat16 ran both
-# faster through the transposes.
+# faster through the transposes. The split itself: BENCHMARKS.md, "The float32 stem's
+# passes on each layout route".
 FEW_CHANNELS = 3
 
 

@@ -129,6 +129,9 @@ def test_in_program_small(tmp_path, script):
                     and any(k != 1 for k in case.operands[0][0][2:]))
         assert _positive(row["other_route_ms"]) == routable, row
     assert "geomean all: vs XLA" in markdown and rows[0]["case"] in markdown
+    # the header names the flags that choose a case's path, the layout route among them
+    # (two runs on either route are told apart by it)
+    assert "dnn.conv.layout_route=auto" in markdown and "dnn.enabled=auto" in markdown
 
 
 def test_in_program_filters_pick_cases_and_passes(tmp_path, script):
