@@ -129,7 +129,7 @@ class LM(nn.Module):
         return nn.Dense(self.vocab)(x)
 
 
-def _lm_params_for_jaxdnn(params: dict, hidden: int, layers: int) -> dict:
+def lm_params_for_jaxdnn(params: dict, hidden: int, layers: int) -> dict:
     """The Flax LM's params as the jaxdnn LM's: the Flax cells (cell_k) become one block."""
     cells = [params[f"cell_{k}"] for k in range(layers)]
     weights = jdflax.from_flax_cells("lstm", cells, hidden_size=hidden, num_layers=layers,
@@ -140,13 +140,13 @@ def _lm_params_for_jaxdnn(params: dict, hidden: int, layers: int) -> dict:
 
 # --- the training step ---------------------------------------------------------------------------
 
-def _cross_entropy(logits, labels):
+def cross_entropy(logits, labels):
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None], axis=-1))
 
 
-def _next_token_loss(logits, tokens):
-    return _cross_entropy(logits[:, :-1], tokens[:, 1:])
+def next_token_loss(logits, tokens):
+    return cross_entropy(logits[:, :-1], tokens[:, 1:])
 
 
 def train_step(model: nn.Module, loss_of: Callable) -> Callable:
@@ -174,7 +174,7 @@ def sgd_step(model: nn.Module, loss_of: Callable) -> Callable:
     return step
 
 
-def _init(model: nn.Module, inputs) -> tuple[dict, dict]:
+def init_variables(model: nn.Module, inputs) -> tuple[dict, dict]:
     """(params, the other collections) in the tree, shapes and dtypes of model.init, drawn
     by NumPy at the scale of Flax's default initializers (kernels and embeddings normal
     with variance 1 / fan-in, biases and means 0, scales and variances 1): on a CPU,
@@ -215,12 +215,12 @@ def _cnn(size: str):
                          jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, p["batch"]), jnp.int32)
     flax_model, jaxdnn_model = ResNet(p["widths"]), JaxdnnResNet(p["widths"])
-    params, state = _init(flax_model, images)
+    params, state = init_variables(flax_model, images)
     _check_same_tree(jaxdnn_model, images, {"params": params, **state})
     args = (params, state, images, labels)
     label = (f"N{p['batch']} {p['image']}x{p['image']}x3, channels "
              f"{'/'.join(map(str, p['widths']))}")
-    return label, "bfloat16", (flax_model, args), (jaxdnn_model, args), _cross_entropy
+    return label, "bfloat16", (flax_model, args), (jaxdnn_model, args), cross_entropy
 
 
 def _lstm_lm(size: str):
@@ -230,12 +230,12 @@ def _lstm_lm(size: str):
                          jnp.int32)
     flax_model = LM(p["vocab"], p["hidden"])
     jaxdnn_model = LM(p["vocab"], p["hidden"], jaxdnn=True)
-    params, _ = _init(flax_model, tokens)
-    converted = _lm_params_for_jaxdnn(params, p["hidden"], flax_model.layers)
+    params, _ = init_variables(flax_model, tokens)
+    converted = lm_params_for_jaxdnn(params, p["hidden"], flax_model.layers)
     _check_same_tree(jaxdnn_model, tokens, {"params": converted})
     label = f"vocab {p['vocab']}, H{p['hidden']} x2, N{p['batch']} x {p['length']} tokens"
     return (label, "float32", (flax_model, (params, {}, tokens, tokens)),
-            (jaxdnn_model, (converted, {}, tokens, tokens)), _next_token_loss)
+            (jaxdnn_model, (converted, {}, tokens, tokens)), next_token_loss)
 
 
 MODELS = {"cnn": _cnn, "lstm_lm": _lstm_lm}

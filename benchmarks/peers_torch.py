@@ -3,8 +3,8 @@ F.conv{1,2,3}d and F.conv_transpose{1,2,3}d, F.batch_norm (training) and F.affin
 F.grid_sample, on the same inputs (`bench.inputs`), shapes, dtypes and layouts, forward and
 forward+backward (autograd.grad of the output with respect to every input, for a fixed
 random cotangent), with torch.backends.cudnn.benchmark on, timed with CUDA events (median
-of repeats). The forwards and inputs are jaxdnn/_torch_peer.py's (`jaxdnn bench --peers`
-runs the same ones).
+of repeats). The forwards, inputs and settings are `jaxdnn.torch_peer`'s (`jaxdnn bench
+--peers` runs the same ones).
 
     python benchmarks/peers_torch.py [ops...] [--size full|small] [--repeats N]
 
@@ -23,36 +23,34 @@ import sys
 # JAX (imported for the case list) must not grab most of the GPU memory before PyTorch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from jaxdnn import _torch_peer, bench  # noqa: E402
+from jaxdnn import bench, torch_peer  # noqa: E402
 
 
 def unavailable_reason() -> str | None:
-    """Why PyTorch cannot be timed here, or None."""
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed"
+    """Why PyTorch cannot be timed on CUDA here, or None."""
+    reason = torch_peer.unavailable_reason()
+    if reason:
+        return reason
+    import torch
     if not torch.cuda.is_available():
         return f"PyTorch {torch.__version__} sees no CUDA device"
     return None
 
 
 def torch_versions() -> dict:
-    import torch
-    return {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-            "device": torch.cuda.get_device_name()}
+    return torch_peer.versions("cuda")
 
 
 def time_torch_ms(fn, repeats: int, calls: int) -> float:
     """Milliseconds per call: 4 warm-up calls, then the median over `repeats` of `calls`
     back-to-back calls between two CUDA events."""
-    return _torch_peer.time_ms(fn, repeats, calls, "cuda")
+    return torch_peer.time_ms(fn, repeats, calls, "cuda")
 
 
 def step_for(case: bench.Case, pass_: str):
     """One application of the case's pass on CUDA, a function of nothing (the forwards and
-    inputs are jaxdnn/_torch_peer.py's, which `jaxdnn bench --peers` runs too)."""
-    return _torch_peer.step_for(case, pass_, "cuda")
+    inputs are `jaxdnn.torch_peer`'s, which `jaxdnn bench --peers` runs too)."""
+    return torch_peer.step_for(case, pass_, "cuda")
 
 
 def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
@@ -61,17 +59,10 @@ def time_case(case: bench.Case, pass_: str, repeats: int, calls: int) -> float:
 
 def run(cases, repeats: int = 5, calls: int = bench.CALLS["full"], progress=None) -> list[dict]:
     """One row per (case, pass): the case's identifying fields and torch_ms."""
-    import torch
-    torch.backends.cudnn.benchmark = True
-    # TF32 for float32 convolutions and matmuls, as each framework computes them by default:
-    # XLA and jaxdnn convolve float32 on TF32 tensor cores (jax_default_matmul_precision
-    # unset), and so do PyTorch's cuDNN convolutions (cudnn.allow_tf32 is on by default);
-    # its matmuls take TF32 only when asked, which this asks for the same footing.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch_peer.configure("cuda")
     # The recurrent networks' PyTorch peers (nn.LSTM/nn.GRU, own weights) are timed by
     # benchmarks/rnn_peers.py beside jax.experimental.rnn and Flax.
-    steps = [(case, pass_) for case in cases if _torch_peer.supports(case)
+    steps = [(case, pass_) for case in cases if torch_peer.supports(case)
              for pass_ in bench.PASSES]
     rows = []
     for done, (case, pass_) in enumerate(steps):

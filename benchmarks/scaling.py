@@ -97,10 +97,10 @@ def _cnn(dtype: str, batch: int, small: bool):
     labels = rng.integers(0, 10, batch).astype(np.int32)
     flax_model = ft.ResNet(p["widths"], dtype=jnp.dtype(dtype))
     jaxdnn_model = ft.JaxdnnResNet(p["widths"], dtype=jnp.dtype(dtype))
-    params, state = ft._init(flax_model, jnp.asarray(images))
+    params, state = ft.init_variables(flax_model, jnp.asarray(images))
     label = f"{p['image']}x{p['image']}x3, channels {'/'.join(map(str, p['widths']))}"
     return label, {"flax": (flax_model, params), "jaxdnn": (jaxdnn_model, params)}, state, \
-        images, labels, ft._cross_entropy
+        images, labels, ft.cross_entropy
 
 
 def _lstm(dtype: str, batch: int, small: bool):
@@ -109,11 +109,11 @@ def _lstm(dtype: str, batch: int, small: bool):
     tokens = tokens.astype(np.int32)
     flax_model = ft.LM(p["vocab"], p["hidden"])
     jaxdnn_model = ft.LM(p["vocab"], p["hidden"], jaxdnn=True)
-    params, _ = ft._init(flax_model, jnp.asarray(tokens))
-    converted = ft._lm_params_for_jaxdnn(params, p["hidden"], flax_model.layers)
+    params, _ = ft.init_variables(flax_model, jnp.asarray(tokens))
+    converted = ft.lm_params_for_jaxdnn(params, p["hidden"], flax_model.layers)
     label = f"vocab {p['vocab']}, H{p['hidden']} x2, {p['length']} tokens"
     return label, {"flax": (flax_model, params), "jaxdnn": (jaxdnn_model, converted)}, {}, \
-        tokens, tokens, ft._next_token_loss
+        tokens, tokens, ft.next_token_loss
 
 
 def default_batch(model: str, small: bool) -> int:

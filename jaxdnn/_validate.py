@@ -49,3 +49,13 @@ def int_tuple(op: str, arg: str, value, length: int) -> tuple[int, ...]:
     if not all(is_int(v) for v in items):
         raise TypeError(f"{op}: {arg} must hold ints; got {value!r}")
     return tuple(int(v) for v in items)
+
+
+def dropout_rate(op: str, value) -> float:
+    """A dropout probability, a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{op}: dropout must be a float in [0, 1); got {value!r}")
+    if not 0.0 <= float(value) < 1.0:  # NaN fails too
+        raise ValueError(f"{op}: dropout={value!r} must lie in [0, 1) (the probability of "
+                         "zeroing a unit; 1 would zero every layer's output)")
+    return float(value)

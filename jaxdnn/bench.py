@@ -679,19 +679,19 @@ def _torch_setup(use_torch: bool) -> tuple[Any, str | None, str]:
     is: which PyTorch on which device, or why there is none)."""
     if not use_torch:
         return None, None, "PyTorch: not asked for"
-    from jaxdnn import _torch_peer
-    reason = _torch_peer.unavailable_reason()
+    from jaxdnn import torch_peer
+    reason = torch_peer.unavailable_reason()
     if reason:
         return None, None, f"PyTorch: none ({reason}), so no PyTorch column"
-    where = _torch_peer.device(on_gpu())
-    _torch_peer.configure(where)
-    info = _torch_peer.versions(where)
+    where = torch_peer.device(on_gpu())
+    torch_peer.configure(where)
+    info = torch_peer.versions(where)
     note = f"PyTorch {info['torch']} on {where}"
     if where == "cpu" and on_gpu():
         note += " (it sees no CUDA device; its times are not comparable with the GPU's)"
     elif where == "cpu":
         note += " (JAX runs on the CPU too)"
-    return _torch_peer, where, note
+    return torch_peer, where, note
 
 
 def peers(ops=None, size: str | None = None, repeats: int = 5, calls: int | None = None,

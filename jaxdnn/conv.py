@@ -512,7 +512,7 @@ def _shape_arg(op: str, arg: str, shape) -> tuple[int, ...]:
 
 def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
              conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
-             num_groups=1, data_format="NCHW", *, _ranks=(3, 4)):
+             num_groups=1, data_format="NCHW"):
     """Convolve img (N, C, H, W) with kerns (K, C/num_groups, R, S).
 
     border_mode: 'valid', 'full', 'half', an int or one int per axis (padding);
@@ -524,13 +524,28 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
     ignored. data_format 'NHWC' takes channels-last images; kernels keep their layout.
     3-D tensors (N, C, L) are 1-D convolutions ('NCW' / 'NWC').
     """
-    op = "dnn_conv" if _ranks != (5,) else "dnn_conv3d"
+    return _convolve("dnn_conv", (3, 4), img, kerns, border_mode, subsample, dilation,
+                     conv_mode, workmem, algo, precision, num_groups, data_format)
+
+
+def dnn_conv3d(img, kerns, border_mode="valid", subsample=(1, 1, 1), dilation=(1, 1, 1),
+               conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
+               num_groups=1, data_format="NCDHW"):
+    """`dnn_conv` in 3-D: img (N, C, D, H, W) (or 'NDHWC'), kerns (K, C/num_groups, T, R, S)."""
+    return _convolve("dnn_conv3d", (5,), img, kerns, border_mode, subsample, dilation,
+                     conv_mode, workmem, algo, precision, num_groups, data_format)
+
+
+def _convolve(op, ranks, img, kerns, border_mode, subsample, dilation, conv_mode, workmem,
+              algo, precision, num_groups, data_format):
+    """dnn_conv and dnn_conv3d: `op`, the caller's name for errors; `ranks`, the image ranks
+    it takes."""
     _check_pair(op, "img", img, "kerns", kerns)
     params, _ = _conv_params(
         op, "fwd", jnp.shape(img), jnp.shape(kerns), jnp.result_type(img),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
-        workmem=workmem, ranks=_ranks)
+        workmem=workmem, ranks=ranks)
     routed = _channels_last_params(params, jnp.result_type(img), jnp.shape(kerns),
                                    forward=True)
     if routed is not None:
@@ -540,27 +555,35 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
     return conv_fwd_p.bind(img, _kernels_for(kerns, params["layout"]), **params)
 
 
-def dnn_conv3d(img, kerns, border_mode="valid", subsample=(1, 1, 1), dilation=(1, 1, 1),
-               conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
-               num_groups=1, data_format="NCDHW"):
-    """`dnn_conv` in 3-D: img (N, C, D, H, W) (or 'NDHWC'), kerns (K, C/num_groups, T, R, S)."""
-    return dnn_conv(img, kerns, border_mode, subsample, dilation, conv_mode, direction_hint,
-                    workmem, algo, precision, num_groups, data_format, _ranks=(5,))
-
-
 def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1),
                   dilation=(1, 1), conv_mode="conv", precision=None, algo=None, num_groups=1,
-                  data_format="NCHW", workmem=None, *, _ranks=(3, 4)):
+                  data_format="NCHW", workmem=None):
     """The gradient of `dnn_conv` with respect to an image of shape img_shp (in the
     image's own layout) for the output gradient topgrad: the transposed convolution."""
-    op = "dnn_gradinput" if _ranks != (5,) else "dnn_gradinput3d"
+    return _gradinput("dnn_gradinput", (3, 4), kerns, topgrad, img_shp, border_mode,
+                      subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
+                      workmem)
+
+
+def dnn_gradinput3d(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1, 1),
+                    dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
+                    num_groups=1, data_format="NCDHW", workmem=None):
+    """`dnn_gradinput` in 3-D."""
+    return _gradinput("dnn_gradinput3d", (5,), kerns, topgrad, img_shp, border_mode,
+                      subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
+                      workmem)
+
+
+def _gradinput(op, ranks, kerns, topgrad, img_shp, border_mode, subsample, dilation,
+               conv_mode, precision, algo, num_groups, data_format, workmem):
+    """dnn_gradinput and dnn_gradinput3d (`op` and `ranks` as in _convolve)."""
     _check_pair(op, "kerns", kerns, "topgrad", topgrad)
     img_shape = _shape_arg(op, "img_shp", img_shp)
     params, out_shape = _conv_params(
         op, "bwd_data", img_shape, jnp.shape(kerns), jnp.result_type(kerns),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
-        workmem=workmem, ranks=_ranks, img_arg="img_shp")
+        workmem=workmem, ranks=ranks, img_arg="img_shp")
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution of an image of shape img_shp={img_shape} gives {out_shape}")
@@ -576,16 +599,32 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
 
 def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1),
                    dilation=(1, 1), conv_mode="conv", precision=None, algo=None, num_groups=1,
-                   data_format="NCHW", workmem=None, *, _ranks=(3, 4)):
+                   data_format="NCHW", workmem=None):
     """The gradient of `dnn_conv` with respect to kernels of shape kerns_shp."""
-    op = "dnn_gradweight" if _ranks != (5,) else "dnn_gradweight3d"
+    return _gradweight("dnn_gradweight", (3, 4), img, topgrad, kerns_shp, border_mode,
+                       subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
+                       workmem)
+
+
+def dnn_gradweight3d(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1, 1),
+                     dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
+                     num_groups=1, data_format="NCDHW", workmem=None):
+    """`dnn_gradweight` in 3-D."""
+    return _gradweight("dnn_gradweight3d", (5,), img, topgrad, kerns_shp, border_mode,
+                       subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
+                       workmem)
+
+
+def _gradweight(op, ranks, img, topgrad, kerns_shp, border_mode, subsample, dilation,
+                conv_mode, precision, algo, num_groups, data_format, workmem):
+    """dnn_gradweight and dnn_gradweight3d (`op` and `ranks` as in _convolve)."""
     _check_pair(op, "img", img, "topgrad", topgrad)
     kerns_shape = _shape_arg(op, "kerns_shp", kerns_shp)
     params, out_shape = _conv_params(
         op, "bwd_filter", jnp.shape(img), kerns_shape, jnp.result_type(img),
         border_mode=border_mode, subsample=subsample, dilation=dilation, conv_mode=conv_mode,
         num_groups=num_groups, data_format=data_format, precision=precision, algo=algo,
-        workmem=workmem, ranks=_ranks, kerns_arg="kerns_shp")
+        workmem=workmem, ranks=ranks, kerns_arg="kerns_shp")
     if tuple(jnp.shape(topgrad)) != out_shape:
         raise ValueError(f"{op}: topgrad has shape {tuple(jnp.shape(topgrad))}, but the "
                          f"convolution with kerns_shp={kerns_shape} gives {out_shape}")
@@ -598,19 +637,3 @@ def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1
                                     kerns_shape=reference.kernel_shape_for(kerns_shape, layout),
                                     **params)
     return _kernels_from(dkerns, layout)
-
-
-def dnn_gradinput3d(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1, 1),
-                    dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
-                    num_groups=1, data_format="NCDHW", workmem=None):
-    """`dnn_gradinput` in 3-D."""
-    return dnn_gradinput(kerns, topgrad, img_shp, border_mode, subsample, dilation, conv_mode,
-                         precision, algo, num_groups, data_format, workmem, _ranks=(5,))
-
-
-def dnn_gradweight3d(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1, 1),
-                     dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
-                     num_groups=1, data_format="NCDHW", workmem=None):
-    """`dnn_gradweight` in 3-D."""
-    return dnn_gradweight(img, topgrad, kerns_shp, border_mode, subsample, dilation, conv_mode,
-                          precision, algo, num_groups, data_format, workmem, _ranks=(5,))

@@ -578,15 +578,6 @@ def _block_dtype(op: str, dtype):
     return dtype
 
 
-def _dropout_rate(op: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{op}: dropout must be a float in [0, 1); got {value!r}")
-    if not 0.0 <= float(value) < 1.0:  # NaN fails too
-        raise ValueError(f"{op}: dropout={value!r} must lie in [0, 1) (the probability of "
-                         "zeroing a unit; 1 would zero every layer's output)")
-    return float(value)
-
-
 def _check_key(op: str, arg: str, key):
     """A PRNG key: a typed key of shape () (jax.random.key) or a raw uint32 key of shape
     (k,) (jax.random.PRNGKey; k depends on the PRNG implementation)."""
@@ -678,7 +669,7 @@ class RNNBlock:
         _validate.check_choice(op, "direction_mode", direction_mode, DIRECTION_MODES)
         self.rnn_mode, self.input_mode, self.direction_mode = rnn_mode, input_mode, direction_mode
         self.proj_size = _proj_size(op, proj_size, self.hidden_size, rnn_mode)
-        self.dropout = _dropout_rate(op, dropout)
+        self.dropout = _validate.dropout_rate(op, dropout)
         if self.dropout and self.num_layers == 1:
             # As PyTorch: dropout acts between layers, so one layer has nowhere to apply it.
             warnings.warn(f"{op}: dropout={self.dropout} does nothing with num_layers=1 "

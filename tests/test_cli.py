@@ -297,18 +297,18 @@ def test_bench_peers_puts_pytorch_beside_xla(capsys, monkeypatch):
     """With a PyTorch peer (stubbed here: its timings fixed, so that it is the faster peer
     on one pass and the slower on the other) the table gains its column and the ratio is
     to the faster peer."""
-    from jaxdnn import _torch_peer
-    monkeypatch.setattr(_torch_peer, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(_torch_peer, "device", lambda want_cuda: "cpu")
-    monkeypatch.setattr(_torch_peer, "configure", lambda where: None)
-    monkeypatch.setattr(_torch_peer, "versions", lambda where: {"torch": "9.9", "device": where})
-    monkeypatch.setattr(_torch_peer, "step_for", lambda case, pass_, where: pass_)
+    from jaxdnn import torch_peer
+    monkeypatch.setattr(torch_peer, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch_peer, "device", lambda want_cuda: "cpu")
+    monkeypatch.setattr(torch_peer, "configure", lambda where: None)
+    monkeypatch.setattr(torch_peer, "versions", lambda where: {"torch": "9.9", "device": where})
+    monkeypatch.setattr(torch_peer, "step_for", lambda case, pass_, where: pass_)
     timed = []
 
     def time_ms(step, repeats, calls, where):
         timed.append(calls)
         return 1e-9 if step == "fwd" else 1e9  # fastest of all forward, slowest backward
-    monkeypatch.setattr(_torch_peer, "time_ms", time_ms)
+    monkeypatch.setattr(torch_peer, "time_ms", time_ms)
     rows, err = _peers_json(capsys)
     assert "PyTorch 9.9 on cpu" in err and "PyTorch ms" in err
     for row in rows:

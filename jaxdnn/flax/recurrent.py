@@ -33,7 +33,8 @@ from typing import Any, ClassVar, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdnn.rnn import RNNBlock, _dropout_rate
+from jaxdnn import _validate
+from jaxdnn.rnn import RNNBlock
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "from_flax_cells", "to_flax_cells"]
 
@@ -58,7 +59,7 @@ def _block(rnn_mode: str, hidden_size: int, num_layers: int, bidirectional: bool
 def check_dropout(op: str, dropout, num_layers: int) -> float:
     """The dropout rate, checked as RNNBlock checks it, errors naming the module; a
     warning (as RNNBlock's, and PyTorch's) where one layer leaves it nothing to do."""
-    dropout = _dropout_rate(op, dropout)
+    dropout = _validate.dropout_rate(op, dropout)
     if dropout and num_layers == 1:
         warnings.warn(f"{op}: dropout={dropout} does nothing with num_layers=1 (dropout "
                       "acts between layers, after every layer but the last)", stacklevel=3)

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-__all__ = ["unavailable_reason", "device", "versions", "supports", "step_for", "time_ms"]
+__all__ = ["unavailable_reason", "device", "versions", "configure", "inputs", "supports",
+           "step_for", "time_ms"]
 
 
 def unavailable_reason() -> str | None:
@@ -45,7 +46,10 @@ def versions(where: str) -> dict:
 
 def configure(where: str) -> None:
     """PyTorch's settings for a comparison on CUDA: cudnn.benchmark, and TF32 for float32
-    convolutions and matmuls, as XLA and jaxdnn convolve float32 by default."""
+    convolutions and matmuls, as each framework computes float32 by default: XLA and
+    jaxdnn convolve it on TF32 tensor cores (jax_default_matmul_precision unset), as do
+    PyTorch's cuDNN convolutions (cudnn.allow_tf32 is on by default); PyTorch's matmuls
+    take TF32 only when asked, which this asks for the same footing."""
     import torch
     if where == "cuda":
         torch.backends.cudnn.benchmark = True
