@@ -524,22 +524,21 @@ def dnn_conv(img, kerns, border_mode="valid", subsample=(1, 1), dilation=(1, 1),
     ignored. data_format 'NHWC' takes channels-last images; kernels keep their layout.
     3-D tensors (N, C, L) are 1-D convolutions ('NCW' / 'NWC').
     """
-    return _convolve("dnn_conv", (3, 4), img, kerns, border_mode, subsample, dilation,
-                     conv_mode, workmem, algo, precision, num_groups, data_format)
+    return _convolve("dnn_conv", (3, 4), **locals())
 
 
 def dnn_conv3d(img, kerns, border_mode="valid", subsample=(1, 1, 1), dilation=(1, 1, 1),
                conv_mode="conv", direction_hint=None, workmem=None, algo=None, precision=None,
                num_groups=1, data_format="NCDHW"):
     """`dnn_conv` in 3-D: img (N, C, D, H, W) (or 'NDHWC'), kerns (K, C/num_groups, T, R, S)."""
-    return _convolve("dnn_conv3d", (5,), img, kerns, border_mode, subsample, dilation,
-                     conv_mode, workmem, algo, precision, num_groups, data_format)
+    return _convolve("dnn_conv3d", (5,), **locals())
 
 
-def _convolve(op, ranks, img, kerns, border_mode, subsample, dilation, conv_mode, workmem,
-              algo, precision, num_groups, data_format):
-    """dnn_conv and dnn_conv3d: `op`, the caller's name for errors; `ranks`, the image ranks
-    it takes."""
+# The bodies of the public functions: each 2-D and 3-D pair passes its arguments
+# (`**locals()`, its parameters by name), its name for errors and the image ranks it takes.
+def _convolve(op, ranks, *, img, kerns, border_mode, subsample, dilation, conv_mode,
+              direction_hint, workmem, algo, precision, num_groups, data_format):
+    del direction_hint  # accepted for Theano's signature, ignored
     _check_pair(op, "img", img, "kerns", kerns)
     params, _ = _conv_params(
         op, "fwd", jnp.shape(img), jnp.shape(kerns), jnp.result_type(img),
@@ -560,23 +559,18 @@ def dnn_gradinput(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1)
                   data_format="NCHW", workmem=None):
     """The gradient of `dnn_conv` with respect to an image of shape img_shp (in the
     image's own layout) for the output gradient topgrad: the transposed convolution."""
-    return _gradinput("dnn_gradinput", (3, 4), kerns, topgrad, img_shp, border_mode,
-                      subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
-                      workmem)
+    return _gradinput("dnn_gradinput", (3, 4), **locals())
 
 
 def dnn_gradinput3d(kerns, topgrad, img_shp, border_mode="valid", subsample=(1, 1, 1),
                     dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
                     num_groups=1, data_format="NCDHW", workmem=None):
     """`dnn_gradinput` in 3-D."""
-    return _gradinput("dnn_gradinput3d", (5,), kerns, topgrad, img_shp, border_mode,
-                      subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
-                      workmem)
+    return _gradinput("dnn_gradinput3d", (5,), **locals())
 
 
-def _gradinput(op, ranks, kerns, topgrad, img_shp, border_mode, subsample, dilation,
+def _gradinput(op, ranks, *, kerns, topgrad, img_shp, border_mode, subsample, dilation,
                conv_mode, precision, algo, num_groups, data_format, workmem):
-    """dnn_gradinput and dnn_gradinput3d (`op` and `ranks` as in _convolve)."""
     _check_pair(op, "kerns", kerns, "topgrad", topgrad)
     img_shape = _shape_arg(op, "img_shp", img_shp)
     params, out_shape = _conv_params(
@@ -601,23 +595,18 @@ def dnn_gradweight(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1
                    dilation=(1, 1), conv_mode="conv", precision=None, algo=None, num_groups=1,
                    data_format="NCHW", workmem=None):
     """The gradient of `dnn_conv` with respect to kernels of shape kerns_shp."""
-    return _gradweight("dnn_gradweight", (3, 4), img, topgrad, kerns_shp, border_mode,
-                       subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
-                       workmem)
+    return _gradweight("dnn_gradweight", (3, 4), **locals())
 
 
 def dnn_gradweight3d(img, topgrad, kerns_shp, border_mode="valid", subsample=(1, 1, 1),
                      dilation=(1, 1, 1), conv_mode="conv", precision=None, algo=None,
                      num_groups=1, data_format="NCDHW", workmem=None):
     """`dnn_gradweight` in 3-D."""
-    return _gradweight("dnn_gradweight3d", (5,), img, topgrad, kerns_shp, border_mode,
-                       subsample, dilation, conv_mode, precision, algo, num_groups, data_format,
-                       workmem)
+    return _gradweight("dnn_gradweight3d", (5,), **locals())
 
 
-def _gradweight(op, ranks, img, topgrad, kerns_shp, border_mode, subsample, dilation,
+def _gradweight(op, ranks, *, img, topgrad, kerns_shp, border_mode, subsample, dilation,
                 conv_mode, precision, algo, num_groups, data_format, workmem):
-    """dnn_gradweight and dnn_gradweight3d (`op` and `ranks` as in _convolve)."""
     _check_pair(op, "img", img, "topgrad", topgrad)
     kerns_shape = _shape_arg(op, "kerns_shp", kerns_shp)
     params, out_shape = _conv_params(
