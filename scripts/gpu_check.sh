@@ -124,7 +124,7 @@ run_stage info "$PYTHON" -m jaxdnn info
 # device memory as it goes. Each job logs to NAME.jobK.log while it runs; at the end the
 # stage's log takes their whole text and the job files go (a call's results come back as
 # few files). A job whose files hold no GPU test (pytest's exit 5, nothing collected)
-# counts as passed.
+# counts as passed, as long as some job ran tests.
 gpu_tests() {  # name, pytest options...
   local name=$1; shift
   local jobs=${TEST_JOBS:-1}
@@ -146,10 +146,11 @@ gpu_tests() {  # name, pytest options...
       -p no:cacheprovider "$@" ${groups[k]} >"$LOG_DIR/$name.job$k.log" 2>&1 &
     pids+=($!)
   done
-  local job_rc
+  local job_rc ran=0
   for pid in "${pids[@]}"; do
     wait "$pid"
     job_rc=$?
+    [ $job_rc -eq 0 ] && ran=1
     [ $job_rc -eq 0 ] || [ $job_rc -eq 5 ] || rc=1
   done
   local job_log summary=""
@@ -163,6 +164,8 @@ gpu_tests() {  # name, pytest options...
   done
   # Each job's failures and counts, last, where the stage's summary shows them.
   printf '%s' "$summary"
+  # A stage in which no job ran a test (no GPU test among TESTS, or none selected) fails.
+  [ $ran -eq 1 ] || { echo "no job ran a GPU test"; rc=1; }
   return $rc
 }
 run_stage tests gpu_tests tests -v
