@@ -12,7 +12,7 @@ using Ints = xla::ffi::Span<const int64_t>;
   X(std::string_view, mode) /* max | max_deterministic | average_inc_pad | average_exc_pad | \
                                sum */                                                        \
   X(std::string_view, layout)                                                                \
-  X(Ints, window) /* one entry per spatial axis, like stride and pad */                      \
+  X(Ints, ws) /* the window (Theano's name); one entry per spatial axis, like stride, pad */ \
   X(Ints, stride)                                                                            \
   X(Ints, pad)
 JAXDNN_DEFINE_ATTRS(PoolAttrs, JAXDNN_POOL_ATTRS);
@@ -30,7 +30,7 @@ struct PoolConfig {
   cudnnPoolingMode_t mode;
   double alpha;  // 1, or the window size for 'sum' (average_inc_pad scaled through alpha)
   Layout layout;
-  std::vector<int> window, stride, pad;
+  std::vector<int> ws, stride, pad;  // ws: the window
 };
 
 struct PoolingDescriptors {
@@ -43,12 +43,12 @@ struct PoolingDescriptors {
 using PoolingState = StagedState<PoolConfig, PoolingDescriptors>;
 
 ffi::Error Parse(const PoolAttrs& a, PoolConfig* c) {
-  c->window.assign(a.window.begin(), a.window.end());
+  c->ws.assign(a.ws.begin(), a.ws.end());
   c->stride.assign(a.stride.begin(), a.stride.end());
   c->pad.assign(a.pad.begin(), a.pad.end());
-  const size_t rank = c->window.size();
+  const size_t rank = c->ws.size();
   if ((rank != 2 && rank != 3) || c->stride.size() != rank || c->pad.size() != rank)
-    return InvalidArgument(kFwd, "window, stride and pad must each have 2 or 3 entries");
+    return InvalidArgument(kFwd, "ws, stride and pad must each have 2 or 3 entries");
   JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnPoolingMode_t>(
       kFwd, "mode", a.mode,
       {{"max", CUDNN_POOLING_MAX},
@@ -59,7 +59,7 @@ ffi::Error Parse(const PoolAttrs& a, PoolConfig* c) {
       &c->mode));
   c->alpha = 1.0;
   if (a.mode == "sum")
-    for (int w : c->window) c->alpha *= w;
+    for (int w : c->ws) c->alpha *= w;
   return ParseLayout(kFwd, a.layout, &c->layout);
 }
 
@@ -69,14 +69,14 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, PoolingSt
   const PoolConfig& c = state->config;
   return InitializeState(op, stream, device, state, [&](cudnnHandle_t, auto* out) -> ffi::Error {
     if (HasZeroSize(input.dimensions()) || HasZeroSize(output_dims)) return ffi::Error::Success();
-    if (input.dimensions().size() != c.window.size() + 2)
+    if (input.dimensions().size() != c.ws.size() + 2)
       return InvalidArgument(op, "buffer rank does not match the window");
     JAXDNN_ASSIGN_OR_RETURN(FloatType type, FloatTypeOf(op, input.element_type()));
     std::vector<int> in_dims = LogicalDims(input.dimensions(), c.layout);
     std::vector<int> out_dims = LogicalDims(output_dims, c.layout);
     CacheKey key;
     key.Add(type.name).Add(static_cast<int64_t>(c.layout)).Add(c.mode).AddAll(in_dims);
-    key.AddAll(out_dims).AddAll(c.window).AddAll(c.stride).AddAll(c.pad);
+    key.AddAll(out_dims).AddAll(c.ws).AddAll(c.stride).AddAll(c.pad);
     auto build = [&](PoolingDescriptors* d) -> ffi::Error {
       d->type = type.cudnn;
       JAXDNN_RETURN_IF_ERROR(MakeTensorDescriptor(op, d->type, in_dims, c.layout, &d->input));
@@ -85,8 +85,8 @@ ffi::Error Initialize(const char* op, cudaStream_t stream, int device, PoolingSt
       // Padding never wins a max, like XLA's -inf padding; NaNs propagate, as in XLA.
       return JAXDNN_CUDNN_CALL(
           op, cudnnSetPoolingNdDescriptor(d->pooling.get(), c.mode, CUDNN_PROPAGATE_NAN,
-                                          static_cast<int>(c.window.size()), c.window.data(),
-                                          c.pad.data(), c.stride.data()));
+                                          static_cast<int>(c.ws.size()), c.ws.data(), c.pad.data(),
+                                          c.stride.data()));
     };
     return ProcessCache<PoolingDescriptors>().GetOrBuild(key, build, out);
   });

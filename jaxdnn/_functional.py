@@ -45,23 +45,29 @@ def canonical_dtype(*args, dtype=None):
 
 
 def check_kernel_size(op: str, kernel_size) -> tuple[int, ...]:
-    size = (kernel_size,) if _validate.is_int(kernel_size) else tuple(kernel_size)
+    try:
+        size = (kernel_size,) if _validate.is_int(kernel_size) else tuple(kernel_size)
+    except TypeError:
+        raise TypeError(f"{op}: kernel_size must be an int or a sequence of ints; got "
+                        f"{kernel_size!r}") from None
     if len(size) not in (1, 2, 3):
         raise ValueError(f"{op}: kernel_size={kernel_size!r} must have 1, 2 or 3 entries "
                          "(cuDNN convolves 1-D, 2-D and 3-D images)")
-    return tuple(int(k) for k in size)
+    return _validate.int_tuple(op, "kernel_size", size, len(size))
+
+
+def check_feature_groups(op: str, feature_group_count, in_features: int) -> int:
+    """feature_group_count as an int: positive, dividing the input features."""
+    if (not _validate.is_int(feature_group_count) or feature_group_count < 1
+            or in_features % feature_group_count):
+        raise ValueError(f"{op}: feature_group_count={feature_group_count!r} must be a positive "
+                         f"int dividing the {in_features} input features")
+    return int(feature_group_count)
 
 
 def _per_axis(op: str, arg: str, value, nd: int) -> tuple[int, ...]:
     """Flax's maybe_broadcast: None and ints broadcast (None meaning 1)."""
-    if value is None:
-        value = 1
-    if _validate.is_int(value):
-        return (int(value),) * nd
-    values = tuple(int(v) for v in value)
-    if len(values) != nd:
-        raise ValueError(f"{op}: {arg}={value!r} must be an int or {nd} ints, one per spatial axis")
-    return values
+    return _validate.int_tuple(op, arg, 1 if value is None else value, nd)
 
 
 def _padding_spec(op: str, padding, nd: int, strings=PAD_STRINGS):
@@ -170,10 +176,7 @@ def conv_apply(inputs, kernel, bias=None, *, strides=1, padding="SAME", input_di
     dilation = _per_axis(op, "kernel_dilation", kernel_dilation, nd)
     x, restore = _flatten_batch(op, inputs, nd)
     in_features = x.shape[-1]
-    if (not _validate.is_int(feature_group_count) or feature_group_count < 1
-            or in_features % feature_group_count):
-        raise ValueError(f"{op}: feature_group_count={feature_group_count!r} must be a positive "
-                         f"int dividing the {in_features} input features")
+    feature_group_count = check_feature_groups(op, feature_group_count, in_features)
     if kernel.shape[-2] * feature_group_count != in_features:
         raise ValueError(f"{op}: kernel of shape {kernel.shape} takes {kernel.shape[-2]} features "
                          f"per group, but inputs have {in_features} in {feature_group_count} "

@@ -49,7 +49,7 @@ def _bwd_linear_abstract(dy, *, input_shape, **params):
 
 
 def _attributes(*, mode, ws, stride, pad, layout, input_shape=None):
-    return dict(mode=mode, layout=layout, window=np.asarray(ws, np.int64),
+    return dict(mode=mode, layout=layout, ws=np.asarray(ws, np.int64),
                 stride=np.asarray(stride, np.int64), pad=np.asarray(pad, np.int64))
 
 

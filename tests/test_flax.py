@@ -170,6 +170,15 @@ def test_conv_unsupported_options_raise():
         _trace_init(jf.Conv(2, (1, 1, 1, 1)), jnp.ones((1, 2, 2, 2, 2, 4)))
     with pytest.raises(ValueError, match="padding"):
         _trace_init(jf.Conv(2, (3, 3), padding="NOPE"), x)
+    # Non-integer sizes are refused by name, not truncated (3.5 -> 3).
+    with pytest.raises(TypeError, match="kernel_size"):
+        _trace_init(jf.Conv(2, 3.5), x)
+    with pytest.raises(TypeError, match="kernel_size"):
+        _trace_init(jf.Conv(2, (3, 2.5)), x)
+    with pytest.raises(TypeError, match="strides"):
+        _trace_init(jf.Conv(2, (3, 3), strides=(1, 1.5)), x)
+    with pytest.raises(ValueError, match="kernel_dilation"):
+        _trace_init(jf.ConvTranspose(2, (3, 3), kernel_dilation=(1, 1, 1)), x)
 
 
 # ---- ConvTranspose -------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_max_pool_custom_calls_and_attributes(cudnn_forced):
     assert [c[0] for c in calls] == ["jaxdnn_pool_fwd", "jaxdnn_pool_bwd"]
     attrs = calls[0][1]
     assert 'mode = "max"' in attrs and 'layout = "NCHW"' in attrs
-    assert "window = dense<3> : tensor<2xi64>" in attrs
+    assert "ws = dense<3> : tensor<2xi64>" in attrs
     assert "stride = dense<2> : tensor<2xi64>" in attrs
     assert "pad = dense<1> : tensor<2xi64>" in attrs
     assert "(tensor<2x3x9x9xf16>) -> tensor<2x3x5x5xf16>" in text
@@ -91,7 +91,7 @@ def test_linear_pool_gradient_is_the_linear_backward(cudnn_forced):
     calls = custom_calls(cuda_hlo(jax.grad(lambda x: f(x).sum()), x))
     assert [c[0] for c in calls] == ["jaxdnn_pool_bwd_linear"]
     assert 'mode = "sum"' in calls[0][1] and 'layout = "NDHWC"' in calls[0][1]
-    assert "window = dense<[2, 2, 1]> : tensor<3xi64>" in calls[0][1]
+    assert "ws = dense<[2, 2, 1]> : tensor<3xi64>" in calls[0][1]
     calls = custom_calls(cuda_hlo(lambda x: jax.jvp(f, (x,), (x,)), x))
     assert [c[0] for c in calls] == ["jaxdnn_pool_fwd", "jaxdnn_pool_fwd"]
 

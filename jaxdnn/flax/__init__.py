@@ -54,12 +54,12 @@ except ImportError as e:
                       "pip install 'jaxdnn[flax]'") from e
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import dtypes as linen_dtypes
 from flax.linen import initializers
 
 from jaxdnn._functional import (Array, PaddingLike, avg_pool, batch_norm_apply,
-                                check_batch_norm_options, check_kernel_size, conv_apply,
+                                check_batch_norm_options, check_feature_groups, check_kernel_size,
+                                conv_apply,
                                 conv_transpose_apply, feature_axes_of, identity_affine_init,
                                 max_pool, module_settings, pool_apply,
                                 spatial_transform_apply)
@@ -118,11 +118,8 @@ class Conv(nn.Module):
     def __call__(self, inputs):
         kernel_size = check_kernel_size("Conv", self.kernel_size)
         in_features = inputs.shape[-1]
-        if (not isinstance(self.feature_group_count, (int, np.integer))
-                or self.feature_group_count < 1 or in_features % self.feature_group_count):
-            raise ValueError(f"Conv: feature_group_count={self.feature_group_count!r} must be a "
-                             f"positive int dividing the {in_features} input features")
-        kernel_shape = kernel_size + (in_features // self.feature_group_count, self.features)
+        groups = check_feature_groups("Conv", self.feature_group_count, in_features)
+        kernel_shape = kernel_size + (in_features // groups, self.features)
         inputs, kernel, bias = _kernel_and_bias("Conv", self, inputs, kernel_shape)
         return conv_apply(inputs, kernel, bias, **module_settings(self, conv_apply))
 

@@ -27,11 +27,10 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 from jax import lax
 
-from jaxdnn import _validate
 from jaxdnn._functional import (avg_pool, batch_norm_apply, check_batch_norm_options,
-                                check_kernel_size, conv_apply, conv_transpose_apply,
-                                identity_affine_init, max_pool, module_settings,
-                                spatial_transform_apply)
+                                check_feature_groups, check_kernel_size, conv_apply,
+                                conv_transpose_apply, identity_affine_init, max_pool,
+                                module_settings, spatial_transform_apply)
 from jaxdnn.flax.recurrent import (check_dropout, dropout_acts, initial_weights,
                                    recurrent_apply)
 
@@ -97,11 +96,8 @@ class Conv(nnx.Module):
         _check_flax_only("Conv", "conv_general_dilated", conv_general_dilated,
                          (None, lax.conv_general_dilated))
         kernel_size = check_kernel_size("Conv", kernel_size)
-        if (not _validate.is_int(feature_group_count) or feature_group_count < 1
-                or in_features % feature_group_count):
-            raise ValueError(f"Conv: feature_group_count={feature_group_count!r} must be a "
-                             f"positive int dividing in_features={in_features}")
-        self.kernel_shape = kernel_size + (in_features // feature_group_count, out_features)
+        groups = check_feature_groups("Conv", feature_group_count, in_features)
+        self.kernel_shape = kernel_size + (in_features // groups, out_features)
         _kernel_and_bias("Conv", self, self.kernel_shape, out_features, use_bias=use_bias,
                          kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
                          rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
