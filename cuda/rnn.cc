@@ -16,6 +16,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
+#include <type_traits>
 
 #include "common/descriptors.h"
 #include "common/graph_capture.h"
@@ -92,39 +93,40 @@ struct RnnDescriptors {
   size_t reserve_bytes = 0;  // of a training forward
 };
 
-ffi::Error ParseConfig(const char* op, Str mode, Str input_mode, Str algo, int64_t hidden_size,
-                       int64_t num_layers, int64_t bidirectional, int64_t allow_tf32,
-                       int64_t proj_size, RnnConfig* c) {
-  JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNMode_t>(op, "mode", mode,
+// The RnnConfig of a target's attributes (RnnAttrs or RnnFwdAttrs, which holds them all) or
+// of a trace-time query's keywords (AttrsOfKeywords).
+template <typename Attrs>
+ffi::Error ParseConfig(const char* op, const Attrs& a, RnnConfig* c) {
+  JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNMode_t>(op, "mode", a.mode,
                                                      {{"rnn_relu", CUDNN_RNN_RELU},
                                                       {"rnn_tanh", CUDNN_RNN_TANH},
                                                       {"lstm", CUDNN_LSTM},
                                                       {"gru", CUDNN_GRU}},
                                                      &c->cell));
   JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNInputMode_t>(
-      op, "input_mode", input_mode, {{"linear", CUDNN_LINEAR_INPUT}, {"skip", CUDNN_SKIP_INPUT}},
+      op, "input_mode", a.input_mode, {{"linear", CUDNN_LINEAR_INPUT}, {"skip", CUDNN_SKIP_INPUT}},
       &c->input_mode));
   JAXDNN_RETURN_IF_ERROR(ParseChoice<cudnnRNNAlgo_t>(
-      op, "algo", algo,
+      op, "algo", a.algo,
       {{"standard", CUDNN_RNN_ALGO_STANDARD},
        {"persist_static", CUDNN_RNN_ALGO_PERSIST_STATIC},
        {"persist_static_small_h", CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H},
        {"persist_dynamic", CUDNN_RNN_ALGO_PERSIST_DYNAMIC}},
       &c->algo));
-  if (hidden_size < 1 || !FitsInt(hidden_size) || num_layers < 1 || !FitsInt(num_layers))
+  if (a.hidden_size < 1 || !FitsInt(a.hidden_size) || a.num_layers < 1 || !FitsInt(a.num_layers))
     return InvalidArgument(op, "hidden_size and num_layers must be positive ints");
   // cuDNN projects only lstm's hidden state, to fewer features, on the standard algorithm.
-  if (proj_size < 0 || proj_size >= hidden_size)
+  if (a.proj_size < 0 || a.proj_size >= a.hidden_size)
     return InvalidArgument(op, "proj_size must lie in [0, hidden_size)");
-  if (proj_size != 0 && c->cell != CUDNN_LSTM)
+  if (a.proj_size != 0 && c->cell != CUDNN_LSTM)
     return InvalidArgument(op, "proj_size needs mode lstm");
-  if (proj_size != 0 && c->algo != CUDNN_RNN_ALGO_STANDARD)
+  if (a.proj_size != 0 && c->algo != CUDNN_RNN_ALGO_STANDARD)
     return InvalidArgument(op, "proj_size needs algo standard");
-  c->proj_size = static_cast<int>(proj_size);
-  c->hidden_size = static_cast<int>(hidden_size);
-  c->num_layers = static_cast<int>(num_layers);
-  c->bidirectional = bidirectional != 0;
-  c->allow_tf32 = allow_tf32 != 0;
+  c->proj_size = static_cast<int>(a.proj_size);
+  c->hidden_size = static_cast<int>(a.hidden_size);
+  c->num_layers = static_cast<int>(a.num_layers);
+  c->bidirectional = a.bidirectional != 0;
+  c->allow_tf32 = a.allow_tf32 != 0;
   return ffi::Error::Success();
 }
 
@@ -297,8 +299,7 @@ using Out = ffi::Result<ffi::AnyBuffer>;
 
 template <const char* kOp, bool kHostLengths, typename Attrs>
 ffi::Error ParseCall(const Attrs& a, bool training, RnnCallConfig* c) {
-  JAXDNN_RETURN_IF_ERROR(ParseConfig(kOp, a.mode, a.input_mode, a.algo, a.hidden_size, a.num_layers,
-                                     a.bidirectional, a.allow_tf32, a.proj_size, &c->rnn));
+  JAXDNN_RETURN_IF_ERROR(ParseConfig(kOp, a, &c->rnn));
   // Lengths other than T need the host-lengths targets.
   if ((a.variable_lengths != 0) != kHostLengths)
     return InvalidArgument(kOp,
@@ -614,27 +615,52 @@ void ThrowIfError(const ffi::Error& error) {
   if (error.failure()) throw std::runtime_error(error.message());
 }
 
-// The descriptors of the configuration Python names with the attributes' keywords (and
-// dtype, input_dim), for data of `steps` x `batch`, on the current device.
+// The keyword `name` of a query, if given, as the attribute it names (a string points into
+// the keyword's Python str, which outlives the query).
+template <typename T>
+void ReadKeyword(const nb::kwargs& kw, const char* name, T* out) {
+  if (!kw.contains(name)) return;
+  const std::string what = std::string("jaxdnn rnn query: keyword ") + name;
+  try {
+    if constexpr (std::is_same_v<T, Str>)
+      *out = nb::cast<const char*>(kw[name]);
+    else if constexpr (std::is_same_v<T, int64_t>)
+      *out = nb::cast<int64_t>(kw[name]);
+    else
+      throw nb::type_error((what + " is not a query keyword").c_str());
+  } catch (const std::bad_cast&) {
+    throw nb::type_error((what + " has the wrong type").c_str());
+  }
+}
+
+// The keywords of a query that name attributes (JAXDNN_RNN_ATTRS), read as XLA decodes a
+// target's, so that an attribute is one line of C++ for the queries too. One that Python
+// leaves out keeps its zero (proj_size: no projection; variable_lengths: none).
+RnnAttrs AttrsOfKeywords(const nb::kwargs& kw) {
+  RnnAttrs a{};
+#define JAXDNN_READ_KEYWORD_(type, name) ReadKeyword(kw, #name, &a.name);
+  JAXDNN_RNN_ATTRS(JAXDNN_READ_KEYWORD_)
+#undef JAXDNN_READ_KEYWORD_
+  return a;
+}
+
+// The descriptors of the configuration the keywords name (the attributes' and dtype,
+// input_dim), for data of `steps` x `batch` in the layout of the call's target (see
+// RnnShape: variable_lengths names the *_host_lengths targets' unpacked one), on the
+// current device.
 struct Query {
   int device = 0;
   std::shared_ptr<const RnnDescriptors> descriptors;
 };
 
-Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch, bool packed) {
+Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch) {
   const char* op = "rnn query";
-  auto text = [&](const char* key) { return nb::cast<std::string>(kw[key]); };
-  auto number = [&](const char* key) { return nb::cast<int64_t>(kw[key]); };
+  const RnnAttrs a = AttrsOfKeywords(kw);
   RnnConfig c;
-  // proj_size is optional: a query without it asks for no projection.
-  const int64_t proj_size = kw.contains("proj_size") ? number("proj_size") : 0;
-  ThrowIfError(ParseConfig(op, text("mode"), text("input_mode"), text("algo"),
-                           number("hidden_size"), number("num_layers"),
-                           nb::cast<bool>(kw["bidirectional"]), nb::cast<bool>(kw["allow_tf32"]),
-                           proj_size, &c));
-  ffi::ErrorOr<FloatType> type = FloatTypeNamed(op, text("dtype"));
+  ThrowIfError(ParseConfig(op, a, &c));
+  ffi::ErrorOr<FloatType> type = FloatTypeNamed(op, nb::cast<std::string>(kw["dtype"]));
   if (type.has_error()) ThrowIfError(type.error());
-  const int64_t input_dim = number("input_dim");
+  const int64_t input_dim = nb::cast<int64_t>(kw["input_dim"]);
   if (steps < 1 || batch < 1 || input_dim < 1 || !FitsInt(steps) || !FitsInt(batch) ||
       !FitsInt(input_dim))
     throw std::runtime_error(
@@ -645,7 +671,7 @@ Query RunQuery(const nb::kwargs& kw, int64_t steps, int64_t batch, bool packed) 
              static_cast<int>(batch),
              static_cast<int>(input_dim),
              {},
-             packed};
+             /*packed=*/a.variable_lengths == 0};
   Query q;
   cudaError_t status = cudaGetDevice(&q.device);
   if (status != cudaSuccess) ThrowIfError(CudaError(op, "cudaGetDevice", status));
@@ -714,13 +740,9 @@ void AddRnnQueries(nb::module_& m) {
   m.def(
       "rnn_temp_space_sizes",
       [](nb::kwargs kw) {
-        // The layout of the call's target (see RnnShape): variable_lengths, optional,
-        // names the *_host_lengths targets' unpacked layout.
-        const bool packed =
-            !(kw.contains("variable_lengths") && nb::cast<bool>(kw["variable_lengths"]));
         const bool training = nb::cast<bool>(kw["training"]);
         Query q = RunQuery(kw, nb::cast<int64_t>(kw["max_seq_length"]),
-                           nb::cast<int64_t>(kw["batch_size"]), packed);
+                           nb::cast<int64_t>(kw["batch_size"]));
         const RnnDescriptors& d = *q.descriptors;
         return std::pair<int64_t, int64_t>(
             training ? d.training_workspace_bytes : d.inference_workspace_bytes,
@@ -734,7 +756,7 @@ void AddRnnQueries(nb::module_& m) {
       "rnn_weight_params",
       [](nb::kwargs kw) {
         constexpr char op[] = "rnn_weight_params";
-        Query q = RunQuery(kw, 1, 1, /*packed=*/true);      // the weights' layout has no lengths
+        Query q = RunQuery(kw, 1, 1);  // the weights' layout has no lengths (none passed)
         BorrowedCudnnHandle handle(op, q.device, nullptr);  // RunQuery reserved one
         ThrowIfError(handle.error());
         nb::list params;

@@ -515,6 +515,31 @@ def test_every_target_carries_the_attributes_its_handlers_decode(cudnn_on_cpu):
         assert name_sets == {frozenset(decoded[target])}, target
 
 
+def test_rnn_queries_read_keywords_as_the_targets_attributes():
+    """The trace-time queries read the keywords that name attributes as XLA decodes a
+    target's (one list, JAXDNN_RNN_ATTRS): each is parsed as the handlers parse it, a wrong
+    type is a TypeError naming it. Checked before any device is asked, so on the CPU too."""
+    query = _extension.extension().rnn_temp_space_sizes
+    config = dict(mode="lstm", input_mode="linear", algo="standard", hidden_size=8,
+                  num_layers=1, bidirectional=False, allow_tf32=True, dtype="float32",
+                  max_seq_length=2, batch_size=2, input_dim=8, training=True)
+    with pytest.raises(RuntimeError, match="unknown mode 'lstmx'"):
+        query(**{**config, "mode": "lstmx"})
+    with pytest.raises(RuntimeError, match="unknown algo 'fast'"):
+        query(**{**config, "algo": "fast"})
+    with pytest.raises(RuntimeError, match=r"proj_size must lie in \[0, hidden_size\)"):
+        query(**{**config, "proj_size": 8})
+    with pytest.raises(RuntimeError, match="proj_size needs mode lstm"):
+        query(**{**config, "mode": "gru", "proj_size": 4})
+    with pytest.raises(RuntimeError, match="hidden_size and num_layers must be positive"):
+        query(**{**config, "num_layers": 0})
+    for keyword, value in (("hidden_size", "8"), ("mode", 1), ("bidirectional", 0.5)):
+        with pytest.raises(TypeError, match=f"keyword {keyword} has the wrong type"):
+            query(**{**config, keyword: value})
+    with pytest.raises(TypeError, match="static_lengths is not a query keyword"):
+        query(**{**config, "static_lengths": [2, 2]})
+
+
 def test_rnn_projection_carries_proj_size(cudnn_on_cpu):
     """An lstm with a projection: every RNN target carries proj_size (the handlers' attribute
     set, no other) and the shapes cuDNN's projSize gives: y (T, N, D * proj), hx and its
