@@ -6,7 +6,8 @@
 #   scripts/gpu_check.sh [LOG_DIR]      LOG_DIR defaults to $OUT, else ./gpu-logs
 #
 # Python wheels the machine lacks (the cudnn-frontend headers) may be put in ./.whl;
-# they are installed from there without network. STAGES (default "build info tests
+# they are installed from there without network (scripts/device_inputs.sh puts them there
+# and, for the baseline stage, an older commit's tree in ./.baseline). STAGES (default "build info tests
 # graphs fuzz sharding bench rnnbench flaxbench inprogram percall scaling examples") picks which
 # stages run (RNN_PEERS_ARGS: options of the rnnbench stage; "rnnlarge", not a default,
 # times the RNN peers at H1024 and at T512);
