@@ -26,5 +26,9 @@ if [ $# -ge 1 ]; then
   rm -rf .baseline && mkdir -p .baseline
   git archive "$1" | tar -x -C .baseline
   echo "baseline $(git rev-parse --short "$1") in .baseline"
+  if ! grep -q "NVRTC_LIBRARY\|CUDA::nvrtc" .baseline/CMakeLists.txt; then
+    echo "note: this baseline links no NVRTC; with frontend 1.19+ headers its extension will"
+    echo "not import until .baseline/CMakeLists.txt links CUDA::nvrtc (gpu_check.sh's baseline)"
+  fi
 fi
 echo "carry: .whl${1:+ .baseline}"

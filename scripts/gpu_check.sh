@@ -105,12 +105,20 @@ sys.exit(src['plugin'] != 'jaxdnn_cuda${major}_plugin' or not jaxdnn.__file__.st
   cd "$here" && return $rc
 }
 
-# The baseline's extension is replaced by this tree's when the build stage runs next.
+# The baseline's extension is replaced by this tree's when the build stage runs next. A
+# baseline whose cuDNN path cannot run fails the stage (its benchmarks would time the XLA
+# path, on the small cases): a tree older than be152ab does not link NVRTC, which the
+# frontend's headers from 1.19 on call, so its extension does not import until its
+# CMakeLists.txt links CUDA::nvrtc.
 baseline() {
   local dir=$LOG_DIR/baseline
   mkdir -p "$dir" &&
     (cd "$BASELINE_DIR" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
       -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$dir/build.log" 2>&1) &&
+    (cd "$BASELINE_DIR" && "$PYTHON" -c "import sys, jaxdnn
+reason = jaxdnn.unavailable_reason()
+print('baseline cuDNN path:', reason or 'yes')
+sys.exit(reason is not None)") &&
     (cd "$BASELINE_DIR" && JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
       "$PYTHON" benchmarks/in_program.py "$dir" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}) &&
     "$PYTHON" benchmarks/per_call.py "$dir"
