@@ -53,7 +53,10 @@ def check_kernel_size(op: str, kernel_size) -> tuple[int, ...]:
     if len(size) not in (1, 2, 3):
         raise ValueError(f"{op}: kernel_size={kernel_size!r} must have 1, 2 or 3 entries "
                          "(cuDNN convolves 1-D, 2-D and 3-D images)")
-    return _validate.int_tuple(op, "kernel_size", size, len(size))
+    size = _validate.int_tuple(op, "kernel_size", size, len(size))
+    if min(size) < 1:
+        raise ValueError(f"{op}: kernel_size={kernel_size!r} must be positive")
+    return size
 
 
 def check_feature_groups(op: str, feature_group_count, in_features: int) -> int:

@@ -177,6 +177,8 @@ def test_conv_unsupported_options_raise():
         _trace_init(jf.Conv(2, (3, 2.5)), x)
     with pytest.raises(TypeError, match="strides"):
         _trace_init(jf.Conv(2, (3, 3), strides=(1, 1.5)), x)
+    with pytest.raises(ValueError, match="kernel_size"):
+        _trace_init(jf.Conv(2, (3, 0)), x)
     with pytest.raises(ValueError, match="kernel_dilation"):
         _trace_init(jf.ConvTranspose(2, (3, 3), kernel_dilation=(1, 1, 1)), x)
 

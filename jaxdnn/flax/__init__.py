@@ -59,9 +59,8 @@ from flax.linen import initializers
 
 from jaxdnn._functional import (Array, PaddingLike, avg_pool, batch_norm_apply,
                                 check_batch_norm_options, check_feature_groups, check_kernel_size,
-                                conv_apply,
-                                conv_transpose_apply, feature_axes_of, identity_affine_init,
-                                max_pool, module_settings, pool_apply,
+                                conv_apply, conv_transpose_apply, feature_axes_of,
+                                identity_affine_init, max_pool, module_settings, pool_apply,
                                 spatial_transform_apply)
 
 __all__ = ["Conv", "ConvTranspose", "BatchNorm", "max_pool", "avg_pool", "SpatialTransformer",
