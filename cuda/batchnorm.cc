@@ -376,9 +376,9 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, BatchNormState* state, Bu
 }  // namespace
 
 void AddBatchNormHandlers(Registry& registry) {
-  registry.Add<Parse, InitializeTrain, ExecuteTrain>("jaxdnn_bn_fwd_train");
-  registry.Add<Parse, InitializeInfer, ExecuteInfer>("jaxdnn_bn_fwd_infer");
-  registry.Add<Parse, InitializeBwd, ExecuteBwd>("jaxdnn_bn_bwd");
+  registry.Add<Parse, InitializeTrain, ExecuteTrain>(kTrain);
+  registry.Add<Parse, InitializeInfer, ExecuteInfer>(kInfer);
+  registry.Add<Parse, InitializeBwd, ExecuteBwd>(kBwd);
 }
 
 }  // namespace jaxdnn

@@ -469,9 +469,9 @@ ffi::Error Execute(cudaStream_t stream, int device, ConvState* state, ffi::AnyBu
 }  // namespace
 
 void AddConvHandlers(Registry& registry) {
-  registry.Add<Parse<Pass::kFwd>, Initialize, Execute>("jaxdnn_conv_fwd");
-  registry.Add<Parse<Pass::kBwdData>, Initialize, Execute>("jaxdnn_conv_bwd_data");
-  registry.Add<Parse<Pass::kBwdFilter>, Initialize, Execute>("jaxdnn_conv_bwd_filter");
+  registry.Add<Parse<Pass::kFwd>, Initialize, Execute>(PassName(Pass::kFwd));
+  registry.Add<Parse<Pass::kBwdData>, Initialize, Execute>(PassName(Pass::kBwdData));
+  registry.Add<Parse<Pass::kBwdFilter>, Initialize, Execute>(PassName(Pass::kBwdFilter));
 }
 
 }  // namespace jaxdnn

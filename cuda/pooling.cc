@@ -161,9 +161,9 @@ ffi::Error ExecuteBwdLinear(cudaStream_t stream, int device, PoolingState* state
 }  // namespace
 
 void AddPoolingHandlers(Registry& registry) {
-  registry.Add<Parse, InitializeFwd, ExecuteFwd>("jaxdnn_pool_fwd");
-  registry.Add<Parse, InitializeBwd, ExecuteBwd>("jaxdnn_pool_bwd");
-  registry.Add<Parse, InitializeBwdLinear, ExecuteBwdLinear>("jaxdnn_pool_bwd_linear");
+  registry.Add<Parse, InitializeFwd, ExecuteFwd>(kFwd);
+  registry.Add<Parse, InitializeBwd, ExecuteBwd>(kBwd);
+  registry.Add<Parse, InitializeBwdLinear, ExecuteBwdLinear>(kBwdLinear);
 }
 
 }  // namespace jaxdnn

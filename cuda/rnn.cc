@@ -772,16 +772,15 @@ void AddRnnHandlers(Registry& registry) {
   // Execute of a _host_lengths target is not graph-safe: it may synchronize, and cuDNN's
   // variable-length calls failed inside CUDA graphs (jaxdnn/rnn.py).
   constexpr bool kGraphUnsafe = false;
-  registry.Add<ParseFwd<false>, InitializeFwd, ExecuteFwd>("jaxdnn_rnn_fwd");
-  registry.Add<ParseFwd<true>, InitializeFwd, ExecuteFwd, kGraphUnsafe>(
-      "jaxdnn_rnn_fwd_host_lengths");
-  registry.Add<ParseBwd<kBwdData, false>, InitializeBwdData, ExecuteBwdData>("jaxdnn_rnn_bwd_data");
+  const std::string host_lengths = "_host_lengths";
+  registry.Add<ParseFwd<false>, InitializeFwd, ExecuteFwd>(kFwd);
+  registry.Add<ParseFwd<true>, InitializeFwd, ExecuteFwd, kGraphUnsafe>(kFwd + host_lengths);
+  registry.Add<ParseBwd<kBwdData, false>, InitializeBwdData, ExecuteBwdData>(kBwdData);
   registry.Add<ParseBwd<kBwdData, true>, InitializeBwdData, ExecuteBwdData, kGraphUnsafe>(
-      "jaxdnn_rnn_bwd_data_host_lengths");
-  registry.Add<ParseBwd<kBwdWeights, false>, InitializeBwdWeights, ExecuteBwdWeights>(
-      "jaxdnn_rnn_bwd_weights");
+      kBwdData + host_lengths);
+  registry.Add<ParseBwd<kBwdWeights, false>, InitializeBwdWeights, ExecuteBwdWeights>(kBwdWeights);
   registry.Add<ParseBwd<kBwdWeights, true>, InitializeBwdWeights, ExecuteBwdWeights, kGraphUnsafe>(
-      "jaxdnn_rnn_bwd_weights_host_lengths");
+      kBwdWeights + host_lengths);
 }
 
 }  // namespace jaxdnn

@@ -101,8 +101,8 @@ ffi::Error ExecuteBwd(cudaStream_t stream, int device, SoftmaxState* state, ffi:
 }  // namespace
 
 void AddSoftmaxHandlers(Registry& registry) {
-  registry.Add<Parse, InitializeFwd, ExecuteFwd>("jaxdnn_softmax_fwd");
-  registry.Add<Parse, InitializeBwd, ExecuteBwd>("jaxdnn_softmax_bwd");
+  registry.Add<Parse, InitializeFwd, ExecuteFwd>(kFwd);
+  registry.Add<Parse, InitializeBwd, ExecuteBwd>(kBwd);
 }
 
 }  // namespace jaxdnn

@@ -221,10 +221,10 @@ ffi::Error ExecuteSamplerBwd(cudaStream_t stream, int device, StnState* state, f
 }  // namespace
 
 void AddSpatialTransformerHandlers(Registry& registry) {
-  registry.Add<ParseGrid, InitializeGridFwd, ExecuteGridFwd>("jaxdnn_stn_grid_fwd");
-  registry.Add<ParseGrid, InitializeGridBwd, ExecuteGridBwd>("jaxdnn_stn_grid_bwd");
-  registry.Add<ParseSampler, InitializeSamplerFwd, ExecuteSamplerFwd>("jaxdnn_stn_sampler_fwd");
-  registry.Add<ParseSampler, InitializeSamplerBwd, ExecuteSamplerBwd>("jaxdnn_stn_sampler_bwd");
+  registry.Add<ParseGrid, InitializeGridFwd, ExecuteGridFwd>(kGridFwd);
+  registry.Add<ParseGrid, InitializeGridBwd, ExecuteGridBwd>(kGridBwd);
+  registry.Add<ParseSampler, InitializeSamplerFwd, ExecuteSamplerFwd>(kSamplerFwd);
+  registry.Add<ParseSampler, InitializeSamplerBwd, ExecuteSamplerBwd>(kSamplerBwd);
 }
 
 }  // namespace jaxdnn

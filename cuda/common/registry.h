@@ -33,7 +33,7 @@ struct Registry {
   std::vector<StateType> state_types;
 
   template <auto parse, auto initialize, auto execute, bool kGraphSafe = true>
-  void Add(const std::string& name);
+  void Add(const std::string& op);
 };
 
 void AddSoftmaxHandlers(Registry& registry);

@@ -192,10 +192,12 @@ const XLA_FFI_TypeInfo* TypeInfoOf() {
   return &info;
 }
 
-// A target `name`: `parse` makes the Config of initialize's State from the attributes.
-// kGraphSafe: execute may be captured in a CUDA graph (XLA's command buffers).
+// The target "jaxdnn_" + `op` (`op` also names it in its errors): `parse` makes the Config
+// of initialize's State from the attributes. kGraphSafe: execute may be captured in a CUDA
+// graph (XLA's command buffers).
 template <auto parse, auto initialize, auto execute, bool kGraphSafe>
-void Registry::Add(const std::string& name) {
+void Registry::Add(const std::string& op) {
+  const std::string name = "jaxdnn_" + op;
   using State = typename StageSignature<decltype(initialize)>::State;
   static_assert(std::is_same_v<State, typename StageSignature<decltype(execute)>::State>);
   using Attrs = typename ParseSignature<decltype(parse)>::Attrs;
