@@ -28,7 +28,9 @@
 # plugin wheel, installs them into a venv and runs WHEEL_TESTS' GPU tests from there.
 # BASELINE_DIR (the baseline stage, not in the defaults): another source tree of jaxdnn,
 # e.g. an older commit's `git archive`, built and benchmarked first (in_program.py and
-# per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card.
+# per_call.py into LOG_DIR/baseline) so that this tree's figures compare on one card;
+# "abtest" (not a default stage) times both trees in alternation, AB_ROUNDS rounds, and
+# writes the comparison to LOG_DIR/abtest.md.
 # "reliability" (not a default stage; about 6 minutes) runs the soak, the arrays past
 # 2**31 elements and the fuzz run, and writes RELIABILITY.md's GPU section into
 # LOG_DIR/RELIABILITY.md; SOAK_SECONDS (45), SOAK_THREADS (8), SOAK_ARGS (more options of
@@ -124,6 +126,35 @@ sys.exit(reason is not None)") &&
     "$PYTHON" benchmarks/per_call.py "$dir"
 }
 run_stage baseline baseline
+# "abtest" (not a default stage): BASELINE_DIR's build and this tree's, each installed in
+# turn (their build folders are kept, so after the first round an install only relinks),
+# timed by in_program.py (INPROGRAM_OPS; default conv and pool) AB_ROUNDS times (default 2)
+# in alternation, before, after, before, after, so that a drift of the card falls on both;
+# benchmarks/compare_in_program.py reduces the runs to LOG_DIR/abtest.md and abtest.json.
+# Leaves this tree installed.
+abtest() {
+  local runs here=$PWD round side rc=0 flags="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once"
+  runs=$(mktemp -d) || return 1
+  for ((round = 1; round <= ${AB_ROUNDS:-2}; round++)); do
+    for side in before after; do
+      local tree=$here
+      [ $side = before ] && tree=$BASELINE_DIR
+      (cd "$tree" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
+        -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$runs/install.log" 2>&1 &&
+        "$PYTHON" -c "import sys, jaxdnn; sys.exit(jaxdnn.unavailable_reason())" &&
+        JAXDNN_FLAGS=$flags "$PYTHON" benchmarks/in_program.py "$runs/$side.$round" \
+          ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS} >"$runs/run.log" 2>&1) ||
+        { echo "abtest: the $side build, round $round, failed"; tail -n 20 "$runs/install.log" \
+          "$runs/run.log"; rc=1; break 2; }
+      echo "abtest: $side, round $round: $(tail -n 1 "$runs/run.log")"
+    done
+  done
+  [ $rc -eq 0 ] && "$PYTHON" benchmarks/compare_in_program.py --before "$runs"/before.* \
+    --after "$runs"/after.* --out "$LOG_DIR/abtest.md" --json "$LOG_DIR/abtest.json" || rc=1
+  rm -rf "$runs"
+  return $rc
+}
+run_stage abtest abtest
 run_stage build build
 run_stage wheel wheel
 run_stage info "$PYTHON" -m jaxdnn info

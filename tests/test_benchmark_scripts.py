@@ -294,3 +294,43 @@ def test_extension_counters_of_the_built_extension():
     assert set(counters["graph_capture"]) >= {"warmups", "replays", "failures"}
     for made, streams in counters["cudnn_handles"].values():
         assert made >= 1 and streams >= 0
+
+
+def test_compare_in_program_takes_medians_of_alternating_runs(tmp_path, script):
+    """benchmarks/compare_in_program.py: per row, the median of each build's runs, after /
+    before for jaxdnn and for XLA, the spread of each build's runs; rows some run lacks
+    are left out; the geometric means are over the rows compared."""
+    compare = script("compare_in_program")
+
+    def run(name, times):  # times: {(case, pass): (jaxdnn_ms, xla_ms)}
+        directory = tmp_path / name
+        directory.mkdir()
+        rows = [{"case": case, "pass": pass_, "dtype": "float32", "layout": "NHWC",
+                 "jaxdnn_ms": j, "xla_ms": x} for (case, pass_), (j, x) in times.items()]
+        (directory / "in_program.json").write_text(
+            json.dumps({"device": "card", "date": "today", "rows": rows}))
+        return str(directory)
+
+    before = [run("b1", {("a", "fwd"): (1.0, 2.0), ("b", "fwd"): (4.0, 4.0)}),
+              run("b2", {("a", "fwd"): (3.0, 2.0), ("b", "fwd"): (4.0, 4.0)}),
+              run("b3", {("a", "fwd"): (2.0, 2.0), ("b", "fwd"): (4.0, 4.0),
+                         ("only here", "fwd"): (1.0, 1.0)})]
+    after = [run("a1", {("a", "fwd"): (1.0, 2.2), ("b", "fwd"): (2.0, 4.0)}),
+             run("a2", {("a", "fwd"): (1.0, 2.2), ("b", "fwd"): (6.0, 4.0)})]
+    out, data = tmp_path / "ab.md", tmp_path / "ab.json"
+    argv = ["--before", *before, "--after", *after, "--out", str(out), "--json", str(data)]
+    assert compare.main(argv) == 0
+    rows = json.loads(data.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["a", "b"]
+    a, b = rows
+    assert a["jaxdnn_before_ms"] == 2.0 and a["jaxdnn_after_ms"] == 1.0
+    assert math.isclose(a["jaxdnn_ratio"], 0.5) and math.isclose(a["xla_ratio"], 1.1)
+    assert math.isclose(a["jaxdnn_before_spread"], 1.0) and a["jaxdnn_after_spread"] == 0.0
+    assert b["jaxdnn_after_ms"] == 4.0 and math.isclose(b["jaxdnn_after_spread"], 1.0)
+    assert math.isclose(b["jaxdnn_ratio"], 1.0)
+    text = out.read_text()
+    assert "| a | fwd | float32 | NHWC | 2 | 1 | 0.500 | 100.0% / 0.0% | 1.100 |" in text
+    assert f"jaxdnn {math.sqrt(0.5):.3f}, XLA {math.sqrt(1.1):.3f} (2 rows)" in text
+    # no row timed in every run: a failure, not an empty table
+    assert compare.main(["--before", before[0], "--after",
+                         run("other", {("c", "fwd"): (1.0, 1.0)})]) == 1
