@@ -107,42 +107,46 @@ sys.exit(src['plugin'] != 'jaxdnn_cuda${major}_plugin' or not jaxdnn.__file__.st
   cd "$here" && return $rc
 }
 
-# The baseline's extension is replaced by this tree's when the build stage runs next. A
-# baseline whose cuDNN path cannot run fails the stage (its benchmarks would time the XLA
-# path, on the small cases): a tree older than be152ab does not link NVRTC, which the
-# frontend's headers from 1.19 on call, so its extension does not import until its
-# CMakeLists.txt links CUDA::nvrtc.
+# Convolution algorithms timed once per configuration, in every pass: the benchmarks' flags.
+TIME_ONCE="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once"
+
+# Installs the jaxdnn source tree $1 (editable; its build folder is kept, so a reinstall
+# only relinks), logging to $2, and fails where its cuDNN path cannot run: its benchmarks
+# would time the XLA path, on the small cases. A tree older than be152ab does not link
+# NVRTC, which the frontend's headers from 1.19 on call, so its extension does not import
+# until its CMakeLists.txt links CUDA::nvrtc.
+install_tree() {
+  (cd "$1" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
+    -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$2" 2>&1 &&
+    "$PYTHON" -c "import sys, jaxdnn
+reason = jaxdnn.unavailable_reason()
+print('$1: cuDNN path', reason or 'yes')
+sys.exit(reason is not None)")
+}
+
+# The baseline's extension is replaced by this tree's when the build stage runs next.
 baseline() {
   local dir=$LOG_DIR/baseline
-  mkdir -p "$dir" &&
-    (cd "$BASELINE_DIR" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
-      -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$dir/build.log" 2>&1) &&
-    (cd "$BASELINE_DIR" && "$PYTHON" -c "import sys, jaxdnn
-reason = jaxdnn.unavailable_reason()
-print('baseline cuDNN path:', reason or 'yes')
-sys.exit(reason is not None)") &&
-    (cd "$BASELINE_DIR" && JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
+  mkdir -p "$dir" && install_tree "$BASELINE_DIR" "$dir/build.log" &&
+    (cd "$BASELINE_DIR" && JAXDNN_FLAGS=$TIME_ONCE \
       "$PYTHON" benchmarks/in_program.py "$dir" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}) &&
     "$PYTHON" benchmarks/per_call.py "$dir"
 }
 run_stage baseline baseline
 # "abtest" (not a default stage): BASELINE_DIR's build and this tree's, each installed in
-# turn (their build folders are kept, so after the first round an install only relinks),
-# timed by in_program.py (INPROGRAM_OPS; default conv and pool) AB_ROUNDS times (default 2)
-# in alternation, before, after, before, after, so that a drift of the card falls on both;
-# benchmarks/compare_in_program.py reduces the runs to LOG_DIR/abtest.md and abtest.json.
-# Leaves this tree installed.
+# turn, timed by in_program.py (INPROGRAM_OPS; default conv and pool) AB_ROUNDS times
+# (default 2) in alternation, before, after, before, after, so that a drift of the card
+# falls on both; benchmarks/compare_in_program.py reduces the runs to LOG_DIR/abtest.md
+# and abtest.json. Leaves this tree installed.
 abtest() {
-  local runs here=$PWD round side rc=0 flags="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once"
+  local runs here=$PWD round side tree rc=0
   runs=$(mktemp -d) || return 1
   for ((round = 1; round <= ${AB_ROUNDS:-2}; round++)); do
     for side in before after; do
-      local tree=$here
+      tree=$here
       [ $side = before ] && tree=$BASELINE_DIR
-      (cd "$tree" && "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
-        -Ccmake.define.JAXDNN_REQUIRE_CUDA=ON >"$runs/install.log" 2>&1 &&
-        "$PYTHON" -c "import sys, jaxdnn; sys.exit(jaxdnn.unavailable_reason())" &&
-        JAXDNN_FLAGS=$flags "$PYTHON" benchmarks/in_program.py "$runs/$side.$round" \
+      (install_tree "$tree" "$runs/install.log" && cd "$tree" && JAXDNN_FLAGS=$TIME_ONCE \
+        "$PYTHON" benchmarks/in_program.py "$runs/$side.$round" \
           ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS} >"$runs/run.log" 2>&1) ||
         { echo "abtest: the $side build, round $round, failed"; tail -n 20 "$runs/install.log" \
           "$runs/run.log"; rc=1; break 2; }
@@ -351,7 +355,7 @@ run_stage rnnlarge rnnlarge
 run_stage flaxbench "$PYTHON" benchmarks/flax_training.py "$LOG_DIR"
 # Convolutions and pooling timed inside one program (no per-call dispatch), beside XLA and
 # PyTorch; convolutions with time_once on all three passes.
-run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
+run_stage inprogram env JAXDNN_FLAGS="$TIME_ONCE" \
   "$PYTHON" benchmarks/in_program.py "$LOG_DIR" ${INPROGRAM_OPS:+--ops $INPROGRAM_OPS}
 # Not a default stage: the convolutions ROUTES_ARGS picks (in_program.py's options; default
 # the float32 NCHW stem, whose backward passes 'auto' runs in the image's layout) inside one
@@ -360,7 +364,7 @@ run_stage inprogram env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_
 routes() {
   local route rc=0
   for route in auto channels_last; do
-    JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once,dnn.conv.layout_route=$route" \
+    JAXDNN_FLAGS="$TIME_ONCE,dnn.conv.layout_route=$route" \
       "$PYTHON" benchmarks/in_program.py "$LOG_DIR/routes_$route" \
       ${ROUTES_ARGS:---ops conv --match stem --dtype float32 --layout NCHW} || rc=1
   done
@@ -379,7 +383,7 @@ run_stage peers "$PYTHON" -m jaxdnn bench --peers --out "$LOG_DIR/peers.md" \
 run_stage percall "$PYTHON" benchmarks/per_call.py "$LOG_DIR"
 # Not in the default stages, a diagnosis: every kernel of jaxdnn, XLA and PyTorch per
 # application of the cases KERNEL_TIMES_ARGS picks (benchmarks/kernel_times.py options).
-run_stage kerneltimes env JAXDNN_FLAGS="dnn.conv.algo_fwd=time_once,dnn.conv.algo_bwd=time_once" \
+run_stage kerneltimes env JAXDNN_FLAGS="$TIME_ONCE" \
   "$PYTHON" benchmarks/kernel_times.py "$LOG_DIR" ${KERNEL_TIMES_ARGS:-}
 # The worked examples, in full, on the GPU.
 run_stage scaling "$PYTHON" benchmarks/scaling.py --json "$LOG_DIR/scaling.json"
